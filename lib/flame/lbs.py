@@ -1,0 +1,166 @@
+"""Linear blend skinning primitives (pure torch, batched, device/dtype follow the inputs).
+
+Shape legend:
+    B batch, N points (or V vertices), J joints (5 for FLAME), K expression components,
+    P pose-feature size ((J-1)*9 = 36 for FLAME).
+
+Conventions:
+    * A transform ``tfs[b, j]`` is a 4x4 matrix mapping a *rest* point to its posed position
+      under bone j alone (global bone transform with the rest joint location removed).
+    * Pose correctives: ``offset[n, c] = sum_p pose_feature[p] * pose_dirs[n, p, c]`` with
+      per-point ``pose_dirs [N, P, 3]`` (FLAME's ``posedirs [V, 3, P]`` transposed).
+    * Expression offsets: ``offset[n, c] = sum_k E[n, c, k] * coeffs[k]``, ``E [N, 3, K]``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "batch_rodrigues",
+    "pose_to_feature",
+    "rigid_chain",
+    "skin_points",
+    "unskin_points",
+    "blend_offsets",
+    "pose_offsets",
+    "deform_canonical",
+    "rigid_inverse",
+]
+
+_SMALL_ANGLE = 1e-4
+
+
+def batch_rodrigues(rvec: torch.Tensor) -> torch.Tensor:
+    """Axis-angle to rotation matrix, exact and differentiable at zero angle.
+
+    rvec: [..., 3] axis * angle (radians). Returns R: [..., 3, 3].
+    Uses R = I + a K + b K^2 with K = skew(rvec), a = sin t / t, b = (1 - cos t) / t^2,
+    switching to their Taylor series below a small angle so gradients stay finite.
+    """
+    theta2 = (rvec * rvec).sum(-1, keepdim=True)  # [..., 1]
+    small = theta2 < _SMALL_ANGLE**2
+    theta2_safe = torch.where(small, torch.ones_like(theta2), theta2)
+    theta = torch.sqrt(theta2_safe)
+    a_big = torch.sin(theta) / theta
+    b_big = (1.0 - torch.cos(theta)) / theta2_safe
+    a_small = 1.0 - theta2 / 6.0 + theta2 * theta2 / 120.0
+    b_small = 0.5 - theta2 / 24.0 + theta2 * theta2 / 720.0
+    a = torch.where(small, a_small, a_big)[..., None]  # [..., 1, 1]
+    b = torch.where(small, b_small, b_big)[..., None]
+    x, y, z = rvec.unbind(-1)
+    zero = torch.zeros_like(x)
+    K = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1)
+    K = K.reshape(*rvec.shape[:-1], 3, 3)
+    eye = torch.eye(3, dtype=rvec.dtype, device=rvec.device).expand_as(K)
+    return eye + a * K + b * (K @ K)
+
+
+def pose_to_feature(rotmats: torch.Tensor) -> torch.Tensor:
+    """Pose-corrective feature: (R_j - I) flattened (row-major) for joints 1..J-1.
+
+    rotmats: [B, J, 3, 3]. Returns [B, (J-1)*9] (36 for FLAME).
+    """
+    eye = torch.eye(3, dtype=rotmats.dtype, device=rotmats.device)
+    return (rotmats[:, 1:] - eye).reshape(rotmats.shape[0], -1)
+
+
+def _homogeneous(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """R [..., 3, 3], t [..., 3] -> [..., 4, 4]."""
+    top = torch.cat([R, t[..., None]], dim=-1)
+    bottom = torch.zeros(*R.shape[:-2], 1, 4, dtype=R.dtype, device=R.device)
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([top, bottom], dim=-2)
+
+
+def rigid_inverse(T: torch.Tensor) -> torch.Tensor:
+    """Inverse of rigid (rotation + translation) 4x4 transforms. T: [..., 4, 4] -> [..., 4, 4]."""
+    Rt = T[..., :3, :3].transpose(-1, -2)
+    t = -(Rt @ T[..., :3, 3:])[..., 0]
+    return _homogeneous(Rt, t)
+
+
+def rigid_chain(rotmats: torch.Tensor, joints: torch.Tensor, parents):
+    """Forward kinematics of a joint tree.
+
+    rotmats: [B, J, 3, 3] local rotations; joints: [B, J, 3] rest joint locations;
+    parents: sequence of J ints, parents[0] == -1 and parents[j] < j.
+    Returns posed_joints [B, J, 3] and A [B, J, 4, 4] with A_j = G_j @ [I, -joint_j]
+    (maps rest points to posed points for bone j).
+    """
+    parents = [int(p) for p in parents]
+    J = len(parents)
+    rel = joints.clone()
+    rel[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
+    local = _homogeneous(rotmats, rel)  # [B, J, 4, 4]
+    chain = [local[:, 0]]
+    for j in range(1, J):
+        chain.append(chain[parents[j]] @ local[:, j])
+    G = torch.stack(chain, dim=1)  # [B, J, 4, 4]
+    posed_joints = G[..., :3, 3]
+    shift = (G[..., :3, :3] @ joints[..., None])[..., 0]
+    A = _homogeneous(G[..., :3, :3], posed_joints - shift)
+    return posed_joints, A
+
+
+def _blend_matrices(w: torch.Tensor, tfs: torch.Tensor) -> torch.Tensor:
+    """w [B, N, J], tfs [B, J, 4, 4] -> per-point blended [B, N, 3, 4] (top 3 rows)."""
+    return torch.einsum("bnj,bjrc->bnrc", w, tfs[:, :, :3, :])
+
+
+def skin_points(x: torch.Tensor, w: torch.Tensor, tfs: torch.Tensor) -> torch.Tensor:
+    """Linear blend skinning: sum_j w_j (tfs_j [x; 1]).
+
+    x: [B, N, 3], w: [B, N, J], tfs: [B, J, 4, 4]. Returns [B, N, 3].
+    """
+    M = _blend_matrices(w, tfs)
+    return (M[..., :3] @ x[..., None])[..., 0] + M[..., 3]
+
+
+def unskin_points(x: torch.Tensor, w: torch.Tensor, tfs: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of :func:`skin_points` (inverts each point's blended affine matrix).
+
+    x: [B, N, 3] skinned points, w: [B, N, J], tfs: [B, J, 4, 4]. Returns [B, N, 3].
+    """
+    M = _blend_matrices(w, tfs)
+    rhs = (x - M[..., 3])[..., None]
+    return torch.linalg.solve(M[..., :3], rhs)[..., 0]
+
+
+def blend_offsets(E: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Linear blendshape offsets sum_k E[..., c, k] * coeffs[b, k].
+
+    E: [B, N, 3, K] or shared [N, 3, K]; coeffs: [B, K]. Returns [B, N, 3].
+    """
+    if E.dim() == 3:
+        return torch.einsum("nck,bk->bnc", E, coeffs)
+    return torch.einsum("bnck,bk->bnc", E, coeffs)
+
+
+def pose_offsets(pose_dirs: torch.Tensor, pose_feature: torch.Tensor) -> torch.Tensor:
+    """Pose correctives pose_feature @ pose_dirs per point.
+
+    pose_dirs: [B, N, P, 3] or shared [N, P, 3]; pose_feature: [B, P]. Returns [B, N, 3].
+    """
+    if pose_dirs.dim() == 3:
+        return torch.einsum("npc,bp->bnc", pose_dirs, pose_feature)
+    return torch.einsum("bnpc,bp->bnc", pose_dirs, pose_feature)
+
+
+def deform_canonical(xc, w, expr_dirs, pose_dirs, exp, pose_feature, tfs,
+                     exp_c, pose_feature_c, tfs_c) -> torch.Tensor:
+    """Map canonical points to a target pose/expression (DESIGN section 2).
+
+    xc: [B, N, 3] canonical points (scaled FLAME space); w: [B, N, J] skinning weights;
+    expr_dirs: [B, N, 3, K] (or [N, 3, K]) expression bases; pose_dirs: [B, N, P, 3]
+    (or [N, P, 3]) pose-corrective bases, both already in the scaled space (FLAME x6);
+    exp / exp_c: [B, K] target / canonical expression; pose_feature / pose_feature_c: [B, P];
+    tfs / tfs_c: [B, J, 4, 4] target / canonical joint transforms (scaled space).
+    Returns xd: [B, N, 3].
+
+    Undo the canonical pose (inverse skinning with tfs_c, subtract the canonical pose
+    correctives and expression offsets), add the target offsets, skin with tfs.
+    """
+    x_rest = unskin_points(xc, w, tfs_c)
+    x_rest = x_rest - pose_offsets(pose_dirs, pose_feature_c) - blend_offsets(expr_dirs, exp_c)
+    x_rest = x_rest + blend_offsets(expr_dirs, exp) + pose_offsets(pose_dirs, pose_feature)
+    return skin_points(x_rest, w, tfs)
