@@ -1,0 +1,70 @@
+"""NeRF-style positional encoding of low-dimensional coordinates.
+
+Shape legend: B batch, N points, D input dimension (3 for points), E encoded dimension.
+
+`PositionalEncoding(in_dim, multires)` maps a coordinate `x` to
+
+    [x, sin(f_0 x), cos(f_0 x), sin(f_1 x), cos(f_1 x), ..., sin(f_{L-1} x), cos(f_{L-1} x)]
+
+with octave frequencies f_k = 2^k (k = 0..L-1, L = multires) and no factor of pi, so
+`out_dim = in_dim * (1 + 2 * multires)`; `multires = 0` is the identity. The raw input
+always occupies the first `in_dim` channels: networks that initialize weights
+geometrically rely on this (they zero every channel after the first `in_dim`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PositionalEncoding(nn.Module):
+    """Sinusoidal encoding with `multires` octaves; the raw input is kept first.
+
+    Args:
+        in_dim: number of input channels D (3 for points).
+        multires: number of octaves L (>= 0); 0 means identity.
+    """
+
+    def __init__(self, in_dim: int = 3, multires: int = 0):
+        super().__init__()
+        if in_dim < 1:
+            raise ValueError(f"lib/model/embedder.py: in_dim must be >= 1, got {in_dim}")
+        if multires < 0:
+            raise ValueError(f"lib/model/embedder.py: multires must be >= 0, got {multires}")
+        self.in_dim = int(in_dim)
+        self.multires = int(multires)
+        freqs = 2.0 ** torch.arange(self.multires, dtype=torch.float32)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        """E = D * (1 + 2 L)."""
+        return self.in_dim * (1 + 2 * self.multires)
+
+    @property
+    def n_periodic(self) -> int:
+        """Number of sinusoidal channels (E - D); they follow the raw input."""
+        return self.out_dim - self.in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode coordinates.
+
+        Args:
+            x: [..., D] coordinates (any leading shape, e.g. [B, N, D]).
+        Returns:
+            [..., E] encoding; channels ordered x, then (sin, cos) per octave, each D wide.
+        """
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(
+                f"lib/model/embedder.py: expected last dimension {self.in_dim}, got {tuple(x.shape)}"
+            )
+        if self.multires == 0:
+            return x
+        freqs = self.freqs.to(dtype=x.dtype)
+        xf = x.unsqueeze(-2) * freqs[:, None]  # [..., L, D]
+        periodic = torch.stack([torch.sin(xf), torch.cos(xf)], dim=-2)  # [..., L, 2, D]
+        periodic = periodic.reshape(*x.shape[:-1], self.n_periodic)
+        return torch.cat([x, periodic], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, multires={self.multires}, out_dim={self.out_dim}"

@@ -1,0 +1,146 @@
+"""3D feature-volume generator (StyleGAN-like, AdaIN) and trilinear volume sampling.
+
+Shape legend: B batch, N points, Z latent width (z_shape, 256), C channels,
+D/H/W volume depth/height/width.
+
+Axis order (fixed): a volume is `[B, C, D, H, W]` with D along z, H along y and W along
+x of the canonical space (the default output `[B, 64, 16, 64, 64]` is therefore 64 cells
+in x and y and 16 in z). `F.grid_sample` reads the last grid dimension as (x, y, z),
+i.e. (W, H, D), so points are passed in their natural (x, y, z) order. A point is
+normalized by the canonical bounding box to [-1, 1]^3 and sampled with
+`align_corners=True` (-1 and +1 are the centres of the first and last cells, so the
+cells span the box including its faces) and border padding (points outside the box read
+the boundary value).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BoxBound = Union[float, Sequence[float], torch.Tensor]
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"lib/model/generator.py: {msg}")
+
+
+def sample_volume(volume: torch.Tensor, x: torch.Tensor, bbox_min: BoxBound, bbox_max: BoxBound) -> torch.Tensor:
+    """Trilinear lookup of a feature volume at points.
+
+    Args:
+        volume: [B, C, D, H, W] (D = z, H = y, W = x); B may be 1 to share one volume.
+        x: [B, N, 3] points (x, y, z) in the space of the bounding box.
+        bbox_min, bbox_max: box corners, scalars, sequences of 3, [3] or [B, 3] tensors.
+    Returns:
+        [B, N, C] features; points outside the box get the border value.
+    """
+    if volume.dim() != 5:
+        raise _err(f"volume must be [B, C, D, H, W], got {tuple(volume.shape)}")
+    if x.dim() != 3 or x.shape[-1] != 3:
+        raise _err(f"x must be [B, N, 3], got {tuple(x.shape)}")
+    if volume.shape[0] != x.shape[0]:
+        if volume.shape[0] != 1:
+            raise _err(f"batch mismatch: volume {volume.shape[0]} vs points {x.shape[0]}")
+        volume = volume.expand(x.shape[0], -1, -1, -1, -1)
+    lo = torch.as_tensor(bbox_min, dtype=x.dtype, device=x.device)
+    hi = torch.as_tensor(bbox_max, dtype=x.dtype, device=x.device)
+    lo = lo.expand(3) if lo.dim() == 0 else lo
+    hi = hi.expand(3) if hi.dim() == 0 else hi
+    if lo.dim() == 2:
+        lo = lo[:, None, :]
+    if hi.dim() == 2:
+        hi = hi[:, None, :]
+    if bool((hi <= lo).any()):
+        raise _err("bbox_max must exceed bbox_min on every axis")
+    grid = 2.0 * (x - lo) / (hi - lo) - 1.0  # [B, N, 3] in (x, y, z) = (W, H, D)
+    out = F.grid_sample(volume.to(x.dtype), grid[:, :, None, None, :], mode="bilinear",
+                        padding_mode="border", align_corners=True)  # [B, C, N, 1, 1]
+    return out[:, :, :, 0, 0].transpose(1, 2)
+
+
+class AdaIN3d(nn.Module):
+    """Instance norm over (D, H, W) followed by a per-channel affine map predicted from z.
+
+    Args:
+        channels: C; style_dim: width of the style vector.
+    """
+
+    def __init__(self, channels: int, style_dim: int):
+        super().__init__()
+        self.channels = int(channels)
+        self.norm = nn.InstanceNorm3d(channels, affine=False, eps=1e-5)
+        self.style = nn.Linear(style_dim, 2 * channels)
+        nn.init.zeros_(self.style.bias)  # scale = 1 + gamma(z), shift = beta(z)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, D, H, W], style: [B, style_dim] -> [B, C, D, H, W]."""
+        gamma, beta = self.style(style).chunk(2, dim=-1)  # [B, C] each
+        return self.norm(x) * (1.0 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
+
+
+class Generator(nn.Module):
+    """Learned constant volume, AdaIN-modulated by z, upsampled 3 times to a feature volume.
+
+    Args:
+        z_dim: Z (z_shape width, 256).
+        base_channels: channels of the constant volume (256).
+        base_shape: (D, H, W) of the constant volume ((2, 8, 8)); each stage doubles it.
+        channels: output channels of the upsampling stages ((128, 64, 64)).
+        mapping_layers: depth of an MLP z -> style before the AdaIN layers (0: style = z).
+        negative_slope: leaky-ReLU slope (0.2).
+        bbox_min, bbox_max: canonical box used by `sample` (default [-1, 1]^3).
+    """
+
+    def __init__(self, z_dim: int = 256, base_channels: int = 256, base_shape: Sequence[int] = (2, 8, 8),
+                 channels: Sequence[int] = (128, 64, 64), mapping_layers: int = 0, negative_slope: float = 0.2,
+                 bbox_min: BoxBound = (-1.0, -1.0, -1.0), bbox_max: BoxBound = (1.0, 1.0, 1.0)):
+        super().__init__()
+        if len(base_shape) != 3 or len(channels) < 1:
+            raise _err(f"base_shape must be (D, H, W) and channels non-empty, got {base_shape}, {channels}")
+        self.z_dim, self.base_shape, self.channels = int(z_dim), tuple(int(s) for s in base_shape), tuple(channels)
+        self.negative_slope = float(negative_slope)
+        self.const = nn.Parameter(torch.randn(1, base_channels, *self.base_shape))
+        mapping = []
+        for _ in range(mapping_layers):
+            mapping += [nn.Linear(z_dim, z_dim), nn.LeakyReLU(self.negative_slope)]
+        self.mapping = nn.Sequential(*mapping)
+        self.adain0 = AdaIN3d(base_channels, z_dim)
+        self.convs = nn.ModuleList()
+        self.adains = nn.ModuleList()
+        c_in = base_channels
+        for c_out in self.channels:
+            self.convs.append(nn.Conv3d(c_in, c_out, kernel_size=3, padding=1))
+            self.adains.append(AdaIN3d(c_out, z_dim))
+            c_in = c_out
+        self.register_buffer("bbox_min", torch.as_tensor(bbox_min, dtype=torch.float32).expand(3).clone())
+        self.register_buffer("bbox_max", torch.as_tensor(bbox_max, dtype=torch.float32).expand(3).clone())
+
+    @property
+    def out_channels(self) -> int:
+        """C of the output volume (64 by default)."""
+        return int(self.channels[-1])
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        """(D, H, W) of the output volume ((16, 64, 64) by default)."""
+        f = 2 ** len(self.channels)
+        return tuple(s * f for s in self.base_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [B, Z] -> volume [B, out_channels, D, H, W] (D = z, H = y, W = x)."""
+        if z.dim() != 2 or z.shape[1] != self.z_dim:
+            raise _err(f"z must be [B, {self.z_dim}], got {tuple(z.shape)}")
+        style = self.mapping(z)
+        h = self.const.expand(z.shape[0], -1, -1, -1, -1).to(z.dtype)
+        h = self.adain0(h, style)
+        for conv, adain in zip(self.convs, self.adains):
+            h = F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False)
+            h = F.leaky_relu(adain(conv(h), style), self.negative_slope)
+        return h
+
+    def sample(self, volume: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+        """volume: [B, C, D, H, W], xc: [B, N, 3] canonical points -> [B, N, C] (box of the constructor)."""
+        return sample_volume(volume, xc, self.bbox_min, self.bbox_max)

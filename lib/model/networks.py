@@ -1,0 +1,365 @@
+"""Implicit MLPs of GANHead: occupancy, skinning/blendshapes, displacement, normal, texture.
+
+Shape legend: B batch, N points, C conditioning channels, E positional-encoding width,
+F feature width (`ImplicitNetwork.feature_dim`), J joints, P pose-feature size (36),
+X expression count (50).
+
+Layer numbering used by every argument below: an `ImplicitNetwork` of depth `depth` has
+layers 0..depth; layers 0..depth-1 are hidden (softplus, beta=100) and layer `depth` is
+the output layer. "At layer l" means "concatenated to the input of layer l", which is
+the output of hidden layer number l (counted from 1). So `cond_layers=[0]` feeds the
+condition with the encoded point, `skip_layer=4` re-feeds the encoded point to layer 4,
+and `tail_layer=3` reads the output of the third hidden layer.
+
+Skip connection: the layer before a skip layer outputs `width - E` channels, and the
+skip layer sees `cat([h, embed(x)]) / sqrt(2)`, so its input width is `width` again.
+With width 256, depth 4, skip 4 and multires 4 the last hidden layer is the one before
+the skip, hence `feature_dim = 256 - 27 = 229` (the geometry features of DESIGN §4).
+A layer's input is ordered [previous output | encoding (skip layers) | condition
+(cond layers)]; layer 0 sees [encoding | condition].
+
+Geometric init (IDR-style, sign flipped for occupancy): hidden weights ~ N(0, 2/fan_out)
+on the raw xyz and hidden channels only (sinusoid and conditioning columns zero), output
+weights ~ N(-sqrt(pi / n_h), 1e-4) on the n_h hidden channels, output bias = `bias`.
+Then out(x) ~= bias - |x| at init: positive inside the sphere of radius `bias`. The
+output layer is then refined by a small least-squares fit (see `_calibrate_sphere`)
+because the random init alone ripples by about 30% of the radius at these widths.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm as _weight_norm
+
+from lib.model.embedder import PositionalEncoding
+
+_ACTIVATIONS = (None, "tanh", "sigmoid", "normalize")
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"lib/model/networks.py: {msg}")
+
+
+def _as_layer_list(layers: Union[None, int, Sequence[int]]) -> list[int]:
+    if layers is None:
+        return []
+    if isinstance(layers, int):
+        return [layers]
+    return sorted(int(v) for v in layers)
+
+
+class ImplicitOutput(NamedTuple):
+    out: torch.Tensor  # [B, N, d_out] after the output activation
+    features: torch.Tensor  # [B, N, F] last hidden activations
+    tail: Optional[torch.Tensor]  # [B, N, zero_init_tail] or None
+
+
+class ImplicitNetwork(nn.Module):
+    """Conditioned MLP on points with positional encoding, one skip and weight norm.
+
+    Args:
+        d_in: point dimension (3).
+        d_out: output channels of the main head.
+        width, depth: hidden width and number of hidden layers.
+        skip_layer: layer(s) (1..depth) that re-receive the encoded point, or None.
+        multires: positional-encoding octaves (0: raw coordinates).
+        cond_dim: width C of the conditioning vector (0: unconditioned).
+        cond_layers: layers (0..depth) whose input gets the condition concatenated.
+        geometric_init: initialize out ~= bias - |x| (implies zero conditioning weights).
+        bias: sphere radius of the geometric init.
+        weight_norm: weight-normalize the linear layers (zero-initialized heads excepted).
+        zero_init_tail: width of an extra linear head (0: none), weights and bias zero.
+        tail_layer: which hidden layer (1..depth) the extra head reads.
+        zero_init_cond: zero the conditioning columns (default: `geometric_init`).
+        out_init_std: if set, the output layer is a plain Linear with weights
+            N(0, out_init_std) (0: exactly zero) and zero bias, e.g. for residual outputs.
+        out_activation: None, "tanh", "sigmoid" or "normalize" (unit length).
+    """
+
+    def __init__(
+        self,
+        d_in: int = 3,
+        d_out: int = 1,
+        width: int = 256,
+        depth: int = 4,
+        skip_layer: Union[None, int, Sequence[int]] = None,
+        multires: int = 0,
+        cond_dim: int = 0,
+        cond_layers: Union[None, int, Sequence[int]] = (0,),
+        geometric_init: bool = False,
+        bias: float = 1.0,
+        weight_norm: bool = True,
+        zero_init_tail: int = 0,
+        tail_layer: Optional[int] = None,
+        zero_init_cond: Optional[bool] = None,
+        out_init_std: Optional[float] = None,
+        out_activation: Optional[str] = None,
+    ):
+        super().__init__()
+        self.embedder = PositionalEncoding(d_in, multires)
+        self.d_in, self.d_out, self.width, self.depth = int(d_in), int(d_out), int(width), int(depth)
+        self.skip_layers = _as_layer_list(skip_layer)
+        self.cond_dim = int(cond_dim)
+        self.cond_layers = _as_layer_list(cond_layers) if self.cond_dim > 0 else []
+        self.out_activation = out_activation
+        self.tail_dim, self.tail_layer = int(zero_init_tail), tail_layer
+        E = self.embedder.out_dim
+        if depth < 1 or d_out < 1:
+            raise _err(f"depth and d_out must be >= 1, got depth={depth}, d_out={d_out}")
+        if any(l < 1 or l > depth for l in self.skip_layers):
+            raise _err(f"skip_layer must lie in 1..depth={depth}, got {self.skip_layers}")
+        if any(l < 0 or l > depth for l in self.cond_layers):
+            raise _err(f"cond_layers must lie in 0..depth={depth}, got {self.cond_layers}")
+        if self.skip_layers and width <= E:
+            raise _err(f"width {width} must exceed the encoding width {E} to hold a skip")
+        if out_activation not in _ACTIVATIONS:
+            raise _err(f"out_activation must be one of {_ACTIVATIONS}, got {out_activation!r}")
+        if self.tail_dim > 0 and (tail_layer is None or not 1 <= tail_layer <= depth):
+            raise _err(f"zero_init_tail needs tail_layer in 1..depth={depth}, got {tail_layer}")
+
+        # hidden output widths: the layer before a skip leaves room for the re-fed encoding
+        self._hidden_dims = [width - E if (l + 1) in self.skip_layers else width for l in range(depth)]
+        zero_cond = geometric_init if zero_init_cond is None else bool(zero_init_cond)
+        layers = []
+        for l in range(depth + 1):
+            prev = E if l == 0 else self._hidden_dims[l - 1]
+            n_in = prev + (E if l in self.skip_layers else 0) + (self.cond_dim if l in self.cond_layers else 0)
+            n_out = d_out if l == depth else self._hidden_dims[l]
+            lin = nn.Linear(n_in, n_out)
+            plain = l == depth and out_init_std is not None
+            if plain:
+                nn.init.normal_(lin.weight, 0.0, float(out_init_std))
+                nn.init.zeros_(lin.bias)
+            elif geometric_init:
+                self._geometric_init(lin, l, prev, E, float(bias))
+            if zero_cond and l in self.cond_layers and not plain:
+                with torch.no_grad():
+                    lin.weight[:, n_in - self.cond_dim:] = 0.0
+            layers.append(lin)
+        self.layers = nn.ModuleList(layers)
+        self.softplus = nn.Softplus(beta=100)
+        if geometric_init and out_init_std is None:
+            self._calibrate_sphere(float(bias))
+        if weight_norm:
+            for l, lin in enumerate(self.layers):
+                if not (l == depth and out_init_std is not None):
+                    _weight_norm(lin)  # registers the parametrization in place
+        self.tail = None
+        if self.tail_dim > 0:
+            self.tail = nn.Linear(self._hidden_dims[tail_layer - 1], self.tail_dim)
+            nn.init.zeros_(self.tail.weight)
+            nn.init.zeros_(self.tail.bias)
+
+    def _geometric_init(self, lin: nn.Linear, l: int, prev: int, E: int, radius: float) -> None:
+        """Sphere init of layer `l`; input columns are [prev | encoding (skip) | cond]."""
+        d, w = self.d_in, lin.weight
+        with torch.no_grad():
+            if l < self.depth:
+                nn.init.normal_(w, 0.0, math.sqrt(2.0) / math.sqrt(lin.out_features))
+                nn.init.zeros_(lin.bias)
+                if l == 0:
+                    w[:, d:E] = 0.0  # sinusoids of the input encoding
+                if l in self.skip_layers:
+                    w[:, prev + d:prev + E] = 0.0  # sinusoids of the re-fed encoding
+            else:
+                # out = r - |h| needs mean weight -sqrt(pi / n_h); the skip's 1/sqrt(2) is undone
+                gain = math.sqrt(2.0) if l in self.skip_layers else 1.0
+                nn.init.normal_(w, -gain * math.sqrt(math.pi) / math.sqrt(prev), 1e-4)
+                w[:, prev:] = 0.0  # re-fed encoding (a linear term would tilt the sphere) and cond
+                nn.init.constant_(lin.bias, radius)
+
+    @torch.no_grad()
+    def _calibrate_sphere(self, radius: float, n_dirs: int = 256, n_radii: int = 8, ridge: float = 3e-5) -> None:
+        """Refit the output layer so that out(x) ~= radius - |x| on a fixed point set.
+
+        The plain IDR init is radial only on average: at width 256 / depth 4 its zero
+        level ripples by about +-30% of the radius with direction. A ridge least-squares
+        fit of the output weights (pulled toward the IDR weights, `ridge * radius^2`)
+        to radius - |x| at Fibonacci-sphere directions x radii in (0, 2 radius] brings
+        the ripple to a few percent. Uses no random numbers.
+        """
+        i = torch.arange(n_dirs, dtype=torch.float64) + 0.5
+        polar, azim = torch.acos(1.0 - 2.0 * i / n_dirs), math.pi * (1.0 + math.sqrt(5.0)) * i
+        dirs = torch.stack([torch.cos(azim) * torch.sin(polar), torch.sin(azim) * torch.sin(polar),
+                            torch.cos(polar)], dim=-1)  # [n_dirs, 3]
+        radii = torch.linspace(2.0 * radius / n_radii, 2.0 * radius, n_radii, dtype=torch.float64)
+        pts = (dirs[:, None, :] * radii[None, :, None]).reshape(1, -1, 3)
+        pts = torch.cat([pts, torch.zeros(1, 1, 3, dtype=torch.float64)], dim=1)  # include the origin
+        ref = self.layers[-1].weight
+        cond = torch.zeros(1, self.cond_dim, dtype=ref.dtype) if self.cond_dim > 0 else None
+        feats = self.forward_all(pts.to(ref.dtype), cond).features[0].double()  # [M, n_h]
+        if self.depth in self.skip_layers:
+            feats = feats / math.sqrt(2.0)
+        M, n_h = feats.shape
+        A = torch.cat([feats, torch.ones(M, 1, dtype=torch.float64)], dim=1)
+        target = radius - pts[0].norm(dim=-1)
+        prior = torch.cat([ref[0, :n_h].double(), torch.zeros(1, dtype=torch.float64)])
+        reg = torch.full((n_h + 1,), ridge * radius ** 2, dtype=torch.float64)
+        reg[-1] = 0.0  # the bias is free
+        lhs = A.T @ A / M + torch.diag(reg)
+        sol = torch.linalg.solve(lhs, A.T @ target / M + reg * prior)
+        ref[:, :n_h] = sol[:n_h].to(ref.dtype)
+        self.layers[-1].bias.fill_(float(sol[-1]))
+
+    @property
+    def embed_dim(self) -> int:
+        """E: width of the encoded point."""
+        return self.embedder.out_dim
+
+    @property
+    def feature_dim(self) -> int:
+        """F: width of the last hidden layer (returned as features)."""
+        return self._hidden_dims[-1]
+
+    def forward_all(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> ImplicitOutput:
+        """Evaluate the network.
+
+        Args:
+            x: [B, N, d_in] points.
+            cond: [B, C] (shared by all points), [B, N, C], or None when C == 0.
+        Returns:
+            ImplicitOutput(out [B, N, d_out], features [B, N, F], tail [B, N, T] or None).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.d_in:
+            raise _err(f"x must be [B, N, {self.d_in}], got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        if self.cond_dim > 0:
+            if cond is None:
+                raise _err(f"this network needs a condition of width {self.cond_dim}")
+            if cond.dim() == 2:
+                cond = cond[:, None, :].expand(-1, N, -1)
+            if cond.dim() != 3 or tuple(cond.shape) != (B, N, self.cond_dim):
+                raise _err(f"cond must be [{B}, {self.cond_dim}] or [{B}, {N}, {self.cond_dim}], "
+                           f"got {tuple(cond.shape)}")
+            cond = cond.to(x.dtype)
+        emb = self.embedder(x)
+        h, tail, features = emb, None, None
+        for l, lin in enumerate(self.layers):
+            if l > 0 and l == self.tail_layer and self.tail is not None:
+                tail = self.tail(h)
+            if l == self.depth:
+                features = h
+            if l in self.skip_layers:
+                h = torch.cat([h, emb], dim=-1) / math.sqrt(2.0)
+            if l in self.cond_layers:
+                h = torch.cat([h, cond], dim=-1)
+            h = lin(h)
+            if l < self.depth:
+                h = self.softplus(h)
+        if self.out_activation == "tanh":
+            h = torch.tanh(h)
+        elif self.out_activation == "sigmoid":
+            h = torch.sigmoid(h)
+        elif self.out_activation == "normalize":
+            h = F.normalize(h, dim=-1, eps=1e-6)
+        return ImplicitOutput(h, features, tail)
+
+    def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None, return_features: bool = False):
+        """x: [B, N, d_in], cond: [B, C] / [B, N, C] / None -> out [B, N, d_out]
+        (and features [B, N, F] when `return_features`)."""
+        res = self.forward_all(x, cond)
+        return (res.out, res.features) if return_features else res.out
+
+
+class LBSNetwork(nn.Module):
+    """Skinning weights and blendshape bases as continuous fields of the canonical point.
+
+    The main head gives J skinning logits; a zero-initialized head on hidden layer
+    `tail_layer` gives P*3 pose-corrective and 3*X expression coefficients per point.
+
+    Args:
+        shape_dim: width of the z_shape condition (256).
+        n_joints: J (5); pose_feature_dim: P (36); n_exp: X (50).
+        width, depth, multires, skip_layer, cond_layers, tail_layer: ImplicitNetwork args.
+        softmax_scale: weights = softmax(softmax_scale * logits) (20).
+    """
+
+    def __init__(self, shape_dim: int = 256, n_joints: int = 5, pose_feature_dim: int = 36, n_exp: int = 50,
+                 width: int = 128, depth: int = 4, multires: int = 0, skip_layer=None, cond_layers=(0,),
+                 tail_layer: int = 3, softmax_scale: float = 20.0, weight_norm: bool = True):
+        super().__init__()
+        self.n_joints, self.pose_feature_dim, self.n_exp = int(n_joints), int(pose_feature_dim), int(n_exp)
+        self.softmax_scale = float(softmax_scale)
+        self.net = ImplicitNetwork(d_in=3, d_out=self.n_joints, width=width, depth=depth, skip_layer=skip_layer,
+                                   multires=multires, cond_dim=shape_dim, cond_layers=cond_layers,
+                                   weight_norm=weight_norm, zero_init_tail=self.blendshape_dim,
+                                   tail_layer=tail_layer)
+
+    @property
+    def blendshape_dim(self) -> int:
+        """P * 3 + 3 * X (258 by default)."""
+        return self.pose_feature_dim * 3 + 3 * self.n_exp
+
+    def forward(self, xc: torch.Tensor, z_shape: torch.Tensor, return_logits: bool = False):
+        """Args: xc [B, N, 3] canonical points, z_shape [B, shape_dim] (or [B, N, shape_dim]).
+        Returns: w [B, N, J] (rows sum to 1), pose_dirs [B, N, P, 3] (offset = pose_feature @
+        pose_dirs), expr_dirs [B, N, 3, X] (offset = expr_dirs @ exp); plus logits [B, N, J]
+        when `return_logits`."""
+        res = self.net.forward_all(xc, z_shape)
+        B, N = xc.shape[:2]
+        w = torch.softmax(self.softmax_scale * res.out, dim=-1)
+        n_pose = self.pose_feature_dim * 3
+        pose_dirs = res.tail[..., :n_pose].reshape(B, N, self.pose_feature_dim, 3)
+        expr_dirs = res.tail[..., n_pose:].reshape(B, N, 3, self.n_exp)
+        if return_logits:
+            return w, pose_dirs, expr_dirs, res.out
+        return w, pose_dirs, expr_dirs
+
+
+def build_geometry_network(feature_dim: int = 64, width: int = 256, depth: int = 4, multires: int = 4,
+                           skip_layer=4, init_radius: float = 0.6, weight_norm: bool = True) -> ImplicitNetwork:
+    """Occupancy logits x_c [B, N, 3] + volume feature [B, N, feature_dim] -> [B, N, 1].
+    `feature_dim` must equal the generator's `out_channels`; sphere init of radius `init_radius`."""
+    return ImplicitNetwork(d_in=3, d_out=1, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
+                           cond_dim=feature_dim, cond_layers=[0], geometric_init=True, bias=init_radius,
+                           weight_norm=weight_norm)
+
+
+def build_displacement_network(n_shape: int = 100, width: int = 128, depth: int = 4,
+                               weight_norm: bool = True) -> ImplicitNetwork:
+    """x_c [B, N, 3] + FLAME shape [B, n_shape] -> dx [B, N, 3]; dx is exactly 0 at init."""
+    return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, multires=0, cond_dim=n_shape,
+                           cond_layers=[0], weight_norm=weight_norm, out_init_std=0.0)
+
+
+def build_normal_network(detail_dim: int = 128, geometry_feature_dim: int = 229, width: int = 256,
+                         depth: int = 8, multires: int = 6, skip_layer=4,
+                         weight_norm: bool = True) -> ImplicitNetwork:
+    """x_c + cat(z_detail, geometry features) -> unit normal [B, N, 3].
+    Pass `geometry_feature_dim=geometry_net.feature_dim`."""
+    return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
+                           cond_dim=detail_dim + geometry_feature_dim, cond_layers=[0], weight_norm=weight_norm,
+                           out_activation="normalize")
+
+
+def build_texture_network(color_dim: int = 64, pose_exp_dim: int = 65, geometry_feature_dim: int = 229,
+                          normal_feature_dim: int = 256, width: int = 256, depth: int = 8, multires: int = 6,
+                          skip_layer=4, weight_norm: bool = True) -> ImplicitNetwork:
+    """x_c + cat(z_color, pose/expression, geometry features, normal features) -> rgb in [-1, 1].
+    Pass the feature widths from `geometry_net.feature_dim` and `normal_net.feature_dim`."""
+    return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
+                           cond_dim=color_dim + pose_exp_dim + geometry_feature_dim + normal_feature_dim,
+                           cond_layers=[0], weight_norm=weight_norm, out_activation="tanh")
+
+
+def build_head_networks(volume_feature_dim: int = 64, shape_dim: int = 256, detail_dim: int = 128,
+                        color_dim: int = 64, n_shape: int = 100, n_exp: int = 50, n_pose: int = 15,
+                        n_joints: int = 5, pose_feature_dim: int = 36, init_radius: float = 0.6) -> nn.ModuleDict:
+    """All five networks with the default architecture of DESIGN §4 and every derived width
+    taken from the built networks: keys geometry, lbs, displacement, normal, texture."""
+    geometry = build_geometry_network(feature_dim=volume_feature_dim, init_radius=init_radius)
+    normal = build_normal_network(detail_dim=detail_dim, geometry_feature_dim=geometry.feature_dim)
+    texture = build_texture_network(color_dim=color_dim, pose_exp_dim=n_pose + n_exp,
+                                    geometry_feature_dim=geometry.feature_dim,
+                                    normal_feature_dim=normal.feature_dim)
+    return nn.ModuleDict(dict(
+        geometry=geometry,
+        lbs=LBSNetwork(shape_dim=shape_dim, n_joints=n_joints, pose_feature_dim=pose_feature_dim, n_exp=n_exp),
+        displacement=build_displacement_network(n_shape=n_shape),
+        normal=normal,
+        texture=texture,
+    ))

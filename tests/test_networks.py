@@ -1,0 +1,227 @@
+"""Tests of lib/model/embedder.py, networks.py and generator.py (shapes, init, sampling, grads)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib.model.embedder import PositionalEncoding
+from lib.model.generator import Generator, sample_volume
+from lib.model.networks import (ImplicitNetwork, LBSNetwork, build_displacement_network, build_geometry_network,
+                                build_head_networks, build_normal_network, build_texture_network)
+
+
+def _small_generator(**kw):
+    return Generator(z_dim=16, base_channels=8, base_shape=(1, 2, 2), channels=(8, 4, 4), **kw)
+
+
+# ---------------------------------------------------------------- positional encoding
+def test_positional_encoding_dims_and_values():
+    assert PositionalEncoding(3, 4).out_dim == 27
+    assert PositionalEncoding(3, 6).out_dim == 39
+    ident = PositionalEncoding(3, 0)
+    x = torch.randn(2, 5, 3)
+    assert ident.out_dim == 3 and torch.equal(ident(x), x)
+    enc = PositionalEncoding(3, 4)(x)
+    xd = x.double()
+    ref = [xd]
+    for k in range(4):
+        ref += [torch.sin(2.0 ** k * xd), torch.cos(2.0 ** k * xd)]
+    assert torch.allclose(enc.double(), torch.cat(ref, -1), atol=1e-5)
+    with pytest.raises(ValueError, match="embedder.py"):
+        PositionalEncoding(3, 4)(torch.randn(2, 5, 2))
+
+
+# ---------------------------------------------------------------- derived dimensions
+def test_derived_dimensions():
+    nets = build_head_networks()
+    geo, normal, texture = nets["geometry"], nets["normal"], nets["texture"]
+    assert geo.embed_dim == 27 and normal.embed_dim == 39
+    assert geo.feature_dim == 229 == 256 - 27
+    assert normal.cond_dim == 128 + 229
+    assert normal.feature_dim == 256
+    assert texture.cond_dim == 64 + 65 + 229 + 256 == 614
+    assert nets["lbs"].blendshape_dim == 36 * 3 + 3 * 50 == 258
+    x = torch.rand(2, 7, 3) * 2 - 1
+    out, feat = geo(x, torch.randn(2, 64), return_features=True)
+    assert out.shape == (2, 7, 1) and feat.shape == (2, 7, 229)
+    n, nfeat = normal(x, torch.cat([torch.randn(2, 7, 128), feat], -1).detach(), return_features=True)
+    assert n.shape == (2, 7, 3) and nfeat.shape == (2, 7, 256)
+    assert torch.allclose(n.norm(dim=-1), torch.ones(2, 7), atol=1e-5)
+    cond = torch.cat([torch.randn(2, 7, 129), feat, nfeat], -1)
+    rgb = texture(x, cond)
+    assert rgb.shape == (2, 7, 3) and rgb.abs().max() < 1
+
+
+def test_forward_matches_manual_reference():
+    """A float64 re-derivation of the wiring: encoding, cond at 0, skip / sqrt(2), softplus(100)."""
+    torch.manual_seed(0)
+    net = ImplicitNetwork(d_out=2, width=32, depth=4, skip_layer=2, multires=2, cond_dim=5, cond_layers=[0, 3])
+    x, c = torch.randn(3, 4, 3), torch.randn(3, 5)
+    W = [lin.weight.detach().double() for lin in net.layers]
+    b = [lin.bias.detach().double() for lin in net.layers]
+    emb = net.embedder(x).double()
+    cc = c.double()[:, None].expand(-1, 4, -1)
+    h = torch.cat([emb, cc], -1) @ W[0].T + b[0]
+    h = F.softplus(h, beta=100)
+    h = F.softplus(h @ W[1].T + b[1], beta=100)
+    assert h.shape[-1] == 32 - emb.shape[-1]  # room for the skip
+    h = F.softplus((torch.cat([h, emb], -1) / math.sqrt(2)) @ W[2].T + b[2], beta=100)
+    h = F.softplus(torch.cat([h, cc], -1) @ W[3].T + b[3], beta=100)
+    ref = h @ W[4].T + b[4]
+    assert torch.allclose(net(x, c).double(), ref, atol=1e-5)
+    assert torch.allclose(net(x, c[:, None].expand(-1, 4, -1)), net(x, c), atol=1e-6)
+    with pytest.raises(ValueError, match="networks.py"):
+        net(x, None)
+    with pytest.raises(ValueError, match="networks.py"):
+        net(x, torch.randn(3, 6))
+    with pytest.raises(ValueError, match="networks.py"):
+        net(x, torch.randn(5))
+
+
+# ---------------------------------------------------------------- geometric init
+@pytest.mark.parametrize("radius,seed", [(0.6, 0), (1.0, 1), (0.4, 2)])
+def test_geometric_init_is_a_sphere(radius, seed):
+    torch.manual_seed(seed)
+    net = build_geometry_network(init_radius=radius)
+    cond = torch.randn(1, 64)
+    dirs = F.normalize(torch.randn(100, 3), dim=-1)
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 3), cond).item() > 0
+        assert (net((0.5 * radius * dirs)[None], cond) > 0).all()
+        for s in (1.5, 2.0, 3.0):
+            assert (net((s * radius * dirs)[None], cond) < 0).all()
+        t = torch.linspace(0.0, 2.0 * radius, 201)
+        pts = (dirs[:, None, :] * t[None, :, None]).reshape(1, -1, 3)
+        occ = net(pts, cond).reshape(100, 201)
+    first_neg = (occ < 0).float().argmax(dim=1)
+    zero_level = t[first_neg]
+    assert ((zero_level - radius).abs() < 0.1 * radius).all(), zero_level
+
+
+# ---------------------------------------------------------------- LBS network
+def test_lbs_zero_blendshapes_and_softmax_weights():
+    torch.manual_seed(0)
+    lbs = LBSNetwork()
+    xc, z = torch.rand(2, 50, 3) * 2 - 1, torch.randn(2, 256)
+    w, pose_dirs, expr_dirs, logits = lbs(xc, z, return_logits=True)
+    assert w.shape == (2, 50, 5) and pose_dirs.shape == (2, 50, 36, 3) and expr_dirs.shape == (2, 50, 3, 50)
+    assert torch.count_nonzero(pose_dirs) == 0 and torch.count_nonzero(expr_dirs) == 0
+    assert torch.allclose(w, torch.softmax(20.0 * logits, -1))
+    assert torch.allclose(w.sum(-1), torch.ones(2, 50), atol=1e-6)
+    small = LBSNetwork(shape_dim=8, n_joints=3, pose_feature_dim=18, n_exp=10)
+    w, p, e = small(xc, torch.randn(2, 8))
+    assert w.shape == (2, 50, 3) and p.shape == (2, 50, 18, 3) and e.shape == (2, 50, 3, 10)
+
+
+def test_displacement_starts_at_zero():
+    net = build_displacement_network()
+    dx = net(torch.randn(2, 30, 3), torch.randn(2, 100))
+    assert dx.shape == (2, 30, 3) and torch.count_nonzero(dx) == 0
+
+
+# ---------------------------------------------------------------- conditioning
+def test_zero_init_conditioning_changes_output_only_after_perturbation():
+    torch.manual_seed(0)
+    net = build_geometry_network()
+    x = torch.rand(2, 40, 3) * 2 - 1
+    c1, c2 = torch.randn(2, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x, c1), net(x, c2))
+        lin0 = net.layers[0]
+        v = lin0.parametrizations.weight.original1  # weight-norm direction
+        v[:, -64:] += 0.1 * torch.randn_like(v[:, -64:])
+        assert (net(x, c1) - net(x, c2)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- generator and sampling
+def test_generator_shape_and_style():
+    torch.manual_seed(0)
+    gen = Generator()
+    assert gen.out_channels == 64 and gen.out_shape == (16, 64, 64)
+    with torch.no_grad():
+        vol = gen(torch.randn(2, 256))
+    assert vol.shape == (2, 64, 16, 64, 64) and torch.isfinite(vol).all()
+    assert (vol[0] - vol[1]).abs().mean() > 1e-2 * vol.abs().mean()
+    feats = gen.sample(vol, torch.rand(2, 10, 3) * 2 - 1)
+    assert feats.shape == (2, 10, 64)
+
+
+def test_sample_volume_reproduces_linear_field():
+    D, H, W = 5, 7, 9  # distinct sizes catch an axis mix-up
+    lo, hi = torch.tensor([-0.8, -1.2, -0.5]), torch.tensor([0.9, 1.1, 0.4])
+    zs, ys, xs = (torch.linspace(float(lo[i]), float(hi[i]), n) for i, n in ((2, D), (1, H), (0, W)))
+    zz, yy, xx = torch.meshgrid(zs, ys, xs, indexing="ij")
+    vol = torch.stack([xx, yy, zz])[None].double()  # [1, 3, D, H, W], channels = (x, y, z)
+    pts = (lo + (hi - lo) * torch.rand(3, 100, 3)).double()
+    got = sample_volume(vol, pts, lo, hi)  # the volume is shared by the 3 batches
+    assert got.shape == (3, 100, 3)
+    assert (got - pts).abs().max() < 1e-5
+    outside = torch.tensor([[[5.0, -5.0, 0.0]]], dtype=torch.float64)
+    clamped = sample_volume(vol, outside, lo.tolist(), hi.tolist())
+    assert torch.allclose(clamped, torch.tensor([[[0.9, -1.2, 0.0]]], dtype=torch.float64), atol=1e-6)
+    with pytest.raises(ValueError, match="generator.py"):
+        sample_volume(vol, pts, hi, lo)
+
+
+# ---------------------------------------------------------------- gradients
+def _assert_all_grads(module, name):
+    for pname, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    gen = _small_generator()
+    geo = build_geometry_network(feature_dim=gen.out_channels, width=64, depth=4, multires=4)
+    lbs = LBSNetwork(shape_dim=16, width=32)
+    normal = build_normal_network(detail_dim=8, geometry_feature_dim=geo.feature_dim, width=64)
+    texture = build_texture_network(color_dim=4, pose_exp_dim=5, geometry_feature_dim=geo.feature_dim,
+                                    normal_feature_dim=normal.feature_dim, width=64)
+    # geometry conditioning is zero at init: perturb it as one training step would
+    with torch.no_grad():
+        geo.layers[0].parametrizations.weight.original1[:, -gen.out_channels:].normal_(0, 0.1)
+    z = torch.randn(2, 16)
+    xc = torch.rand(2, 20, 3) * 2 - 1
+    occ, gfeat = geo(xc, gen.sample(gen(z), xc), return_features=True)
+    w, pd, ed = lbs(xc, z)
+    n, nfeat = normal(xc, torch.cat([torch.randn(2, 20, 8), gfeat], -1), return_features=True)
+    rgb = texture(xc, torch.cat([torch.randn(2, 20, 9), gfeat, nfeat], -1))
+    loss = occ.square().mean() + (w * torch.randn_like(w)).sum() + pd.sum() + ed.sum() + n.sum() + rgb.sum()
+    loss.backward()
+    for m, name in ((gen, "generator"), (geo, "geometry"), (lbs, "lbs"), (normal, "normal"), (texture, "texture")):
+        _assert_all_grads(m, name)
+
+
+def test_displacement_trains_from_zero():
+    torch.manual_seed(0)
+    net = build_displacement_network(width=32)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, beta, target = torch.randn(2, 30, 3), torch.randn(2, 100), torch.randn(2, 30, 3)
+    for _ in range(2):
+        opt.zero_grad()
+        (net(x, beta) - target).square().mean().backward()
+        opt.step()
+    _assert_all_grads(net, "displacement")
+
+
+# ---------------------------------------------------------------- device parity
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_parity():
+    torch.manual_seed(0)
+    gen = _small_generator()
+    nets = build_head_networks(volume_feature_dim=gen.out_channels, shape_dim=16)
+    z, xc = torch.randn(2, 16), torch.rand(2, 64, 3) * 2 - 1
+    cpu_occ = nets["geometry"](xc, gen.sample(gen(z), xc))
+    cpu_w = nets["lbs"](xc, z)[0]
+    dev = torch.device("cuda")
+    old_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would differ by ~1e-3
+    try:
+        gen_c, nets_c = gen.to(dev), nets.to(dev)
+        occ = nets_c["geometry"](xc.to(dev), gen_c.sample(gen_c(z.to(dev)), xc.to(dev)))
+        w = nets_c["lbs"](xc.to(dev), z.to(dev))[0]
+    finally:
+        torch.backends.cudnn.allow_tf32 = old_tf32
+    assert torch.allclose(occ.cpu(), cpu_occ, atol=1e-4) and torch.allclose(w.cpu(), cpu_w, atol=1e-4)
