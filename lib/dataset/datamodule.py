@@ -1,0 +1,73 @@
+"""Lightning data module over preprocessed scans (stage 1 occupancy; stage 2 adds images)."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from lib.dataset.faceverse import ScanOccupancyDataset, ScanUniformDataset, read_data_list
+
+
+class ScanDataModule(pl.LightningDataModule):
+    """Explicit arguments only; the Hydra `datamodule` group fills them.
+
+    stage: 'coarse' (occupancy items) or 'fine' (images, cache and surface samples).
+    """
+
+    def __init__(self, processed_dir: str, data_list: str, batch_size: int = 32,
+                 num_workers: int = 4, points_per_frame: int = 2000, repeat: int = 10,
+                 val_subjects: int = 4, val_points: int = 20000, subset: int | None = None,
+                 stage: str = "coarse", cache_dir: str | None = None, load_res: int = 256,
+                 n_views: int = 9, surface_points: int = 2000, flame_model: str | None = None):
+        super().__init__()
+        self.processed_dir = processed_dir
+        self.data_list = data_list
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.points_per_frame = points_per_frame
+        self.repeat = repeat
+        self.val_subjects = val_subjects
+        self.val_points = val_points
+        self.subset = subset
+        self.stage = stage
+        self.cache_dir = cache_dir
+        self.load_res = load_res
+        self.n_views = n_views
+        self.surface_points = surface_points
+        self.flame_model = flame_model
+
+    @property
+    def n_subjects(self) -> int:
+        """Rows of the latent embeddings: every scan of the data list."""
+        return len(read_data_list(self.data_list))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.stage == "fine":
+            from lib.dataset.fine import ScanImageDataset
+
+            self.train_set = ScanImageDataset(
+                self.processed_dir, self.data_list, self.cache_dir, n_views=self.n_views,
+                load_res=self.load_res, surface_points=self.surface_points,
+                repeat=self.repeat, subset=self.subset)
+            self.val_set = ScanImageDataset(
+                self.processed_dir, self.data_list, self.cache_dir, n_views=self.n_views,
+                load_res=self.load_res, surface_points=self.surface_points, repeat=1,
+                subset=min(self.val_subjects, self.subset or self.val_subjects),
+                fixed_view=True)
+        else:
+            self.train_set = ScanOccupancyDataset(
+                self.processed_dir, self.data_list, points_per_frame=self.points_per_frame,
+                repeat=self.repeat, subset=self.subset)
+            self.val_set = ScanUniformDataset(
+                self.processed_dir, self.data_list, n_points=self.val_points,
+                subset=min(self.val_subjects, self.subset or self.val_subjects))
+
+    def _loader(self, dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, drop_last=False,
+                          persistent_workers=self.num_workers > 0, pin_memory=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, 1)

@@ -1,0 +1,105 @@
+"""Training data: preprocessed FaceVerse-layout scans (DESIGN §3) as torch datasets.
+
+Shape legend: N sampled points per scan, M surface samples, H/W image size, K = 169
+FLAME parameter vector (scale 1, transl 3, pose 15, shape 100, exp 50).
+
+Each scan is one subject of the auto-decoder: its row in the data list is its index into the
+latent embeddings, so the order of the data list (sorted ids) must stay fixed between
+stage 1, precompute and stage 2.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class DataListError(ValueError):
+    """The data list CSV is missing or malformed."""
+
+
+def read_data_list(path: str | os.PathLike) -> list[str]:
+    """Scan ids of a data list CSV (`id,dataset` header), sorted.
+
+    Returns: list of ids, sorted so every stage assigns the same embedding index.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataListError(
+            f"{path}: data list not found; run preprocess.py first (it writes the list of "
+            "complete scans)")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and "id" not in rows[0]:
+        raise DataListError(f"{path}: expected a header with an 'id' column")
+    ids = sorted({row["id"].strip() for row in rows if row.get("id", "").strip()})
+    if not ids:
+        raise DataListError(f"{path}: the data list names no scans")
+    return ids
+
+
+class ScanOccupancyDataset(Dataset):
+    """Stage-1 items: occupancy samples of each scan, repeated `repeat` times per epoch.
+
+    Item:
+        index: int, the scan's embedding row
+        params: [K] float32 FLAME parameter vector
+        pts_d: [N_surface + N_uniform, 3] deformed-space points (near-surface, then uniform)
+        occ_gt: [N_surface + N_uniform, 1] 1 inside, 0 outside
+    """
+
+    def __init__(self, processed_dir: str | os.PathLike, data_list: str | os.PathLike,
+                 points_per_frame: int = 2000, n_uniform: int | None = None, repeat: int = 10,
+                 subset: int | None = None, deterministic: bool = False):
+        self.processed_dir = Path(processed_dir)
+        self.ids = read_data_list(data_list)
+        self.n_subjects = len(self.ids)
+        self.items = self.ids if subset is None else self.ids[:subset]
+        self.points_per_frame = int(points_per_frame)
+        # The original pairs every 2,000 near-surface points with 250 uniform ones (1/8).
+        self.n_uniform = self.points_per_frame // 8 if n_uniform is None else int(n_uniform)
+        self.repeat = max(1, int(repeat))
+        self.deterministic = deterministic
+
+    def __len__(self) -> int:
+        return len(self.items) * self.repeat
+
+    def index_of(self, scan_id: str) -> int:
+        return self.ids.index(scan_id)
+
+    def _load(self, scan_id: str, name: str) -> dict[str, np.ndarray]:
+        path = self.processed_dir / scan_id / name
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as err:
+            raise DataListError(f"{path}: cannot read ({err}); rerun preprocess.py") from err
+
+    def __getitem__(self, i: int) -> dict:
+        scan_id = self.items[i % len(self.items)]
+        occ = self._load(scan_id, "occupancy.npz")
+        pts, lab = occ["pts_d"], occ["occ_gt"]
+        n_half = pts.shape[0] // 2  # first half near-surface, second half uniform
+        rng = np.random.default_rng(i if self.deterministic else None)
+        surf = rng.integers(0, n_half, self.points_per_frame)
+        unif = rng.integers(n_half, pts.shape[0], self.n_uniform)
+        sel = np.concatenate([surf, unif])
+        return {
+            "index": self.index_of(scan_id),
+            "scan_id": scan_id,
+            "params": torch.from_numpy(occ["flame_params"].astype(np.float32).reshape(-1)),
+            "pts_d": torch.from_numpy(pts[sel].astype(np.float32)),
+            "occ_gt": torch.from_numpy(lab[sel].astype(np.float32).reshape(-1, 1)),
+        }
+
+
+class ScanUniformDataset(ScanOccupancyDataset):
+    """Validation items: a fixed set of the uniform points of each scan (for volumetric IoU)."""
+
+    def __init__(self, processed_dir, data_list, n_points: int = 20000, subset: int | None = 4):
+        super().__init__(processed_dir, data_list, points_per_frame=0, n_uniform=n_points,
+                         repeat=1, subset=subset, deterministic=True)

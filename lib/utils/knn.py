@@ -1,0 +1,42 @@
+"""Nearest neighbours in plain torch (replaces pytorch3d `knn_points` and kaolin
+`sided_distance`; DESIGN §9).
+
+Shape legend: B batch, N query points, V reference points.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def nearest_neighbor(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest point of `y` for every point of `x`, chunked over N so memory stays bounded.
+
+    x: [B, N, 3] queries; y: [B, V, 3] references.
+    Returns: dist [B, N] Euclidean distance to the nearest reference, idx [B, N] long.
+    """
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"nearest_neighbor expects [B,N,3] and [B,V,3], got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    dists, idxs = [], []
+    y_sq = (y * y).sum(-1)  # [B, V]
+    for start in range(0, x.shape[1], chunk):
+        xs = x[:, start:start + chunk]
+        # |x - y|^2 = |x|^2 - 2 x.y + |y|^2: a batched matmul instead of a [B,n,V,3] tensor.
+        d2 = (xs * xs).sum(-1, keepdim=True) - 2.0 * xs @ y.transpose(1, 2) + y_sq[:, None]
+        d2_min, idx = d2.min(dim=-1)
+        dists.append(d2_min.clamp_min(0).sqrt())
+        idxs.append(idx)
+    if not dists:
+        return x.new_zeros(x.shape[0], 0), torch.zeros(x.shape[0], 0, dtype=torch.long,
+                                                        device=x.device)
+    return torch.cat(dists, 1), torch.cat(idxs, 1)
+
+
+def distance_to_subset(x: torch.Tensor, y: torch.Tensor, stride: int = 10, chunk: int = 4096
+                       ) -> torch.Tensor:
+    """Distance from every query to a 1-in-`stride` subset of the references.
+
+    x: [B, N, 3]; y: [B, V, 3]. Returns: [B, N].
+    """
+    return nearest_neighbor(x, y[:, ::stride], chunk=chunk)[0]
