@@ -1,0 +1,361 @@
+"""Forward deformation with learned LBS fields and its inversion (deformed -> canonical).
+
+Shape legend:
+    B batch, N points, I initializations (bones used to start the search, 5 by default),
+    J joints (5), K expression components (50), P pose-feature size (36), Z z_shape width (256),
+    V FLAME vertices, A points flattened across the batch (each carries a batch index).
+
+Arguments shared by the methods:
+    cond: dict with 'z_shape' [B, Z] (LBS conditioning) and, for the shape-neutral mapping
+        and occupancy, 'shape' [B, 100] (FLAME shape); other keys are passed through to occ_fn.
+    smpl_out: the FLAME server's dict; used keys: 'tfs' [B, J, 4, 4] target joint transforms,
+        'tfs_c' [B, J, 4, 4] canonical ones, 'pose_feature' [B, P], 'pose_feature_c' [B, P],
+        'exp' [B, K], optional 'exp_c' [B, K] (zeros when absent), and 'verts' [B, V, 3]
+        (posed vertices, only to skip far points). A leading dim of 1 is broadcast to B.
+
+forward deformation (DESIGN section 2), with w, E, Pd the LBS fields at x_c:
+    x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c + E exp + Pd^T pose_feature
+    x_d = (sum_j w_j tfs[j]) x_r
+The inverse is found per point by Broyden's method from I rigid initializations; gradients reach
+the LBS fields (and the inputs) by implicit differentiation.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from lib.model.broyden import broyden
+
+__all__ = ["ForwardDeformer", "lbs_deform", "inv3", "SKIPPED_LOGIT"]
+
+SKIPPED_LOGIT = -1000.0  # occupancy logit of skipped points and of invalid initializations
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"lib/model/deformer.py: {msg}")
+
+
+def inv3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form inverse of 3x3 matrices (adjugate / determinant), differentiable.
+
+    m: [..., 3, 3]. Returns (inverse [..., 3, 3], ok [...] bool); ok is False where the matrix is
+    numerically singular (|det| <= 1e-10 * product of row norms); the inverse is 0 there.
+    """
+    r0, r1, r2 = m[..., 0, :], m[..., 1, :], m[..., 2, :]
+    c0, c1, c2 = torch.cross(r1, r2, dim=-1), torch.cross(r2, r0, dim=-1), torch.cross(r0, r1, dim=-1)
+    det = (r0 * c0).sum(-1)
+    scale = r0.norm(dim=-1) * r1.norm(dim=-1) * r2.norm(dim=-1)
+    ok = torch.isfinite(det) & (det.abs() > 1e-10 * scale)
+    safe = torch.where(ok, det, torch.ones_like(det))
+    inv = torch.stack([c0, c1, c2], dim=-1) / safe[..., None, None]
+    return torch.where(ok[..., None, None], inv, torch.zeros_like(inv)), ok
+
+
+def lbs_deform(xc, w, expr_dirs, pose_dirs, tfs, tfs_c, exp, exp_c, pose_feature, pose_feature_c):
+    """Deform canonical points with given LBS fields (leading dims '...' broadcast).
+
+    xc: [..., 3]; w: [..., J]; expr_dirs: [..., 3, K]; pose_dirs: [..., P, 3];
+    tfs, tfs_c: [..., J, 4, 4]; exp, exp_c: [..., K]; pose_feature, pose_feature_c: [..., P].
+    Returns xd: [..., 3].
+    """
+    wj = w[..., :, None, None]
+    A_c = (wj * tfs_c[..., :3, :]).sum(-3)  # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
+    A_d = (wj * tfs[..., :3, :]).sum(-3)
+    Ac_inv, _ = inv3(A_c[..., :3])
+    x_r = _matvec(Ac_inv, xc - A_c[..., 3])
+    x_r = x_r + (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1)
+    x_r = x_r + (pose_dirs * (pose_feature - pose_feature_c)[..., :, None]).sum(-2)
+    return _matvec(A_d[..., :3], x_r) + A_d[..., 3]
+
+
+def _matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """m [..., 3, 3] @ v [..., 3] -> [..., 3] (broadcast)."""
+    return (m * v[..., None, :]).sum(-1)
+
+
+_SMPL_KEYS = ("tfs", "tfs_c", "pose_feature", "pose_feature_c", "exp")
+
+
+class ForwardDeformer(nn.Module):
+    """Correspondence search x_d -> x_c through learned LBS fields.
+
+    Args:
+        lbs_net: callable ``(xc [B, N, 3], z_shape [B, Z]) -> (w [B, N, J], pose_dirs [B, N, P, 3],
+            expr_dirs [B, N, 3, K])``; registered as a submodule when it is an nn.Module.
+        n_joints: J.
+        max_steps, cvg_thresh, dvg_thresh: Broyden settings (see lib/model/broyden.py).
+        chunk_size: deformed points solved together (each with I unknowns); bounds memory.
+        init_bones: bones whose rigid inverse gives the I initializations.
+        skip_thresh, skip_stride: far-point skipping in query_occupancy (distance to every
+            skip_stride-th posed FLAME vertex).
+    """
+
+    def __init__(self, lbs_net: Callable, n_joints: int = 5, max_steps: int = 50, cvg_thresh: float = 1e-5,
+                 dvg_thresh: float = 1.0, chunk_size: int = 20000, init_bones: Sequence[int] = (0, 1, 2, 3, 4),
+                 skip_thresh: float = 0.11, skip_stride: int = 10):
+        super().__init__()
+        self.lbs_net = lbs_net
+        self.n_joints = int(n_joints)
+        self.max_steps, self.cvg_thresh, self.dvg_thresh = int(max_steps), float(cvg_thresh), float(dvg_thresh)
+        self.chunk_size = int(chunk_size)
+        if self.chunk_size < 1:
+            raise _err(f"chunk_size must be >= 1, got {chunk_size}")
+        bones = [int(j) for j in init_bones]
+        if not bones or any(j < 0 or j >= self.n_joints for j in bones):
+            raise _err(f"init_bones must be non-empty indices in [0, {self.n_joints}), got {init_bones}")
+        self.register_buffer("init_bones", torch.tensor(bones, dtype=torch.long), persistent=False)
+        self.skip_thresh, self.skip_stride = float(skip_thresh), int(skip_stride)
+
+    @property
+    def n_init(self) -> int:
+        """I."""
+        return int(self.init_bones.numel())
+
+    # ------------------------------------------------------------------ inputs and fields
+    def _smpl(self, smpl_out: Dict[str, torch.Tensor], B: int, ref: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Checked copy of the used smpl_out entries, cast to ref's dtype, leading dim B."""
+        missing = [k for k in _SMPL_KEYS if k not in smpl_out]
+        if missing:
+            raise _err(f"smpl_out lacks {missing} (has {sorted(smpl_out)})")
+        out = {}
+        for k in _SMPL_KEYS + ("exp_c",):
+            if k == "exp_c" and k not in smpl_out:
+                v = torch.zeros_like(out["exp"])
+            else:
+                v = smpl_out[k].to(dtype=ref.dtype)
+            if v.shape[0] == 1 and B > 1:
+                v = v.expand(B, *v.shape[1:])
+            if v.shape[0] != B:
+                raise _err(f"smpl_out['{k}'] has batch {v.shape[0]}, expected {B}")
+            out[k] = v
+        for k in ("tfs", "tfs_c"):
+            if tuple(out[k].shape[1:]) != (self.n_joints, 4, 4):
+                raise _err(f"smpl_out['{k}'] must be [B, {self.n_joints}, 4, 4], got {tuple(out[k].shape)}")
+        return out
+
+    @staticmethod
+    def _z(cond: Dict[str, torch.Tensor], B: int) -> torch.Tensor:
+        """cond['z_shape'] [B, Z] (checked)."""
+        if "z_shape" not in cond:
+            raise _err(f"cond lacks 'z_shape' (has {sorted(cond)})")
+        z = cond["z_shape"]
+        if z.dim() != 2 or z.shape[0] != B:
+            raise _err(f"cond['z_shape'] must be [{B}, Z], got {tuple(z.shape)}")
+        return z
+
+    def _fields(self, xc: torch.Tensor, z: torch.Tensor):
+        """LBS fields at xc [B, N, 3] with z [B, Z] -> w [B,N,J], pose_dirs [B,N,P,3], expr_dirs [B,N,3,K]."""
+        w, pose_dirs, expr_dirs = self.lbs_net(xc, z)
+        if w.shape[-1] != self.n_joints or w.shape[:2] != xc.shape[:2]:
+            raise _err(f"lbs_net returned weights {tuple(w.shape)} for points {tuple(xc.shape)}")
+        return w, pose_dirs, expr_dirs
+
+    def _deform_flat(self, xc: torch.Tensor, bidx: torch.Tensor, z: torch.Tensor, sm) -> torch.Tensor:
+        """Forward deformation of flattened points: xc [A, 3], bidx [A] -> xd [A, 3].
+
+        Each point is its own batch item for the LBS network (z gathered per point)."""
+        w, pd, ed = self._fields(xc[:, None, :], z[bidx])
+        g = {k: v[bidx] for k, v in sm.items()}
+        return lbs_deform(xc, w[:, 0], ed[:, 0], pd[:, 0], g["tfs"], g["tfs_c"], g["exp"], g["exp_c"],
+                          g["pose_feature"], g["pose_feature_c"])
+
+    def forward_deform(self, xc: torch.Tensor, cond: Dict[str, torch.Tensor],
+                       smpl_out: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Deform canonical points to the target pose/expression. xc: [B, N, 3] -> xd: [B, N, 3]."""
+        B = xc.shape[0]
+        sm = self._smpl(smpl_out, B, xc)
+        w, pd, ed = self._fields(xc, self._z(cond, B))
+        t = {k: (v[:, None] if k.startswith("tfs") else v[:, None, :]) for k, v in sm.items()}
+        return lbs_deform(xc, w, ed, pd, t["tfs"], t["tfs_c"], t["exp"], t["exp_c"],
+                          t["pose_feature"], t["pose_feature_c"])
+
+    # ------------------------------------------------------------------ initialization
+    def init_points(self, xd: torch.Tensor, smpl_out: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d. xd [B,N,3] -> [B,N,I,3]."""
+        sm = self._smpl(smpl_out, xd.shape[0], xd)
+        T = sm["tfs_c"][:, self.init_bones] @ torch.linalg.inv(sm["tfs"][:, self.init_bones])  # [B, I, 4, 4]
+        return torch.einsum("birc,bnc->bnir", T[:, :, :3, :3], xd) + T[:, None, :, :3, 3]
+
+    @staticmethod
+    def _jacobian(f: torch.Tensor, x: torch.Tensor, keep_graph: bool) -> torch.Tensor:
+        """d f / d x for per-point maps: f [A, 3] (graph from x), x [A, 3] -> J [A, 3, 3], J[a,k,l] = df_k/dx_l."""
+        rows = []
+        for k in range(3):
+            (gk,) = torch.autograd.grad(f[:, k].sum(), x, retain_graph=keep_graph or k < 2)
+            rows.append(gk)
+        return torch.stack(rows, dim=1)
+
+    def _init_J_inv(self, x0: torch.Tensor, bidx: torch.Tensor, z: torch.Tensor, sm, eval_mode: bool):
+        """Initial inverse Jacobians at x0 [A, 3] -> [A, 3, 3] (identity where singular)."""
+        if eval_mode:  # blended bone rotation of tfs @ inv(tfs_c), weights at x0
+            with torch.no_grad():
+                w = self._fields(x0[:, None, :], z[bidx])[0][:, 0]  # [A, J]
+                R = (sm["tfs"] @ torch.linalg.inv(sm["tfs_c"]))[..., :3, :3]  # [B, J, 3, 3]
+                J = torch.einsum("aj,ajrc->arc", w, R[bidx])
+        else:  # exact Jacobian of the forward deformation by autograd
+            with torch.enable_grad():
+                x = x0.detach().requires_grad_(True)
+                f = self._deform_flat(x, bidx, z.detach(), {k: v.detach() for k, v in sm.items()})
+                J = self._jacobian(f, x, keep_graph=False)
+        J_inv, ok = inv3(J.detach())
+        eye = torch.eye(3, dtype=x0.dtype, device=x0.device).expand_as(J_inv)
+        return torch.where(ok[:, None, None], J_inv, eye)
+
+    # ------------------------------------------------------------------ search
+    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+               eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+        """Roots of forward_deform(x_c) = x_d from every init, without gradients.
+
+        xd: [B, N, 3]; point_mask: optional [B, N] bool, points to solve (others stay at their
+        inits and are invalid). Returns xc [B, N, I, 3], valid_ids [B, N, I] bool, and with
+        return_info a dict(diff [B, N, I] residual norms, n_steps int = most Broyden steps of a chunk).
+        """
+        if xd.dim() != 3 or xd.shape[-1] != 3:
+            raise _err(f"xd must be [B, N, 3], got {tuple(xd.shape)}")
+        B, N, _ = xd.shape
+        I = self.n_init
+        with torch.no_grad():
+            xd0 = xd.detach()
+            z = self._z(cond, B).detach().to(xd.dtype)
+            sm = {k: v.detach() for k, v in self._smpl(smpl_out, B, xd0).items()}
+            x_init = self.init_points(xd0, sm).reshape(B * N, I, 3)
+            xc = x_init.clone()
+            valid = torch.zeros(B * N, I, dtype=torch.bool, device=xd.device)
+            diff = torch.full((B * N, I), float("inf"), dtype=xd.dtype, device=xd.device)
+            if point_mask is None:
+                pts = torch.arange(B * N, device=xd.device)
+            else:
+                if tuple(point_mask.shape) != (B, N):
+                    raise _err(f"point_mask must be [{B}, {N}], got {tuple(point_mask.shape)}")
+                pts = point_mask.reshape(-1).nonzero().squeeze(1)
+            xd_flat = xd0.reshape(B * N, 3)
+            n_steps = 0
+            for s in range(0, pts.numel(), self.chunk_size):
+                p = pts[s:s + self.chunk_size]                      # [c]
+                bidx = (p // N).repeat_interleave(I)                # [c*I]
+                target = xd_flat[p].repeat_interleave(I, dim=0)     # [c*I, 3]
+                x0 = x_init[p].reshape(-1, 3)
+                J0 = self._init_J_inv(x0, bidx, z, sm, eval_mode)
+
+                def residual(x, mask, bidx=bidx, target=target):
+                    return self._deform_flat(x, bidx[mask], z, sm) - target[mask]
+
+                out = broyden(residual, x0, J0, self.max_steps, self.cvg_thresh, self.dvg_thresh)
+                xc[p] = out["result"].reshape(-1, I, 3)
+                valid[p] = out["valid_ids"].reshape(-1, I)
+                diff[p] = out["diff"].reshape(-1, I)
+                n_steps = max(n_steps, out["n_steps"])
+        xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
+        if return_info:
+            return xc, valid, dict(diff=diff.reshape(B, N, I), n_steps=n_steps)
+        return xc, valid
+
+    def _implicit_correction(self, xc_star, bidx, target, z, sm) -> torch.Tensor:
+        """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d, J = dr/dx_c at x_c*.
+
+        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, z, smpl_out and x_d.
+        xc_star [A, 3], bidx [A], target (x_d, may carry a graph) [A, 3] -> [A, 3].
+        """
+        with torch.enable_grad():
+            x = xc_star.detach().requires_grad_(True)
+            f = self._deform_flat(x, bidx, z, sm)
+            J = self._jacobian(f, x, keep_graph=True)
+        J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
+        r = f - target
+        return x.detach() - (J_inv @ (r - r.detach())[..., None])[..., 0]
+
+    def forward(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+        """Canonical correspondences of deformed points.
+
+        xd: [B, N, 3]; eval_mode picks the cheap Jacobian initialization; point_mask [B, N] as in
+        search. Returns xc [B, N, I, 3], valid_ids [B, N, I] (and the info dict with return_info).
+        When grad mode is on, valid entries of xc carry the implicit-differentiation graph.
+        """
+        xc, valid, info = self.search(xd, cond, smpl_out, eval_mode, point_mask, return_info=True)
+        if torch.is_grad_enabled():
+            B, N, I = valid.shape
+            v = valid.reshape(-1).nonzero().squeeze(1)  # flat indices into B*N*I
+            if v.numel() > 0:
+                sm = self._smpl(smpl_out, B, xd)
+                target = xd.reshape(B * N, 3)[v // I]
+                corr = self._implicit_correction(xc.reshape(-1, 3)[v], v // (N * I), target,
+                                                 self._z(cond, B).to(xd.dtype), sm)
+                xc = xc.reshape(-1, 3).index_put((v,), corr).reshape(B, N, I, 3)
+        return (xc, valid, info) if return_info else (xc, valid)
+
+    # ------------------------------------------------------------------ occupancy
+    @staticmethod
+    def to_neutral(xc: torch.Tensor, shape: torch.Tensor, disp_net: Callable) -> torch.Tensor:
+        """Map to the shape-neutral canonical space: x_c + disp_net(x_c, shape).
+
+        xc: [B, ..., 3] (e.g. [B, N, I, 3]); shape: [B, 100]; disp_net: (x [B, M, 3], shape) -> dx [B, M, 3].
+        Returns [B, ..., 3]."""
+        B = xc.shape[0]
+        flat = xc.reshape(B, -1, 3)
+        return (flat + disp_net(flat, shape)).reshape(xc.shape)
+
+    def near_mask(self, xd: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
+        """True where x_d is within skip_thresh of every skip_stride-th vertex. xd [B,N,3], verts [B,V,3] -> [B,N]."""
+        sub = verts[:, ::self.skip_stride].to(xd.dtype)
+        if sub.shape[0] == 1 and xd.shape[0] > 1:
+            sub = sub.expand(xd.shape[0], -1, -1)
+        out = []
+        for s in range(0, xd.shape[1], self.chunk_size):
+            out.append(torch.cdist(xd[:, s:s + self.chunk_size], sub).amin(dim=-1) <= self.skip_thresh)
+        return torch.cat(out, dim=1)
+
+    def query_occupancy(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+                        occ_fn: Callable, disp_net: Optional[Callable] = None, eval_mode: bool = False,
+                        skip_far: bool = False) -> torch.Tensor:
+        """Occupancy logits of deformed points: max over valid inits of occ_fn at the neutral x_c.
+
+        xd: [B, N, 3]; occ_fn: (x [B, M, 3], cond) -> logits [B, M, 1] (or [B, M]); disp_net as in
+        to_neutral (uses cond['shape']), None to skip the neutral mapping; skip_far: points farther
+        than skip_thresh from smpl_out['verts'] are not searched (inference).
+        Returns occ [B, N, 1]; SKIPPED_LOGIT (-1000) where no init is valid or the point was skipped.
+        Only valid correspondences are sent to disp_net / occ_fn (packed per batch item).
+        """
+        B, N, _ = xd.shape
+        if skip_far and "verts" not in smpl_out:
+            raise _err(f"skip_far needs smpl_out['verts'] [B, V, 3] (has {sorted(smpl_out)})")
+        near = self.near_mask(xd, smpl_out["verts"]) if skip_far else None
+        step = max(1, self.chunk_size // B)
+        outs = []
+        for s in range(0, N, step):
+            sl = slice(s, s + step)
+            xc, valid = self.forward(xd[:, sl], cond, smpl_out, eval_mode,
+                                     None if near is None else near[:, sl])
+            outs.append(self.occupancy_of_valid(xc, valid, cond, occ_fn, disp_net))
+        return torch.cat(outs, dim=1)
+
+    def occupancy_of_valid(self, xc: torch.Tensor, valid: torch.Tensor, cond: Dict[str, torch.Tensor],
+                           occ_fn: Callable, disp_net: Optional[Callable] = None) -> torch.Tensor:
+        """Occupancy from given correspondences: xc [B, n, I, 3], valid [B, n, I] -> occ [B, n, 1].
+
+        Max over valid inits of occ_fn(to_neutral(xc)); SKIPPED_LOGIT where none is valid. Only
+        valid points are evaluated, packed per batch item into [B, L, 3] (L = most valid per item).
+        occ_fn and disp_net as in query_occupancy."""
+        B, n, I, _ = xc.shape
+        flat_valid = valid.reshape(B, n * I)
+        occ = torch.full((B, n * I), SKIPPED_LOGIT, dtype=xc.dtype, device=xc.device)
+        L = int(flat_valid.sum(dim=1).max()) if flat_valid.numel() else 0
+        if L > 0:
+            b, m = flat_valid.nonzero(as_tuple=True)
+            pos = (torch.cumsum(flat_valid.long(), dim=1) - 1)[b, m]  # rank among the valid of item b
+            packed = xc.new_zeros(B, L, 3).index_put((b, pos), xc.reshape(B, n * I, 3)[b, m])
+            if disp_net is not None:
+                if "shape" not in cond:
+                    raise _err(f"cond lacks 'shape' needed by disp_net (has {sorted(cond)})")
+                packed = self.to_neutral(packed, cond["shape"].to(xc.dtype), disp_net)
+            val = occ_fn(packed, cond)
+            if val.dim() == 3:
+                val = val[..., 0]
+            if tuple(val.shape) != (B, L):
+                raise _err(f"occ_fn returned {tuple(val.shape)} for points {(B, L, 3)}")
+            occ = occ.index_put((b, m), val[b, pos].to(xc.dtype))
+        return occ.reshape(B, n, I).amax(dim=2, keepdim=True)
+
+    _occ_of_valid = occupancy_of_valid  # former private name, kept for callers

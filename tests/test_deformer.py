@@ -1,0 +1,346 @@
+"""Tests of lib/model/broyden.py and lib/model/deformer.py against analytic truths.
+
+Shape legend: B batch, N points, I inits, J joints (5), K expression comps, P pose feature (36).
+
+The stand-in LBS network is an analytic smooth field: skinning weights are a softmax of negative
+squared distances to 5 centres (shifted by z_shape, so per-item conditioning matters), pose and
+expression bases are small sinusoids. Joint transforms come from a 5-joint chain (FLAME's
+hierarchy) with random rotations up to 35 degrees; the canonical pose opens the jaw by 0.2 rad.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lib.model.broyden import broyden
+from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer, inv3, lbs_deform
+
+PARENTS = [-1, 0, 1, 1, 1]
+JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
+CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
+K_EXP, Z_DIM = 10, 32
+
+
+def rodrigues(r):
+    """r [..., 3] axis-angle -> [..., 3, 3] (test's own implementation)."""
+    t = r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k = r / t
+    K = torch.zeros(*r.shape[:-1], 3, 3, dtype=r.dtype)
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - K.transpose(-1, -2)
+    s, c = torch.sin(t)[..., None], torch.cos(t)[..., None]
+    return torch.eye(3, dtype=r.dtype) + s * K + (1 - c) * (K @ K)
+
+
+def chain(rot, joints, transl):
+    """rot [B,J,3,3], joints [J,3], transl [B,3] -> bone transforms [B,J,4,4] (rest joint removed)."""
+    B, J = rot.shape[:2]
+    G = []
+    for j in range(J):
+        p = PARENTS[j]
+        L = torch.eye(4, dtype=rot.dtype).repeat(B, 1, 1)
+        L[:, :3, :3] = rot[:, j]
+        L[:, :3, 3] = joints[j] - joints[p] if p >= 0 else joints[j] + transl
+        G.append(L if p < 0 else G[p] @ L)
+    rest = torch.eye(4, dtype=rot.dtype).repeat(B, J, 1, 1)
+    rest[..., :3, 3] = -joints
+    return torch.stack(G, 1) @ rest
+
+
+class Field(nn.Module):
+    """Analytic LBS field: (xc [B,N,3], z [B,Z]) -> w [B,N,5], pose_dirs [B,N,36,3], expr_dirs [B,N,3,K]."""
+
+    def __init__(self, tau=0.15, amp=0.02, seed=0, dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("centres", torch.tensor(CENTRES, dtype=dtype))
+        self.register_buffer("fp", (torch.rand(36, 3, 3, generator=g) * 4 - 2).to(dtype))
+        self.register_buffer("pp", (torch.rand(36, 3, generator=g) * 6).to(dtype))
+        self.register_buffer("fe", (torch.rand(3, K_EXP, 3, generator=g) * 4 - 2).to(dtype))
+        self.register_buffer("pe", (torch.rand(3, K_EXP, generator=g) * 6).to(dtype))
+        self.tau, self.amp = tau, amp
+        self.expr_scale = 1.0  # plain attribute: gradcheck replaces it by a tensor
+        self.calls = []
+
+    def forward(self, xc, z):
+        B, N, _ = xc.shape
+        self.calls.append(B * N)
+        c = self.centres + 0.05 * torch.tanh(z[:, :15]).reshape(B, 1, 5, 3)
+        w = torch.softmax(-((xc[:, :, None, :] - c) ** 2).sum(-1) / self.tau, dim=-1)
+        pd = self.amp * torch.sin(torch.einsum("bnd,pcd->bnpc", xc, self.fp) + self.pp)
+        ed = self.amp * self.expr_scale * torch.sin(torch.einsum("bnd,ckd->bnck", xc, self.fe) + self.pe)
+        return w, pd, ed
+
+
+def make_smpl(B, max_deg=35.0, seed=1, dtype=torch.float32):
+    """Random target pose (rotations up to max_deg per joint) and the canonical one (jaw 0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    joints = torch.tensor(JOINTS, dtype=f64)
+    axis = torch.nn.functional.normalize(torch.randn(B, 5, 3, generator=g, dtype=f64), dim=-1)
+    rot = rodrigues(axis * torch.rand(B, 5, 1, generator=g, dtype=f64) * math.radians(max_deg))
+    rv_c = torch.zeros(B, 5, 3, dtype=f64)
+    rv_c[:, 2, 0] = 0.2
+    rot_c = rodrigues(rv_c)
+    eye = torch.eye(3, dtype=f64)
+    out = dict(tfs=chain(rot, joints, torch.randn(B, 3, generator=g, dtype=f64) * 0.05),
+               tfs_c=chain(rot_c, joints, torch.zeros(B, 3, dtype=f64)),
+               pose_feature=(rot[:, 1:] - eye).reshape(B, -1), pose_feature_c=(rot_c[:, 1:] - eye).reshape(B, -1),
+               exp=torch.randn(B, K_EXP, generator=g, dtype=f64), exp_c=torch.zeros(B, K_EXP, dtype=f64))
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def setup_problem(B=2, N=300, dtype=torch.float32, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    field = Field(dtype=dtype)
+    cond = dict(z_shape=torch.randn(B, Z_DIM, generator=g).to(dtype), shape=torch.randn(B, 100, generator=g).to(dtype))
+    sm = make_smpl(B, dtype=dtype, seed=seed + 1)
+    d = ForwardDeformer(field, **kw)
+    xc_true = (torch.rand(B, N, 3, generator=g) * 1.6 - 0.8).to(dtype)
+    with torch.no_grad():
+        xd = d.forward_deform(xc_true, cond, sm)
+    return d, field, cond, sm, xc_true, xd
+
+
+def recovered(xc, valid, xc_true, tol=1e-4):
+    """[B, N] bool: some valid init lies within tol of the truth."""
+    return (((xc - xc_true[:, :, None]).norm(dim=-1) < tol) & valid).any(-1)
+
+
+# ---------------------------------------------------------------------------------- broyden
+def test_broyden_solves_sine_system_and_flags_divergence():
+    g = torch.Generator().manual_seed(0)
+    M = 200
+    x_true = torch.randn(M, 3, generator=g, dtype=torch.float64) * 2
+    y = x_true + 0.1 * torch.sin(x_true)
+    bad = torch.arange(M) % 4 == 0  # these systems read g(x) = x^2 + 1: no root, residual >= 1
+    sizes = []
+
+    def g_fn(x, mask):
+        sizes.append(x.shape[0])
+        good = x + 0.1 * torch.sin(x) - y[mask]
+        return torch.where(bad[mask][:, None], x * x + 1.0, good)
+
+    J0 = torch.eye(3, dtype=torch.float64).repeat(M, 1, 1)
+    out = broyden(g_fn, torch.zeros(M, 3, dtype=torch.float64), J0, max_steps=50, cvg_thresh=1e-10)
+    assert out["valid_ids"].tolist() == (~bad).tolist()
+    assert (out["result"][~bad] - x_true[~bad]).abs().max() < 1e-6
+    assert (out["diff"][~bad] < 1e-10).all() and (out["diff"][bad] >= 1.0).all()
+    assert 0 < out["n_steps"] < 50
+    # only active points are evaluated: the rootless ones drop out after their first step
+    assert sizes[0] == sizes[1] == M and sizes[2] <= M - bad.sum() and sizes[-1] < sizes[2]
+    again = broyden(g_fn, torch.zeros(M, 3, dtype=torch.float64), J0, max_steps=50, cvg_thresh=1e-10)
+    assert torch.equal(again["result"], out["result"])  # deterministic
+
+
+def test_broyden_linear_system_exact_jacobian_and_max_steps():
+    A = torch.tensor([[2.0, 0.3, 0.0], [0.1, 1.5, -0.2], [0.0, 0.4, 1.0]], dtype=torch.float64)
+    b = torch.randn(10, 3, dtype=torch.float64)
+    g_fn = lambda x, mask: x @ A.T - b[mask]  # noqa: E731
+    out = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64), torch.linalg.inv(A).repeat(10, 1, 1))
+    assert out["n_steps"] == 1 and out["valid_ids"].all()
+    assert torch.allclose(out["result"], torch.linalg.solve(A, b.T).T, atol=1e-12)
+    # Broyden terminates on a linear n-dim system within 2n steps (Gay 1979), from any H0
+    eye = torch.eye(3, dtype=torch.float64).repeat(10, 1, 1)
+    lin = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64), eye, cvg_thresh=1e-9, dvg_thresh=1e9)
+    assert lin["valid_ids"].all() and lin["n_steps"] <= 7
+    assert torch.allclose(lin["result"], torch.linalg.solve(A, b.T).T, atol=1e-8)
+    zero = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).repeat(10, 1, 1),
+                   max_steps=0)
+    assert zero["n_steps"] == 0 and not zero["valid_ids"].any()
+    with pytest.raises(ValueError, match="broyden.py"):
+        broyden(g_fn, torch.zeros(10, 2), torch.eye(3).repeat(10, 1, 1))
+
+
+# ---------------------------------------------------------------------------------- forward deformation
+def test_forward_deform_matches_pointwise_reference():
+    d, field, cond, sm, xc, _ = setup_problem(B=2, N=20, dtype=torch.float64)
+    sm["exp_c"] = torch.randn(2, K_EXP, dtype=torch.float64)  # non-zero canonical expression
+    xd = d.forward_deform(xc, cond, sm)
+    w, pd, ed = field(xc, cond["z_shape"])
+    for b in range(2):
+        for n in range(20):
+            Ac = sum(w[b, n, j] * sm["tfs_c"][b, j] for j in range(5))
+            Ad = sum(w[b, n, j] * sm["tfs"][b, j] for j in range(5))
+            xr = torch.linalg.solve(Ac, torch.cat([xc[b, n], xc.new_ones(1)]))[:3]
+            xr = xr - pd[b, n].T @ sm["pose_feature_c"][b] - ed[b, n] @ sm["exp_c"][b]
+            xr = xr + ed[b, n] @ sm["exp"][b] + pd[b, n].T @ sm["pose_feature"][b]
+            ref = (Ad @ torch.cat([xr, xr.new_ones(1)]))[:3]
+            assert torch.allclose(xd[b, n], ref, atol=1e-12)
+    same = dict(sm, tfs=sm["tfs_c"], pose_feature=sm["pose_feature_c"], exp=sm["exp_c"])
+    assert torch.allclose(d.forward_deform(xc, cond, same), xc, atol=1e-12)  # canonical -> canonical
+
+
+def test_forward_deform_agrees_with_flame_lbs():
+    lbs = pytest.importorskip("lib.flame.lbs")
+    if not hasattr(lbs, "deform_canonical"):
+        pytest.skip("lib/flame/lbs.py has no deform_canonical yet")
+    d, field, cond, sm, xc, _ = setup_problem(B=2, N=30, dtype=torch.float64)
+    sm["exp_c"] = torch.randn(2, K_EXP, dtype=torch.float64)
+    w, pd, ed = field(xc, cond["z_shape"])
+    ref = lbs.deform_canonical(xc, w, ed, pd, sm["exp"], sm["pose_feature"], sm["tfs"],
+                               sm["exp_c"], sm["pose_feature_c"], sm["tfs_c"])
+    assert torch.allclose(d.forward_deform(xc, cond, sm), ref, atol=1e-10)
+
+
+def test_rigid_init_is_exact_for_one_hot_weights():
+    class Rigid(nn.Module):  # whole space follows bone 2, no blendshapes
+        def forward(self, xc, z):
+            B, N, _ = xc.shape
+            w = torch.zeros(B, N, 5, dtype=xc.dtype)
+            w[..., 2] = 1
+            return w, xc.new_zeros(B, N, 36, 3), xc.new_zeros(B, N, 3, K_EXP)
+
+    sm = make_smpl(2)
+    d = ForwardDeformer(Rigid())
+    xc = torch.rand(2, 50, 3) - 0.5
+    cond = dict(z_shape=torch.zeros(2, Z_DIM))
+    xd = d.forward_deform(xc, cond, sm)
+    init = d.init_points(xd, sm)
+    assert init.shape == (2, 50, 5, 3)
+    assert torch.allclose(init[:, :, 2], xc, atol=1e-5)
+    for eval_mode in (False, True):  # both Jacobian inits are exact for a rigid field: one step
+        out, valid, info = d.search(xd, cond, sm, eval_mode=eval_mode, return_info=True)
+        assert valid.all() and info["n_steps"] == 1
+        assert torch.allclose(out, xc[:, :, None].expand_as(out), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- search
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_round_trip_recovers_canonical_points(eval_mode):
+    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=400)
+    with torch.no_grad():
+        xc, valid, info = d(xd, cond, sm, eval_mode=eval_mode, return_info=True)
+    assert xc.shape == (2, 400, 5, 3) and valid.shape == (2, 400, 5)
+    assert recovered(xc, valid, xc_true).float().mean() >= 0.99
+    assert (info["diff"][valid] < 1e-5).all() and 0 < info["n_steps"] <= 50
+    # every valid root really maps onto x_d
+    xd_back = d.forward_deform(xc.reshape(2, -1, 3), cond, sm).reshape(2, 400, 5, 3)
+    err = (xd_back - xd[:, :, None]).norm(dim=-1)
+    assert (err[valid] < 2e-5).all()
+
+
+def test_chunking_matches_single_chunk():
+    d, _, cond, sm, _, xd = setup_problem(B=2, N=150)
+    with torch.no_grad():
+        xc1, v1 = d.search(xd, cond, sm)
+        d.chunk_size = 37  # chunks straddle batch items
+        xc2, v2 = d.search(xd, cond, sm)
+    assert (v1 == v2).float().mean() > 0.995
+    both = v1 & v2
+    assert torch.allclose(xc1[both], xc2[both], atol=1e-5)
+
+
+def test_point_mask_skips_points():
+    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=60)
+    mask = torch.rand(2, 60, generator=torch.Generator().manual_seed(3)) < 0.5
+    with torch.no_grad():
+        xc, valid = d(xd, cond, sm, point_mask=mask)
+    assert not valid[~mask].any()
+    assert recovered(xc, valid, xc_true)[mask].float().mean() >= 0.99
+
+
+# ---------------------------------------------------------------------------------- implicit gradient
+def test_implicit_gradient_matches_finite_differences():
+    d, field, cond, sm, _, _ = setup_problem(B=2, N=3, dtype=torch.float64, max_steps=100, cvg_thresh=1e-13)
+    g = torch.Generator().manual_seed(5)
+    xc_true = torch.rand(2, 3, 3, generator=g, dtype=torch.float64) * 1.2 - 0.6
+    xd0 = d.forward_deform(xc_true, cond, sm).detach()
+    with torch.no_grad():
+        _, mask0 = d(xd0, cond, sm)
+    assert mask0.any(-1).all()
+
+    def fn(theta, xd):
+        field.expr_scale = theta[3]  # a parameter of the field
+        tfs = sm["tfs"].clone()
+        tfs[:, 2, :3, 3] = tfs[:, 2, :3, 3] + theta[:3]  # jaw bone translation
+        xc, valid = d(xd, cond, dict(sm, tfs=tfs))
+        return torch.where(mask0[..., None], xc, torch.zeros_like(xc))
+
+    theta = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    xd = xd0.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (theta, xd), eps=1e-6, atol=1e-5, rtol=1e-3)
+    field.expr_scale = 1.0
+
+
+class ShiftedField(Field):
+    """Field with a learnable offset of all centres (an nn.Parameter of the 'network')."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(3))
+
+    def forward(self, xc, z):
+        return super().forward(xc - self.shift, z)
+
+
+def test_implicit_gradient_reaches_lbs_parameters():
+    d, _, cond, sm, xc_true, xd = setup_problem(B=1, N=20)
+    field = ShiftedField()
+    d.lbs_net = field
+    xc, valid = d(xd, cond, sm)
+    xc[valid].sum().backward()
+    assert field.shift.grad is not None and field.shift.grad.abs().sum() > 0
+    with torch.no_grad():
+        xc_ng, _ = d(xd, cond, sm)
+    assert torch.equal(xc.detach()[valid], xc_ng[valid])  # the correction keeps the value
+    field.shift.grad = None  # occupancy of deformed points is differentiable w.r.t. the LBS field
+    occ = d.query_occupancy(xd, cond, sm, lambda x, c: 10.0 * (0.5 - x.norm(dim=-1, keepdim=True)))
+    occ[occ > SKIPPED_LOGIT].sum().backward()
+    assert field.shift.grad is not None and field.shift.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- occupancy
+def test_query_occupancy_sphere_and_skipping():
+    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=200)
+    shift = torch.tensor([0.02, -0.01, 0.03])
+    disp_net = lambda x, shape: shift.expand_as(x) + 0 * shape[:, None, :1]  # noqa: E731
+    sphere = lambda x, c: (10.0 * (0.5 - x.norm(dim=-1, keepdim=True)))  # noqa: E731
+    with torch.no_grad():
+        occ = d.query_occupancy(xd, cond, sm, sphere, disp_net=disp_net)
+    assert occ.shape == (2, 200, 1)
+    truth = sphere(xc_true + shift, cond)
+    ok = recovered(*d(xd, cond, sm), xc_true)
+    # the true root is valid; other valid roots can only raise the max
+    assert (occ[ok] >= truth[ok] - 1e-3).all()
+    assert ((occ - truth).abs()[ok] < 1e-3).float().mean() > 0.97
+    # far-point skipping: "vertices" only near half of the points
+    verts = xd[:, :100].repeat_interleave(10, dim=1)  # every 10th vertex is one of the first 100 points
+    occ_skip = d.query_occupancy(xd, cond, dict(sm, verts=verts), sphere, disp_net=disp_net, skip_far=True)
+    near = torch.cdist(xd, xd[:, :100]).amin(-1) <= 0.11
+    assert (occ_skip[~near] == SKIPPED_LOGIT).all()
+    assert torch.allclose(occ_skip[near], occ[near], atol=1e-4)
+    xc_n = d.to_neutral(xc_true[:, :, None].expand(-1, -1, 5, -1), cond["shape"], disp_net)
+    assert torch.allclose(xc_n, (xc_true + shift)[:, :, None].expand(-1, -1, 5, -1))
+
+
+def test_inv3_and_errors():
+    m = torch.randn(100, 3, 3, dtype=torch.float64)
+    inv, ok = inv3(m)
+    assert ok.all() and torch.allclose(inv, torch.linalg.inv(m), atol=1e-8)
+    sing = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 0.0]])
+    assert not inv3(sing)[1]
+    d, _, cond, sm, _, xd = setup_problem(B=2, N=5)
+    with pytest.raises(ValueError, match="deformer.py.*tfs_c"):
+        d.search(xd, cond, {k: v for k, v in sm.items() if k != "tfs_c"})
+    with pytest.raises(ValueError, match="z_shape"):
+        d.search(xd, {}, sm)
+    with pytest.raises(ValueError, match="init_bones"):
+        ForwardDeformer(Field(), init_bones=(0, 7))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=300)
+    with torch.no_grad():
+        xc, valid = d(xd, cond, sm, eval_mode=True)
+    dev = torch.device("cuda")
+    dg = d.to(dev)
+    with torch.no_grad():
+        xc_g, valid_g = dg(xd.to(dev), {k: v.to(dev) for k, v in cond.items()},
+                           {k: v.to(dev) for k, v in sm.items()}, eval_mode=True)
+    assert (valid_g.cpu() == valid).float().mean() > 0.99
+    both = valid & valid_g.cpu()
+    assert torch.allclose(xc_g.cpu()[both], xc[both], atol=1e-4)
+    assert recovered(xc_g.cpu(), valid_g.cpu(), xc_true).float().mean() >= 0.99
