@@ -1,0 +1,96 @@
+"""Multi-view normal and colour renders of a textured scan (DESIGN §3), with the project's
+one renderer (lib/render) and camera.
+
+Shape legend: V vertices, F faces, K views, H/W image rows/columns (res), T uv coordinates.
+
+View k of K: the scan (in FLAME space, posed by its parameters) is moved by
+`FLAMEServer.scan_view_transform(params, k, K)` = T_view[root] @ inverse(T_scan[root]), i.e.
+its global pose is replaced by (0, 2*pi*k/K, 0); the orthographic camera looks from +z.
+Normal images store (n + 1) / 2 of the rotated (world = view) unit normals, colour images the
+bilinearly sampled texture; the background is white. Files: `multi_view_<res>/{k:04d}_normal.png`
+and `{k:04d}_rgb.png`, 8-bit RGB.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.render.rasterizer import rasterize
+from lib.render.shading import render_normals, render_texture
+from lib.dataset.scan_sampling import texture_float
+from lib.render.images import save_png, to_uint8
+
+__all__ = ["view_dir", "view_paths", "views_valid", "view_transforms", "render_views",
+           "save_views"]
+
+
+def view_dir(out_dir, res: int) -> Path:
+    """The renders' folder of a scan: `<out_dir>/multi_view_<res>`."""
+    return Path(out_dir) / f"multi_view_{int(res)}"
+
+
+def view_paths(out_dir, n_views: int, res: int) -> list[tuple[Path, Path]]:
+    """[(normal png, rgb png)] for k = 0..n_views-1."""
+    d = view_dir(out_dir, res)
+    return [(d / f"{k:04d}_normal.png", d / f"{k:04d}_rgb.png") for k in range(n_views)]
+
+
+def views_valid(out_dir, n_views: int, res: int, deep: bool = True) -> bool:
+    """All 2 * n_views PNGs exist, are res x res RGB (deep: and decode completely)."""
+    from PIL import Image
+
+    for pair in view_paths(out_dir, n_views, res):
+        for p in pair:
+            try:
+                with Image.open(p) as im:
+                    if im.format != "PNG" or im.size != (res, res) or im.mode != "RGB":
+                        return False
+                    if deep:
+                        im.load()
+            except Exception:  # noqa: BLE001 - missing or broken: not valid
+                return False
+    return True
+
+
+def view_transforms(params, flame_server, n_views: int) -> torch.Tensor:
+    """params: (169,) scan FLAME parameters -> [K, 4, 4] rigid transforms of the K views
+    (float32 on the server's device)."""
+    ref = flame_server.flame.v_template
+    p = torch.as_tensor(np.asarray(params), dtype=ref.dtype, device=ref.device)
+    p = p.reshape(1, -1).expand(n_views, -1)
+    k = torch.arange(n_views, device=ref.device)
+    with torch.no_grad():
+        return flame_server.scan_view_transform(p, k, n_views)
+
+
+@torch.no_grad()
+def render_views(mesh, params, flame_server, n_views: int = 9, res: int = 256, device=None):
+    """Render the K views of a textured scan already in FLAME space.
+
+    mesh: TexturedMesh (verts [V,3], faces [F,3], uvs [T,2], face_uvs [F,3],
+    texture [H_t,W_t,3] uint8 or float in [0,1]); params: (169,) -> (normal [K,H,W,3] uint8, rgb [K,H,W,3] uint8).
+    """
+    T = view_transforms(params, flame_server, n_views)
+    dev = T.device if device is None else torch.device(device)
+    T = T.to(dev, torch.float32)
+    v = torch.as_tensor(mesh.verts, dtype=torch.float32, device=dev)
+    faces = torch.as_tensor(mesh.faces, dtype=torch.long, device=dev)
+    vk = v @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]        # [K, V, 3]
+    frags = rasterize(vk, faces, res)
+    normal = render_normals(vk, faces, res, frags=frags)              # [K, H, W, 3] in [0,1]
+    uv = torch.as_tensor(mesh.uvs, dtype=torch.float32, device=dev)
+    fuv = torch.as_tensor(mesh.face_uvs, dtype=torch.long, device=dev)
+    tex = texture_float(mesh.texture).to(dev)
+    rgb = render_texture(vk, faces, uv, fuv, tex, res, frags=frags)  # [K, H, W, 3] in [0,1]
+
+    return (np.stack([to_uint8(x) for x in normal]), np.stack([to_uint8(x) for x in rgb]))
+
+
+def save_views(out_dir, normal, rgb) -> None:
+    """normal, rgb: [K, H, W, 3] uint8 -> the K pairs of PNGs, each written atomically."""
+    res = normal.shape[1]
+    for k, (pn, pr) in enumerate(view_paths(out_dir, normal.shape[0], res)):
+        save_png(pn, normal[k])  # atomic (temporary name, then os.replace)
+        save_png(pr, rgb[k])
