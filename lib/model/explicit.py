@@ -1,0 +1,70 @@
+"""Explicit deformation of an extracted canonical mesh (no root finding needed).
+
+Once the canonical mesh of an avatar is extracted, every vertex carries the learned
+skinning weights and blendshape bases of the LBS network, so any FLAME frame deforms it with
+one network pass (DESIGN §2): used by validation pictures, precompute and reenactment.
+
+Shape legend: B batch (frames), V mesh vertices, J joints, K expression components,
+P pose-feature size.
+"""
+from __future__ import annotations
+
+import torch
+
+from lib.flame.lbs import deform_canonical
+
+# One colour per joint for pictures coloured by skinning weights:
+# root, neck, jaw, left eye, right eye.
+JOINT_COLORS = torch.tensor([
+    [0.55, 0.55, 0.55],
+    [0.20, 0.55, 0.90],
+    [0.95, 0.45, 0.15],
+    [0.20, 0.80, 0.30],
+    [0.85, 0.20, 0.65],
+])
+
+
+@torch.no_grad()
+def mesh_fields(verts_c: torch.Tensor, lbs_net, z_shape: torch.Tensor, chunk: int = 50_000
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Learned fields at the canonical mesh vertices, in chunks.
+
+    verts_c: [V, 3]; z_shape: [1, Z].
+    Returns: w [V, J], pose_dirs [V, P, 3], expr_dirs [V, 3, K].
+    """
+    ws, ps, es = [], [], []
+    for start in range(0, verts_c.shape[0], chunk):
+        w, p, e = lbs_net(verts_c[None, start:start + chunk], z_shape)
+        ws.append(w[0])
+        ps.append(p[0])
+        es.append(e[0])
+    return torch.cat(ws), torch.cat(ps), torch.cat(es)
+
+
+@torch.no_grad()
+def deform_mesh(verts_c: torch.Tensor, fields: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                smpl_out: dict) -> torch.Tensor:
+    """Deform canonical mesh vertices to every frame of `smpl_out` (FLAMEServer outputs).
+
+    verts_c: [V, 3]; fields: (w [V, J], pose_dirs [V, P, 3], expr_dirs [V, 3, K]).
+    smpl_out: 'tfs' [B, J, 4, 4], 'pose_feature' [B, P], 'exp' [B, K] and the canonical
+    'tfs_c', 'pose_feature_c', 'exp_c'.
+    Returns: verts_d [B, V, 3].
+    """
+    w, pose_dirs, expr_dirs = fields
+    B = smpl_out["tfs"].shape[0]
+
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t[None].expand(B, *t.shape)
+
+    return deform_canonical(rep(verts_c), rep(w), rep(expr_dirs), rep(pose_dirs),
+                            smpl_out["exp"], smpl_out["pose_feature"], smpl_out["tfs"],
+                            smpl_out["exp_c"], smpl_out["pose_feature_c"], smpl_out["tfs_c"])
+
+
+def weight_colors(w: torch.Tensor) -> torch.Tensor:
+    """Blend the joint colours by skinning weights. w: [..., J]. Returns: [..., 3] in [0,1]."""
+    colors = JOINT_COLORS.to(w)
+    if w.shape[-1] != colors.shape[0]:
+        raise ValueError(f"weight_colors: expected {colors.shape[0]} joints, got {w.shape[-1]}")
+    return w @ colors

@@ -1,0 +1,203 @@
+"""The GANHead LightningModule: auto-decoded latents, generator, implicit networks, learned
+deformer and the stage-1 (coarse) training loop (DESIGN §1, §4-§6).
+
+Shape legend: B batch, N points per scan, I initializations (5), J joints (5),
+V FLAME vertices, Z latent width.
+
+Training uses Lightning 2 manual optimization (the original's PL 1.3 `optimizer_idx` is gone),
+with gradient clipping done here by `clip_gradients`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lib.flame import FLAMEServer
+from lib.model import losses
+from lib.model.deformer import ForwardDeformer
+from lib.model.generator import Generator, sample_volume
+
+
+def _plain(cfg):
+    """DictConfig -> plain containers (so hparams pickle cleanly); dicts pass through."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class GANHead(pl.LightningModule):
+    def __init__(self, n_subjects: int, flame_model: str, stage: str = "coarse",
+                 dim_shape: int = 256, dim_detail: int = 128, dim_color: int = 64,
+                 n_shape: int = 100, n_exp: int = 50, nepochs_pretrain: int = 1,
+                 gradient_clip_val: float = 0.1, bbox_min=(-1.0, -1.0, -1.0),
+                 bbox_max=(1.0, 1.0, 1.0), prior_radius: float = 0.1,
+                 lambda_prior_exp: float = 100.0, lambda_prior_pose: float = 100.0,
+                 lambda_prior_w: float = 0.2, lambda_bone_occ: float = 1.0,
+                 lambda_bone_w: float = 10.0, lambda_disp: float = 10.0,
+                 lambda_reg: float = 1e-3, lambda_reg_color: float = 1e-3,
+                 lambda_color: float = 1.0, lambda_gan: float = 1.0, lambda_grad: float = 10.0,
+                 d_reg_every: int = 16, use_gan: bool = False, use_gan_color: bool = False,
+                 optim: dict | None = None, generator: dict | None = None,
+                 deformer: dict | None = None, occ_network: dict | None = None,
+                 norm_network: dict | None = None, tex_network: dict | None = None,
+                 validation: dict | None = None, output_dir: str = "outputs/coarse"):
+        super().__init__()
+        kwargs = {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
+        self.save_hyperparameters(kwargs)
+        hp = self.hparams
+        self.automatic_optimization = False
+
+        self.flame_server = FLAMEServer(flame_model, n_shape=n_shape, n_exp=n_exp)
+        n_joints = len(self.flame_server.flame.parents)
+        pose_feature_dim = 9 * (n_joints - 1)
+
+        # Auto-decoder latents, one row per training scan.
+        self.z_shapes = nn.Embedding(n_subjects, dim_shape)
+        self.z_details = nn.Embedding(n_subjects, dim_detail)
+        self.z_colors = nn.Embedding(n_subjects, dim_color)
+        for emb in (self.z_shapes, self.z_details, self.z_colors):
+            nn.init.normal_(emb.weight, 0.0, 0.01)
+
+        gen = dict(generator or {})
+        self.generator = Generator(z_dim=dim_shape, **gen)
+        self.occ_network = instantiate(occ_network, feature_dim=self.generator.out_channels)
+        dcfg = dict(deformer or {})
+        lbs_net = instantiate(dcfg.pop("lbs_network"), shape_dim=dim_shape, n_joints=n_joints,
+                              pose_feature_dim=pose_feature_dim, n_exp=n_exp)
+        self.disp_net = instantiate(dcfg.pop("disp_network"), n_shape=n_shape)
+        dcfg.pop("mode", None)  # exact search only for now
+        self.deformer = ForwardDeformer(lbs_net, n_joints=n_joints, **dcfg)
+        self.norm_network = instantiate(norm_network, detail_dim=dim_detail,
+                                        geometry_feature_dim=self.occ_network.feature_dim)
+        self.tex_network = instantiate(tex_network, color_dim=dim_color,
+                                       pose_exp_dim=15 + n_exp,
+                                       geometry_feature_dim=self.occ_network.feature_dim,
+                                       normal_feature_dim=self.norm_network.feature_dim)
+        self.register_buffer("bbox_min", torch.tensor(bbox_min, dtype=torch.float32))
+        self.register_buffer("bbox_max", torch.tensor(bbox_max, dtype=torch.float32))
+        self._set_trainable()
+
+    # ------------------------------------------------------------------ parameters
+    def stage_modules(self) -> list[nn.Module]:
+        """Modules trained in the current stage (stage 2 trains only detail and colour)."""
+        if self.hparams.stage == "coarse":
+            return [self.z_shapes, self.generator, self.occ_network, self.deformer, self.disp_net]
+        return [self.z_details, self.z_colors, self.norm_network, self.tex_network]
+
+    def _set_trainable(self) -> None:
+        self.requires_grad_(False)
+        for m in self.stage_modules():
+            m.requires_grad_(True)
+
+    def configure_optimizers(self):
+        params = [p for m in self.stage_modules() for p in m.parameters()]
+        return torch.optim.Adam(params, lr=self.hparams.optim["lr"])
+
+    # ------------------------------------------------------------------ geometry
+    def occupancy_fn(self, volume: torch.Tensor):
+        """Closure: shape-neutral canonical points [B, M, 3] -> occupancy logits [B, M, 1]."""
+        def occ(xc_neutral: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+            feat = sample_volume(volume, xc_neutral, self.bbox_min, self.bbox_max)
+            return self.occ_network(xc_neutral, feat)
+        return occ
+
+    def canonical_occupancy(self, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tensor,
+                            volume: torch.Tensor | None = None) -> torch.Tensor:
+        """Occupancy logits at shaped canonical points. xc: [B, M, 3] -> [B, M, 1]."""
+        volume = self.generator(z_shape) if volume is None else volume
+        xn = xc + self.disp_net(xc, shape)
+        return self.occupancy_fn(volume)(xn)
+
+    def deformed_occupancy(self, pts_d: torch.Tensor, z_shape: torch.Tensor, smpl: dict,
+                           eval_mode: bool = False) -> dict:
+        """Occupancy logits of deformed points (max over valid inits), with correspondences.
+
+        pts_d: [B, N, 3]. Returns dict occ [B, N, 1], xc [B, N, I, 3], valid [B, N, I].
+        """
+        volume = self.generator(z_shape)
+        cond = {"z_shape": z_shape, "shape": smpl["shape"]}
+        xc, valid = self.deformer(pts_d, cond, smpl, eval_mode=eval_mode)
+        occ = self.deformer.occupancy_of_valid(xc, valid, cond,
+                                                         self.occupancy_fn(volume), self.disp_net)
+        return {"occ": occ, "xc": xc, "valid": valid}
+
+    # ------------------------------------------------------------------ stage 1
+    def coarse_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        smpl = self.flame_server(batch["params"])
+        z_shape = self.z_shapes(batch["index"])
+        out = self.deformed_occupancy(batch["pts_d"], z_shape, smpl)
+        terms = {"occ": losses.occupancy_loss(out["occ"], batch["occ_gt"])}
+
+        # FLAME prior on the learned fields at the found canonical points.
+        B, N, I, _ = out["xc"].shape
+        xc = out["xc"].reshape(B, N * I, 3)
+        valid = out["valid"].reshape(B, N * I)
+        n_keep = min(N * I, 4 * N)  # bound the cost: a random subset of the correspondences
+        keep = torch.randperm(N * I, device=xc.device)[:n_keep]
+        xc, valid = xc[:, keep], valid[:, keep]
+        w, pose_dirs, expr_dirs = self.deformer.lbs_net(xc, z_shape)
+        flame = self.flame_server.flame
+        prior = losses.flame_prior_loss(
+            xc, valid, w, pose_dirs, expr_dirs, smpl["verts_c"], flame.weights,
+            flame.posedirs_scaled, flame.expdirs_scaled, radius=hp.prior_radius)
+        terms["prior_w"] = hp.lambda_prior_w * prior["w"]
+        terms["prior_pose"] = hp.lambda_prior_pose * prior["pose"]
+        terms["prior_exp"] = hp.lambda_prior_exp * prior["exp"]
+
+        # Deshape: shaped canonical FLAME vertices -> shape-neutral ones.
+        dx = self.disp_net(smpl["verts_c"], smpl["shape"])
+        terms["disp"] = hp.lambda_disp * losses.deshape_loss(smpl["verts_c"], dx,
+                                                             smpl["verts_c_neutral"])
+        terms["reg"] = hp.lambda_reg * losses.latent_reg(z_shape)
+
+        if self.current_epoch < hp.nepochs_pretrain:
+            parents = self.flame_server.flame.parents
+            bones = losses.bone_points(smpl["joints_c"], parents)
+            occ_bone = self.canonical_occupancy(bones, z_shape, smpl["shape"])
+            terms["bone_occ"] = hp.lambda_bone_occ * losses.occupancy_loss(
+                occ_bone, torch.ones_like(occ_bone))
+            w_j = self.deformer.lbs_net(smpl["joints_c"][:, 1:], z_shape)[0]
+            target = losses.bone_weight_targets(parents, w_j.shape[-1], w_j.device)
+            terms["bone_w"] = hp.lambda_bone_w * ((w_j - target[None]) ** 2).mean()
+        with torch.no_grad():
+            terms["valid_frac"] = out["valid"].any(-1).float().mean()
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int):
+        opt = self.optimizers()
+        terms = self.coarse_losses(batch)
+        loss = sum(v for k, v in terms.items() if k != "valid_frac")
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val,
+                            gradient_clip_algorithm="norm")
+        opt.step()
+        bs = batch["params"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for k, v in terms.items():
+            self.log(f"train/{k}", v.detach(), batch_size=bs)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict, batch_idx: int):
+        from lib.model.validation import iou, save_validation_picture
+
+        smpl = self.flame_server(batch["params"])
+        z_shape = self.z_shapes(batch["index"])
+        with torch.no_grad():
+            out = self.deformed_occupancy(batch["pts_d"], z_shape, smpl, eval_mode=True)
+        value = iou(out["occ"] > 0, batch["occ_gt"] > 0.5)
+        self.log("val/iou", value, prog_bar=True, batch_size=1, sync_dist=True)
+        vcfg = self.hparams.validation or {}
+        if batch_idx < vcfg.get("n_pictures", 2) and self.trainer.is_global_zero:
+            path = (Path(self.hparams.output_dir) / "medias"
+                    / f"epoch{self.current_epoch:04d}_{batch['scan_id'][0]}.png")
+            save_validation_picture(self, z_shape, smpl, path,
+                                    res_init=vcfg.get("mesh_res_init", 16),
+                                    res_final=vcfg.get("mesh_res_final", 128))
+        return value

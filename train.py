@@ -1,0 +1,73 @@
+"""Train GANHead (Hydra 1.3 + Lightning 2).
+
+    python train.py expname=coarse datamodule=faceverse                      # stage 1
+    python train.py expname=fine datamodule=faceverse +experiments=fine \
+        starting_path=./outputs/coarse/checkpoints/last.ckpt                   # stage 2
+    python train.py expname=coarse datamodule=synthetic +experiments=cpu       # 2-core CPU
+    ... trainer.devices=4 trainer.strategy=ddp [trainer.num_nodes=2]           # DDP
+
+Runs land in outputs/<expname>/ (checkpoints/last.ckpt, medias/, logs); `resume=true`
+continues a killed run from last.ckpt (optimizer state and epoch included).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def load_weights(model: pl.LightningModule, path: str) -> None:
+    """Initialize from a checkpoint's weights only (e.g. stage 1 for stage 2)."""
+    ckpt_path = Path(path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"starting_path={path}: no such checkpoint")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    print(f"[train] loaded {len(usable)} tensors from {path}"
+          + (f"; skipped {len(skipped)} (missing or reshaped): {skipped[:5]}" if skipped else ""))
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
+                                 save_top_k=0, every_n_epochs=cfg.checkpoint.every_n_epochs,
+                                 save_on_train_epoch_end=True)
+    return pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
+                      callbacks=[checkpoint], default_root_dir=str(output_dir))
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from lib.model.ganhead import GANHead
+
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = GANHead(n_subjects=datamodule.n_subjects, output_dir=str(output_dir), **model_cfg)
+    if cfg.starting_path:
+        load_weights(model, cfg.starting_path)
+
+    ckpt_path = None
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if cfg.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"resume=true but {last} does not exist")
+        ckpt_path = str(last)
+    trainer = build_trainer(cfg, output_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+
+if __name__ == "__main__":
+    main()
