@@ -1,0 +1,217 @@
+"""The implicit volume of a synthetic scan: distance to the posed skin, hair, bun.
+
+Shape legend: V model vertices, F faces, N points.
+
+Skin: exact distance to a mesh component (libigl's AABB tree) signed by the fast winding
+number, with the closest point's face and barycentrics so that per-vertex fields can be
+read there.
+
+Hair — geometry a FLAME-like head model cannot express — is an offset of the skin: at a
+point whose closest skin point is c, the hair surface lies `thickness(c)` outside the skin,
+
+    thickness = base * w(c) * (1 + top * up + back * backward) * (1 + strands + lumps)
+
+where w is a scalp weight that is 0 outside the model's 'scalp' region and ramps to 1
+inside it (so the hairline never reaches the face), `up`/`backward` are the direction
+from the head centre, and the strand noise varies fast in azimuth and slowly along the
+meridians (strands flowing from the crown). The 'bun' style adds a sphere at the back of
+the crown with a smooth union. All hair lengths are fractions of the head radius R.
+"""
+from __future__ import annotations
+
+import igl
+import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from .texture import ValueNoise
+
+__all__ = ["HAIR_STYLES", "HairVolume", "MeshDistance", "barycentric", "mesh_components",
+           "scalp_weights", "smooth_union"]
+
+
+def barycentric(p, a, b, c):
+    """Barycentric coordinates of points p in triangles (a, b, c), all (N, 3) -> (N, 3)."""
+    v0, v1, v2 = b - a, c - a, p - a
+    d00, d01, d11 = (v0 * v0).sum(1), (v0 * v1).sum(1), (v1 * v1).sum(1)
+    d20, d21 = (v2 * v0).sum(1), (v2 * v1).sum(1)
+    den = d00 * d11 - d01 * d01
+    den = np.where(np.abs(den) < 1e-30, 1e-30, den)
+    v = (d11 * d20 - d01 * d21) / den
+    w = (d00 * d21 - d01 * d20) / den
+    bary = np.clip(np.stack([1.0 - v - w, v, w], 1), 0.0, 1.0)
+    return bary / bary.sum(1, keepdims=True)
+
+
+class MeshDistance:
+    """Exact signed distance to one mesh component (libigl's AABB tree).
+
+    vertices: (V, 3) all model vertices; faces: (F, 3) this component's faces (global ids).
+    The magnitude is the exact distance; the sign comes from the fast winding number
+    (inside where it exceeds 1/2), which stays right where a strongly posed mesh folds
+    over itself (pseudonormal signs do not).
+    """
+
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray):
+        self.v = np.ascontiguousarray(vertices, dtype=np.float64)
+        fn = np.cross(self.v[faces[:, 1]] - self.v[faces[:, 0]],
+                      self.v[faces[:, 2]] - self.v[faces[:, 0]])
+        vol = (self.v[faces[:, 0]] * fn).sum() / 6.0
+        self.f = np.ascontiguousarray(faces if vol >= 0 else faces[:, ::-1], dtype=np.int64)
+        vn = np.zeros_like(self.v)
+        for k in range(3):
+            np.add.at(vn, faces[:, k], fn)
+        self.vn = vn / (np.linalg.norm(vn, axis=1, keepdims=True) + 1e-20)
+        if vol < 0:
+            self.vn = -self.vn
+        used = np.unique(faces)
+        self.centre = self.v[used].mean(0)
+        self.radius = float(np.linalg.norm(self.v[used] - self.centre, axis=1).max())
+
+    def query(self, x: np.ndarray):
+        """x: (N, 3) -> sdf (N,) negative inside, face index into self.f (N,), bary (N, 3),
+        closest points (N, 3)."""
+        x = np.ascontiguousarray(x, dtype=np.float64)
+        dist, face, closest, _ = igl.signed_distance(x, self.v, self.f,
+                                                     sign_type=igl.SIGNED_DISTANCE_TYPE_UNSIGNED)
+        inside = igl.fast_winding_number(self.v, self.f, x) > 0.5
+        tri = self.v[self.f[face]]
+        bary = barycentric(closest, tri[:, 0], tri[:, 1], tri[:, 2])
+        return np.where(inside, -np.abs(dist), np.abs(dist)), face, bary, closest
+
+
+def mesh_components(n_vertices: int, faces: np.ndarray) -> list[np.ndarray]:
+    """Face index arrays of the mesh's connected components, largest first."""
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+    g = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n_vertices, n_vertices))
+    _, lab = connected_components(g, directed=False)
+    flab = lab[faces[:, 0]]
+    comps = [np.nonzero(flab == k)[0] for k in np.unique(flab)]
+    return sorted(comps, key=len, reverse=True)
+
+
+# base thickness, top / back boost, strand and lump noise amplitudes, hairline ramp width,
+# bun radius (0 = none); all lengths in head radii
+HAIR_STYLES = {
+    "bald": dict(base=0.0, top=0.0, back=0.0, strands=0.0, lumps=0.0, ramp=0.12, bun=0.0),
+    "short": dict(base=0.045, top=0.3, back=0.0, strands=0.15, lumps=0.1, ramp=0.10, bun=0.0),
+    "medium": dict(base=0.10, top=0.3, back=0.6, strands=0.18, lumps=0.15, ramp=0.14, bun=0.0),
+    "thick": dict(base=0.17, top=0.6, back=0.3, strands=0.15, lumps=0.2, ramp=0.18, bun=0.0),
+    "bun": dict(base=0.07, top=0.2, back=0.2, strands=0.12, lumps=0.1, ramp=0.14, bun=0.30),
+}
+
+
+def smooth_union(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Polynomial smooth minimum of two distance fields a, b: (N,) -> (N,); k blend width."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0.0, 1.0)
+    return b + (a - b) * h - k * h * (1.0 - h)
+
+
+def scalp_weights(vertices: np.ndarray, scalp: np.ndarray, ramp: float,
+                  margin: float = 0.0) -> np.ndarray:
+    """Per-vertex hair weight: 0 off the scalp and within `margin` of its edge, then rising
+    smoothly to 1 over `ramp`.
+
+    vertices: (V, 3); scalp: (V,) bool; ramp, margin: distances (scene units).
+    Returns (V,) float64.
+    """
+    scalp = np.asarray(scalp, dtype=bool)
+    w = np.zeros(len(vertices))
+    if not scalp.any():
+        return w
+    if scalp.all():
+        return np.ones(len(vertices))
+    dist, _ = cKDTree(vertices[~scalp]).query(vertices[scalp])
+    t = np.clip((dist - margin) / max(ramp, 1e-9), 0.0, 1.0)
+    w[scalp] = t * t * (3.0 - 2.0 * t)
+    return w
+
+
+class HairVolume:
+    """One person's hair: thickness field over the skin plus an optional bun.
+
+    style: a key of HAIR_STYLES; centre: (3,) head centre and radius: head radius R in the
+    head frame (y up, z forward); rng: numpy Generator (noise and small per-person jitter);
+    bun_anchor: (3,) scalp point under the bun (needed for the 'bun' style).
+    """
+
+    def __init__(self, style: str, centre: np.ndarray, radius: float, rng: np.random.Generator,
+                 bun_anchor: np.ndarray | None = None):
+        if style not in HAIR_STYLES:
+            raise ValueError(f"unknown hair style {style!r}; choose from {sorted(HAIR_STYLES)}")
+        self.style = style
+        self.p = dict(HAIR_STYLES[style])
+        jitter = rng.uniform(0.85, 1.15)
+        self.p["base"] *= jitter
+        self.centre = np.asarray(centre, dtype=np.float64)
+        self.R = float(radius)
+        self.noise = ValueNoise(rng)
+        self.bun_centre = None
+        self.bun_radius = self.p["bun"] * self.R * rng.uniform(0.9, 1.1)
+        if self.bun_radius > 0:
+            if bun_anchor is None:
+                raise ValueError("HairVolume: the 'bun' style needs bun_anchor")
+            out = np.asarray(bun_anchor, dtype=np.float64) - self.centre
+            out /= np.linalg.norm(out)
+            lift = self.base_thickness_at(np.asarray(bun_anchor, dtype=np.float64)[None])[0]
+            self.bun_centre = np.asarray(bun_anchor) + out * (lift + 0.55 * self.bun_radius)
+
+    @property
+    def has_hair(self) -> bool:
+        return self.p["base"] > 0 or self.bun_radius > 0
+
+    @property
+    def max_thickness(self) -> float:
+        """Upper bound of thickness plus the bun's reach outside the skin (scene units)."""
+        p = self.p
+        t = p["base"] * self.R * (1 + p["top"] + p["back"]) * (1 + p["strands"] + p["lumps"])
+        return float(t + (2.2 * self.bun_radius if self.bun_radius > 0 else 0.0))
+
+    def base_thickness_at(self, c: np.ndarray) -> np.ndarray:
+        """Smooth thickness profile (no weight, no noise). c: (N, 3) skin points -> (N,)."""
+        d = c - self.centre
+        d = d / (np.linalg.norm(d, axis=1, keepdims=True) + 1e-12)
+        up, back = np.clip(d[:, 1], 0.0, 1.0), np.clip(-d[:, 2], 0.0, 1.0)
+        return self.p["base"] * self.R * (1.0 + self.p["top"] * up + self.p["back"] * back)
+
+    def thickness(self, c: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Hair thickness at skin points. c: (N, 3) closest skin points, w: (N,) scalp weight."""
+        if self.p["base"] <= 0:
+            return np.zeros(len(c))
+        d = (c - self.centre) / self.R
+        r = np.linalg.norm(d, axis=1) + 1e-12
+        phi = np.arctan2(d[:, 0], d[:, 2])
+        theta = np.arccos(np.clip(d[:, 1] / r, -1.0, 1.0))
+        strands = self.noise(np.stack([9.0 * np.cos(phi), 9.0 * np.sin(phi), 1.2 * theta], 1), 2)
+        lumps = self.noise(d * 2.5 + 40.0, 2)
+        mod = 1.0 + self.p["strands"] * strands + self.p["lumps"] * lumps
+        return self.base_thickness_at(c) * np.asarray(w) * mod
+
+    def field(self, x: np.ndarray, skin_sdf: np.ndarray, c: np.ndarray, w: np.ndarray):
+        """Signed distance-like field of skin + hair. x: (N, 3) points, skin_sdf: (N,)
+        signed distance to the skin, c: (N, 3) closest skin points, w: (N,) scalp weight
+        at c -> (N,) (negative inside)."""
+        f = skin_sdf - self.thickness(c, w)
+        if self.bun_radius > 0:
+            bun = np.linalg.norm(x - self.bun_centre, axis=1) - self.bun_radius
+            bun += 0.04 * self.bun_radius * self.noise(x / (0.15 * self.R) + 80.0)
+            f = smooth_union(f, bun, 0.25 * self.bun_radius)
+        return f
+
+    def surface_samples(self, c: np.ndarray, n: np.ndarray, w: np.ndarray,
+                        spacing: float) -> np.ndarray:
+        """Points on the hair surface, for locating it. c, n: (N, 3) skin points and unit
+        normals, w: (N,) scalp weight, spacing: wanted bun sample spacing -> (K, 3)."""
+        pts = []
+        if self.p["base"] > 0:
+            m = w > 0
+            pts.append(c[m] + n[m] * self.thickness(c[m], w[m])[:, None])
+        if self.bun_radius > 0:
+            k = int(np.ceil(8.0 * np.pi * self.bun_radius ** 2 / spacing ** 2)) + 100
+            i = np.arange(k) + 0.5
+            phi = np.arccos(1.0 - 2.0 * i / k)
+            th = np.pi * (1.0 + 5.0 ** 0.5) * i
+            s = np.stack([np.cos(th) * np.sin(phi), np.cos(phi), np.sin(th) * np.sin(phi)], 1)
+            pts.append(self.bun_centre + self.bun_radius * s)
+        return np.concatenate(pts) if pts else np.zeros((0, 3))
