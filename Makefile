@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) tools/demo.py --out outputs/demo --data data/synthetic
+	$(PY) tools/demo.py --out outputs/demo --data data/demo
 
 clean-demo:
 	rm -rf outputs/demo

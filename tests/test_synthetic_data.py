@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lib.utils.atomic import is_temp_name
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -270,7 +271,7 @@ def test_cli_layout_and_idempotence(synth):
     assert (synth / "flame" / "generic_model.pkl").is_file()
     assert load_motion(synth / "motion" / "flame_params.json")["pose"].shape == (30, 15)
     assert load_motion(synth / "motion" / "motion.npz")["expression"].shape == (30, 50)
-    assert not list(synth.rglob(".*tmp"))
+    assert not [p for p in synth.rglob(".*") if is_temp_name(p.name)]
     before = {p: p.stat().st_mtime_ns for p in synth.rglob("*") if p.is_file()}
     stdout = _run_cli(synth)  # a rerun keeps complete outputs
     assert "0 scans made, 2 kept" in stdout

@@ -15,12 +15,12 @@ Shape legend: N points.
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lib.utils.atomic import atomic_pickle
 
 __all__ = [
     "FlameParamsError",
@@ -122,17 +122,7 @@ def save_flame_params(path, pose, betas, scale, transl) -> None:
         if not np.all(np.isfinite(arr)):
             raise FlameParamsError(f"{path}: '{key}' contains NaN or infinite values")
         data[key] = arr.reshape(shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(data, fh, protocol=2)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_pickle(path, data, protocol=2)
 
 
 def params_to_vector(d: dict) -> np.ndarray:

@@ -7,12 +7,12 @@ All files are written atomically (temporary name in the same folder, then os.rep
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from lib.utils.atomic import atomic_path
 
 __all__ = ["to_uint8", "to_float", "save_png", "make_grid", "add_label", "save_video"]
 
@@ -50,26 +50,14 @@ def to_float(img) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _atomic_target(path) -> tuple[Path, str]:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return path, tmp
-
-
 def save_png(path, img) -> Path:
     """Write img ([H,W,3] float 0..1 or uint8) as PNG atomically. Returns the path."""
     from PIL import Image
 
     data = to_uint8(img)
-    path, tmp = _atomic_target(path)
-    try:
+    path = Path(path)
+    with atomic_path(path) as tmp:
         Image.fromarray(data).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -137,20 +125,15 @@ def save_video(path, frames, fps: int = 25) -> Path:
         use_mp4 = False
     if not use_mp4:
         path = path.with_suffix(".gif")
-    path, tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if use_mp4:
-            writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps,
+            writer = imageio.get_writer(str(tmp), format="FFMPEG", mode="I", fps=fps,
                                         codec="libx264", pixelformat="yuv420p",
                                         macro_block_size=1, quality=8)
         else:
-            writer = imageio.get_writer(tmp, format="GIF", mode="I", duration=1000.0 / fps,
-                                        loop=0)
+            writer = imageio.get_writer(str(tmp), format="GIF", mode="I",
+                                        duration=1000.0 / fps, loop=0)
         with writer:
             for f in frames:
                 writer.append_data(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -15,16 +15,13 @@ gives bitwise identical arrays. `save_head_model` writes it as a plain pickle (n
 scipy.sparse only); `region_labels` names vertex regions from the geometry alone, so it
 works on a loaded file as well.
 """
-import os
-import pickle
-import tempfile
-
 import numpy as np
 import scipy.spatial
 
 from lib.synthetic.head_bases import Rig, expression_bases, identity_bases, joint_regressor, \
     pose_correctives, skinning_weights
 from lib.synthetic.head_geometry import build_geometry
+from lib.utils.atomic import atomic_pickle
 
 FLAME_KEYS = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "J", "weights",
               "kintree_table", "bs_style", "bs_type")
@@ -60,18 +57,7 @@ def save_head_model(model, path):
     missing = [k for k in FLAME_KEYS if k not in model]
     if missing:
         raise ValueError(f"save_head_model({path}): model lacks FLAME keys {missing}")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pkl", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(dict(model), fh, protocol=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_pickle(path, dict(model), protocol=2)
 
 
 def _mouth_lines(v, w, front, eye_z):

@@ -15,12 +15,12 @@ Shape legend: T frames.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
+
+from lib.utils.atomic import atomic_path
 
 __all__ = ["MotionFormatError", "make_motion", "save_motion_json", "save_motion_npz", "load_motion"]
 
@@ -128,20 +128,6 @@ def make_motion(n_frames: int = 150, fps: float = 30.0, seed: int = 0) -> dict:
             "shape": shape.astype(np.float32), "fps": fps}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _checked(motion: dict, where: str) -> dict:
     fields = {k: motion.get(k) for k in ("expression", "pose", "shape")}
     return _validate({**fields, "fps": motion.get("fps", 30.0)}, where)
@@ -163,11 +149,9 @@ def save_motion_json(path, motion: dict) -> None:
         ],
     }
 
-    def write(tmp):
+    with atomic_path(path) as tmp:
         with open(tmp, "w") as fh:
             json.dump(doc, fh)
-
-    _atomic_write(path, write)
 
 
 def save_motion_npz(path, motion: dict) -> None:
@@ -176,12 +160,10 @@ def save_motion_npz(path, motion: dict) -> None:
     path = Path(path)
     m = _checked(motion, str(path))
 
-    def write(tmp):
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, expression=m["expression"], pose=m["pose"], shape=m["shape"],
                      fps=np.float32(m["fps"]))
-
-    _atomic_write(path, write)
 
 
 def _vector(value, name: str, size: int, where: str) -> np.ndarray:

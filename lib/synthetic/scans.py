@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from scipy import ndimage
 from skimage.measure import marching_cubes
 
 from ..dataset.faceverse_io import flame_to_scan_space, save_flame_params
+from ..utils.atomic import atomic_write_bytes
 from .hair import HAIR_STYLES, HairVolume, MeshDistance, mesh_components, scalp_weights
 from .texture import HAIR_COLORS, IRIS_COLORS, SKIN_TONES, ValueNoise, bake_texture, \
     paint_colors, spherical_uvs
@@ -355,20 +355,6 @@ def make_scan(head, shape, exp, pose, style: dict, rng: np.random.Generator,
                     texture=texture, shape=shape, expression=exp, pose=pose)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_scan(out_dir, scan_id: str, scan: ScanMesh, scale: float, transl_xy, z_offset: float,
                z_shift: float) -> dict:
     """Write `scan` in FaceVerse's layout and convention.
@@ -387,16 +373,16 @@ def write_scan(out_dir, scan_id: str, scan: ScanMesh, scale: float, transl_xy, z
     paths["params"].unlink(missing_ok=True)  # a rewrite is complete only when it is back
     buf = io.BytesIO()
     Image.fromarray(scan.texture).save(buf, format="JPEG", quality=92)
-    _atomic_write_bytes(paths["texture"], buf.getvalue())
+    atomic_write_bytes(paths["texture"], buf.getvalue())
     mtl = (f"newmtl material_0\nKa 1.0 1.0 1.0\nKd 1.0 1.0 1.0\nKs 0.0 0.0 0.0\n"
            f"d 1.0\nillum 1\nmap_Kd {scan_id}.jpg\n")
-    _atomic_write_bytes(paths["mtl"], mtl.encode())
+    atomic_write_bytes(paths["mtl"], mtl.encode())
     fv = np.stack([scan.faces, scan.face_uvs], 2).reshape(-1, 6) + 1  # v/vt per corner
     text = f"mtllib {scan_id}.mtl\nusemtl material_0\n"
     text += "".join("v %.7f %.7f %.7f\n" % tuple(r) for r in v_scan)
     text += "".join("vt %.7f %.7f\n" % tuple(r) for r in scan.uvs)
     text += "".join("f %d/%d %d/%d %d/%d\n" % tuple(r) for r in fv)
-    _atomic_write_bytes(paths["obj"], text.encode())
+    atomic_write_bytes(paths["obj"], text.encode())
     betas = np.concatenate([np.asarray(scan.shape, np.float32).reshape(-1),
                             np.asarray(scan.expression, np.float32).reshape(-1)])
     save_flame_params(paths["params"], scan.pose, betas, scale, transl)

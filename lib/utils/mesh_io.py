@@ -12,22 +12,22 @@ order and count are exactly the file's):
   same stem (`.png`, `.jpg`, `.jpeg`) is used.
 Every failure raises `MeshLoadError` naming the file and the problem.
 
-Writers (`save_ply`, `save_obj`, `save_npz`, and `atomic_path` for any other writer) write
-to a temporary name `.<stem>.tmp-<pid><suffix>` in the target folder and `os.replace` it,
-so an interrupted run never leaves a half-written file under the final name.
+Writers (`save_ply`, `save_obj`, `save_npz`) write through `lib.utils.atomic.atomic_path`
+(re-exported here with `TMP_MARK` for older callers): a temporary name
+`.<stem>.tmp-<random><suffix>` in the target folder, then `os.replace`, so an interrupted
+run never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lib.utils.atomic import TMP_MARK, atomic_path  # noqa: F401  (re-exported)
+
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
-TMP_MARK = ".tmp-"
 
 
 class MeshLoadError(Exception):
@@ -231,21 +231,6 @@ def load_obj(path, load_texture: bool = True, require_texture: bool = False) -> 
             mesh.texture = load_texture_image(tex)
             mesh.texture_path = str(tex)
     return mesh
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path in the same folder (same suffix, so writers that infer the
-    format from the name work); on success it is renamed to `path`, on failure removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}{TMP_MARK}{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_npz(path, **arrays) -> None:
