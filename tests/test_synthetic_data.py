@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lib.utils.atomic import is_temp_name
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from lib.utils.atomic import is_temp_name
 from lib.dataset.faceverse_io import (FlameParamsError, PARAM_DIM, flame_to_scan_space,
                                       load_flame_params, params_to_vector, save_flame_params,
                                       scan_to_flame_space)
