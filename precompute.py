@@ -1,12 +1,16 @@
 """Precompute the stage-2 correspondence cache from a trained stage-1 model.
 
     python precompute.py expname=coarse datamodule=faceverse agent_tot=1 agent_id=0
+    python precompute.py datamodule=synthetic +experiments=fine_cpu     # 128 x 128 cache
 
 For each training scan of this agent's share of one sorted list, and each of the 9 views, the
-canonical point shown by every pixel and a mask: `<cache_dir>/<id>.npz` with `cache
-(9, 256, 256, 4)` float32 and `view_params (9, 169)`. Written atomically; finished scans are
-skipped, so a killed run resumes; the run ends with a summary and a non-zero exit status
-when a scan failed.
+canonical point shown by every pixel and a mask: `<datamodule.cache_dir>/<id>.npz` with
+`cache (9, R, R, 4)` float32 (R = datamodule.load_res, 256 by default) and `view_params
+(9, 169)`. Stage 2 reads the same `datamodule.cache_dir` and needs the same load_res, so run
+this with the overrides (experiment) of the stage-2 run. The stage-1 checkpoint is `ckpt`, by
+default `<output_dir_coarse>/checkpoints/last.ckpt` (outputs/coarse). Written atomically;
+finished scans are skipped, so a killed run resumes; the run ends with a summary and a
+non-zero exit status when a scan failed.
 """
 from __future__ import annotations
 
@@ -34,10 +38,12 @@ def cache_complete(path: Path, n_views: int, res: int) -> bool:
 def load_model(cfg: DictConfig, device: torch.device):
     from lib.model.ganhead import GANHead
 
-    ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = (Path(cfg.ckpt) if cfg.get("ckpt")
+            else Path(cfg.output_dir_coarse) / "checkpoints" / "last.ckpt")
     if not ckpt.is_file():
-        raise SystemExit(f"precompute: checkpoint {ckpt} not found; train stage 1 first "
-                         f"(python train.py expname={cfg.expname} ...) or pass ckpt=PATH")
+        raise SystemExit(f"precompute: stage-1 checkpoint {ckpt} not found; train stage 1 "
+                         f"first (python train.py expname=coarse ...), or pass "
+                         f"output_dir_coarse=RUN_DIR or ckpt=PATH")
     model = GANHead.load_from_checkpoint(ckpt, map_location=device,
                                          flame_model=cfg.datamodule.flame_model)
     return model.eval().to(device)
@@ -59,6 +65,13 @@ def main(cfg: DictConfig) -> None:
     cache_dir = Path(dm.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg, device)
+    if model.z_shapes.num_embeddings != len(ids):
+        raise SystemExit(f"precompute: {dm.data_list} lists {len(ids)} scans but the checkpoint "
+                         f"has {model.z_shapes.num_embeddings} latent codes; use the data list "
+                         "of the stage-1 run")
+    print(f"precompute: {len(mine)} scans (agent {rank}/{tot}), {dm.n_views} views at "
+          f"{dm.load_res}x{dm.load_res}, mesh_res {cfg.precompute.mesh_res}, on {device} "
+          f"-> {cache_dir}")
 
     done = skipped = 0
     failed: list[str] = []

@@ -1,10 +1,18 @@
-"""Seconds per stage-1 training step (forward, backward, optimizer step) of the GANHead module.
+"""Seconds per training step (forward, backward, optimizer step) of the GANHead module.
 
-    python bench/train_step.py [--sizes default cpu] [--modes exact fast] [--steps 3]
+    python bench/train_step.py [--stages coarse fine] [--sizes default cpu] [--modes exact fast]
+                               [--steps 3] [--gan]
 
-Builds the model from the Hydra configs (the default experiment and `+experiments=cpu`),
-with the synthetic head model, on batches of points near posed head-model surfaces.
-Prints one row per (size, deformer mode): seconds per step, points per step, valid fraction.
+Builds the model from the Hydra configs (stage 1: the default experiment and
+`+experiments=cpu`; stage 2: `+experiments=fine` and `+experiments=fine_cpu`), with the
+synthetic head model. Stage 1 runs on batches of points near posed head-model surfaces and
+prints one row per (size, deformer mode): seconds per step, points per step, valid fraction.
+Stage 2 (lib/model/fine_stage.py) runs on a batch whose cache is the canonical head-model
+mesh rasterized in the view (so about the real share of pixels is covered), random target
+images, and surface samples of the posed mesh; its rows give seconds per step, the image
+resolution, the points queried per step (masked pixels + surface samples) and the valid
+fraction of the surface search. With --gan a second row per size adds both critics: the
+generator step, a discriminator step and the lazy R1 step amortized (its time / d_reg_every).
 """
 from __future__ import annotations
 
@@ -38,6 +46,84 @@ def make_batch(server, batch_size: int, n_points: int, n_subjects: int, seed: in
             "occ_gt": (torch.rand(batch_size, n_points, 1, generator=g) > 0.5).float()}
 
 
+def make_fine_batch(server, batch_size: int, res: int, n_surface: int, n_subjects: int,
+                    seed: int = 0) -> dict:
+    """A stage-2 batch from the FLAME (head-model) mesh: cache [B, R, R, 3] = canonical vertex
+    positions rasterized in a random view, img_mask = cache mask, random images in [-1, 1],
+    surface samples [B, S, 3] near the posed vertices."""
+    from lib.render.rasterizer import interpolate, rasterize
+
+    g = torch.Generator().manual_seed(seed)
+    params = make_batch(server, batch_size, 1, n_subjects, seed)["params"]
+    views = torch.randint(0, 9, (batch_size,), generator=g)
+    view_params = server.view_params(params, views, 9)
+    with torch.no_grad():
+        out, out_v = server(params), server(view_params)
+        frags = rasterize(out_v["verts"], server.flame.faces, res)
+        cache = interpolate(frags, server.flame.faces, out["verts_c"])
+    idx = torch.randint(0, out["verts"].shape[1], (batch_size, n_surface), generator=g)
+    surf = torch.gather(out["verts"], 1, idx[..., None].expand(-1, -1, 3))
+    mask = frags.mask
+    return {"index": torch.arange(batch_size) % n_subjects, "params": params,
+            "view_params": view_params,
+            "normal_img": torch.rand(batch_size, 3, res, res, generator=g) * 2 - 1,
+            "rgb_img": torch.rand(batch_size, 3, res, res, generator=g) * 2 - 1,
+            "img_mask": mask[:, None], "cache_pts": cache * mask[..., None], "cache_mask": mask,
+            "surface_points": surf + 0.005 * torch.randn(surf.shape, generator=g),
+            "surface_normals": torch.nn.functional.normalize(
+                torch.randn(surf.shape, generator=g), dim=-1),
+            "surface_colors": torch.rand(surf.shape, generator=g) * 2 - 1}
+
+
+def bench_fine(size: str, mode: str, steps: int, flame_path: Path, gan: bool) -> dict:
+    """Seconds per stage-2 step (see the module docstring)."""
+    from lib.model import fine_stage
+    from lib.model.ganhead import GANHead
+
+    overrides = [f"datamodule.flame_model={flame_path}", f"model.deformer.mode={mode}",
+                 "+experiments=fine_cpu" if size == "cpu" else "+experiments=fine"]
+    if gan:
+        overrides += ["model.use_gan=true", "model.use_gan_color=true"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    model = GANHead(n_subjects=8, output_dir=tempfile.mkdtemp(),
+                    **OmegaConf.to_container(cfg.model, resolve=True))
+    opts = model.configure_optimizers()
+    opt, opt_d = (opts[0], opts[1]) if isinstance(opts, list) else (opts, None)
+    dm = cfg.datamodule
+    batch = make_fine_batch(model.flame_server, dm.batch_size, dm.load_res, dm.surface_points, 8)
+    times, valid = [], []
+    r1_time = 0.0
+    for step in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        terms, out = fine_stage.render_and_losses(model, batch)
+        if gan:
+            terms.update(fine_stage.generator_gan_terms(model, out))
+        loss = sum(v for k, v in terms.items() if k != "valid_3d")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if gan:
+            d_loss = fine_stage.discriminator_loss(model, out)
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+            if step == 1:  # time one R1 step, amortized over d_reg_every steps
+                t1 = time.perf_counter()
+                opt_d.zero_grad()
+                fine_stage.r1_loss(model, out, 0).backward()
+                opt_d.step()
+                r1_time = time.perf_counter() - t1
+        if step:
+            times.append(time.perf_counter() - t0 - (r1_time if step == 1 else 0.0))
+            valid.append(float(terms["valid_3d"]))
+    n_points = int(batch["cache_mask"].sum()) + dm.batch_size * dm.surface_points
+    s = sum(times) / len(times) + r1_time / cfg.model.d_reg_every
+    return {"size": size + ("+gan" if gan else ""), "mode": mode, "batch": dm.batch_size,
+            "res": dm.load_res, "points": n_points, "s_per_step": s,
+            "valid": sum(valid) / len(valid)}
+
+
 def bench(size: str, mode: str, steps: int, flame_path: Path) -> dict:
     from lib.model.ganhead import GANHead
 
@@ -69,7 +155,9 @@ def bench(size: str, mode: str, steps: int, flame_path: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", nargs="+", default=["coarse", "fine"])
     ap.add_argument("--sizes", nargs="+", default=["cpu", "default"])
+    ap.add_argument("--gan", action="store_true", help="stage 2: also time both critics")
     ap.add_argument("--modes", nargs="+", default=["exact", "fast"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
@@ -81,6 +169,24 @@ def main() -> None:
     flame_path = Path(tempfile.mkdtemp()) / "generic_model.pkl"
     save_head_model(build_head_model(seed=0), flame_path)
     print(f"device cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if "coarse" in args.stages:
+        run_coarse(args, flame_path)
+    if "fine" in args.stages:
+        print(f"stage 2 {'size':12s} {'mode':6s} {'batch':>5s} {'res':>4s} {'points':>7s} "
+              f"{'s/step':>8s} {'valid':>6s}")
+        for size in args.sizes:
+            for mode in args.modes:
+                for gan in ([False, True] if args.gan else [False]):
+                    try:
+                        r = bench_fine(size, mode, args.steps, flame_path, gan)
+                    except (ValueError, KeyError) as err:
+                        print(f"stage 2 {size:12s} {mode:6s} unavailable: {err}")
+                        continue
+                    print(f"stage 2 {r['size']:12s} {r['mode']:6s} {r['batch']:5d} {r['res']:4d} "
+                          f"{r['points']:7d} {r['s_per_step']:8.2f} {r['valid']:6.3f}", flush=True)
+
+
+def run_coarse(args, flame_path: Path) -> None:
     print(f"{'size':8s} {'mode':6s} {'batch':>5s} {'points':>7s} {'s/step':>8s} {'valid':>6s}")
     for size in args.sizes:
         for mode in args.modes:

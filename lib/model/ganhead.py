@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lib.flame import FLAMEServer
 from lib.model import losses
+from lib.model import fine_stage
 from lib.model.deformer import ForwardDeformer
+from lib.model.discriminator import Discriminator
 from lib.model.generator import Generator, sample_volume
 
 
@@ -44,7 +46,8 @@ class GANHead(pl.LightningModule):
                  optim: dict | None = None, generator: dict | None = None,
                  deformer: dict | None = None, occ_network: dict | None = None,
                  norm_network: dict | None = None, tex_network: dict | None = None,
-                 validation: dict | None = None, output_dir: str = "outputs/coarse"):
+                 validation: dict | None = None, output_dir: str = "outputs/coarse",
+                 discriminator: dict | None = None):
         super().__init__()
         kwargs = {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(kwargs)
@@ -69,14 +72,29 @@ class GANHead(pl.LightningModule):
         lbs_net = instantiate(dcfg.pop("lbs_network"), shape_dim=dim_shape, n_joints=n_joints,
                               pose_feature_dim=pose_feature_dim, n_exp=n_exp)
         self.disp_net = instantiate(dcfg.pop("disp_network"), n_shape=n_shape)
-        dcfg.pop("mode", None)  # exact search only for now
-        self.deformer = ForwardDeformer(lbs_net, n_joints=n_joints, **dcfg)
+        mode = dcfg.pop("mode", "exact")
+        fast_args = {k: dcfg.pop(k) for k in ("grid_res", "exact_steps") if k in dcfg}
+        if mode == "exact":
+            self.deformer = ForwardDeformer(lbs_net, n_joints=n_joints, **dcfg)
+        elif mode == "fast":  # baked skinning grids for the search, exact polish (issue 8)
+            from lib.model.fast_deformer import FastForwardDeformer
+
+            self.deformer = FastForwardDeformer(lbs_net, n_joints=n_joints, bbox_min=bbox_min,
+                                                bbox_max=bbox_max, **fast_args, **dcfg)
+        else:
+            raise ValueError(f"model.deformer.mode must be 'exact' or 'fast', got {mode!r}")
         self.norm_network = instantiate(norm_network, detail_dim=dim_detail,
                                         geometry_feature_dim=self.occ_network.feature_dim)
         self.tex_network = instantiate(tex_network, color_dim=dim_color,
                                        pose_exp_dim=15 + n_exp,
                                        geometry_feature_dim=self.occ_network.feature_dim,
                                        normal_feature_dim=self.norm_network.feature_dim)
+        # Stage-2 critics exist only with use_gan / use_gan_color, so stage-1 checkpoints and
+        # runs without GAN keep exactly the same parameters (lib/model/fine_stage.py).
+        self.disc_normal = Discriminator(**dict(discriminator or {})) if use_gan else None
+        self.disc_color = Discriminator(**dict(discriminator or {})) if use_gan_color else None
+        if use_gan or use_gan_color:
+            self.register_buffer("gan_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("bbox_min", torch.tensor(bbox_min, dtype=torch.float32))
         self.register_buffer("bbox_max", torch.tensor(bbox_max, dtype=torch.float32))
         self._set_trainable()
@@ -92,10 +110,25 @@ class GANHead(pl.LightningModule):
         self.requires_grad_(False)
         for m in self.stage_modules():
             m.requires_grad_(True)
+        for m in self.disc_modules():
+            m.requires_grad_(True)
+
+    def disc_modules(self) -> list[nn.Module]:
+        """The stage-2 discriminators that exist (trained by their own optimizer)."""
+        return [d for d in (self.disc_normal, self.disc_color) if d is not None]
 
     def configure_optimizers(self):
         params = [p for m in self.stage_modules() for p in m.parameters()]
-        return torch.optim.Adam(params, lr=self.hparams.optim["lr"])
+        main = torch.optim.Adam(params, lr=self.hparams.optim["lr"])
+        discs = self.disc_modules()
+        if not discs:
+            return main
+        # StyleGAN2's lazy-regularization correction of lr and betas (R1 every d_reg_every)
+        c = self.hparams.d_reg_every / (self.hparams.d_reg_every + 1)
+        lr_d = self.hparams.optim.get("lr_disc", self.hparams.optim["lr"])
+        disc = torch.optim.Adam([p for d in discs for p in d.parameters()], lr=lr_d * c,
+                                betas=(0.0, 0.99 ** c))
+        return [main, disc]
 
     # ------------------------------------------------------------------ geometry
     def occupancy_fn(self, volume: torch.Tensor):
@@ -169,6 +202,8 @@ class GANHead(pl.LightningModule):
         return terms
 
     def training_step(self, batch: dict, batch_idx: int):
+        if self.hparams.stage == "fine":
+            return fine_stage.training_step(self, batch)
         opt = self.optimizers()
         terms = self.coarse_losses(batch)
         loss = sum(v for k, v in terms.items() if k != "valid_frac")
@@ -185,6 +220,8 @@ class GANHead(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int):
+        if self.hparams.stage == "fine":
+            return fine_stage.validation_step(self, batch, batch_idx)
         from lib.model.validation import iou, save_validation_picture
 
         smpl = self.flame_server(batch["params"])
