@@ -165,8 +165,11 @@ class ForwardDeformer(nn.Module):
                        smpl_out: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Deform canonical points to the target pose/expression. xc: [B, N, 3] -> xd: [B, N, 3]."""
         B = xc.shape[0]
-        sm = self._smpl(smpl_out, B, xc)
-        w, pd, ed = self._fields(xc, self._z(cond, B))
+        return self._deform_items(xc, self._z(cond, B), self._smpl(smpl_out, B, xc))
+
+    def _deform_items(self, xc: torch.Tensor, z: torch.Tensor, sm: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """forward_deform on checked inputs: xc [B, N, 3], z [B, Z], sm as returned by _smpl -> xd [B, N, 3]."""
+        w, pd, ed = self._fields(xc, z)
         t = {k: (v[:, None] if k.startswith("tfs") else v[:, None, :]) for k, v in sm.items()}
         return lbs_deform(xc, w, ed, pd, t["tfs"], t["tfs_c"], t["exp"], t["exp_c"],
                           t["pose_feature"], t["pose_feature_c"])
@@ -236,13 +239,7 @@ class ForwardDeformer(nn.Module):
                 p = pts[s:s + self.chunk_size]                      # [c]
                 bidx = (p // N).repeat_interleave(I)                # [c*I]
                 target = xd_flat[p].repeat_interleave(I, dim=0)     # [c*I, 3]
-                x0 = x_init[p].reshape(-1, 3)
-                J0 = self._init_J_inv(x0, bidx, z, sm, eval_mode)
-
-                def residual(x, mask, bidx=bidx, target=target):
-                    return self._deform_flat(x, bidx[mask], z, sm) - target[mask]
-
-                out = broyden(residual, x0, J0, self.max_steps, self.cvg_thresh, self.dvg_thresh)
+                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, z, sm, eval_mode)
                 xc[p] = out["result"].reshape(-1, I, 3)
                 valid[p] = out["valid_ids"].reshape(-1, I)
                 diff[p] = out["diff"].reshape(-1, I)
@@ -251,6 +248,20 @@ class ForwardDeformer(nn.Module):
         if return_info:
             return xc, valid, dict(diff=diff.reshape(B, N, I), n_steps=n_steps)
         return xc, valid
+
+    def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, z: torch.Tensor, sm,
+                     eval_mode: bool, max_steps: Optional[int] = None, J_inv: Optional[torch.Tensor] = None):
+        """Broyden through the networks from x0 [A, 3] (batch items bidx [A], targets x_d [A, 3]).
+
+        J_inv: initial inverse Jacobians [A, 3, 3] (default: _init_J_inv); max_steps defaults to
+        self.max_steps. Returns broyden's dict (result [A, 3], diff [A], valid_ids [A], n_steps)."""
+        J0 = self._init_J_inv(x0, bidx, z, sm, eval_mode) if J_inv is None else J_inv
+
+        def residual(x, mask):
+            return self._deform_flat(x, bidx[mask], z, sm) - target[mask]
+
+        steps = self.max_steps if max_steps is None else int(max_steps)
+        return broyden(residual, x0, J0, steps, self.cvg_thresh, self.dvg_thresh)
 
     def _implicit_correction(self, xc_star, bidx, target, z, sm) -> torch.Tensor:
         """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d, J = dr/dx_c at x_c*.

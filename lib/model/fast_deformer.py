@@ -1,0 +1,397 @@
+"""Fast correspondence search: the deformation baked into a grid, finished through the networks.
+
+Shape legend:
+    B batch, N points, I initializations (5), J joints (5), Z z_shape width, K baked batch items
+    (<= B), D/H/W network lattice along z/y/x (grid_res), D'/H'/W' refined lookup lattice,
+    A flattened inits (each with a batch index), U inits polished through the networks.
+
+Same problem as lib/model/deformer.py (find x_c with forward_deform(x_c) = x_d from I rigid
+initializations), solved in stages (Fast-SNARF's idea, in plain torch):
+
+1. Bake. For one batch item (its z_shape, pose and expression) the deformed position of a
+   canonical point, F(x_c) = forward_deform(x_c), depends only on the skinning weights (J) and
+   the pose/expression offset (3) there. The LBS network is evaluated once per item on a
+   D x H x W lattice over [bbox_min, bbox_max] and F itself is stored: 3 channels that already
+   combine the J + 3 field values with the item's joint transforms, so a search step needs no
+   skinning algebra.
+2. Refine. A not-a-knot cubic spline along each axis resamples the lattice to (n-1)*upsample+1
+   nodes (interpolation error of order h^4 of the network lattice, at the price of trilinear
+   lookups).
+3. Grid search. Damped Newton on the trilinear interpolant (analytic Jacobian) from the rigid
+   inits, with the exact search's convergence and divergence thresholds. Outside the box the
+   boundary cell's trilinear polynomial is extrapolated (the deformation is smooth there).
+4. Merge. Inits of one point whose grid roots lie within merge_tol are one root: it is
+   polished once and shared.
+5. Polish. Broyden through the networks (exact residuals, lib/model/broyden.py) from each grid
+   root, initial inverse Jacobian from the interpolant, exact_steps steps. An init is valid only
+   if the networks' residual is below cvg_thresh, as in the exact search.
+6. Fallback (fallback=True). Roots not converged after the polish are polished further (up to
+   max_steps in all); points left without any valid init get the exact search from their rigid
+   inits. Other inits without a converged root are invalid (their point has a root already,
+   almost always the same one; the exact search's small tail of steps is spared). With
+   fallback=False nothing is polished further or searched exactly.
+
+forward, the implicit correction (gradients by implicit differentiation through the networks),
+occupancy_of_valid, query_occupancy and to_neutral are ForwardDeformer's; the correction is
+evaluated once per distinct root (merged inits share theirs), with identical values and
+gradients. The extra constructor arguments add no state_dict keys: checkpoints load in either mode.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.interpolate import CubicSpline
+
+from lib.model.deformer import ForwardDeformer, inv3
+
+__all__ = ["FastForwardDeformer", "spline_matrix", "BakedGrid"]
+
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"lib/model/fast_deformer.py: {msg}")
+
+
+def spline_matrix(n: int, n_fine: int) -> torch.Tensor:
+    """Linear map from n equally spaced samples to n_fine equally spaced samples of their
+    not-a-knot cubic spline over the same interval (end nodes shared; n = 2: a line, n = 3: a
+    parabola). Returns [n_fine, n] float64."""
+    if n < 2 or n_fine < 2:
+        raise _err(f"spline_matrix needs n, n_fine >= 2, got {n}, {n_fine}")
+    spline = CubicSpline(np.linspace(0.0, 1.0, n), np.eye(n), bc_type="not-a-knot")
+    return torch.from_numpy(spline(np.linspace(0.0, 1.0, n_fine)))
+
+
+def _unique_rows(key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact duplicate rows: key [A, C] -> first [U] (index of one row per distinct row), inverse [A]
+    (key[i] == key[first[inverse[i]]]). Lexicographic order by stable column sorts (torch.unique
+    with dim=0 loops over rows on CPU)."""
+    A = key.shape[0]
+    order = torch.arange(A, device=key.device)
+    for c in reversed(range(key.shape[1])):
+        order = order[torch.sort(key[order, c], stable=True).indices]
+    srt = key[order]
+    new = torch.ones(A, dtype=torch.bool, device=key.device)
+    new[1:] = (srt[1:] != srt[:-1]).any(dim=1)
+    inverse = torch.empty(A, dtype=torch.long, device=key.device)
+    inverse[order] = torch.cumsum(new.long(), 0) - 1
+    return order[new], inverse
+
+
+class BakedGrid:
+    """Trilinear interpolant of deformed positions on a lattice, one lattice per baked item.
+
+    values: [K, D', H', W', 3] (node (k, d, h, w) at x = lo + (w, h, d) * step); lo, hi: [3] (x, y, z).
+    Points are passed channels-first (structure of arrays, contiguous rows vectorize better):
+    call with x [3, A] and slot [A] (which of the K lattices) -> value [3, A] and Jacobian
+    [3, 3, A] (J[r, c, a] = dF_r / dx_c). Outside [lo, hi] the boundary cell is extrapolated.
+    """
+
+    def __init__(self, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+        K, D, H, W, _ = values.shape
+        if min(D, H, W) < 2:
+            raise _err(f"a baked lattice needs >= 2 nodes per axis, got {(D, H, W)}")
+        self.flat = values.reshape(-1, 3).t().contiguous().reshape(-1)                # [3 * K*D'*H'*W']
+        self.dims = (D, H, W)
+        dev, dt = values.device, values.dtype
+        self.n_cells = torch.tensor([W - 1, H - 1, D - 1], device=dev, dtype=dt)[:, None]   # [3, 1] x, y, z
+        self.lo = lo.to(device=dev, dtype=dt)[:, None]
+        self.scale = self.n_cells / (hi.to(device=dev, dtype=dt)[:, None] - self.lo)       # cells per unit
+        # flat offsets of channel r and corner k (bit order dz, dy, dx): [3, 8, 1]
+        corners = torch.tensor([(dz * H + dy) * W + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
+                               device=dev)
+        self.offsets = (torch.arange(3, device=dev) * (K * D * H * W))[:, None, None] + corners[None, :, None]
+
+    def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        D, H, W = self.dims
+        u = (x - self.lo) * self.scale                                                  # [3, A] in cells
+        i0 = torch.minimum(torch.nan_to_num(u.floor(), nan=0.0).clamp_(min=0), self.n_cells - 1)
+        t = u - i0                                                                      # outside [0,1]: extrapolation
+        il = i0.long()
+        base = ((slot * D + il[2]) * H + il[1]) * W + il[0]                             # [A]
+        c = self.flat.take(self.offsets + base).view(3, 4, 2, -1)                       # [3, x-edge, end, A]
+        tx, ty, tz = t[0], t[1], t[2]
+        ex = c[:, :, 1] - c[:, :, 0]                                                    # x-differences [3, 4, A]
+        a = (c[:, :, 0] + tx * ex).view(3, 2, 2, -1)                                    # x-lerps, edge = (dz, dy)
+        ex = ex.view(3, 2, 2, -1)
+        ey = a[:, :, 1] - a[:, :, 0]                                                    # [3, 2, A]
+        b = a[:, :, 0] + ty * ey                                                        # y-lerps, by dz
+        exy = ex[:, :, 0] + ty * (ex[:, :, 1] - ex[:, :, 0])
+        ez = b[:, 1] - b[:, 0]
+        val = b[:, 0] + tz * ez
+        jx = exy[:, 0] + tz * (exy[:, 1] - exy[:, 0])
+        jy = ey[:, 0] + tz * (ey[:, 1] - ey[:, 0])
+        jac = torch.stack([jx * self.scale[0], jy * self.scale[1], ez * self.scale[2]], dim=1)   # [3, 3, A]
+        return val, jac
+
+
+def _sqnorm(v: torch.Tensor) -> torch.Tensor:
+    """Squared norm of channels-first vectors: v [3, A] -> [A] (faster than a reduction over dim 0)."""
+    return v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
+
+
+def _solve3(jac: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] -> (jac^-1 r [3, A], ok [A]);
+    ok is False where jac is numerically singular (the criterion of deformer.inv3)."""
+    r0, r1, r2 = jac[0], jac[1], jac[2]                                                 # rows [3, A]
+    c0, c1, c2 = torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0), torch.linalg.cross(r0, r1, dim=0)
+    det = r0[0] * c0[0] + r0[1] * c0[1] + r0[2] * c0[2]
+    scale = (_sqnorm(r0) * _sqnorm(r1) * _sqnorm(r2)).sqrt()
+    ok = torch.isfinite(det) & (det.abs() > 1e-10 * scale)
+    sol = (c0 * r[0] + c1 * r[1] + c2 * r[2]) / torch.where(ok, det, torch.ones_like(det))
+    return sol, ok
+
+
+class FastForwardDeformer(ForwardDeformer):
+    """ForwardDeformer whose search runs on a baked grid and is finished through the networks.
+
+    Args (besides ForwardDeformer's: lbs_net, n_joints, max_steps, cvg_thresh, dvg_thresh,
+    chunk_size, init_bones, skip_thresh, skip_stride):
+        grid_res: (D, H, W) network lattice along (z, y, x); the LBS network is evaluated
+            D*H*W times per batch item and search call (12^3 = 1728: 0.8 evaluations per point
+            at 2250 points per item, enough for smooth skinning; sharper fields polish longer).
+        bbox_min, bbox_max: (x, y, z) corners of the canonical box the lattice spans.
+        exact_steps: Broyden steps through the networks from each grid root.
+        upsample: cubic-spline refinement factor of the lookup lattice (1: trilinear on the
+            network lattice itself).
+        merge_tol: inits of one point whose grid roots are closer than this are polished once.
+        grid_tol: grid roots with an interpolant residual above this are not polished.
+        fallback: polish unconverged roots further and give points without any root the exact
+            search from their rigid inits (module docstring, stage 6).
+    """
+
+    def __init__(self, lbs_net, n_joints: int = 5, max_steps: int = 50, cvg_thresh: float = 1e-5,
+                 dvg_thresh: float = 1.0, chunk_size: int = 20000, init_bones: Sequence[int] = (0, 1, 2, 3, 4),
+                 skip_thresh: float = 0.11, skip_stride: int = 10, grid_res: Sequence[int] = (12, 12, 12),
+                 bbox_min: Sequence[float] = (-1.0, -1.0, -1.0), bbox_max: Sequence[float] = (1.0, 1.0, 1.0),
+                 exact_steps: int = 2, upsample: int = 4, merge_tol: float = 1e-4, grid_tol: float = 1e-3,
+                 fallback: bool = True):
+        super().__init__(lbs_net, n_joints=n_joints, max_steps=max_steps, cvg_thresh=cvg_thresh,
+                         dvg_thresh=dvg_thresh, chunk_size=chunk_size, init_bones=init_bones,
+                         skip_thresh=skip_thresh, skip_stride=skip_stride)
+        res = tuple(int(r) for r in grid_res)
+        if len(res) != 3 or min(res) < 2:
+            raise _err(f"grid_res must be 3 sizes (D, H, W) >= 2, got {grid_res}")
+        lo = torch.as_tensor(bbox_min, dtype=torch.float32).reshape(-1)
+        hi = torch.as_tensor(bbox_max, dtype=torch.float32).reshape(-1)
+        if lo.numel() != 3 or hi.numel() != 3 or not bool((hi > lo).all()):
+            raise _err(f"bbox_min {tuple(bbox_min)} must be 3 values below bbox_max {tuple(bbox_max)}")
+        if int(upsample) < 1 or int(exact_steps) < 1:
+            raise _err(f"upsample and exact_steps must be >= 1, got {upsample}, {exact_steps}")
+        self.grid_res, self.upsample, self.exact_steps = res, int(upsample), int(exact_steps)
+        self.merge_tol, self.grid_tol, self.fallback = float(merge_tol), float(grid_tol), bool(fallback)
+        self.register_buffer("bbox_min", lo, persistent=False)
+        self.register_buffer("bbox_max", hi, persistent=False)
+        zz, yy, xx = torch.meshgrid(*[torch.linspace(0.0, 1.0, n, dtype=torch.float64) for n in res], indexing="ij")
+        self.register_buffer("lattice_unit", torch.stack([xx, yy, zz], -1).reshape(-1, 3).float(), persistent=False)
+        for name, n in zip(("up_z", "up_y", "up_x"), res):
+            self.register_buffer(name, spline_matrix(n, (n - 1) * self.upsample + 1).float(), persistent=False)
+
+    @property
+    def lookup_res(self) -> Tuple[int, int, int]:
+        """(D', H', W') of the refined lattice."""
+        return tuple((n - 1) * self.upsample + 1 for n in self.grid_res)
+
+    # ------------------------------------------------------------------ bake
+    def bake(self, z: torch.Tensor, sm: Dict[str, torch.Tensor]) -> BakedGrid:
+        """Deformed positions of the lattice for K items: z [K, Z], sm (_smpl's dict, leading dim K).
+
+        The LBS network sees [K, g, 3] lattice points per call (K*g about chunk_size * I).
+        Returns the refined BakedGrid over [bbox_min, bbox_max]."""
+        K, dt = z.shape[0], sm["tfs"].dtype
+        lo, hi = self.bbox_min.to(dt), self.bbox_max.to(dt)
+        pts = lo + self.lattice_unit.to(dt) * (hi - lo)                                # [G, 3]
+        g = max(1, (self.chunk_size * self.n_init) // max(K, 1))
+        vals = [self._deform_items(pts[s:s + g].expand(K, -1, -1), z, sm) for s in range(0, pts.shape[0], g)]
+        F = torch.cat(vals, dim=1).reshape(K, *self.grid_res, 3)                       # [K, D, H, W, 3]
+        if self.upsample > 1:
+            F = torch.einsum("ad,kdhwc->kahwc", self.up_z.to(dt), F)
+            F = torch.einsum("bh,kahwc->kabwc", self.up_y.to(dt), F)
+            F = torch.einsum("ew,kabwc->kabec", self.up_x.to(dt), F)
+        return BakedGrid(F, lo, hi)
+
+    # ------------------------------------------------------------------ grid search
+    def _grid_newton(self, grid: BakedGrid, x0: torch.Tensor, slot: torch.Tensor, target: torch.Tensor):
+        """Damped Newton on grid(x) = target, channels-first: x0 [3, A], slot [A], target [3, A].
+
+        Returns the best iterate [3, A], its interpolant residual norm [A] and the iterations run.
+        A step that does not lower the residual is halved (up to 4 times, lookups are cheap) before
+        the init is given up; otherwise the rules of lib/model/broyden.py: stop below cvg_thresh,
+        drop when the residual exceeds dvg_thresh or is not finite. The iterate with the smallest
+        residual is kept. Works on compacted arrays of the still active inits."""
+        A = x0.shape[1]
+        out_x, out_r = x0.clone(), torch.full((A,), float("inf"), dtype=x0.dtype, device=x0.device)
+        idx, x, sl, tg = torch.arange(A, device=x0.device), x0, slot, target
+        bx, br = x0, out_r.clone()                                # best so far = last accepted iterate
+        step, lam = torch.zeros_like(x0), torch.ones_like(out_r)  # last Newton step, its fraction taken
+        steps = 0
+        for it in range(self.max_steps + 1):
+            val, jac = grid(x, sl)
+            r = val - tg
+            rn = _sqnorm(r).sqrt()
+            better = rn < br                                                           # False for NaN
+            retry = ~better & (lam > 0.07)                                             # halve the step
+            br = torch.where(better, rn, br)
+            bx = torch.where(better, x, bx)
+            if it == self.max_steps:
+                go = torch.zeros_like(better)
+            else:
+                dx, ok = _solve3(jac, r)
+                cont = ok if it == 0 else retry | (better & ok & (rn <= self.dvg_thresh))
+                go = cont & (br >= self.cvg_thresh)
+            if not bool(go.all()):
+                stop = ~go
+                out_x[:, idx[stop]], out_r[idx[stop]] = bx[:, stop], br[stop]
+                if not bool(go.any()):
+                    break
+                idx, sl, br, lam, retry = idx[go], sl[go], br[go], lam[go], retry[go]
+                x, tg, bx, dx, step = x[:, go], tg[:, go], bx[:, go], dx[:, go], step[:, go]
+            lam = torch.where(retry, lam * 0.5, torch.ones_like(lam))
+            step = torch.where(retry, step, dx)
+            x = bx - lam * step
+            steps += 1
+        return out_x, out_r, steps
+
+    @staticmethod
+    def _merge(xg: torch.Tensor, ok: torch.Tensor, tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Group the inits of each point by grid root: xg [P, I, 3], ok [P, I] bool.
+
+        Init i follows the first leader j < i whose root is within tol; an ok init that follows
+        no one leads. Returns leader [P, I] bool (inits to polish) and rep [P, I] long (the leader
+        standing for each init: itself for leaders and for inits that are not ok)."""
+        P, I, _ = xg.shape
+        leader = ok.clone()
+        rep = torch.arange(I, device=xg.device).repeat(P, 1)
+        for i in range(1, I):
+            free = ok[:, i].clone()
+            for j in range(i):
+                m = free & leader[:, j] & ((xg[:, i] - xg[:, j]).norm(dim=-1) < tol)
+                rep[:, i] = torch.where(m, j, rep[:, i])
+                free &= ~m
+            leader[:, i] = free
+        return leader, rep
+
+    # ------------------------------------------------------------------ implicit differentiation
+    def _implicit_correction(self, xc_star, bidx, target, z, sm) -> torch.Tensor:
+        """ForwardDeformer's correction, x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()) with
+        r = forward_deform - x_d, evaluated once per distinct (batch item, x_c*) row.
+
+        Merged inits share their root exactly, so their network term is computed once and
+        gathered; the x_d term (r is linear in x_d) stays per row. Values and gradients equal the
+        parent's. xc_star [A, 3], bidx [A], target [A, 3] (may carry a graph) -> [A, 3]."""
+        first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype), xc_star.detach()], dim=1))
+        with torch.enable_grad():
+            x = xc_star.detach()[first].requires_grad_(True)                          # [U, 3]
+            f = self._deform_flat(x, bidx[first], z, sm)
+            J = self._jacobian(f, x, keep_graph=True)
+        J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
+        d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                          # [U, 3]
+        d_tgt = (J_inv[inverse] @ (target - target.detach())[..., None])[..., 0]       # [A, 3]
+        return xc_star.detach() - d_net[inverse] + d_tgt
+
+    # ------------------------------------------------------------------ search
+    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+               eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+        """Roots of forward_deform(x_c) = x_d from every init, without gradients (same contract as
+        ForwardDeformer.search).
+
+        xd: [B, N, 3]; point_mask: optional [B, N] bool. Returns xc [B, N, I, 3], valid_ids
+        [B, N, I] and with return_info a dict: diff [B, N, I] the networks' residual norms (inf where
+        none was taken), n_steps (most Broyden steps through the networks of a polish or fallback),
+        grid_steps (most Newton steps on the grid), n_solved (inits searched), n_polished (grid
+        roots polished), n_further (polished further), n_fallback (inits given the exact search).
+        eval_mode only affects the fallback's initial Jacobian (as in the exact search).
+        """
+        if xd.dim() != 3 or xd.shape[-1] != 3:
+            raise _err(f"xd must be [B, N, 3], got {tuple(xd.shape)}")
+        B, N, _ = xd.shape
+        I = self.n_init
+        info = dict(n_steps=0, grid_steps=0, n_polished=0, n_further=0, n_fallback=0, n_solved=0)
+        with torch.no_grad():
+            xd0, z = xd.detach(), self._z(cond, B).detach().to(xd.dtype)
+            sm = {k: v.detach() for k, v in self._smpl(smpl_out, B, xd0).items()}
+            x_init = self.init_points(xd0, sm).reshape(B * N, I, 3)
+            xc = x_init.clone()
+            valid = torch.zeros(B * N, I, dtype=torch.bool, device=xd.device)
+            diff = torch.full((B * N, I), float("inf"), dtype=xd.dtype, device=xd.device)
+            if point_mask is None:
+                pts = torch.arange(B * N, device=xd.device)
+            else:
+                if tuple(point_mask.shape) != (B, N):
+                    raise _err(f"point_mask must be [{B}, {N}], got {tuple(point_mask.shape)}")
+                pts = point_mask.reshape(-1).nonzero().squeeze(1)
+            if pts.numel() > 0:
+                items = torch.unique(pts // N)                                         # [K]
+                slot_of = torch.full((B,), -1, dtype=torch.long, device=xd.device)
+                slot_of[items] = torch.arange(items.numel(), device=xd.device)
+                grid = self.bake(z[items], {k: v[items] for k, v in sm.items()})
+                for s in range(0, pts.numel(), self.chunk_size):
+                    p = pts[s:s + self.chunk_size]
+                    xc[p], valid[p], diff[p] = self._solve_chunk(grid, slot_of, p, N, x_init[p],
+                                                                 xd0.reshape(B * N, 3)[p], z, sm, eval_mode, info)
+        xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
+        if return_info:
+            return xc, valid, dict(info, diff=diff.reshape(B, N, I))
+        return xc, valid
+
+    def _grid_j_inv(self, grid: BakedGrid, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Inverse interpolant Jacobians at x [U, 3] (lattices slot [U]) -> [U, 3, 3]; identity where singular."""
+        _, jac = grid(x.t(), slot)
+        j_inv, ok = inv3(jac.permute(2, 0, 1))
+        eye = torch.eye(3, dtype=j_inv.dtype, device=j_inv.device).expand_as(j_inv)
+        return torch.where(ok[:, None, None], j_inv, eye)
+
+    def _update(self, ids, out, xc, valid, diff) -> None:
+        """Write a Broyden result for inits ids [U] where it converged or lowered the residual."""
+        take = out["valid_ids"] | (out["diff"] < diff[ids])
+        xc[ids] = torch.where(take[:, None], out["result"], xc[ids])
+        diff[ids] = torch.where(take, out["diff"], diff[ids])
+        valid[ids] = out["valid_ids"]
+
+    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, z, sm, eval_mode, info):
+        """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
+
+        x0: [c, I, 3] rigid inits; xd_p: [c, 3]. Returns xc [c, I, 3], valid [c, I], diff [c, I];
+        updates the counters in info."""
+        c, I = p.numel(), self.n_init
+        bidx = (p // N).repeat_interleave(I)                                           # [c*I]
+        slot = slot_of[bidx]
+        target = xd_p.repeat_interleave(I, dim=0)                                      # [c*I, 3]
+        x0f = x0.reshape(-1, 3)
+        xg, rg, g_steps = self._grid_newton(grid, x0f.t().contiguous(), slot, target.t().contiguous())
+        xg = xg.t().contiguous()                                                       # [c*I, 3]
+        found = (rg < self.grid_tol).reshape(c, I)
+        leader, rep = self._merge(xg.reshape(c, I, 3), found, self.merge_tol)
+        xc, valid = xg.clone(), torch.zeros(c * I, dtype=torch.bool, device=xg.device)
+        diff = torch.full((c * I,), float("inf"), dtype=xg.dtype, device=xg.device)
+        lead = leader.reshape(-1).nonzero().squeeze(1)                                 # [U]
+        if lead.numel() > 0:  # polish
+            out = self._solve_exact(xg[lead], bidx[lead], target[lead], z, sm, eval_mode, max_steps=self.exact_steps,
+                                    J_inv=self._grid_j_inv(grid, xg[lead], slot[lead]))
+            self._update(lead, out, xc, valid, diff)
+            info["n_steps"] = max(info["n_steps"], out["n_steps"])
+        further = lead[~valid[lead] & (diff[lead] <= self.dvg_thresh)] if lead.numel() else lead
+        if self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps:  # from the best iterate
+            out = self._solve_exact(xc[further], bidx[further], target[further], z, sm, eval_mode,
+                                    max_steps=self.max_steps - self.exact_steps,
+                                    J_inv=self._grid_j_inv(grid, xc[further], slot[further]))
+            self._update(further, out, xc, valid, diff)
+            info["n_steps"] = max(info["n_steps"], self.exact_steps + out["n_steps"])
+            info["n_further"] += int(further.numel())
+        # followers take their leader's root (same point, same target)
+        foll = (found & ~leader).reshape(-1).nonzero().squeeze(1)
+        if foll.numel() > 0:
+            src = (foll // I) * I + rep.reshape(-1)[foll]
+            xc[foll], valid[foll], diff[foll] = xc[src], valid[src], diff[src]
+        # points left without any root: the exact search from the rigid inits
+        rest = (~valid.reshape(c, I).any(-1, keepdim=True)).expand(c, I).reshape(-1).nonzero().squeeze(1)
+        if self.fallback and rest.numel() > 0:
+            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], z, sm, eval_mode)
+            self._update(rest, out, xc, valid, diff)
+            info["n_steps"] = max(info["n_steps"], out["n_steps"])
+            info["n_fallback"] += int(rest.numel())
+        info["grid_steps"] = max(info["grid_steps"], g_steps)
+        info["n_polished"] += int(lead.numel())
+        info["n_solved"] += c * I
+        return xc.reshape(c, I, 3), valid.reshape(c, I), diff.reshape(c, I)

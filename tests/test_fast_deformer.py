@@ -1,0 +1,408 @@
+"""Tests of lib/model/fast_deformer.py: the grid pieces against analytic truths, and the fast
+search against the exact one (lib/model/deformer.py) on the same networks.
+
+Shape legend: B batch (4), N points, I inits (5), J joints (5), Z z_shape width (256).
+
+Networks: the real LBSNetwork (128x4, conditioned on z_shape) briefly fitted to a smooth head-like
+skinning (softmax of -d^2/0.15 to 5 bone centres; an untrained one is almost rigid), with small
+random weights in its zero-initialized blendshape head so the expression and pose-corrective
+offsets are non-zero. Batch: 4 items with their own z_shape and expression; item 0 opens the jaw
+0.3 rad, item 1 turns the head 30 degrees at the neck, item 2 does both, item 3 is a random pose
+(up to 25 degrees per joint). The canonical pose opens the jaw 0.2 rad.
+
+Tolerances: converged fraction within 0.5 percentage points of the exact search; correspondences
+valid in both within 1e-4 (each search stops at a residual below cvg_thresh = 1e-5); gradients
+with respect to the LBS network parameters (and x_d): float64 with cvg_thresh 1e-11, relative 1e-5;
+float32 at the default settings, 1e-3 of the largest entry (measured about 1e-5).
+"""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer
+from lib.model.fast_deformer import BakedGrid, FastForwardDeformer, spline_matrix
+from lib.model.networks import LBSNetwork
+
+PARENTS = [-1, 0, 1, 1, 1]
+JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
+CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
+
+
+def rodrigues(r):
+    """r [..., 3] axis-angle -> [..., 3, 3]."""
+    t = r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k = r / t
+    K = torch.zeros(*r.shape[:-1], 3, 3, dtype=r.dtype)
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - K.transpose(-1, -2)
+    s, c = torch.sin(t)[..., None], torch.cos(t)[..., None]
+    return torch.eye(3, dtype=r.dtype) + s * K + (1 - c) * (K @ K)
+
+
+def chain(rot):
+    """Local rotations [B, 5, 3, 3] -> bone transforms [B, 5, 4, 4] (FLAME hierarchy, rest joints removed)."""
+    B = rot.shape[0]
+    joints = torch.tensor(JOINTS, dtype=rot.dtype)
+    G = []
+    for j, p in enumerate(PARENTS):
+        L = torch.eye(4, dtype=rot.dtype).repeat(B, 1, 1)
+        L[:, :3, :3] = rot[:, j]
+        L[:, :3, 3] = joints[j] - (joints[p] if p >= 0 else 0)
+        G.append(L if p < 0 else G[p] @ L)
+    rest = torch.eye(4, dtype=rot.dtype).repeat(B, 5, 1, 1)
+    rest[..., :3, 3] = -joints
+    return torch.stack(G, 1) @ rest
+
+
+def make_problem(N=300, seed=0, dtype=torch.float32):
+    """cond, smpl_out and deformed points xd [4, N, 3] for the four named poses."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    rv = torch.zeros(4, 5, 3, dtype=f64)
+    rv[0, 2, 0] = rv[2, 2, 0] = 0.3                     # jaw open
+    rv[1, 1, 1] = rv[2, 1, 1] = math.radians(30.0)      # head turned at the neck
+    axis = nn.functional.normalize(torch.randn(5, 3, generator=g, dtype=f64), dim=-1)
+    rv[3] = axis * torch.rand(5, 1, generator=g, dtype=f64) * math.radians(25.0)
+    rv_c = torch.zeros(4, 5, 3, dtype=f64)
+    rv_c[:, 2, 0] = 0.2
+    R, R_c = rodrigues(rv), rodrigues(rv_c)
+    eye = torch.eye(3, dtype=f64)
+    sm = dict(tfs=chain(R), tfs_c=chain(R_c), pose_feature=(R[:, 1:] - eye).reshape(4, -1),
+              pose_feature_c=(R_c[:, 1:] - eye).reshape(4, -1),
+              exp=torch.randn(4, 50, generator=g, dtype=f64) * 0.5, exp_c=torch.zeros(4, 50, dtype=f64))
+    cond = dict(z_shape=torch.randn(4, 256, generator=g, dtype=f64) * 0.1,
+                shape=torch.randn(4, 100, generator=g, dtype=f64) * 0.5)
+    n_ball = N * 8 // 9
+    ball = nn.functional.normalize(torch.randn(4, n_ball, 3, generator=g, dtype=f64), dim=-1)
+    ball = ball * (0.5 + 0.1 * torch.randn(4, n_ball, 1, generator=g, dtype=f64))
+    xd = torch.cat([ball, torch.rand(4, N - n_ball, 3, generator=g, dtype=f64) * 2 - 1], 1)
+    to = lambda d: {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
+    return xd.to(dtype), to(cond), to(sm)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are small: one thread avoids OpenMP oversubscription on shared 2-core machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def net(one_thread):
+    """LBSNetwork fitted for 80 Adam steps to a smooth skinning, with small random blendshapes."""
+    torch.manual_seed(0)
+    lbs = LBSNetwork()
+    _, cond, _ = make_problem(N=9)
+    g = torch.Generator().manual_seed(1)
+    centres = torch.tensor(CENTRES)
+    opt = torch.optim.Adam(lbs.parameters(), lr=3e-3)
+    for _ in range(80):
+        x = torch.rand(4, 256, 3, generator=g) * 2 - 1
+        target = torch.softmax(-((x[:, :, None] - centres) ** 2).sum(-1) / 0.15, dim=-1)
+        loss = ((lbs(x, cond["z_shape"])[0] - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        lbs.net.tail.weight.copy_(torch.randn(lbs.net.tail.weight.shape, generator=g) * 0.003)
+    lbs.zero_grad(set_to_none=True)
+    return lbs
+
+
+def residual(d, xc, xd, cond, sm):
+    """|forward_deform(xc) - xd| per init: xc [B, N, I, 3], xd [B, N, 3] -> [B, N, I]."""
+    B, N, I, _ = xc.shape
+    with torch.no_grad():
+        back = d.forward_deform(xc.reshape(B, N * I, 3), cond, sm).reshape(B, N, I, 3)
+    return (back - xd[:, :, None]).norm(dim=-1)
+
+
+def assert_agree(xe, ve, xf, vf, tol=1e-4, frac_pp=0.5):
+    """Fast vs exact: valid fractions within frac_pp points, correspondences valid in both within tol."""
+    assert abs(vf.float().mean() - ve.float().mean()) * 100 <= frac_pp
+    both = ve & vf
+    assert both.float().mean() > 0.95
+    assert (xf - xe).norm(dim=-1)[both].max() < tol
+
+
+# ---------------------------------------------------------------------------------- grid pieces
+def test_spline_matrix_reproduces_cubics_and_interpolates():
+    for n, m in ((4, 10), (7, 25), (16, 61)):
+        M = spline_matrix(n, m)
+        xs, xf = np.linspace(0, 1, n), np.linspace(0, 1, m)
+        for coef in ([1.0, -2.0, 0.5, 3.0], [0.2, 0.0, -1.0, 0.0]):
+            p = np.polynomial.Polynomial(coef)
+            assert np.allclose(M.numpy() @ p(xs), p(xf), atol=1e-10)  # not-a-knot is exact on cubics
+        if (m - 1) % (n - 1) == 0:  # fine nodes on the coarse ones reproduce the samples
+            step = (m - 1) // (n - 1)
+            assert torch.allclose(M[::step], torch.eye(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(spline_matrix(2, 5) @ torch.tensor([1.0, 3.0], dtype=torch.float64),
+                          torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="fast_deformer.py"):
+        spline_matrix(1, 4)
+
+
+def test_baked_grid_is_exact_on_trilinear_fields_inside_and_outside():
+    """A trilinear polynomial field is reproduced exactly, with its Jacobian, also when extrapolated."""
+    g = torch.Generator().manual_seed(0)
+    coef = torch.randn(2, 8, 3, generator=g, dtype=torch.float64)  # two slots, 8 monomials, 3 channels
+
+    def field(p, k):  # p [..., 3] -> [..., 3]
+        x, y, z = p[..., 0:1], p[..., 1:2], p[..., 2:3]
+        mono = torch.cat([torch.ones_like(x), x, y, z, x * y, x * z, y * z, x * y * z], -1)
+        return mono @ coef[k]
+
+    lo, hi = torch.tensor([-1.0, -0.5, 0.0]), torch.tensor([1.0, 1.5, 0.8])
+    D, H, W = 4, 6, 5
+    zz, yy, xx = torch.meshgrid(*[torch.linspace(float(lo[i]), float(hi[i]), n, dtype=torch.float64)
+                                  for i, n in ((2, D), (1, H), (0, W))], indexing="ij")
+    nodes = torch.stack([xx, yy, zz], -1)
+    grid = BakedGrid(torch.stack([field(nodes, 0), field(nodes, 1)]), lo, hi)
+    p = torch.rand(400, 3, generator=g, dtype=torch.float64) * 3 - 1.5  # about half outside the box
+    slot = torch.arange(400) % 2
+    val, jac = grid(p.t().contiguous(), slot)
+    truth = torch.stack([field(p[i], int(slot[i])) for i in range(400)])
+    assert torch.allclose(val.t(), truth, atol=1e-10)
+    for k in range(2):
+        Jt = torch.autograd.functional.jacobian(lambda q: field(q, k), p[slot == k][:5])  # [5,3,5,3]
+        Jt = torch.stack([Jt[i, :, i] for i in range(5)])
+        assert torch.allclose(jac.permute(2, 0, 1)[slot == k][:5], Jt, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------- bake
+def test_bake_samples_forward_deform_on_the_lattice(net):
+    xd, cond, sm = make_problem(N=9)
+    fd = FastForwardDeformer(net, grid_res=(5, 6, 7), bbox_min=(-0.9, -1.0, -0.8), bbox_max=(1.0, 0.9, 0.7),
+                             upsample=3)
+    with torch.no_grad():
+        grid = fd.bake(cond["z_shape"], fd._smpl(sm, 4, xd))
+        lo, hi = fd.bbox_min, fd.bbox_max
+        axes = [torch.linspace(float(lo[i]), float(hi[i]), n) for i, n in ((2, 5), (1, 6), (0, 7))]
+        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+        nodes = torch.stack([xx, yy, zz], -1).reshape(1, -1, 3).expand(4, -1, -1)
+        truth = fd.forward_deform(nodes.contiguous(), cond, sm)               # [4, 210, 3]
+    assert fd.lookup_res == (13, 16, 19)
+    lattice = grid.flat.reshape(3, 4, 13, 16, 19)[:, :, ::3, ::3, ::3]       # the network's nodes
+    assert torch.allclose(lattice.permute(1, 2, 3, 4, 0).reshape(4, -1, 3), truth, atol=1e-5)
+    # between the nodes the spline-refined lattice follows the network better than trilinear
+    # interpolation of the network's lattice itself
+    p = torch.rand(4, 200, 3, generator=torch.Generator().manual_seed(2)) * (hi - lo) + lo
+    slot = torch.arange(4).repeat_interleave(200)
+    errs = []
+    for up in (3, 1):
+        f12 = FastForwardDeformer(net, grid_res=(12, 12, 12), bbox_min=tuple(lo.tolist()),
+                                  bbox_max=tuple(hi.tolist()), upsample=up)
+        with torch.no_grad():
+            g12 = f12.bake(cond["z_shape"], f12._smpl(sm, 4, xd))
+            exact = f12.forward_deform(p, cond, sm).reshape(-1, 3)
+        errs.append((g12(p.reshape(-1, 3).t().contiguous(), slot)[0].t() - exact).norm(dim=-1).median())
+    assert errs[0] < 0.5 * errs[1] and errs[0] < 1e-3
+
+
+# ---------------------------------------------------------------------------------- fast vs exact
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_fast_matches_exact_on_four_named_poses(net, eval_mode):
+    xd, cond, sm = make_problem(N=300)
+    exact, fast = ForwardDeformer(net), FastForwardDeformer(net)
+    with torch.no_grad():
+        xe, ve = exact(xd, cond, sm, eval_mode=eval_mode)
+        xf, vf, info = fast(xd, cond, sm, eval_mode=eval_mode, return_info=True)
+    assert xf.shape == (4, 300, 5, 3) and vf.shape == (4, 300, 5)
+    assert_agree(xe, ve, xf, vf)
+    assert torch.equal(ve.any(-1), vf.any(-1))
+    # validity means the same as in the exact search: the networks' residual is below cvg_thresh
+    assert (residual(exact, xf, xd, cond, sm)[vf] < 1.2e-5).all()
+    assert (info["diff"][vf] < 1e-5).all()
+    # inits of one point that found the same root were polished once
+    assert info["n_solved"] == 4 * 300 * 5 and info["n_polished"] < 0.5 * info["n_solved"]
+    # each item used its own z_shape and pose: swapping two items' conditioning changes the roots
+    swap = [1, 0, 2, 3]
+    with torch.no_grad():
+        xs, vs = fast(xd, {k: v[swap] for k, v in cond.items()}, {k: v[swap] for k, v in sm.items()})
+    both = vs[:2] & vf[:2]
+    assert (xs[:2] - xf[:2]).norm(dim=-1)[both].median() > 1e-2
+
+
+def test_gradients_match_exact_float64(net):
+    """Implicit-differentiation gradients (LBS parameters and x_d) of fast and exact correspondences."""
+    net64 = copy.deepcopy(net).double()
+    xd, cond, sm = make_problem(N=12, dtype=torch.float64)
+    kw = dict(cvg_thresh=1e-11, max_steps=60)
+    runs = []
+    for d in (ForwardDeformer(net64, **kw), FastForwardDeformer(net64, exact_steps=3, **kw)):
+        x = xd.clone().requires_grad_(True)
+        runs.append((x,) + tuple(d(x, cond, sm, return_info=True)))
+    (x_e, xe, ve, _), (x_f, xf, vf, info) = runs
+    both = ve & vf
+    assert info["n_polished"] > 0 and both.float().mean() > 0.95 and (xe - xf).norm(dim=-1)[both].max() < 1e-9
+    w = torch.randn(xe.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    params = [p for p in net64.parameters() if p.requires_grad]
+    out = [torch.autograd.grad((torch.where(both[..., None], xc, torch.zeros_like(xc)) * w).sum(), params + [x],
+                               allow_unused=True) for x, xc in ((x_e, xe), (x_f, xf))]
+    n_checked = 0
+    for ge, gf in zip(*out):
+        assert (ge is None) == (gf is None)
+        if ge is not None:
+            torch.testing.assert_close(gf, ge, rtol=1e-5, atol=1e-8 * float(ge.abs().max()))
+            n_checked += 1
+    assert n_checked >= 8 and out[0][-1].abs().max() > 0  # weights, biases and x_d all receive gradients
+
+
+def test_gradients_match_exact_float32_default_settings(net):
+    xd, cond, sm = make_problem(N=100)
+    res = []
+    for d in (ForwardDeformer(net), FastForwardDeformer(net)):
+        xc, valid = d(xd, cond, sm)
+        res.append((xc, valid))
+    both = res[0][1] & res[1][1]
+    grads = []
+    for xc, _ in res:
+        net.zero_grad(set_to_none=True)
+        (torch.where(both[..., None], xc, torch.zeros_like(xc)) ** 2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    net.zero_grad(set_to_none=True)
+    # correspondences differ by up to ~2e-5 (two searches stopping below 1e-5); measured ~1e-5 relative
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-3 * float(grads[0].abs().max()))
+    assert (grads[1] - grads[0]).norm() < 1e-3 * grads[0].norm()
+
+
+# ---------------------------------------------------------------------------------- failures, box, masks
+def test_polish_failures_are_invalid_or_solved_by_the_fallback(net):
+    xd, cond, sm = make_problem(N=200)
+    exact = ForwardDeformer(net)
+    coarse = dict(grid_res=(3, 3, 3), upsample=1, exact_steps=1)
+    with torch.no_grad():
+        xe, ve = exact(xd, cond, sm)
+        xn, vn, info_n = FastForwardDeformer(net, fallback=False, **coarse)(xd, cond, sm, return_info=True)
+        xf, vf, info_f = FastForwardDeformer(net, fallback=True, **coarse)(xd, cond, sm, return_info=True)
+    # a 3^3 lattice is far too coarse for one polishing step: many inits stay unconverged and are invalid
+    assert vn.float().mean() < ve.float().mean() - 0.05 and info_n["n_fallback"] == info_n["n_further"] == 0
+    assert (residual(exact, xn, xd, cond, sm)[vn] < 1.2e-5).all()
+    assert torch.isinf(info_n["diff"][~vn]).sum() + (info_n["diff"][~vn] >= 1e-5).sum() == (~vn).sum()
+    # with the fallback they are polished further: same answers as the exact mode
+    assert info_f["n_further"] > 0
+    assert_agree(xe, ve, xf, vf)
+    assert (residual(exact, xf, xd, cond, sm)[vf] < 1.2e-5).all()
+
+
+class GridFailsOnOddPoints(FastForwardDeformer):
+    """The grid search 'fails' (no root) for every init of the odd points."""
+
+    def _grid_newton(self, grid, x0, slot, target):
+        x, r, steps = super()._grid_newton(grid, x0, slot, target)
+        odd = (torch.arange(r.numel()) // self.n_init) % 2 == 1
+        return torch.where(odd, float("nan"), x), torch.where(odd, float("inf"), r), steps
+
+
+def test_points_without_a_grid_root_get_the_exact_search(net):
+    xd, cond, sm = make_problem(N=60)
+    exact = ForwardDeformer(net)
+    with torch.no_grad():
+        xe, ve = exact(xd, cond, sm)
+        xn, vn, info_n = GridFailsOnOddPoints(net, fallback=False)(xd, cond, sm, return_info=True)
+        xf, vf, info_f = GridFailsOnOddPoints(net)(xd, cond, sm, return_info=True)
+    odd = torch.arange(4 * 60).reshape(4, 60) % 2 == 1
+    assert not vn[odd].any() and vn[~odd].any(-1).all() and info_n["n_fallback"] == 0
+    assert info_f["n_fallback"] == odd.sum() * 5 and torch.equal(vf.any(-1), ve.any(-1))
+    assert_agree(xe, ve, xf, vf)
+    assert (residual(exact, xf, xd, cond, sm)[vf] < 1.2e-5).all()
+
+
+def test_roots_outside_the_grid_box(net):
+    """Canonical roots outside a small box: the boundary cells are extrapolated, the networks decide."""
+    xd, cond, sm = make_problem(N=200)
+    box = dict(bbox_min=(-0.4, -0.4, -0.4), bbox_max=(0.4, 0.4, 0.4))
+    exact = ForwardDeformer(net)
+    with torch.no_grad():
+        xe, ve = exact(xd, cond, sm)
+        outside = (xe.abs() > 0.4).any(-1) & ve
+        assert outside.float().mean() > 0.3
+        xn, vn = FastForwardDeformer(net, fallback=False, **box)(xd, cond, sm)
+        xf, vf = FastForwardDeformer(net, **box)(xd, cond, sm)
+    assert (residual(exact, xn, xd, cond, sm)[vn] < 1.2e-5).all()
+    assert (vn & outside).sum() > 0.5 * outside.sum()  # most are found from the extrapolated grid alone
+    assert_agree(xe, ve, xf, vf)
+
+
+def test_point_mask_chunking_and_skipped_occupancy(net):
+    xd, cond, sm = make_problem(N=120)
+    mask = torch.rand(4, 120, generator=torch.Generator().manual_seed(4)) < 0.6
+    fast = FastForwardDeformer(net)
+    with torch.no_grad():
+        xf, vf = fast(xd, cond, sm, point_mask=mask)
+        assert not vf[~mask].any() and vf[mask].any(-1).float().mean() > 0.99
+        fast.chunk_size = 77  # chunks straddle batch items; the bake is chunked too
+        xc, vc = fast(xd, cond, sm, point_mask=mask)
+        assert torch.equal(vc, vf) and torch.allclose(xc[vf], xf[vf], atol=1e-6)
+        only_item_2 = torch.zeros_like(mask)
+        only_item_2[2] = True
+        x2, v2 = fast(xd, cond, sm, point_mask=only_item_2)  # bakes item 2 only
+        x1, v1 = fast(xd[2:3], {k: v[2:3] for k, v in cond.items()}, {k: v[2:3] for k, v in sm.items()})
+        assert not v2[[0, 1, 3]].any() and torch.equal(v2[2], v1[0])
+        assert torch.allclose(x2[2][v2[2]], x1[0][v1[0]], atol=1e-6)
+        sphere = lambda x, c: 10.0 * (0.5 - x.norm(dim=-1, keepdim=True))  # noqa: E731
+        occ_e = ForwardDeformer(net).query_occupancy(xd, cond, sm, sphere)
+        occ_f = FastForwardDeformer(net).query_occupancy(xd, cond, sm, sphere)
+    found = occ_e > SKIPPED_LOGIT
+    assert torch.equal(found, occ_f > SKIPPED_LOGIT)
+    assert (occ_e - occ_f)[found].abs().max() < 1e-3
+
+
+def test_deduplicated_correction_equals_the_parent_one(net):
+    """Merged inits share one correction: same values and gradients as the row-by-row one."""
+    xd, cond, sm = make_problem(N=40)
+    fast = FastForwardDeformer(net)
+    with torch.no_grad():
+        xc, valid = fast.search(xd, cond, sm)
+    B, N, I = valid.shape
+    v = valid.reshape(-1).nonzero().squeeze(1)
+    assert v.numel() > xc.reshape(-1, 3)[v].unique(dim=0).shape[0]  # there are duplicates
+    out = []
+    for fn in (ForwardDeformer._implicit_correction, FastForwardDeformer._implicit_correction):
+        net.zero_grad(set_to_none=True)
+        x = xd.clone().requires_grad_(True)
+        s = fast._smpl(sm, B, x)
+        corr = fn(fast, xc.reshape(-1, 3)[v], v // (N * I), x.reshape(-1, 3)[v // I], cond["z_shape"], s)
+        (corr * torch.linspace(-1, 1, corr.numel()).reshape(corr.shape)).sum().backward()
+        out.append((corr.detach(), x.grad, [p.grad for p in net.parameters() if p.grad is not None]))
+    net.zero_grad(set_to_none=True)
+    (c0, gx0, gp0), (c1, gx1, gp1) = out
+    assert torch.equal(c0, c1)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp0, gp1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_state_dict_and_argument_errors(net):
+    exact, fast = ForwardDeformer(net), FastForwardDeformer(net)
+    assert exact.state_dict().keys() == fast.state_dict().keys()  # checkpoints load in either mode
+    fast.load_state_dict(exact.state_dict())
+    for kw in (dict(grid_res=(16, 16)), dict(grid_res=(1, 16, 16)), dict(bbox_min=(0, 0, 0), bbox_max=(1, 1, 0)),
+               dict(upsample=0), dict(exact_steps=0)):
+        with pytest.raises(ValueError, match="fast_deformer.py"):
+            FastForwardDeformer(net, **kw)
+    xd, cond, sm = make_problem(N=5)
+    with pytest.raises(ValueError, match="xd must be"):
+        fast.search(xd[0], cond, sm)
+    with pytest.raises(ValueError, match="point_mask"):
+        fast.search(xd, cond, sm, point_mask=torch.ones(4, 3, dtype=torch.bool))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(net):
+    xd, cond, sm = make_problem(N=200)
+    fast = FastForwardDeformer(net)
+    with torch.no_grad():
+        xc, valid = fast(xd, cond, sm, eval_mode=True)
+    dev = torch.device("cuda")
+    fg = copy.deepcopy(fast).to(dev)
+    with torch.no_grad():
+        xg, vg = fg(xd.to(dev), {k: v.to(dev) for k, v in cond.items()}, {k: v.to(dev) for k, v in sm.items()},
+                    eval_mode=True)
+    assert_agree(xc, valid, xg.cpu(), vg.cpu())
