@@ -26,11 +26,17 @@ def load_weights(model: pl.LightningModule, path: str) -> None:
         raise FileNotFoundError(f"starting_path={path}: no such checkpoint")
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    skipped = sorted(set(state) - set(usable))
+    reshaped = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    if reshaped:
+        raise SystemExit(
+            f"starting_path={path}: {len(reshaped)} tensors have other shapes than this "
+            f"configuration's networks (e.g. {reshaped[:3]}); start from a checkpoint made with "
+            "the same model sizes (stage 1 with +experiments=cpu pairs with +experiments=fine_cpu)")
+    usable = {k: v for k, v in state.items() if k in own}
     model.load_state_dict(usable, strict=False)
+    fresh = sorted(set(own) - set(usable))
     print(f"[train] loaded {len(usable)} tensors from {path}"
-          + (f"; skipped {len(skipped)} (missing or reshaped): {skipped[:5]}" if skipped else ""))
+          + (f"; {len(fresh)} start fresh (e.g. {fresh[:3]})" if fresh else ""))
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
