@@ -1,0 +1,98 @@
+"""Surface-to-surface metrics of a reconstruction against a scan (eval_mode=fit).
+
+Shape legend: V vertices, F faces, N points sampled on the prediction, M on the reference.
+
+Both meshes are sampled uniformly by area (`sample_surface`, with face normals); with
+d(x, Y) the distance from x to the nearest sample of Y:
+    chamfer_l1           (mean_x d(x, gt) + mean_y d(y, pred)) / 2
+    chamfer_l2           the same with squared distances
+    normal_consistency   (mean |n_x . n_nearest(gt)| + mean |n_y . n_nearest(pred)|) / 2
+                         (absolute: scans may be oriented either way)
+    fscore_<p>           2 P R / (P + R) with precision P = fraction of prediction samples
+                         within tau of the reference, recall R = fraction of reference samples
+                         within tau of the prediction, tau = p% of the head size
+The head size is the diagonal of the reference's bounding box (`head_size`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+__all__ = ["sample_surface", "head_size", "point_metrics", "mesh_metrics", "THRESHOLDS"]
+
+THRESHOLDS = (0.01, 0.02)  # fractions of the head size for the F-scores
+
+
+def sample_surface(verts, faces, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n area-weighted samples of a triangle mesh. verts: [V, 3]; faces: [F, 3] (tensors or
+    arrays). Returns points [n, 3] and unit face normals [n, 3] (float32 torch, on verts'
+    device for tensors)."""
+    v = torch.as_tensor(verts).float()
+    f = torch.as_tensor(faces, device=v.device).long()
+    if v.dim() != 2 or v.shape[1] != 3 or f.dim() != 2 or f.shape[1] != 3 or f.shape[0] == 0:
+        raise ValueError(f"sample_surface: need verts [V, 3] and faces [F >= 1, 3], got "
+                         f"{tuple(v.shape)} and {tuple(f.shape)}")
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    cross = torch.cross(b - a, c - a, dim=-1)
+    area = cross.norm(dim=-1)
+    if not float(area.sum()) > 0:
+        raise ValueError("sample_surface: the mesh has zero area")
+    gen = torch.Generator().manual_seed(int(seed))
+    face = torch.multinomial(area.cpu().double(), n, replacement=True, generator=gen).to(v.device)
+    r1, r2 = torch.rand(2, n, 1, generator=gen).to(v)
+    s = r1.sqrt()
+    pts = (1 - s) * a[face] + s * (1 - r2) * b[face] + s * r2 * c[face]
+    normals = torch.nn.functional.normalize(cross[face], dim=-1, eps=1e-12)
+    return pts, normals
+
+
+def head_size(points) -> float:
+    """Diagonal of the bounding box of points [N, 3]."""
+    p = torch.as_tensor(points).float()
+    return float((p.amax(0) - p.amin(0)).norm())
+
+
+def _nearest(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance [N] and index [N] of the nearest point of y [M, 3] for each of x [N, 3]
+    (a k-d tree on the CPU; results on x's device)."""
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(y.detach().cpu().double().numpy()).query(x.detach().cpu().double().numpy())
+    return (torch.as_tensor(d, dtype=torch.float32, device=x.device),
+            torch.as_tensor(i, dtype=torch.long, device=x.device))
+
+
+def point_metrics(pred_pts: torch.Tensor, pred_nrm: torch.Tensor, gt_pts: torch.Tensor,
+                  gt_nrm: torch.Tensor, size: float, thresholds=THRESHOLDS) -> dict[str, float]:
+    """Metrics (module docstring) between oriented samples: pred_pts, pred_nrm [N, 3];
+    gt_pts, gt_nrm [M, 3]; size: the head size. Returns a dict of floats."""
+    d_pg, i_pg = _nearest(pred_pts, gt_pts)
+    d_gp, i_gp = _nearest(gt_pts, pred_pts)
+    gt_nrm = gt_nrm.to(pred_nrm)
+    nc_p = (pred_nrm * gt_nrm[i_pg]).sum(-1).abs().mean()
+    nc_g = (gt_nrm * pred_nrm[i_gp]).sum(-1).abs().mean()
+    out = {
+        "chamfer_l1": float(0.5 * (d_pg.mean() + d_gp.mean())),
+        "chamfer_l2": float(0.5 * ((d_pg ** 2).mean() + (d_gp ** 2).mean())),
+        "normal_consistency": float(0.5 * (nc_p + nc_g)),
+    }
+    for frac in thresholds:
+        tau = frac * size
+        precision = float((d_pg < tau).float().mean())
+        recall = float((d_gp < tau).float().mean())
+        f = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+        out[f"fscore_{round(frac * 100):d}pct"] = f
+    return out
+
+
+def mesh_metrics(pred_verts, pred_faces, gt_verts, gt_faces, n: int = 20000, seed: int = 0,
+                 size: float | None = None) -> dict[str, float]:
+    """Metrics of a predicted mesh against a reference mesh (verts [V, 3], faces [F, 3]);
+    n samples on each; size: head size (default `head_size(gt_verts)`)."""
+    p, pn = sample_surface(pred_verts, pred_faces, n, seed)
+    g, gn = sample_surface(gt_verts, gt_faces, n, seed + 1)
+    size = head_size(np.asarray(torch.as_tensor(gt_verts).cpu())) if size is None else size
+    out = point_metrics(p, pn, g.to(p), gn.to(p), size)
+    out["head_size"] = float(size)
+    return out

@@ -1,0 +1,145 @@
+"""New avatars from the learned latent spaces (DESIGN §7, eval_mode=sample).
+
+Shape legend: S training subjects, K dimensions of one code (Z, D or C), N samples,
+T frames/steps, B frames, V vertices, H/W image rows/columns.
+
+Each embedding (z_shape, z_detail, z_color) gets its own per-dimension Gaussian, fitted to its
+S learned rows: mean and standard deviation per dimension. A sample draws every code from its
+own Gaussian (the original drew the colour code from the detail code's statistics: a bug), with
+the standard deviations scaled by `std_scale` (< 1 trades variety for typicality). Sampled
+avatars get the mean FLAME shape (betas 0) unless one is given.
+
+`run_sample` writes, per avatar `sample_<k>/`: `canonical.ply` and `posed.ply` (vertex colours
+and normals), `turntable.mp4` (RGB | normal per frame) and `turntable.png` (a grid: RGB views
+over normal views); and `samples.png` (front RGB and normal of every sample).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lib.inference.avatar import Avatar, side_by_side, yaw_pose
+from lib.render.images import add_label, make_grid, save_png, save_video
+
+__all__ = ["GaussianFit", "fit_gaussian", "code_gaussians", "sample_codes", "lerp",
+           "evenly", "turntable", "run_sample"]
+
+CODE_NAMES = ("z_shape", "z_detail", "z_color")
+
+
+@dataclass
+class GaussianFit:
+    """A diagonal Gaussian: mean [K] and std [K]."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, n: int, std_scale: float = 1.0, generator: torch.Generator | None = None
+               ) -> torch.Tensor:
+        """n draws [n, K] of mean + std_scale * std * N(0, 1) (noise drawn on the CPU so a
+        seed gives the same codes on every device)."""
+        eps = torch.randn(n, self.mean.shape[0], generator=generator, dtype=torch.float32)
+        return self.mean[None] + float(std_scale) * self.std[None] * eps.to(self.mean)
+
+
+def fit_gaussian(rows: torch.Tensor) -> GaussianFit:
+    """Per-dimension Gaussian of rows [S, K]: the mean and the (unbiased; 0 for S = 1)
+    standard deviation of every column."""
+    rows = rows.detach().float()
+    if rows.dim() != 2 or rows.shape[0] < 1:
+        raise ValueError(f"fit_gaussian: rows must be [S >= 1, K], got {tuple(rows.shape)}")
+    std = rows.std(dim=0) if rows.shape[0] > 1 else torch.zeros_like(rows[0])
+    return GaussianFit(mean=rows.mean(dim=0), std=std)
+
+
+def code_gaussians(model) -> dict[str, GaussianFit]:
+    """One Gaussian per learned embedding: {'z_shape': .., 'z_detail': .., 'z_color': ..}."""
+    return {name: fit_gaussian(getattr(model, name + "s").weight) for name in CODE_NAMES}
+
+
+def sample_codes(model, n: int, std_scale: float = 1.0, seed: int = 0,
+                 betas: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+    """n sampled avatars: dicts of z_shape [1, Z], z_detail [1, D], z_color [1, C] (each from
+    its own Gaussian) and betas [1, S] (given, else zeros)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    fits = code_gaussians(model)
+    draws = {name: fits[name].sample(n, std_scale, gen) for name in CODE_NAMES}
+    ref = model.bbox_min
+    b = ref.new_zeros(1, model.flame_server.n_shape) if betas is None else betas.to(ref)
+    return [{**{name: draws[name][i:i + 1] for name in CODE_NAMES}, "betas": b.reshape(1, -1)}
+            for i in range(n)]
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """(1 - t) a + t b for tensors of one shape."""
+    return a + float(t) * (b - a)
+
+
+def evenly(n_items: int, n_pick: int) -> list[int]:
+    """n_pick indices spread evenly over range(n_items), first and last included."""
+    n_pick = max(1, min(int(n_pick), n_items))
+    if n_pick == 1:
+        return [0]
+    return [round(i * (n_items - 1) / (n_pick - 1)) for i in range(n_pick)]
+
+
+def turntable(avatar: Avatar, n_frames: int, res: int, pose: torch.Tensor | None = None,
+              exp: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rendered turntable: the head turned about the vertical axis by 2 pi k / n_frames.
+    pose: [15] pose of the head besides the turn (default neutral), exp: [E].
+    Returns rgb and normal images [T, H, W, 3] (float32 numpy)."""
+    ref = avatar.betas
+    angles = [2.0 * math.pi * k / n_frames for k in range(n_frames)]
+    poses = yaw_pose(angles, ref)
+    if pose is not None:
+        poses[:, 3:] = pose.to(ref).reshape(-1)[3:]
+    exps = None if exp is None else exp.to(ref).reshape(1, -1).expand(n_frames, -1)
+    return avatar.render_params(avatar.params(poses, exps), res)
+
+
+def default_posed_frame(ref: torch.Tensor, n_exp: int, motion: dict | None, rng: np.random.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pose [15] and expression [E] of a sample's posed mesh: a random frame of `motion`
+    (dict of numpy expression [T, E] and pose [T, 15]) when given, else the head turned a
+    little with the jaw open."""
+    if motion is not None:
+        t = int(rng.integers(0, motion["pose"].shape[0]))
+        pose = torch.as_tensor(motion["pose"][t], dtype=ref.dtype, device=ref.device)
+        exp = torch.as_tensor(motion["expression"][t], dtype=ref.dtype, device=ref.device)
+        return pose, exp[:n_exp]
+    pose = ref.new_zeros(15)
+    pose[0], pose[1], pose[6] = 0.1, 0.35, 0.25
+    return pose, ref.new_zeros(n_exp)
+
+
+def run_sample(model, out_dir, n_samples: int = 4, std_scale: float = 1.0, seed: int = 0,
+               n_frames: int = 24, grid_cols: int = 8, res: int = 256, mesh_res: int = 128,
+               motion: dict | None = None, fps: int = 25) -> dict:
+    """eval_mode=sample (module docstring). motion: optional loaded motion (posed meshes use
+    its random frames). Returns a summary dict (per sample: vertex/face counts, files)."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    codes = sample_codes(model, n_samples, std_scale, seed)
+    fronts, summary = [], {"n_samples": n_samples, "std_scale": std_scale, "samples": []}
+    for k, c in enumerate(tqdm(codes, desc="sample", unit="avatar")):
+        folder = out_dir / f"sample_{k:03d}"
+        avatar = Avatar.from_codes(model, c, mesh_res=mesh_res)
+        avatar.save_canonical(folder / "canonical.ply")
+        pose, exp = default_posed_frame(avatar.betas, model.flame_server.n_exp, motion, rng)
+        verts, normals = avatar.pose(avatar.params(pose[None], exp[None]))
+        avatar.save_mesh(folder / "posed.ply", verts[0], normals[0])
+        rgb, nrm = turntable(avatar, n_frames, res)
+        save_video(folder / "turntable.mp4", [side_by_side(a, b) for a, b in zip(rgb, nrm)], fps)
+        pick = evenly(n_frames, grid_cols)
+        save_png(folder / "turntable.png",
+                 make_grid([rgb[i] for i in pick] + [nrm[i] for i in pick], ncols=len(pick)))
+        fronts.append(add_label(side_by_side(rgb[0], nrm[0]), f"sample {k}"))
+        summary["samples"].append({"folder": folder.name, "n_verts": int(avatar.verts_c.shape[0]),
+                                   "n_faces": int(avatar.faces.shape[0])})
+    save_png(out_dir / "samples.png", make_grid(fronts, ncols=min(4, len(fronts))))
+    return summary

@@ -1,0 +1,143 @@
+"""Use a trained GANHead (Hydra 1.3): sample, control, reenact, fit (DESIGN §7).
+
+    python test.py expname=fine +experiments=fine eval_mode=sample test.n_samples=8
+    python test.py expname=fine +experiments=fine eval_mode=z_color subject=0 subject_b=3
+    python test.py expname=fine +experiments=fine eval_mode=reenact subject=001_02 \\
+        motion=data/synthetic/motion/flame_params.json test.save_meshes=true
+    python test.py expname=fine +experiments=fine eval_mode=fit scan=my_scan.obj [flame=x.pkl]
+
+eval_mode: sample | interp | z_shape | z_detail | z_color | betas | thetas | reenact | fit.
+The checkpoint is `ckpt=PATH` (default ${output_dir}/checkpoints/last.ckpt; `checkpoint` is
+taken by the training callback's settings); outputs go to
+${output_dir}/<eval_mode>/ with a summary.json. Colour modes need a stage-2 checkpoint
+(z_shape, betas, thetas and fit of an untextured scan also take stage 1). Option defaults and
+meanings: the `test:` block of configs/config.yaml.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+MODES = ("sample", "interp", "z_shape", "z_detail", "z_color", "betas", "thetas", "reenact",
+         "fit")
+NEEDS_STAGE2 = ("sample", "interp", "z_detail", "z_color", "reenact")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def avatar_codes(model, cfg: DictConfig, which: str, default_row: int | None
+                 ) -> tuple[dict, str, int | None]:
+    """Codes of avatar `which` ('subject' or 'subject_b'): the training subject named in the
+    config, else row `default_row`, else (None) a sampled avatar.
+    Returns (codes, display name, embedding row or None for a sample)."""
+    from lib.inference.loading import resolve_subject, subject_codes
+    from lib.inference.sampling import sample_codes
+
+    choice = cfg.get(which)
+    if choice is None and default_row is None:
+        codes = sample_codes(model, 1, cfg.test.std_scale, cfg.seed)[0]
+        return codes, f"sample (seed {cfg.seed})", None
+    subject = resolve_subject(model, default_row if choice is None else choice,
+                              cfg.datamodule.get("data_list"), cfg.datamodule.get("processed_dir"))
+    return subject_codes(model, subject), subject.name, subject.index
+
+
+def load_motion_option(cfg: DictConfig, required: bool):
+    from lib.inference.loading import InferenceError
+    from lib.synthetic.motion import load_motion
+
+    if cfg.motion is None:
+        if required:
+            raise InferenceError(f"eval_mode={cfg.eval_mode} needs motion=<flame_params.json "
+                                 "or .npz>")
+        return None
+    return load_motion(cfg.motion)
+
+
+def run(cfg: DictConfig) -> dict:
+    from lib.inference.loading import InferenceError, load_model, require_stage2
+
+    mode = str(cfg.eval_mode)
+    if mode not in MODES:
+        raise InferenceError(f"eval_mode={mode!r} is not one of {', '.join(MODES)}")
+    t = cfg.test
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    flame_model = cfg.datamodule.get("flame_model")
+    if flame_model is not None and not Path(flame_model).is_file():
+        flame_model = None  # keep the FLAME path stored in the checkpoint
+    model = load_model(ckpt, flame_model, pick_device(t.device))
+    if mode in NEEDS_STAGE2:
+        require_stage2(model, f"eval_mode={mode}")
+    out_dir = Path(cfg.output_dir) / mode
+    torch.manual_seed(int(cfg.seed))
+    n_subjects = model.z_shapes.num_embeddings
+
+    if mode == "sample":
+        from lib.inference.sampling import run_sample
+
+        return run_sample(model, out_dir, t.n_samples, t.std_scale, cfg.seed, t.n_frames,
+                          t.grid_cols, t.res, t.mesh_res, load_motion_option(cfg, False), t.fps)
+    if mode == "reenact":
+        from lib.inference.avatar import Avatar
+        from lib.inference.reenact import run_reenact
+
+        motion = load_motion_option(cfg, True)
+        codes, name, _ = avatar_codes(model, cfg, "subject", None)
+        avatar = Avatar.from_codes(model, codes, mesh_res=t.mesh_res)
+        return run_reenact(model, avatar, motion, out_dir, t.res, t.max_frames, t.save_meshes,
+                           t.batch, t.grid_cols, name)
+    if mode == "fit":
+        from lib.inference.fitting import run_fit
+
+        if cfg.scan is None:
+            raise InferenceError("eval_mode=fit needs scan=<mesh file> (and optionally "
+                                 "flame=<id>_flame.pkl)")
+        f = t.fit
+        return run_fit(model, cfg.scan, out_dir, cfg.flame, f.geometry_only,
+                       OmegaConf.to_container(f.flame, resolve=True), f.n_surface, f.n_near,
+                       f.n_uniform, f.shape_steps, f.detail_steps, f.shape_lr, f.detail_lr,
+                       f.batch, f.lambda_reg,
+                       t.mesh_res, t.res, f.n_metric, cfg.seed)
+
+    from lib.inference.control import run_control
+
+    a, name_a, row_a = avatar_codes(model, cfg, "subject", 0)
+    b, name_b = None, ""
+    if mode in ("interp", "z_shape", "z_detail", "z_color"):
+        # the other end: subject_b, else the next training subject, else (one subject) a sample
+        row_b = (row_a + 1) % n_subjects if n_subjects > 1 else None
+        b, name_b, _ = avatar_codes(model, cfg, "subject_b", row_b)
+    n = t.n_frames if mode == "thetas" else t.n_steps
+    return run_control(model, mode, out_dir, a, b, n, t.grid_cols, t.res, t.mesh_res,
+                       t.save_meshes, t.component, t.amount, (name_a, name_b))
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from lib.dataset.faceverse_io import FlameParamsError
+    from lib.inference.loading import InferenceError
+    from lib.synthetic.motion import MotionFormatError
+    from lib.utils.atomic import atomic_path
+
+    try:
+        summary = run(cfg)
+    except (InferenceError, MotionFormatError, FlameParamsError) as err:
+        raise SystemExit(f"test.py: error: {err}") from None
+    out = Path(cfg.output_dir) / str(cfg.eval_mode) / "summary.json"
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2,
+                     default=str)[:4000])
+    print(f"test.py: eval_mode={cfg.eval_mode} done -> {out.parent}")
+
+
+if __name__ == "__main__":
+    main()
