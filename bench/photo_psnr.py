@@ -45,8 +45,8 @@ def main() -> None:
     model = GANHead.load_from_checkpoint(args.ckpt, map_location="cpu",
                                          flame_model=args.flame_model).eval()
     ds = ScanImageDataset(args.processed, args.data_list, args.cache_dir, load_res=args.res,
-                          repeat=1, fixed_view=True, surface_points=16)
-    n_views = ds.n_views
+                          repeat=9, fixed_view=True, surface_points=16)
+    n_views = ds.n_views  # with repeat = n_views every (scan, view) pair has an item index
     scans = ds.items if args.scans <= 0 else ds.items[:args.scans]
     psnr_n, psnr_c, tiles = [], [], []
     for s, scan_id in enumerate(scans):
