@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
     ap.add_argument("--identities", type=int, default=4)
     ap.add_argument("--expressions", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=30, help="stage-1 epochs (cpu experiment)")
+    ap.add_argument("--epochs", type=int, default=20, help="stage-1 epochs (cpu experiment)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
