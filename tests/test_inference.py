@@ -333,7 +333,7 @@ def _heldout_scan(trained, path: Path) -> dict:
 
 
 FIT = ["test.fit.n_surface=4000", "test.fit.n_near=4000", "test.fit.n_uniform=1000",
-       "test.fit.shape_steps=25", "test.fit.detail_steps=15", "test.fit.shape_lr=0.05",
+       "test.fit.shape_steps=60", "test.fit.detail_steps=15", "test.fit.shape_lr=0.03",
        "test.fit.batch=600", "test.fit.n_metric=5000", "test.fit.flame.rigid_steps=60",
        "test.fit.flame.full_steps=100"]
 
