@@ -207,6 +207,29 @@ class ForwardDeformer(nn.Module):
         return torch.where(ok[:, None, None], J_inv, eye)
 
     # ------------------------------------------------------------------ search
+    def _search_setup(self, xd, cond, smpl_out, point_mask):
+        """Detached inputs and the empty result buffers shared by every search mode.
+
+        xd: [B, N, 3]; point_mask: optional [B, N]. Returns xd0 [B, N, 3], z [B, Z], sm (the
+        detached FLAME dict), x_init [B*N, I, 3], xc [B*N, I, 3] (a copy of x_init),
+        valid [B*N, I] False, diff [B*N, I] inf, pts [P] flat indices of the points to solve.
+        """
+        B, N, _ = xd.shape
+        I = self.n_init
+        xd0 = xd.detach()
+        z = self._z(cond, B).detach().to(xd.dtype)
+        sm = {k: v.detach() for k, v in self._smpl(smpl_out, B, xd0).items()}
+        x_init = self.init_points(xd0, sm).reshape(B * N, I, 3)
+        valid = torch.zeros(B * N, I, dtype=torch.bool, device=xd.device)
+        diff = torch.full((B * N, I), float("inf"), dtype=xd.dtype, device=xd.device)
+        if point_mask is None:
+            pts = torch.arange(B * N, device=xd.device)
+        else:
+            if tuple(point_mask.shape) != (B, N):
+                raise _err(f"point_mask must be [{B}, {N}], got {tuple(point_mask.shape)}")
+            pts = point_mask.reshape(-1).nonzero().squeeze(1)
+        return xd0, z, sm, x_init, x_init.clone(), valid, diff, pts
+
     def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
         """Roots of forward_deform(x_c) = x_d from every init, without gradients.
@@ -220,19 +243,8 @@ class ForwardDeformer(nn.Module):
         B, N, _ = xd.shape
         I = self.n_init
         with torch.no_grad():
-            xd0 = xd.detach()
-            z = self._z(cond, B).detach().to(xd.dtype)
-            sm = {k: v.detach() for k, v in self._smpl(smpl_out, B, xd0).items()}
-            x_init = self.init_points(xd0, sm).reshape(B * N, I, 3)
-            xc = x_init.clone()
-            valid = torch.zeros(B * N, I, dtype=torch.bool, device=xd.device)
-            diff = torch.full((B * N, I), float("inf"), dtype=xd.dtype, device=xd.device)
-            if point_mask is None:
-                pts = torch.arange(B * N, device=xd.device)
-            else:
-                if tuple(point_mask.shape) != (B, N):
-                    raise _err(f"point_mask must be [{B}, {N}], got {tuple(point_mask.shape)}")
-                pts = point_mask.reshape(-1).nonzero().squeeze(1)
+            xd0, z, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
+                                                                          point_mask)
             xd_flat = xd0.reshape(B * N, 3)
             n_steps = 0
             for s in range(0, pts.numel(), self.chunk_size):

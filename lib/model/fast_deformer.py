@@ -309,18 +309,8 @@ class FastForwardDeformer(ForwardDeformer):
         I = self.n_init
         info = dict(n_steps=0, grid_steps=0, n_polished=0, n_further=0, n_fallback=0, n_solved=0)
         with torch.no_grad():
-            xd0, z = xd.detach(), self._z(cond, B).detach().to(xd.dtype)
-            sm = {k: v.detach() for k, v in self._smpl(smpl_out, B, xd0).items()}
-            x_init = self.init_points(xd0, sm).reshape(B * N, I, 3)
-            xc = x_init.clone()
-            valid = torch.zeros(B * N, I, dtype=torch.bool, device=xd.device)
-            diff = torch.full((B * N, I), float("inf"), dtype=xd.dtype, device=xd.device)
-            if point_mask is None:
-                pts = torch.arange(B * N, device=xd.device)
-            else:
-                if tuple(point_mask.shape) != (B, N):
-                    raise _err(f"point_mask must be [{B}, {N}], got {tuple(point_mask.shape)}")
-                pts = point_mask.reshape(-1).nonzero().squeeze(1)
+            xd0, z, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
+                                                                          point_mask)
             if pts.numel() > 0:
                 items = torch.unique(pts // N)                                         # [K]
                 slot_of = torch.full((B,), -1, dtype=torch.long, device=xd.device)
