@@ -27,20 +27,8 @@ from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer
 from lib.model.fast_deformer import BakedGrid, FastForwardDeformer, spline_matrix
 from lib.model.networks import LBSNetwork
 
-PARENTS = [-1, 0, 1, 1, 1]
-JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
-CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
-
-
-def rodrigues(r):
-    """r [..., 3] axis-angle -> [..., 3, 3]."""
-    t = r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    k = r / t
-    K = torch.zeros(*r.shape[:-1], 3, 3, dtype=r.dtype)
-    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
-    K = K - K.transpose(-1, -2)
-    s, c = torch.sin(t)[..., None], torch.cos(t)[..., None]
-    return torch.eye(3, dtype=r.dtype) + s * K + (1 - c) * (K @ K)
+# the analytic skeleton and Rodrigues formula of the exact deformer's tests
+from test_deformer import CENTRES, JOINTS, PARENTS, rodrigues  # noqa: E402
 
 
 def chain(rot):
