@@ -47,7 +47,8 @@ def trained(tiny_fine_dataset, tmp_path_factory):
     fine = ["+experiments=fine_cpu", f"datamodule.load_res={RES}", "precompute.mesh_res=32",
             "datamodule.surface_points=200", "trainer.check_val_every_n_epoch=100"]
     _run("train.py", [*common, "+experiments=cpu", f"output_dir={root / 'coarse'}",
-                      "trainer.max_epochs=10", "model.optim.lr=1e-2", "model.lambda_prior_w=100"])
+                      "trainer.max_epochs=10", "model.optim.lr=1e-2", "model.lambda_prior_w=100",
+                      "seed=7"])
     _run("precompute.py", [*common, *fine])
     _run("train.py", [*common, *fine, f"output_dir={root / 'fine'}", "datamodule.repeat=4",
                       f"starting_path={root / 'coarse' / 'checkpoints' / 'last.ckpt'}",

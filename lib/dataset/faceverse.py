@@ -84,10 +84,11 @@ class ScanOccupancyDataset(Dataset):
         occ = self._load(scan_id, "occupancy.npz")
         pts, lab = occ["pts_d"], occ["occ_gt"]
         n_half = pts.shape[0] // 2  # first half near-surface, second half uniform
-        rng = np.random.default_rng(i if self.deterministic else None)
-        surf = rng.integers(0, n_half, self.points_per_frame)
-        unif = rng.integers(n_half, pts.shape[0], self.n_uniform)
-        sel = np.concatenate([surf, unif])
+        # torch's generator: seeded by `seed` (pl.seed_everything, workers too), so runs repeat
+        gen = torch.Generator().manual_seed(i) if self.deterministic else None
+        surf = torch.randint(0, n_half, (self.points_per_frame,), generator=gen)
+        unif = torch.randint(n_half, pts.shape[0], (self.n_uniform,), generator=gen)
+        sel = torch.cat([surf, unif]).numpy()
         return {
             "index": self.index_of(scan_id),
             "scan_id": scan_id,
