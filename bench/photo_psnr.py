@@ -23,12 +23,6 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def masked_psnr(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> float:
-    """fake, real: [3, R, R] in [-1, 1]; mask: [R, R]. PSNR of the [0, 1] images in the mask."""
-    err = (((fake - real) / 2.0) ** 2).mean(0)[mask]
-    return float(10.0 * torch.log10(1.0 / err.mean().clamp_min(1e-12)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for key in ("ckpt", "processed", "data_list", "cache_dir", "flame_model"):
@@ -39,27 +33,26 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="a grid picture of the first scan")
     args = ap.parse_args()
     from lib.dataset.fine import ScanImageDataset
-    from lib.model.fine_stage import render_and_losses
+    from lib.model.fine_stage import masked_psnr, render_and_losses
     from lib.model.ganhead import GANHead
 
     model = GANHead.load_from_checkpoint(args.ckpt, map_location="cpu",
                                          flame_model=args.flame_model).eval()
     ds = ScanImageDataset(args.processed, args.data_list, args.cache_dir, load_res=args.res,
-                          repeat=9, fixed_view=True, surface_points=16)
-    n_views = ds.n_views  # with repeat = n_views every (scan, view) pair has an item index
+                          repeat=len(args.views), fixed_view=True, surface_points=16,
+                          views=args.views)
     scans = ds.items if args.scans <= 0 else ds.items[:args.scans]
     psnr_n, psnr_c, tiles = [], [], []
     for s, scan_id in enumerate(scans):
         for k in args.views:
-            # item i shows scan i % n_scans and view i % n_views: solve for (s, k)
-            i = next(j for j in range(len(ds.items) * n_views)
-                     if j % len(ds.items) == ds.items.index(scan_id) and j % n_views == k)
+            # item i shows scan i % n_scans in view views[i // n_scans]
+            i = ds.views.index(k) * len(ds.items) + ds.items.index(scan_id)
             batch = default_collate([ds[i]])
             with torch.no_grad():
                 _, out = render_and_losses(model, batch, with_surface=False)
-            m = out["mask"][0]
-            psnr_n.append(masked_psnr(out["fake_normal"][0], out["real_normal"][0], m))
-            psnr_c.append(masked_psnr(out["fake_rgb"][0], out["real_rgb"][0], m))
+            psnr_n.append(float(masked_psnr(out["fake_normal"], out["real_normal"],
+                                            out["mask"])[0]))
+            psnr_c.append(float(masked_psnr(out["fake_rgb"], out["real_rgb"], out["mask"])[0]))
             if s == 0 and args.out is not None:
                 tiles.append(torch.cat([out["real_normal"][0], out["fake_normal"][0],
                                         out["real_rgb"][0], out["fake_rgb"][0]], dim=2))

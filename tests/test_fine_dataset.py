@@ -82,7 +82,7 @@ def test_item_values_round_trip(tmp_path):
     assert len(ds) == 3 * 2 and ds.n_subjects == 3
     for i in range(len(ds)):
         it = ds[i]
-        n, k = i % 3, i % N_VIEWS
+        n, k = i % 3, (i // 3) % N_VIEWS  # every (scan, view) pair in turn
         assert it["scan_id"] == IDS[n] and it["index"] == n and it["view"] == k
         assert it["params"].dtype == torch.float32 and it["params"].shape == (169,)
         assert torch.equal(it["params"], torch.from_numpy(_params(n)))
@@ -131,7 +131,7 @@ def test_surface_subset(tmp_path):
 def test_fixed_view_deterministic(tmp_path):
     ds = _ds(tmp_path, fixed_view=True)
     a, b = ds[4], ds[4]
-    assert a["view"] == b["view"] == 4 % N_VIEWS
+    assert a["view"] == b["view"] == (4 // 3) % N_VIEWS
     for key in ("surface_points", "normal_img", "cache_pts"):
         assert torch.equal(a[key], b[key])
 
@@ -142,6 +142,20 @@ def test_random_views(tmp_path):
     assert views == set(range(N_VIEWS))  # P(miss one in 40 draws) ~ 3 * (2/3)^40 ~ 1e-7
     seeded = _ds(tmp_path / "s", seed=7)
     assert [seeded[i]["view"] for i in range(6)] == [seeded[i]["view"] for i in range(6)]
+
+
+def test_view_subset(tmp_path):
+    # training on all but view 1, validating on view 1 only
+    train = _ds(tmp_path, views=[0, 2])
+    assert {train[0]["view"] for _ in range(40)} == {0, 2}  # P(miss one) ~ 2 * 2^-40
+    held = _ds(tmp_path / "held", views=[1], fixed_view=True, repeat=1)
+    assert [(it["scan_id"], it["view"]) for it in held] == [(sid, 1) for sid in IDS]
+    both = _ds(tmp_path / "both", views=[2, 0], fixed_view=True, repeat=2)
+    pairs = [(it["scan_id"], it["view"]) for it in both]
+    assert sorted(pairs) == sorted((sid, k) for sid in IDS for k in (0, 2))
+    for n, bad in enumerate(([], [N_VIEWS])):
+        with pytest.raises(FineDataError, match="views"):
+            _ds(tmp_path / f"bad{n}", views=bad)
 
 
 def test_index_is_sorted_order_and_subset(tmp_path):

@@ -118,6 +118,24 @@ def _batch(model, data: dict, tmp_path: Path) -> dict:
     return torch.utils.data.default_collate([ds[0], ds[1]])
 
 
+def test_masked_psnr_matches_definition():
+    from lib.model.fine_stage import masked_psnr
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    fake = real.clone()
+    mask = torch.zeros(2, 8, 8, dtype=torch.bool)
+    mask[0, 2:6, 2:6] = True
+    mask[1, :, :4] = True
+    fake[0] += 0.2                      # 0.1 in [0, 1] everywhere in the mask: 20 dB
+    fake[1][:, mask[1]] += 0.02         # 0.01: 40 dB ...
+    fake[1][:, ~mask[1]] += 1.0         # ... and what lies outside the mask does not count
+    psnr = masked_psnr(fake, real, mask)
+    assert psnr.shape == (2,)
+    torch.testing.assert_close(psnr, torch.tensor([20.0, 40.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(masked_psnr(fake, real, mask[:, None]), psnr)
+
+
 def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
     from lib.model import fine_stage
 
@@ -207,8 +225,11 @@ def test_precompute_and_stage2_end_to_end(tiny_fine_dataset, tmp_path):
         assert len(vals) == 32, key
         assert np.mean(vals[-8:]) < 0.8 * np.mean(vals[:8]), f"{key} did not decrease: {vals}"
     assert read_metric(out, "train/normal_3d") and read_metric(out, "val/normal")
+    assert read_metric(out, "val/psnr_rgb") and read_metric(out, "val/psnr_normal")
     pictures = list((out / "images").glob("*.png"))
     assert pictures, "no validation picture"
+    # fine_cpu holds views 1 and 5 out of training: validation shows only those
+    assert {p.stem.rsplit("_", 1)[1] for p in pictures} <= {"view1", "view5"}, pictures
     before, after = _state(coarse), _state(out / "checkpoints" / "last.ckpt")
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -17,7 +17,8 @@ class ScanDataModule(pl.LightningDataModule):
                  num_workers: int = 4, points_per_frame: int = 2000, repeat: int = 10,
                  val_subjects: int = 4, val_points: int = 20000, subset: int | None = None,
                  stage: str = "coarse", cache_dir: str | None = None, load_res: int = 256,
-                 n_views: int = 9, surface_points: int = 2000, flame_model: str | None = None):
+                 n_views: int = 9, surface_points: int = 2000, flame_model: str | None = None,
+                 holdout_views: list[int] | None = None):
         super().__init__()
         self.processed_dir = processed_dir
         self.data_list = data_list
@@ -34,6 +35,8 @@ class ScanDataModule(pl.LightningDataModule):
         self.n_views = n_views
         self.surface_points = surface_points
         self.flame_model = flame_model
+        # stage 2: views never shown in training; validation scores them (all views if empty)
+        self.holdout_views = sorted(set(int(k) for k in (holdout_views or [])))
 
     @property
     def n_subjects(self) -> int:
@@ -44,15 +47,23 @@ class ScanDataModule(pl.LightningDataModule):
         if self.stage == "fine":
             from lib.dataset.fine import ScanImageDataset
 
+            held = self.holdout_views
+            train_views = [k for k in range(self.n_views) if k not in held]
+            if not train_views:
+                raise ValueError(f"datamodule.holdout_views={held} leaves no training view "
+                                 f"of n_views={self.n_views}")
             self.train_set = ScanImageDataset(
                 self.processed_dir, self.data_list, self.cache_dir, n_views=self.n_views,
                 load_res=self.load_res, surface_points=self.surface_points,
-                repeat=self.repeat, subset=self.subset)
+                repeat=self.repeat, subset=self.subset, views=train_views)
+            # validation: every held-out view of each validation scan (one fixed view each
+            # when nothing is held out)
             self.val_set = ScanImageDataset(
                 self.processed_dir, self.data_list, self.cache_dir, n_views=self.n_views,
-                load_res=self.load_res, surface_points=self.surface_points, repeat=1,
+                load_res=self.load_res, surface_points=self.surface_points,
+                repeat=max(1, len(held)),
                 subset=min(self.val_subjects, self.subset or self.val_subjects),
-                fixed_view=True)
+                fixed_view=True, views=held or None)
         else:
             self.train_set = ScanOccupancyDataset(
                 self.processed_dir, self.data_list, points_per_frame=self.points_per_frame,

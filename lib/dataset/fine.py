@@ -25,14 +25,15 @@ at 0.5.
 
 Randomness: the view and the surface subset come from `np.random.default_rng()` (fresh OS
 entropy per item, so DataLoader workers differ) unless `seed` is given; with
-`fixed_view=True` the view is `i % n_views` and the surface subset is seeded by the item
-index (validation is the same every epoch).
+`fixed_view=True` item i shows scan i % n_scans in view views[(i // n_scans) % len(views)]
+(so repeat = len(views) visits every (scan, view) pair once) and the surface subset is seeded
+by the item index (validation is the same every epoch).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -114,7 +115,8 @@ class ScanImageDataset(Dataset):
     must equal the cache's R), surface_points (S), repeat, subset (use only the first
     `subset` scans; embedding rows still count every scan), fixed_view (validation), seed,
     view_res (the renders' folder is multi_view_<view_res>; None: multi_view_<load_res> if
-    present, else multi_view_256, whose images are then resized to load_res).
+    present, else multi_view_256, whose images are then resized to load_res), views (the view
+    indices items may show, e.g. all but some held out for validation; None: all n_views).
 
     Item (dict):
         index: int, the scan's embedding row;  scan_id: str;  view: int k
@@ -129,7 +131,7 @@ class ScanImageDataset(Dataset):
                  cache_dir: str | os.PathLike, n_views: int = 9, load_res: int = 256,
                  surface_points: int = 2000, repeat: int = 10, subset: Optional[int] = None,
                  fixed_view: bool = False, seed: Optional[int] = None,
-                 view_res: Optional[int] = None):
+                 view_res: Optional[int] = None, views: Optional[Sequence[int]] = None):
         if cache_dir is None:
             raise FineDataError(f"{_WHERE}: cache_dir is not set; run precompute.py on the "
                                 "stage-1 checkpoint and pass its cache folder")
@@ -148,6 +150,11 @@ class ScanImageDataset(Dataset):
         self.view_res = None if view_res is None else int(view_res)
         if self.n_views < 1 or self.load_res < 1 or self.surface_points < 1:
             raise FineDataError(f"{_WHERE}: n_views, load_res and surface_points must be >= 1")
+        self.views = list(range(self.n_views)) if views is None else sorted(set(map(int, views)))
+        bad = [k for k in self.views if not 0 <= k < self.n_views]
+        if not self.views or bad:
+            raise FineDataError(f"{_WHERE}: views {list(views)} must be a non-empty subset of "
+                                f"0..{self.n_views - 1}")
 
     def __len__(self) -> int:
         return len(self.items) * self.repeat
@@ -214,7 +221,8 @@ class ScanImageDataset(Dataset):
             raise IndexError(i)
         scan_id = self.items[i % len(self.items)]
         rng = self._rng(i)
-        k = i % self.n_views if self.fixed_view else int(rng.integers(0, self.n_views))
+        k = self.views[(i // len(self.items)) % len(self.views)] if self.fixed_view \
+            else self.views[int(rng.integers(0, len(self.views)))]
         scan_dir = self.processed_dir / scan_id
 
         occ = _load_npz(scan_dir / "occupancy.npz", ("flame_params",), "rerun preprocess.py")

@@ -366,6 +366,8 @@ def validation_step(model, batch: dict, batch_idx: int) -> torch.Tensor:
     bs = batch["params"].shape[0]
     for k in ("normal", "rgb"):
         model.log(f"val/{k}", terms[k], prog_bar=k == "normal", batch_size=bs, sync_dist=True)
+        psnr = masked_psnr(out[f"fake_{k}"], out[f"real_{k}"], out["mask"]).mean()
+        model.log(f"val/psnr_{k}", psnr, prog_bar=k == "rgb", batch_size=bs, sync_dist=True)
     vcfg = model.hparams.validation or {}
     if batch_idx < vcfg.get("n_pictures", 2) and model.trainer.is_global_zero:
         for i in range(bs):
@@ -378,6 +380,16 @@ def validation_step(model, batch: dict, batch_idx: int) -> torch.Tensor:
             save_png(path, img)
             log_picture(model, f"val/images_{batch_idx}_{i}", img)
     return terms["normal"]
+
+
+def masked_psnr(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """fake, real: [B, 3, R, R] in [-1, 1]; mask: [B, R, R] or [B, 1, R, R] bool. Returns [B]:
+    PSNR in dB of the [0, 1] images over each item's mask (mean square error of all its
+    masked pixels and channels)."""
+    m = mask.reshape(mask.shape[0], 1, *fake.shape[-2:]).to(fake.dtype)
+    err = (((fake - real) * 0.5) ** 2 * m).sum(dim=(1, 2, 3))
+    mse = err / (m.sum(dim=(1, 2, 3)) * fake.shape[1]).clamp_min(1.0)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
 def comparison_picture(out: dict, i: int):

@@ -118,8 +118,17 @@ class GANHead(pl.LightningModule):
         return [d for d in (self.disc_normal, self.disc_color) if d is not None]
 
     def configure_optimizers(self):
-        params = [p for m in self.stage_modules() for p in m.parameters()]
-        main = torch.optim.Adam(params, lr=self.hparams.optim["lr"])
+        # the latent codes may take their own learning rate (optim.lr_latent): each code only
+        # gets a gradient when its scan is in the batch, so on short CPU runs with many scans
+        # they barely leave their 0.01 initialization at the networks' rate (the original uses
+        # one rate for all; lr_latent: null keeps that)
+        lr = self.hparams.optim["lr"]
+        lr_latent = self.hparams.optim.get("lr_latent") or lr
+        embeds = (self.z_shapes, self.z_details, self.z_colors)
+        latent = [p for m in self.stage_modules() if m in embeds for p in m.parameters()]
+        nets = [p for m in self.stage_modules() if m not in embeds for p in m.parameters()]
+        main = torch.optim.Adam([{"params": nets, "lr": lr},
+                                 {"params": latent, "lr": lr_latent}], lr=lr)
         discs = self.disc_modules()
         if not discs:
             return main
