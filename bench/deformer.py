@@ -225,6 +225,17 @@ class Counted(nn.Module):
         self.count += xc.shape[0] * xc.shape[1]
         return self.net(xc, z)
 
+    def folded(self, z, d_pose, d_exp):
+        """The folded evaluator of the fast search (lib/model/folded_lbs.py), counted too."""
+        if not hasattr(self.net, "folded"):
+            return None
+        fold = self.net.folded(z, d_pose, d_exp)
+
+        def call(x, bidx):
+            self.count += x.shape[0]
+            return fold(x, bidx)
+        return call
+
 
 def timed_once(fn, sync):
     """(wall s, process CPU s, result) of one call of fn()."""

@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import default_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,7 +31,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="a grid picture of the first scan")
     args = ap.parse_args()
     from lib.dataset.fine import ScanImageDataset
-    from lib.model.fine_stage import masked_psnr, render_and_losses
+    from lib.inference.reconstruction import comparison_grid, score_views
     from lib.model.ganhead import GANHead
 
     model = GANHead.load_from_checkpoint(args.ckpt, map_location="cpu",
@@ -42,30 +40,24 @@ def main() -> None:
                           repeat=len(args.views), fixed_view=True, surface_points=16,
                           views=args.views)
     scans = ds.items if args.scans <= 0 else ds.items[:args.scans]
-    psnr_n, psnr_c, tiles = [], [], []
-    for s, scan_id in enumerate(scans):
-        for k in args.views:
-            # item i shows scan i % n_scans in view views[i // n_scans]
-            i = ds.views.index(k) * len(ds.items) + ds.items.index(scan_id)
-            batch = default_collate([ds[i]])
-            with torch.no_grad():
-                _, out = render_and_losses(model, batch, with_surface=False)
-            psnr_n.append(float(masked_psnr(out["fake_normal"], out["real_normal"],
-                                            out["mask"])[0]))
-            psnr_c.append(float(masked_psnr(out["fake_rgb"], out["real_rgb"], out["mask"])[0]))
-            if s == 0 and args.out is not None:
-                tiles.append(torch.cat([out["real_normal"][0], out["fake_normal"][0],
-                                        out["real_rgb"][0], out["fake_rgb"][0]], dim=2))
-        print(f"{scan_id}: normal PSNR {np.mean(psnr_n[-len(args.views):]):.2f} dB, "
-              f"rgb PSNR {np.mean(psnr_c[-len(args.views):]):.2f} dB", flush=True)
+    psnr_n, psnr_c = [], []
+    for scan_id in scans:
+        scores = score_views(model, ds, [scan_id], args.views)
+        psnr_n += [sc.psnr_normal for sc in scores]
+        psnr_c += [sc.psnr_rgb for sc in scores]
+        print(f"{scan_id}: normal PSNR {np.mean(psnr_n[-len(scores):]):.2f} dB, "
+              f"rgb PSNR {np.mean(psnr_c[-len(scores):]):.2f} dB", flush=True)
+        if args.out is not None and scan_id == scans[0]:
+            first = scores
     print(f"mean over {len(scans)} scans x views {args.views}: normal {np.mean(psnr_n):.2f} dB,"
           f" rgb {np.mean(psnr_c):.2f} dB")
-    if tiles:
+    if args.out is not None:
         from lib.render.images import save_png
 
-        grid = torch.cat(tiles, dim=1).permute(1, 2, 0).clamp(-1, 1) * 0.5 + 0.5
-        save_png(args.out, grid.numpy())
-        print(f"picture: {args.out} (columns: real normal, rendered normal, real rgb, rendered)")
+        # one row per view of the first scan
+        save_png(args.out, np.concatenate([comparison_grid([sc]) for sc in first], axis=0))
+        print(f"picture: {args.out} (columns: real rgb, rendered rgb, real normal, rendered "
+              "normal)")
 
 
 if __name__ == "__main__":

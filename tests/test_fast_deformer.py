@@ -394,3 +394,48 @@ def test_cuda_matches_cpu(net):
         xg, vg = fg(xd.to(dev), {k: v.to(dev) for k, v in cond.items()}, {k: v.to(dev) for k, v in sm.items()},
                     eval_mode=True)
     assert_agree(xc, valid, xg.cpu(), vg.cpu())
+
+
+@pytest.mark.parametrize("variant", ["default", "encoded_skip"])
+def test_folded_lbs_equals_the_plain_network_float64(net, variant):
+    """FoldedLBS (weights read once, z_shape and blendshape heads folded per item) gives the plain
+    network's weights and blendshape offset, and skin_offset the plain forward deformation."""
+    from lib.model.deformer import lbs_deform
+    from lib.model.folded_lbs import skin_offset
+
+    if variant == "default":
+        lbs = copy.deepcopy(net).double()
+    else:  # positional encoding, a skip layer and the condition at two layers
+        torch.manual_seed(3)
+        lbs = LBSNetwork(multires=4, skip_layer=2, cond_layers=(0, 2)).double()
+        with torch.no_grad():
+            for p in lbs.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    xd, cond, sm = make_problem(N=60, dtype=torch.float64)
+    B = xd.shape[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(B * 60, 3, generator=g, dtype=torch.float64) * 2 - 1
+    bidx = torch.randint(0, B, (B * 60,), generator=g)
+    with torch.no_grad():
+        w_ref, pd, ed = lbs(x[:, None], cond["z_shape"][bidx])
+        fold = lbs.folded(cond["z_shape"], sm["pose_feature"] - sm["pose_feature_c"], sm["exp"] - sm["exp_c"])
+        w, offset = fold(x, bidx)
+        off_ref = ((ed[:, 0] * (sm["exp"] - sm["exp_c"])[bidx][:, None, :]).sum(-1)
+                   + (pd[:, 0] * (sm["pose_feature"] - sm["pose_feature_c"])[bidx][:, :, None]).sum(-2))
+        xd_ref = lbs_deform(x, w_ref[:, 0], ed[:, 0], pd[:, 0], sm["tfs"][bidx], sm["tfs_c"][bidx], sm["exp"][bidx],
+                            sm["exp_c"][bidx], sm["pose_feature"][bidx], sm["pose_feature_c"][bidx])
+        xd_fold = skin_offset(x, w, offset, sm["tfs"][bidx], sm["tfs_c"][bidx])
+    assert off_ref.abs().max() > 1e-3  # the blendshapes matter here
+    torch.testing.assert_close(w, w_ref[:, 0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(offset, off_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(xd_fold, xd_ref, rtol=0, atol=1e-12)
+
+
+def test_folded_search_equals_the_plain_search(net):
+    xd, cond, sm = make_problem(N=200)
+    plain = FastForwardDeformer(net, folded=False)
+    fast = FastForwardDeformer(net)
+    xp, vp = plain.search(xd, cond, sm)
+    xf, vf = fast.search(xd, cond, sm)
+    assert (vp != vf).float().mean() < 0.002
+    assert (xp - xf).norm(dim=-1)[vp & vf].max() < 1e-5

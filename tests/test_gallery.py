@@ -154,8 +154,12 @@ def test_text_is_escaped(tmp_path):
 
 def test_table_values_and_kinds(tmp_path):
     root, sections = _make_site(tmp_path / "site", with_webm=False)
-    p = _parse(write_gallery(root / "i.html", "T", "", sections).read_text())
+    sections[0]["items"][1]["wide"] = True
+    text = write_gallery(root / "i.html", "T", "", sections).read_text()
+    p = _parse(text)
     assert p.cells == ["iou", "0.9123", "steps", "20"]
+    assert text.count('<figure class="image wide">') == 1
+    assert text.count('<figure class="image">') == 1
     with pytest.raises(ValueError, match="not an image"):
         write_gallery(root / "j.html", "T", "", [{"title": "s", "items": [
             {"path": root / "vid" / "turn.mp4", "caption": "", "kind": "image"}]}])

@@ -398,3 +398,24 @@ def test_texture_regions_differ_as_designed(head, hair_scan):
     # eyes: white sclera and a dark pupil both present on the eyeballs
     eye = lab["eyes"][nn]
     assert (lum[eye] > 0.75).mean() > 0.2 and (lum[eye] < 0.15).any()
+
+
+@needs_head
+def test_holdout_persons_written_apart(tmp_path):
+    """--holdout persons go under heldout/ (not where preprocessing looks) and are the very
+    scans a run with more identities would have made for them."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import make_synthetic as ms
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    kw = {"seed": 3, "faces": 4000, "frames": 5, "texture_size": 64, "progress": False}
+    a = ms.generate(tmp_path / "a", identities=1, expressions=1, holdout=1, **kw)
+    assert a["made"] == 2
+    assert sorted(p.name for p in (tmp_path / "a" / "faceverse_dataset").iterdir()) == ["001_01"]
+    held = tmp_path / "a" / "heldout"
+    assert sorted(p.name for p in (held / "faceverse_dataset").iterdir()) == ["002_01"]
+    ms.generate(tmp_path / "b", identities=2, expressions=1, **kw)
+    for rel in ("faceverse_dataset/002_01/002_01.obj", "flame_params/002_01_flame.pkl"):
+        assert (held / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    assert ms.generate(tmp_path / "a", identities=1, expressions=1, holdout=1, **kw)["made"] == 0

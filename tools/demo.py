@@ -1,10 +1,15 @@
 """`make demo`: the whole pipeline on the built-in synthetic data, phase by phase.
 
 Each phase prints one progress line with its time and is resumable: a phase whose outputs
-exist is reused, so a second `make demo` finishes in a fraction of the time.
+exist (and are newer than what they were made from) is reused, so a second `make demo`
+finishes in a fraction of the time; a killed training run resumes from its last checkpoint.
 
-Phases: synthetic data (head model, FaceVerse-format scans, a motion sequence), pictures
-of the head model and the scans, preprocessing, stage-1 training on the CPU experiment.
+Phases: synthetic data (head model, FaceVerse-format scans, a held-out person, a motion
+sequence), pictures of the head model and the scans, preprocessing, stage 1 (`cpu`
+experiment), precompute and stage 2 (`fine_cpu`), then test.py: sampled avatars, a
+reenactment with the motion sequence and a fit of the held-out scan; finally the training
+scans beside the model's renders (a view trained on and a held-out one), loss plots and
+`<out>/index.html`, a gallery of all of it that opens from disk.
 Everything is written under `<out>/` (data under `--data`).
 """
 from __future__ import annotations
@@ -21,8 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TIMES: dict[str, float] = {}
+
+
 def phase(name: str):
-    """Decorator-free timer: `with phase('x'):` prints the phase's line and time."""
+    """`with phase('x'):` prints the phase's start and end line with its time (kept in TIMES)."""
 
     class _Phase:
         def __enter__(self):
@@ -32,10 +40,20 @@ def phase(name: str):
 
         def __exit__(self, *exc):
             if exc[0] is None:
-                print(f"[demo] {name}: done in {time.time() - self.t0:.1f} s", flush=True)
+                TIMES[name] = time.time() - self.t0
+                print(f"[demo] {name}: done in {TIMES[name]:.1f} s", flush=True)
             return False
 
     return _Phase()
+
+
+def is_fresh(path: Path, *sources: Path) -> bool:
+    """path exists and is newer than every existing source (so a phase's output is reused only
+    while what it was made from is unchanged)."""
+    if not path.is_file():
+        return False
+    t = path.stat().st_mtime
+    return all(not src.exists() or src.stat().st_mtime <= t for src in sources)
 
 
 def run(cmd: list[str]) -> None:
@@ -45,9 +63,9 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"[demo] step failed (exit {res.returncode}): {' '.join(cmd)}")
 
 
-def make_data(data: Path, identities: int, expressions: int, seed: int) -> None:
+def make_data(data: Path, identities: int, expressions: int, holdout: int, seed: int) -> None:
     run(["tools/make_synthetic.py", "--out", str(data), "--identities", str(identities),
-         "--expressions", str(expressions), "--seed", str(seed)])
+         "--expressions", str(expressions), "--holdout", str(holdout), "--seed", str(seed)])
 
 
 def preprocess(data: Path) -> None:
@@ -58,22 +76,72 @@ def preprocess(data: Path) -> None:
          "--data_list", str(data / "data_list.csv")])
 
 
-def train_stage1(data: Path, out: Path, epochs: int) -> Path:
-    """Stage 1 on the CPU experiment; resumes a killed run, skips a finished one."""
-    import torch as _torch
+def data_overrides(data: Path, out: Path) -> list[str]:
+    """Hydra overrides shared by every train/precompute/test call of the demo."""
+    return ["datamodule=synthetic", f"datamodule.processed_dir={data / 'processed'}",
+            f"datamodule.data_list={data / 'data_list.csv'}",
+            f"datamodule.flame_model={data / 'flame' / 'generic_model.pkl'}",
+            f"output_dir_coarse={out / 'coarse'}"]
 
-    run_dir = out / "coarse"
+
+def train(stage: str, data: Path, out: Path, epochs: int, extra: list[str]) -> Path:
+    """Stage 1 ('coarse', cpu experiment) or 2 ('fine', fine_cpu); resumes a killed run and
+    skips a finished one. Returns the run's last checkpoint."""
+    run_dir = out / stage
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file() and _torch.load(last, map_location="cpu",
-                                      weights_only=False)["epoch"] >= epochs:
-        print(f"[demo] stage 1: {last} already trained for {epochs} epochs")
+    if last.is_file() and torch.load(last, map_location="cpu",
+                                     weights_only=False)["epoch"] >= epochs:
+        print(f"[demo] {stage}: {last} already trained for {epochs} epochs")
         return last
-    run(["train.py", "expname=coarse", "datamodule=synthetic", "+experiments=cpu",
-         f"output_dir={run_dir}", f"datamodule.processed_dir={data / 'processed'}",
-         f"datamodule.data_list={data / 'data_list.csv'}",
-         f"datamodule.flame_model={data / 'flame' / 'generic_model.pkl'}",
-         f"trainer.max_epochs={epochs}", f"resume={str(last.is_file()).lower()}"])
+    experiment = "cpu" if stage == "coarse" else "fine_cpu"
+    run(["train.py", f"expname={stage}", *data_overrides(data, out), f"+experiments={experiment}",
+         f"output_dir={run_dir}", f"trainer.max_epochs={epochs}",
+         f"resume={str(last.is_file()).lower()}", "trainer.enable_progress_bar=false", *extra])
     return last
+
+
+def test_mode(mode: str, data: Path, out: Path, ckpt: Path, extra: list[str]) -> Path:
+    """test.py eval_mode=<mode> on the stage-2 checkpoint, unless its summary is newer.
+    Returns <out>/fine/<mode>/."""
+    folder = out / "fine" / mode
+    if is_fresh(folder / "summary.json", ckpt):
+        print(f"[demo] {mode}: {folder} is up to date")
+        return folder
+    run(["test.py", "expname=fine", *data_overrides(data, out), "+experiments=fine_cpu",
+         f"output_dir={out / 'fine'}", f"ckpt={ckpt}", f"eval_mode={mode}", *extra])
+    return folder
+
+
+def reconstructions(data: Path, out: Path, ckpt: Path, views: list[int]) -> tuple[Path, dict]:
+    """The first scan of every training person, real renders beside the model's, at the given
+    views (a trained one and held-out ones). Returns the picture and the mean PSNR per view."""
+    import json
+
+    from lib.dataset.fine import ScanImageDataset
+    from lib.inference.loading import load_model
+    from lib.inference.reconstruction import comparison_grid, score_views
+    from lib.render.images import save_png
+    from lib.utils.atomic import atomic_path
+
+    path, table = out / "reconstructions.png", out / "reconstructions.json"
+    if is_fresh(path, ckpt) and is_fresh(table, ckpt):
+        return path, json.loads(table.read_text())
+    from omegaconf import OmegaConf
+
+    model = load_model(ckpt, str(data / "flame" / "generic_model.pkl"))
+    res = int(OmegaConf.load(out / "fine" / "config.yaml").datamodule.load_res)
+    ds = ScanImageDataset(data / "processed", data / "data_list.csv", out / "coarse" /
+                          f"cache_{res}", load_res=res, repeat=len(views), fixed_view=True,
+                          surface_points=16, views=views)
+    firsts = [sid for sid in ds.items if sid.endswith("_01")]
+    scores = score_views(model, ds, firsts, views)
+    save_png(path, comparison_grid(scores))
+    psnr = {f"view {k}": {"rgb": float(np.mean([s.psnr_rgb for s in scores if s.view == k])),
+                          "normal": float(np.mean([s.psnr_normal for s in scores
+                                                   if s.view == k]))} for k in views}
+    with atomic_path(table) as tmp:
+        tmp.write_text(json.dumps(psnr, indent=2))
+    return path, psnr
 
 
 def head_model_pictures(model_path: Path, out: Path, res: int = 256) -> Path:
@@ -156,35 +224,135 @@ def _rotate_y(verts: torch.Tensor, angle: float) -> torch.Tensor:
     return verts @ rot.T
 
 
+def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
+            held: list[int]) -> Path:
+    """<out>/index.html: every picture and video of the run, the fit's metrics and the times."""
+    import json
+
+    from lib.utils.gallery import plot_losses, write_gallery
+
+    fine = out / "fine"
+    plots = []
+    for stage, title in (("coarse", "stage 1 (occupancy, skinning)"),
+                         ("fine", "stage 2 (normals, colour)")):
+        logs = sorted((out / stage / "logs").glob("version_*/metrics.csv"))
+        if logs:
+            plots.append({"path": plot_losses(logs, out / f"losses_{stage}.png", title),
+                          "caption": f"{title}: losses against the training step", "wide": True})
+    samples = sorted((fine / "sample").glob("sample_*/turntable.mp4"))
+    metrics = json.loads((fine / "fit" / "metrics.json").read_text())
+    rows = {}
+    for key in ("chamfer_l1", "chamfer_l2", "normal_consistency", "fscore_1pct", "fscore_2pct"):
+        if key in metrics.get("fit", {}):
+            rows[key] = (f"fit {metrics['fit'][key]:.4g}  |  FLAME only "
+                         f"{metrics['flame_only'][key]:.4g}")
+    reen = json.loads((fine / "reenact" / "summary.json").read_text())
+    fps = {k: v for k, v in reen.items() if isinstance(v, (int, float))}
+    psnr_rows = {f"{k} ({'held out' if int(k.split()[1]) in held else 'trained'})":
+                 f"RGB {v['rgb']:.2f} dB, normal {v['normal']:.2f} dB" for k, v in psnr.items()}
+    sections = [
+        {"title": "Synthetic data",
+         "text": "The built-in stand-in for FLAME and FaceVerse: a FLAME-format head model "
+                 "(identity, expression, jaw, eyes) and textured scans of a few persons.",
+         "items": [{"path": pics["head_model"], "caption": "head model: identity, jaw, eyes, "
+                                                           "expressions (front | side)"},
+                   {"path": pics["scans"], "caption": "training scans (front | side)"}]},
+        {"title": "Training", "items": plots},
+        {"title": "Reconstructions",
+         "text": "The first scan of every training person: preprocessed render beside the "
+                 "model's render (colour, then normals), in view(s) "
+                 f"{', '.join(map(str, views))}; views {held} were never trained on.",
+         "items": [{"path": pics["recon"], "caption": "scan | model, RGB and normals",
+                    "wide": True},
+                   {"kind": "table", "data": psnr_rows, "caption": "masked PSNR (mean)"}]},
+        {"title": "Sampled avatars",
+         "text": "New avatars: z_shape, z_detail and z_color each drawn from a Gaussian fitted "
+                 "to the learned codes; turntables of colour and normals.",
+         "items": [{"path": fine / "sample" / "samples.png", "caption": "front views",
+                    "wide": True}]
+         + [{"path": p, "caption": p.parent.name + " turntable"} for p in samples]},
+        {"title": "Reenactment",
+         "text": "A training subject driven by the synthetic FLAME motion sequence, beside the "
+                 "driving FLAME mesh.",
+         "items": [{"path": fine / "reenact" / "reenact.mp4", "caption": "RGB | normals | FLAME"},
+                   {"path": fine / "reenact" / "frames.png", "caption": "a few frames"},
+                   {"kind": "table", "data": fps, "caption": "timing"}]},
+        {"title": "Fitting a held-out scan",
+         "text": "A person never seen in training: FLAME fitted to the scan, then z_shape, "
+                 "z_detail and z_color optimized with the networks frozen.",
+         "items": [{"path": fine / "fit" / "compare.png", "wide": True,
+                    "caption": "scan | scan normals | FLAME only | fit | fit normals"},
+                   {"kind": "table", "data": rows, "caption": "fit vs FLAME-only baseline"}]},
+        {"title": "Run",
+         "items": [{"kind": "table", "caption": "seconds per phase",
+                    "data": {k: f"{v:.1f}" for k, v in TIMES.items()}}]},
+    ]
+    return write_gallery(out / "index.html", "GANHead demo",
+                         "The whole GANHead pipeline on synthetic data, on this machine's CPU: "
+                         "data, preprocessing, two training stages, sampling, reenactment and "
+                         "scan fitting.", sections)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
     ap.add_argument("--identities", type=int, default=4)
     ap.add_argument("--expressions", type=int, default=3)
+    ap.add_argument("--holdout", type=int, default=1, help="held-out persons (fit)")
     ap.add_argument("--epochs", type=int, default=20, help="stage-1 epochs (cpu experiment)")
+    ap.add_argument("--epochs2", type=int, default=20, help="stage-2 epochs (fine_cpu)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    written: list[Path] = []
+    pics: dict[str, Path] = {}
+    data, out = args.data, args.out
 
     with phase("synthetic data"):
-        make_data(args.data, args.identities, args.expressions, args.seed)
+        make_data(data, args.identities, args.expressions, args.holdout, args.seed)
     with phase("head model pictures"):
-        written.append(head_model_pictures(args.data / "flame" / "generic_model.pkl", args.out))
+        pics["head_model"] = head_model_pictures(data / "flame" / "generic_model.pkl", out)
     with phase("scan pictures"):
-        written.append(scan_pictures(args.data, args.out))
+        pics["scans"] = scan_pictures(data, out)
     with phase("preprocessing"):
-        preprocess(args.data)
+        preprocess(data)
     with phase("stage 1 training (cpu experiment)"):
-        written.append(train_stage1(args.data, args.out, args.epochs))
-        written.extend(sorted((args.out / "coarse" / "medias").glob("*.png"))[-2:])
+        coarse = train("coarse", data, out, args.epochs, [])
+    with phase("precompute (stage-2 cache)"):
+        run(["precompute.py", "expname=coarse", *data_overrides(data, out),
+             "+experiments=fine_cpu", f"ckpt={coarse}"])
+    with phase("stage 2 training (fine_cpu experiment)"):
+        fine = train("fine", data, out, args.epochs2, [f"starting_path={coarse}"])
+    small = ["test.res=192", "test.mesh_res=96"]
+    with phase("test.py sample"):
+        test_mode("sample", data, out, fine, [*small, "test.n_samples=4", "test.n_frames=24"])
+    with phase("test.py reenact"):
+        test_mode("reenact", data, out, fine,
+                  [*small, "subject=001_01", f"motion={data / 'motion' / 'flame_params.json'}",
+                   "test.max_frames=90"])
+    held_scans = sorted((data / "heldout" / "faceverse_dataset").glob("*/*.obj"))
+    if not held_scans:
+        raise SystemExit(f"[demo] no held-out scan under {data / 'heldout'} (--holdout 0?)")
+    scan = held_scans[0]
+    with phase("test.py fit (held-out scan)"):
+        test_mode("fit", data, out, fine,
+                  [*small, f"scan={scan}",
+                   f"flame={data / 'heldout' / 'flame_params' / (scan.stem + '_flame.pkl')}"])
+    from omegaconf import OmegaConf
+
+    held = [int(k) for k in OmegaConf.load(out / "fine" / "config.yaml").datamodule.holdout_views]
+    views = [0, *held]
+    with phase("reconstructions"):
+        pics["recon"], psnr = reconstructions(data, out, fine, views)
+    with phase("gallery"):
+        page = gallery(out, data, pics, psnr, views, held)
 
     print(f"[demo] finished in {time.time() - t0:.1f} s; wrote:")
-    for p in written:
+    for p in [*pics.values(), coarse, fine, out / "fine" / "sample", out / "fine" / "reenact",
+              out / "fine" / "fit", page]:
         print(f"  {p}")
+    print(f"[demo] open {page} in a browser")
 
 
 if __name__ == "__main__":

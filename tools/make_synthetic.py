@@ -7,6 +7,10 @@ writes
     <out>/faceverse_dataset/<id>/<id>.obj, .mtl, .jpg     textured scans, ids PPP_EE
     <out>/flame_params/<id>_flame.pkl                     their FaceVerse FLAME parameters
     <out>/motion/flame_params.json, motion.npz            a talking-like motion sequence
+    <out>/heldout/faceverse_dataset/, flame_params/       with --holdout N: persons
+                                                          identities+1 .. identities+N
+                                                          (expression 01), never trained on,
+                                                          for test.py's scan fitting
 
 Person PPP (001..) has its own identity coefficients, hair style (cycling bald, short,
 medium, thick, bun), skin tone, hair and iris colours; expression 01 is near neutral, the
@@ -114,7 +118,7 @@ def write_head_model(path: Path, seed: int) -> None:
 
 def generate(out: Path, identities: int, expressions: int, seed: int = 0, faces: int = 60000,
              frames: int = 150, texture_size: int = 1024, force: bool = False,
-             workers: int = 1, progress: bool = True) -> dict:
+             workers: int = 1, progress: bool = True, holdout: int = 0) -> dict:
     """Write the whole synthetic data set under `out`; returns a summary dict."""
     from tqdm import tqdm
 
@@ -127,16 +131,19 @@ def generate(out: Path, identities: int, expressions: int, seed: int = 0, faces:
         write_head_model(model_path, seed)
 
     tasks, skipped = [], 0
-    for p in range(1, identities + 1):
+    # training persons (every expression) under out/, held-out persons (expression 01) under
+    # out/heldout/ so that preprocessing and the data list never see them
+    plan = [(p, e, out) for p in range(1, identities + 1) for e in range(1, expressions + 1)]
+    plan += [(p, 1, out / "heldout") for p in range(identities + 1, identities + holdout + 1)]
+    for p, e, root in plan:
         person = person_params(seed, p)
-        for e in range(1, expressions + 1):
-            sid = scan_id(p, e)
-            if not force and all(f.is_file() for f in scan_paths(out, sid)):
-                skipped += 1
-                continue
-            tasks.append({"id": sid, "out": str(out), "faces": faces, "texture_size": texture_size,
-                          "shape": person["shape"], "style": person["style"],
-                          **scan_params(seed, p, e)})
+        sid = scan_id(p, e)
+        if not force and all(f.is_file() for f in scan_paths(root, sid)):
+            skipped += 1
+            continue
+        tasks.append({"id": sid, "out": str(root), "faces": faces, "texture_size": texture_size,
+                      "shape": person["shape"], "style": person["style"],
+                      **scan_params(seed, p, e)})
 
     face_counts = {}
     bar = tqdm(total=len(tasks), desc="synthetic scans", unit="scan", disable=not progress)
@@ -176,12 +183,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--texture-size", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--force", action="store_true", help="rebuild outputs that exist")
+    ap.add_argument("--holdout", type=int, default=0,
+                    help="extra persons written under <out>/heldout/ (never trained on)")
     args = ap.parse_args(argv)
+    if args.holdout < 0:
+        ap.error("--holdout must be >= 0")
     for name in ("identities", "expressions", "faces", "frames", "texture_size", "workers"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     summary = generate(args.out, args.identities, args.expressions, args.seed, args.faces,
-                       args.frames, args.texture_size, args.force, args.workers)
+                       args.frames, args.texture_size, args.force, args.workers,
+                       holdout=args.holdout)
     counts = list(summary["faces"].values())
     extra = f", faces {min(counts)}-{max(counts)}" if counts else ""
     print(f"[make_synthetic] {summary['made']} scans made, {summary['skipped']} kept{extra}; "

@@ -262,15 +262,21 @@ class ForwardDeformer(nn.Module):
         return xc, valid
 
     def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, z: torch.Tensor, sm,
-                     eval_mode: bool, max_steps: Optional[int] = None, J_inv: Optional[torch.Tensor] = None):
+                     eval_mode: bool, max_steps: Optional[int] = None, J_inv: Optional[torch.Tensor] = None,
+                     deform: Optional[Callable] = None):
         """Broyden through the networks from x0 [A, 3] (batch items bidx [A], targets x_d [A, 3]).
 
         J_inv: initial inverse Jacobians [A, 3, 3] (default: _init_J_inv); max_steps defaults to
-        self.max_steps. Returns broyden's dict (result [A, 3], diff [A], valid_ids [A], n_steps)."""
+        self.max_steps; deform: (x [A', 3], bidx [A']) -> x_d [A', 3], the forward deformation
+        (default: the plain networks, _deform_flat). Returns broyden's dict (result [A, 3],
+        diff [A], valid_ids [A], n_steps)."""
         J0 = self._init_J_inv(x0, bidx, z, sm, eval_mode) if J_inv is None else J_inv
+        if deform is None:
+            def deform(x, b):
+                return self._deform_flat(x, b, z, sm)
 
         def residual(x, mask):
-            return self._deform_flat(x, bidx[mask], z, sm) - target[mask]
+            return deform(x, bidx[mask]) - target[mask]
 
         steps = self.max_steps if max_steps is None else int(max_steps)
         return broyden(residual, x0, J0, steps, self.cvg_thresh, self.dvg_thresh)

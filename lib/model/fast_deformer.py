@@ -159,6 +159,9 @@ class FastForwardDeformer(ForwardDeformer):
         grid_tol: grid roots with an interpolant residual above this are not polished.
         fallback: polish unconverged roots further and give points without any root the exact
             search from their rigid inits (module docstring, stage 6).
+        folded: evaluate the networks in the bake and the polish through lbs_net.folded(...)
+            (lib/model/folded_lbs.py: weights read once, z_shape and blendshape parts folded per
+            item; same values to float rounding) when lbs_net has it; False: the plain path.
     """
 
     def __init__(self, lbs_net, n_joints: int = 5, max_steps: int = 50, cvg_thresh: float = 1e-5,
@@ -166,7 +169,7 @@ class FastForwardDeformer(ForwardDeformer):
                  skip_thresh: float = 0.11, skip_stride: int = 10, grid_res: Sequence[int] = (12, 12, 12),
                  bbox_min: Sequence[float] = (-1.0, -1.0, -1.0), bbox_max: Sequence[float] = (1.0, 1.0, 1.0),
                  exact_steps: int = 2, upsample: int = 4, merge_tol: float = 1e-4, grid_tol: float = 1e-3,
-                 fallback: bool = True):
+                 fallback: bool = True, folded: bool = True):
         super().__init__(lbs_net, n_joints=n_joints, max_steps=max_steps, cvg_thresh=cvg_thresh,
                          dvg_thresh=dvg_thresh, chunk_size=chunk_size, init_bones=init_bones,
                          skip_thresh=skip_thresh, skip_stride=skip_stride)
@@ -181,6 +184,7 @@ class FastForwardDeformer(ForwardDeformer):
             raise _err(f"upsample and exact_steps must be >= 1, got {upsample}, {exact_steps}")
         self.grid_res, self.upsample, self.exact_steps = res, int(upsample), int(exact_steps)
         self.merge_tol, self.grid_tol, self.fallback = float(merge_tol), float(grid_tol), bool(fallback)
+        self.folded = bool(folded)
         self.register_buffer("bbox_min", lo, persistent=False)
         self.register_buffer("bbox_max", hi, persistent=False)
         zz, yy, xx = torch.meshgrid(*[torch.linspace(0.0, 1.0, n, dtype=torch.float64) for n in res], indexing="ij")
@@ -194,16 +198,39 @@ class FastForwardDeformer(ForwardDeformer):
         return tuple((n - 1) * self.upsample + 1 for n in self.grid_res)
 
     # ------------------------------------------------------------------ bake
-    def bake(self, z: torch.Tensor, sm: Dict[str, torch.Tensor]) -> BakedGrid:
-        """Deformed positions of the lattice for K items: z [K, Z], sm (_smpl's dict, leading dim K).
+    def folded_deform(self, z: torch.Tensor, sm: Dict[str, torch.Tensor]):
+        """The forward deformation of K items for a search without gradients: z [K, Z], sm (_smpl's
+        dict, leading dim K) -> callable (x [A, 3], slot [A] in 0..K-1) -> x_d [A, 3]. Folded
+        (lib/model/folded_lbs.py) when enabled and lbs_net supports it, else the plain networks."""
+        make = getattr(self.lbs_net, "folded", None) if self.folded else None
+        fold = None if make is None else make(z, sm["pose_feature"] - sm["pose_feature_c"],
+                                              sm["exp"] - sm["exp_c"])
+        if fold is None:
+            return lambda x, slot: self._deform_flat(x, slot, z, sm)
+        from lib.model.folded_lbs import skin_offset
 
-        The LBS network sees [K, g, 3] lattice points per call (K*g about chunk_size * I).
+        def deform(x, slot):
+            w, offset = fold(x, slot)
+            return skin_offset(x, w, offset, sm["tfs"][slot], sm["tfs_c"][slot])
+        return deform
+
+    def bake(self, z: torch.Tensor, sm: Dict[str, torch.Tensor], deform=None) -> BakedGrid:
+        """Deformed positions of the lattice for K items: z [K, Z], sm (_smpl's dict, leading dim K);
+        deform: folded_deform(z, sm) when the caller has it already.
+
+        The network sees about chunk_size * I lattice points per call.
         Returns the refined BakedGrid over [bbox_min, bbox_max]."""
         K, dt = z.shape[0], sm["tfs"].dtype
+        deform = self.folded_deform(z, sm) if deform is None else deform
         lo, hi = self.bbox_min.to(dt), self.bbox_max.to(dt)
         pts = lo + self.lattice_unit.to(dt) * (hi - lo)                                # [G, 3]
         g = max(1, (self.chunk_size * self.n_init) // max(K, 1))
-        vals = [self._deform_items(pts[s:s + g].expand(K, -1, -1), z, sm) for s in range(0, pts.shape[0], g)]
+        slots = torch.arange(K, device=z.device)
+        vals = []
+        for s in range(0, pts.shape[0], g):
+            chunk = pts[s:s + g]
+            x = chunk.expand(K, -1, -1).reshape(-1, 3)
+            vals.append(deform(x, slots.repeat_interleave(chunk.shape[0])).reshape(K, -1, 3))
         F = torch.cat(vals, dim=1).reshape(K, *self.grid_res, 3)                       # [K, D, H, W, 3]
         if self.upsample > 1:
             F = torch.einsum("ad,kdhwc->kahwc", self.up_z.to(dt), F)
@@ -315,11 +342,17 @@ class FastForwardDeformer(ForwardDeformer):
                 items = torch.unique(pts // N)                                         # [K]
                 slot_of = torch.full((B,), -1, dtype=torch.long, device=xd.device)
                 slot_of[items] = torch.arange(items.numel(), device=xd.device)
-                grid = self.bake(z[items], {k: v[items] for k, v in sm.items()})
+                z_k, sm_k = z[items], {k: v[items] for k, v in sm.items()}
+                deform_k = self.folded_deform(z_k, sm_k)                               # by slot
+
+                def deform(x, b):                                                      # by batch index
+                    return deform_k(x, slot_of[b])
+                grid = self.bake(z_k, sm_k, deform_k)
                 for s in range(0, pts.numel(), self.chunk_size):
                     p = pts[s:s + self.chunk_size]
                     xc[p], valid[p], diff[p] = self._solve_chunk(grid, slot_of, p, N, x_init[p],
-                                                                 xd0.reshape(B * N, 3)[p], z, sm, eval_mode, info)
+                                                                 xd0.reshape(B * N, 3)[p], z, sm, eval_mode, info,
+                                                                 deform)
         xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
         if return_info:
             return xc, valid, dict(info, diff=diff.reshape(B, N, I))
@@ -339,11 +372,12 @@ class FastForwardDeformer(ForwardDeformer):
         diff[ids] = torch.where(take, out["diff"], diff[ids])
         valid[ids] = out["valid_ids"]
 
-    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, z, sm, eval_mode, info):
+    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, z, sm, eval_mode, info, deform=None):
         """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
 
-        x0: [c, I, 3] rigid inits; xd_p: [c, 3]. Returns xc [c, I, 3], valid [c, I], diff [c, I];
-        updates the counters in info."""
+        x0: [c, I, 3] rigid inits; xd_p: [c, 3]; deform: (x [A, 3], batch index [A]) -> x_d [A, 3]
+        for the Broyden residuals (default the plain networks). Returns xc [c, I, 3], valid [c, I],
+        diff [c, I]; updates the counters in info."""
         c, I = p.numel(), self.n_init
         bidx = (p // N).repeat_interleave(I)                                           # [c*I]
         slot = slot_of[bidx]
@@ -358,14 +392,14 @@ class FastForwardDeformer(ForwardDeformer):
         lead = leader.reshape(-1).nonzero().squeeze(1)                                 # [U]
         if lead.numel() > 0:  # polish
             out = self._solve_exact(xg[lead], bidx[lead], target[lead], z, sm, eval_mode, max_steps=self.exact_steps,
-                                    J_inv=self._grid_j_inv(grid, xg[lead], slot[lead]))
+                                    J_inv=self._grid_j_inv(grid, xg[lead], slot[lead]), deform=deform)
             self._update(lead, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
         further = lead[~valid[lead] & (diff[lead] <= self.dvg_thresh)] if lead.numel() else lead
         if self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps:  # from the best iterate
             out = self._solve_exact(xc[further], bidx[further], target[further], z, sm, eval_mode,
                                     max_steps=self.max_steps - self.exact_steps,
-                                    J_inv=self._grid_j_inv(grid, xc[further], slot[further]))
+                                    J_inv=self._grid_j_inv(grid, xc[further], slot[further]), deform=deform)
             self._update(further, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], self.exact_steps + out["n_steps"])
             info["n_further"] += int(further.numel())
@@ -377,7 +411,7 @@ class FastForwardDeformer(ForwardDeformer):
         # points left without any root: the exact search from the rigid inits
         rest = (~valid.reshape(c, I).any(-1, keepdim=True)).expand(c, I).reshape(-1).nonzero().squeeze(1)
         if self.fallback and rest.numel() > 0:
-            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], z, sm, eval_mode)
+            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], z, sm, eval_mode, deform=deform)
             self._update(rest, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
             info["n_fallback"] += int(rest.numel())

@@ -289,6 +289,14 @@ class LBSNetwork(nn.Module):
                                    weight_norm=weight_norm, zero_init_tail=self.blendshape_dim,
                                    tail_layer=tail_layer)
 
+    def folded(self, z_shape: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor):
+        """This network frozen for one search (lib/model/folded_lbs.py): z_shape [B, Z], pose-
+        feature change d_pose [B, P], expression change d_exp [B, X] -> a callable
+        (x [A, 3], bidx [A]) -> (w [A, J], blendshape offset [A, 3]), without gradients."""
+        from lib.model.folded_lbs import FoldedLBS
+
+        return FoldedLBS(self, z_shape, d_pose, d_exp)
+
     @property
     def blendshape_dim(self) -> int:
         """P * 3 + 3 * X (258 by default)."""

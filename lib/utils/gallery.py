@@ -101,7 +101,8 @@ def plot_losses(metrics_csv, out_png, title: str, keys: list[str] | None = None)
     step). keys: quantities to draw (default: every `train/*` column with data; if there is
     none, every other numeric column). `val/*` columns are drawn as markers, on the panel of
     `train/<same name>` when that is drawn, else on a panel of their own. A panel uses a log
-    y axis when all its values are positive. Returns out_png.
+    y axis when all its values are positive and span more than a factor 3 (a flat curve
+    reads better on a linear axis). Returns out_png.
     """
     columns, rows = read_metrics(metrics_csv)
     has_data = {c: bool(_series(rows, c)[0]) for c in columns}
@@ -150,17 +151,16 @@ def plot_losses(metrics_csv, out_png, title: str, keys: list[str] | None = None)
             s, v = _series(rows, val_key)
             ax.plot(s, v, ls="none", marker="o", ms=4, color="tab:orange", label=val_key)
             all_vals += v
-        if all_vals and min(all_vals) > 0 and max(all_vals) > min(all_vals):
-            ax.set_yscale("log")
+        if all_vals and min(all_vals) > 0 and max(all_vals) > 3.0 * min(all_vals):
+            ax.set_yscale("log")                 # positive and spanning > 3x: log axis
         ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
+        ax.set_xlabel("step", fontsize=7)
         ax.grid(alpha=0.3)
         if line_key is not None and val_key is not None:
             ax.legend(fontsize=7)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("step", fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     out_png = Path(out_png)
@@ -178,7 +178,9 @@ h1 { margin-bottom: .2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 
 .intro, .text { white-space: pre-wrap; line-height: 1.4; max-width: 60em; }
 nav a { margin-right: 1em; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr));
-        gap: 1em; }
+        gap: 1em; align-items: start; }
+figure.wide { grid-column: 1 / -1; }
+figure.wide img { width: auto; max-width: 100%; }
 figure { margin: 0; background: #fff; border: 1px solid #ddd; border-radius: 6px;
          padding: .5em; }
 figure img, figure video { width: 100%; height: auto; display: block; background: #fff; }
@@ -315,7 +317,8 @@ def _render_item(item: dict, folder: Path, where: str) -> str:
             raise ValueError(f"{_WHERE}: {where}: a text item needs 'text'")
         body = f'<pre class="textitem">{_esc(text)}</pre>'
     cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f'<figure class="{kind}">{body}{cap}</figure>'
+    cls = f"{kind} wide" if item.get("wide") else kind
+    return f'<figure class="{cls}">{body}{cap}</figure>'
 
 
 def write_gallery(out_html, title: str, intro: str, sections: list[dict]) -> Path:
@@ -324,7 +327,10 @@ def write_gallery(out_html, title: str, intro: str, sections: list[dict]) -> Pat
     sections: [{"title": str, "text": str (optional plain text),
                 "items": [{"path": Path, "caption": str,
                            "kind": "image"|"video"|"table"|"text",
-                           "data": dict (table), "text": str (text)}, ...]}, ...]
+                           "data": dict (table), "text": str (text),
+                           "wide": bool (optional: span the whole row, e.g. loss plots)},
+                          ...]}, ...]
+    `kind` may be left out for a path with an image/video suffix.
     Images: .png/.jpg/.jpeg/.gif/.webp; videos: .mp4/.webm. All text is HTML-escaped.
     Raises FileNotFoundError (naming the file and the section) for a missing image/video,
     ValueError for a malformed section or item.
