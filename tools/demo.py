@@ -324,7 +324,7 @@ def main(argv=None) -> None:
              "+experiments=fine_cpu", f"ckpt={coarse}"])
     with phase("stage 2 training (fine_cpu experiment)"):
         fine = train("fine", data, out, args.epochs2, [f"starting_path={coarse}"])
-    small = ["test.res=192", "test.mesh_res=96"]
+    small = ["test.res=192", "test.mesh_res=128"]
     with phase("test.py sample"):
         test_mode("sample", data, out, fine, [*small, "test.n_samples=4", "test.n_frames=24"])
     with phase("test.py reenact"):

@@ -348,6 +348,7 @@ class FastForwardDeformer(ForwardDeformer):
                 def deform(x, b):                                                      # by batch index
                     return deform_k(x, slot_of[b])
                 grid = self.bake(z_k, sm_k, deform_k)
+                self._init_rep = self._same_inits(sm)                                  # [B, I]
                 for s in range(0, pts.numel(), self.chunk_size):
                     p = pts[s:s + self.chunk_size]
                     xc[p], valid[p], diff[p] = self._solve_chunk(grid, slot_of, p, N, x_init[p],
@@ -357,6 +358,15 @@ class FastForwardDeformer(ForwardDeformer):
         if return_info:
             return xc, valid, dict(info, diff=diff.reshape(B, N, I))
         return xc, valid
+
+    def _same_inits(self, sm: Dict[str, torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
+        """For each item and init bone, the first init bone with the same rigid map
+        tfs_c[j] inv(tfs[j]) (entries within tol): [B, I] long (itself when unique)."""
+        T = sm["tfs_c"][:, self.init_bones] @ torch.linalg.inv(sm["tfs"][:, self.init_bones])  # [B, I, 4, 4]
+        I = T.shape[1]
+        same = (T[:, :, None] - T[:, None, :]).abs().flatten(-2).amax(-1) <= tol      # [B, I, I]
+        lower = torch.ones(I, I, dtype=torch.bool, device=T.device).tril()
+        return (same & lower).int().argmax(dim=-1)                                    # first True per row
 
     def _grid_j_inv(self, grid: BakedGrid, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Inverse interpolant Jacobians at x [U, 3] (lattices slot [U]) -> [U, 3, 3]; identity where singular."""
@@ -383,8 +393,15 @@ class FastForwardDeformer(ForwardDeformer):
         slot = slot_of[bidx]
         target = xd_p.repeat_interleave(I, dim=0)                                      # [c*I, 3]
         x0f = x0.reshape(-1, 3)
-        xg, rg, g_steps = self._grid_newton(grid, x0f.t().contiguous(), slot, target.t().contiguous())
-        xg = xg.t().contiguous()                                                       # [c*I, 3]
+        # inits of bones whose rigid map equals an earlier bone's (e.g. eyes and neck at rest)
+        # start at the same point: search once, copy the root
+        src = (torch.arange(c, device=p.device)[:, None] * I + self._init_rep[p // N]).reshape(-1)  # [c*I]
+        own = src == torch.arange(c * I, device=p.device)
+        xs, rs, g_steps = self._grid_newton(grid, x0f[own].t().contiguous(), slot[own], target[own].t().contiguous())
+        xg = torch.empty_like(x0f)
+        rg = torch.empty(c * I, dtype=x0f.dtype, device=x0f.device)
+        xg[own], rg[own] = xs.t(), rs
+        xg, rg = xg[src], rg[src]                                                      # [c*I, 3], [c*I]
         found = (rg < self.grid_tol).reshape(c, I)
         leader, rep = self._merge(xg.reshape(c, I, 3), found, self.merge_tol)
         xc, valid = xg.clone(), torch.zeros(c * I, dtype=torch.bool, device=xg.device)

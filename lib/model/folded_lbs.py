@@ -56,8 +56,11 @@ class FoldedLBS:
                 M[:, r, r:3 * P:3] = d_pose.detach().to(dt)
                 M[:, r, 3 * P + X * r:3 * P + X * (r + 1)] = d_exp.detach().to(dt)
             Wt, bt = net.tail.weight.detach().to(dt), net.tail.bias.detach().to(dt)
-            self.tail_W = M @ Wt                                                   # [B, 3, n]
-            self.tail_b = M @ bt                                                   # [B, 3]
+            # all items' folded tails side by side: one [A, n] x [n, 3 B] product, then each
+            # point keeps its item's 3 columns (cheaper than a gathered [A, 3, n] per point)
+            self.B = B
+            self.tail_W = (M @ Wt).reshape(3 * B, -1).t().contiguous()             # [n, 3 B]
+            self.tail_b = (M @ bt).reshape(3 * B)                                  # [3 B]
 
     def __call__(self, x: torch.Tensor, bidx: torch.Tensor):
         net = self.net
@@ -75,7 +78,8 @@ class FoldedLBS:
             if l < net.depth:
                 h = net.softplus(h)
         w = torch.softmax(self.scale * h, dim=-1)
-        offset = torch.bmm(self.tail_W[bidx], h_tail[:, :, None])[:, :, 0] + self.tail_b[bidx]
+        all_items = torch.addmm(self.tail_b, h_tail, self.tail_W).view(-1, self.B, 3)  # [A, B, 3]
+        offset = all_items[torch.arange(x.shape[0], device=x.device), bidx]        # [A, 3]
         return w, offset
 
 
