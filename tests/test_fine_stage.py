@@ -136,6 +136,24 @@ def test_masked_psnr_matches_definition():
     torch.testing.assert_close(masked_psnr(fake, real, mask[:, None]), psnr)
 
 
+def test_subsample_mask_keeps_k_uniformly():
+    from lib.model.fine_stage import subsample_mask
+
+    torch.manual_seed(0)
+    mask = torch.zeros(2, 10, 10, dtype=torch.bool)
+    mask[0, 2:7, 2:7] = True          # 25 pixels
+    mask[1, :2, :3] = True            # 6 pixels: fewer than k, all kept
+    counts = torch.zeros(2, 10, 10)
+    for _ in range(400):
+        sub = subsample_mask(mask, 10)
+        assert not (sub & ~mask).any()
+        assert sub[0].sum() == 10 and torch.equal(sub[1], mask[1])
+        counts += sub.float()
+    freq = counts[0][mask[0]] / 400    # each of the 25 kept with probability 10 / 25
+    assert (freq - 0.4).abs().max() < 0.1, freq
+    assert torch.equal(subsample_mask(mask, 1000), mask)
+
+
 def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
     from lib.model import fine_stage
 

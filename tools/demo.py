@@ -311,10 +311,15 @@ def main(argv=None) -> None:
 
     with phase("synthetic data"):
         make_data(data, args.identities, args.expressions, args.holdout, args.seed)
+    model_path = data / "flame" / "generic_model.pkl"
     with phase("head model pictures"):
-        pics["head_model"] = head_model_pictures(data / "flame" / "generic_model.pkl", out)
+        pics["head_model"] = out / "head_model.png"
+        if not is_fresh(pics["head_model"], model_path):
+            head_model_pictures(model_path, out)
     with phase("scan pictures"):
-        pics["scans"] = scan_pictures(data, out)
+        pics["scans"] = out / "scans.png"
+        if not is_fresh(pics["scans"], *(data / "faceverse_dataset").glob("*/*.obj")):
+            scan_pictures(data, out)
     with phase("preprocessing"):
         preprocess(data)
     with phase("stage 1 training (cpu experiment)"):

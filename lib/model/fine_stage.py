@@ -191,7 +191,20 @@ def _check_batch(batch: dict) -> None:
                    "datamodule.stage=fine (lib/dataset/fine.py items)")
 
 
-def render_and_losses(model, batch: dict, with_surface: bool = True) -> tuple[dict, dict]:
+def subsample_mask(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """mask: [B, R, R] bool -> [B, R, R] bool keeping k of each item's True pixels, drawn
+    uniformly without replacement (all of them where there are at most k)."""
+    B = mask.shape[0]
+    flat = mask.reshape(B, -1)
+    if k >= flat.shape[1]:
+        return mask
+    score = torch.rand(flat.shape, device=mask.device).masked_fill(~flat, -1.0)
+    kth = score.topk(k, dim=1).values[:, -1:]                                     # [B, 1]
+    return (flat & (score >= kth)).reshape(mask.shape)
+
+
+def render_and_losses(model, batch: dict, with_surface: bool = True,
+                      pixels: int | None = None) -> tuple[dict, dict]:
     """Rendered images and the stage-2 reconstruction losses of a batch.
 
     batch: ScanImageDataset items collated (index [B], params / view_params [B, 169],
@@ -213,6 +226,9 @@ def render_and_losses(model, batch: dict, with_surface: bool = True) -> tuple[di
 
     cache_pts, cache_mask = batch["cache_pts"], batch["cache_mask"].bool()
     B, R = cache_pts.shape[0], cache_pts.shape[1]
+    if pixels is not None:  # only a random subset of the photo mask is rendered and scored
+        cache_mask = subsample_mask(cache_mask & batch["img_mask"].reshape(B, R, R).bool(),
+                                    int(pixels))
     if tuple(batch["normal_img"].shape[-2:]) != (R, R):
         raise _err(f"cache resolution {R} != image size {tuple(batch['normal_img'].shape[-2:])}")
     packed, index = pack_points(cache_pts.reshape(B, R * R, 3).to(z_shape.dtype),
@@ -325,7 +341,9 @@ def training_step(model, batch: dict) -> torch.Tensor:
     critics = discriminators(model)
     opts = model.optimizers()
     opt = opts[0] if isinstance(opts, (list, tuple)) else opts
-    terms, out = render_and_losses(model, batch)
+    # critics judge whole images, so pixel subsampling applies without them only
+    terms, out = render_and_losses(model, batch,
+                                   pixels=None if critics else hp.get("photo_pixels"))
     if critics:
         terms.update(generator_gan_terms(model, out))
     loss = sum(v for k, v in terms.items() if k != "valid_3d")

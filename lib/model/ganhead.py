@@ -47,7 +47,7 @@ class GANHead(pl.LightningModule):
                  deformer: dict | None = None, occ_network: dict | None = None,
                  norm_network: dict | None = None, tex_network: dict | None = None,
                  validation: dict | None = None, output_dir: str = "outputs/coarse",
-                 discriminator: dict | None = None):
+                 discriminator: dict | None = None, photo_pixels: int | None = None):
         super().__init__()
         kwargs = {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(kwargs)

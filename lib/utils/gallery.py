@@ -145,7 +145,10 @@ def plot_losses(metrics_csv, out_png, title: str, keys: list[str] | None = None)
         all_vals: list[float] = []
         if line_key is not None:
             s, v = _series(rows, line_key)
-            ax.plot(s, v, lw=1.0, color="tab:blue", label=line_key)
+            # a quantity logged only a few times (e.g. the first epoch's bootstrapping) gets
+            # markers too, or a single point would be invisible
+            ax.plot(s, v, lw=1.0, color="tab:blue", label=line_key,
+                    marker="o" if len(v) < 5 else None, ms=3)
             all_vals += v
         if val_key is not None:
             s, v = _series(rows, val_key)
