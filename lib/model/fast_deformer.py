@@ -20,6 +20,8 @@ initializations), solved in stages (Fast-SNARF's idea, in plain torch):
 3. Grid search. Damped Newton on the trilinear interpolant (analytic Jacobian) from the rigid
    inits, with the exact search's convergence and divergence thresholds. Outside the box the
    boundary cell's trilinear polynomial is extrapolated (the deformation is smooth there).
+   Bones whose rigid maps coincide for an item (the eyes and the neck when neither turns) give
+   identical inits: each such init is searched once and its root copied.
 4. Merge. Inits of one point whose grid roots lie within merge_tol are one root: it is
    polished once and shared.
 5. Polish. Broyden through the networks (exact residuals, lib/model/broyden.py) from each grid
@@ -35,6 +37,11 @@ forward, the implicit correction (gradients by implicit differentiation through 
 occupancy_of_valid, query_occupancy and to_neutral are ForwardDeformer's; the correction is
 evaluated once per distinct root (merged inits share theirs), with identical values and
 gradients. The extra constructor arguments add no state_dict keys: checkpoints load in either mode.
+
+The bake and the polish (no gradients) evaluate the LBS network folded for the search
+(lib/model/folded_lbs.py: weights read once, z_shape's part of the first layer and the
+blendshape head folded per item, about half the work per point, same values to rounding);
+the implicit correction differentiates the plain network.
 """
 from __future__ import annotations
 
@@ -348,12 +355,12 @@ class FastForwardDeformer(ForwardDeformer):
                 def deform(x, b):                                                      # by batch index
                     return deform_k(x, slot_of[b])
                 grid = self.bake(z_k, sm_k, deform_k)
-                self._init_rep = self._same_inits(sm)                                  # [B, I]
+                init_rep = self._same_inits(sm)                                        # [B, I]
                 for s in range(0, pts.numel(), self.chunk_size):
                     p = pts[s:s + self.chunk_size]
                     xc[p], valid[p], diff[p] = self._solve_chunk(grid, slot_of, p, N, x_init[p],
                                                                  xd0.reshape(B * N, 3)[p], z, sm, eval_mode, info,
-                                                                 deform)
+                                                                 deform, init_rep)
         xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
         if return_info:
             return xc, valid, dict(info, diff=diff.reshape(B, N, I))
@@ -382,11 +389,12 @@ class FastForwardDeformer(ForwardDeformer):
         diff[ids] = torch.where(take, out["diff"], diff[ids])
         valid[ids] = out["valid_ids"]
 
-    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, z, sm, eval_mode, info, deform=None):
+    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, z, sm, eval_mode, info, deform=None, init_rep=None):
         """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
 
         x0: [c, I, 3] rigid inits; xd_p: [c, 3]; deform: (x [A, 3], batch index [A]) -> x_d [A, 3]
-        for the Broyden residuals (default the plain networks). Returns xc [c, I, 3], valid [c, I],
+        for the Broyden residuals (default the plain networks); init_rep: [B, I] the init each init
+        copies its grid root from (_same_inits; default: itself). Returns xc [c, I, 3], valid [c, I],
         diff [c, I]; updates the counters in info."""
         c, I = p.numel(), self.n_init
         bidx = (p // N).repeat_interleave(I)                                           # [c*I]
@@ -395,7 +403,8 @@ class FastForwardDeformer(ForwardDeformer):
         x0f = x0.reshape(-1, 3)
         # inits of bones whose rigid map equals an earlier bone's (e.g. eyes and neck at rest)
         # start at the same point: search once, copy the root
-        src = (torch.arange(c, device=p.device)[:, None] * I + self._init_rep[p // N]).reshape(-1)  # [c*I]
+        rep_b = init_rep[p // N] if init_rep is not None else torch.arange(I, device=p.device).expand(c, I)
+        src = (torch.arange(c, device=p.device)[:, None] * I + rep_b).reshape(-1)      # [c*I]
         own = src == torch.arange(c * I, device=p.device)
         xs, rs, g_steps = self._grid_newton(grid, x0f[own].t().contiguous(), slot[own], target[own].t().contiguous())
         xg = torch.empty_like(x0f)
