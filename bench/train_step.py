@@ -1,7 +1,7 @@
 """Seconds per training step (forward, backward, optimizer step) of the GANHead module.
 
     python bench/train_step.py [--stages coarse fine] [--sizes default cpu] [--modes exact fast]
-                               [--steps 3] [--gan]
+                               [--steps 3] [--gan] [--ckpt outputs/coarse_cpu/checkpoints/last.ckpt]
 
 Builds the model from the Hydra configs (stage 1: the default experiment and
 `+experiments=cpu`; stage 2: `+experiments=fine` and `+experiments=fine_cpu`), with the
@@ -124,16 +124,28 @@ def bench_fine(size: str, mode: str, steps: int, flame_path: Path, gan: bool) ->
             "valid": sum(valid) / len(valid)}
 
 
-def bench(size: str, mode: str, steps: int, flame_path: Path) -> dict:
+def bench(size: str, mode: str, steps: int, flame_path: Path, ckpt: Path | None = None) -> dict:
+    """Seconds per stage-1 step; with ckpt, the networks and codes of a trained stage-1
+    checkpoint of the same size (learned, non-rigid skinning) and no bone bootstrapping."""
     from lib.model.ganhead import GANHead
 
     overrides = [f"datamodule.flame_model={flame_path}", f"model.deformer.mode={mode}"]
     if size == "cpu":
         overrides.insert(0, "+experiments=cpu")
+    state, n_subjects = None, 8
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        n_subjects = state["z_shapes.weight"].shape[0]
+        overrides.append("model.nepochs_pretrain=0")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    model = GANHead(n_subjects=8, output_dir=tempfile.mkdtemp(),
+    model = GANHead(n_subjects=n_subjects, output_dir=tempfile.mkdtemp(),
                     **OmegaConf.to_container(cfg.model, resolve=True))
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith(("disc_",)) for k in missing):
+            raise ValueError(f"{ckpt} does not fit the '{size}' networks: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     dm = cfg.datamodule
     n_points = dm.points_per_frame + dm.points_per_frame // 8
@@ -161,6 +173,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["exact", "fast"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ckpt", type=Path, default=None,
+                    help="stage 1: start from this trained stage-1 checkpoint (its size)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,7 +205,7 @@ def run_coarse(args, flame_path: Path) -> None:
     for size in args.sizes:
         for mode in args.modes:
             try:
-                r = bench(size, mode, args.steps, flame_path)
+                r = bench(size, mode, args.steps, flame_path, args.ckpt)
             except (ValueError, KeyError) as err:
                 print(f"{size:8s} {mode:6s} unavailable: {err}")
                 continue
