@@ -408,8 +408,7 @@ def test_cuda_matches_cpu(net):
 def test_folded_lbs_equals_the_plain_network_float64(net, variant):
     """FoldedLBS (weights read once, z_shape and blendshape heads folded per item) gives the plain
     network's weights and blendshape offset, and skin_offset the plain forward deformation."""
-    from lib.model.deformer import lbs_deform
-    from lib.model.folded_lbs import skin_offset
+    from lib.model.deformer import lbs_deform, skin_offset
 
     if variant == "default":
         lbs = copy.deepcopy(net).double()

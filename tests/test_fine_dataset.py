@@ -153,6 +153,7 @@ def test_view_subset(tmp_path):
     both = _ds(tmp_path / "both", views=[2, 0], fixed_view=True, repeat=2)
     pairs = [(it["scan_id"], it["view"]) for it in both]
     assert sorted(pairs) == sorted((sid, k) for sid in IDS for k in (0, 2))
+    assert all(pairs[both.fixed_item(sid, k)] == (sid, k) for sid, k in pairs)
     for n, bad in enumerate(([], [N_VIEWS])):
         with pytest.raises(FineDataError, match="views"):
             _ds(tmp_path / f"bad{n}", views=bad)

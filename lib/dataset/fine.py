@@ -163,6 +163,10 @@ class ScanImageDataset(Dataset):
         """Embedding row of a scan id."""
         return self._row[scan_id]
 
+    def fixed_item(self, scan_id: str, view: int) -> int:
+        """With fixed_view: the item index showing scan_id in view `view` (one of self.views)."""
+        return self.views.index(int(view)) * len(self.items) + self.items.index(scan_id)
+
     def _rng(self, i: int) -> np.random.Generator:
         if self.fixed_view:
             return np.random.default_rng((0 if self.seed is None else int(self.seed), i))

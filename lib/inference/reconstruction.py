@@ -54,12 +54,10 @@ def score_views(model, dataset, scan_ids: list[str], views: list[int]) -> list[V
     if missing:
         raise ValueError(f"views {missing} are not among the dataset's views {dataset.views}")
     device = next(model.parameters()).device
-    n = len(dataset.items)
     scores = []
     for scan_id in scan_ids:
-        s = dataset.items.index(scan_id)
         for k in views:
-            batch = default_collate([dataset[dataset.views.index(k) * n + s]])
+            batch = default_collate([dataset[dataset.fixed_item(scan_id, k)]])
             batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
             _, out = render_and_losses(model, batch, with_surface=False)
             images = {}
@@ -81,7 +79,7 @@ def comparison_grid(scores: list[ViewScore], labels: bool = True) -> np.ndarray:
     model normal."""
     from lib.render.images import add_label, make_grid
 
-    views = sorted({sc.view for sc in scores}, key=[sc.view for sc in scores].index)
+    n_views = len({sc.view for sc in scores})
     tiles = []
     for sc in scores:
         for key, name in (("real_rgb", "scan"), ("fake_rgb", "model"),
@@ -93,4 +91,4 @@ def comparison_grid(scores: list[ViewScore], labels: bool = True) -> np.ndarray:
                     text = f"model {sc.psnr_rgb:.1f} dB"
                 img = add_label(img, text)
             tiles.append(img)
-    return make_grid(tiles, ncols=4 * len(views))
+    return make_grid(tiles, ncols=4 * n_views)

@@ -28,7 +28,7 @@ from torch import nn
 
 from lib.model.broyden import broyden
 
-__all__ = ["ForwardDeformer", "lbs_deform", "inv3", "SKIPPED_LOGIT"]
+__all__ = ["ForwardDeformer", "lbs_deform", "skin_offset", "inv3", "SKIPPED_LOGIT"]
 
 SKIPPED_LOGIT = -1000.0  # occupancy logit of skipped points and of invalid initializations
 
@@ -60,13 +60,20 @@ def lbs_deform(xc, w, expr_dirs, pose_dirs, tfs, tfs_c, exp, exp_c, pose_feature
     tfs, tfs_c: [..., J, 4, 4]; exp, exp_c: [..., K]; pose_feature, pose_feature_c: [..., P].
     Returns xd: [..., 3].
     """
+    offset = (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1) \
+        + (pose_dirs * (pose_feature - pose_feature_c)[..., :, None]).sum(-2)
+    return skin_offset(xc, w, offset, tfs, tfs_c)
+
+
+def skin_offset(xc, w, offset, tfs, tfs_c):
+    """The skinning of lbs_deform with the blendshape offset already summed (leading dims '...'
+    broadcast): xc [..., 3], w [..., J], offset [..., 3], tfs / tfs_c [..., J, 4, 4] -> x_d [..., 3]:
+    x_d = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x_c + offset)."""
     wj = w[..., :, None, None]
     A_c = (wj * tfs_c[..., :3, :]).sum(-3)  # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
     A_d = (wj * tfs[..., :3, :]).sum(-3)
     Ac_inv, _ = inv3(A_c[..., :3])
-    x_r = _matvec(Ac_inv, xc - A_c[..., 3])
-    x_r = x_r + (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1)
-    x_r = x_r + (pose_dirs * (pose_feature - pose_feature_c)[..., :, None]).sum(-2)
+    x_r = _matvec(Ac_inv, xc - A_c[..., 3]) + offset
     return _matvec(A_d[..., :3], x_r) + A_d[..., 3]
 
 
@@ -175,10 +182,13 @@ class ForwardDeformer(nn.Module):
                           t["pose_feature"], t["pose_feature_c"])
 
     # ------------------------------------------------------------------ initialization
+    def init_maps(self, sm: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rigid map of each init bone, tfs_c[j] @ inv(tfs[j]): sm (_smpl's dict) -> [B, I, 4, 4]."""
+        return sm["tfs_c"][:, self.init_bones] @ torch.linalg.inv(sm["tfs"][:, self.init_bones])
+
     def init_points(self, xd: torch.Tensor, smpl_out: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d. xd [B,N,3] -> [B,N,I,3]."""
-        sm = self._smpl(smpl_out, xd.shape[0], xd)
-        T = sm["tfs_c"][:, self.init_bones] @ torch.linalg.inv(sm["tfs"][:, self.init_bones])  # [B, I, 4, 4]
+        T = self.init_maps(self._smpl(smpl_out, xd.shape[0], xd))                       # [B, I, 4, 4]
         return torch.einsum("birc,bnc->bnir", T[:, :, :3, :3], xd) + T[:, None, :, :3, 3]
 
     @staticmethod

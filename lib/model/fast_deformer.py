@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
-from lib.model.deformer import ForwardDeformer, inv3
+from lib.model.deformer import ForwardDeformer, inv3, skin_offset
 
 __all__ = ["FastForwardDeformer", "spline_matrix", "BakedGrid"]
 
@@ -214,7 +214,6 @@ class FastForwardDeformer(ForwardDeformer):
                                               sm["exp"] - sm["exp_c"])
         if fold is None:
             return lambda x, slot: self._deform_flat(x, slot, z, sm)
-        from lib.model.folded_lbs import skin_offset
 
         def deform(x, slot):
             w, offset = fold(x, slot)
@@ -369,7 +368,7 @@ class FastForwardDeformer(ForwardDeformer):
     def _same_inits(self, sm: Dict[str, torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
         """For each item and init bone, the first init bone with the same rigid map
         tfs_c[j] inv(tfs[j]) (entries within tol): [B, I] long (itself when unique)."""
-        T = sm["tfs_c"][:, self.init_bones] @ torch.linalg.inv(sm["tfs"][:, self.init_bones])  # [B, I, 4, 4]
+        T = self.init_maps(sm)                                                         # [B, I, 4, 4]
         I = T.shape[1]
         same = (T[:, :, None] - T[:, None, :]).abs().flatten(-2).amax(-1) <= tol      # [B, I, I]
         lower = torch.ones(I, I, dtype=torch.bool, device=T.device).tril()

@@ -16,9 +16,8 @@ the same work for every point and every step:
 Per point that leaves the encoding, the hidden layers, J skinning logits and a 3 x n product:
 about half the multiply-adds of the plain network and none of its [A, Z] and [A, T] tensors.
 
-`FoldedLBS(lbs_net, z, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`, and
-`skin_offset(xc, w, offset, tfs, tfs_c)` finishes the deformation (DESIGN section 2):
-    x_d = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x_c + offset).
+`FoldedLBS(lbs_net, z, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`; the skinning
+that lbs_deform also ends with, lib/model/deformer.skin_offset, finishes the deformation.
 lib/model/deformer.py's plain path stays the reference; tests/test_fast_deformer.py compares.
 """
 from __future__ import annotations
@@ -27,7 +26,7 @@ import math
 
 import torch
 
-__all__ = ["FoldedLBS", "skin_offset"]
+__all__ = ["FoldedLBS"]
 
 
 class FoldedLBS:
@@ -81,16 +80,3 @@ class FoldedLBS:
         all_items = torch.addmm(self.tail_b, h_tail, self.tail_W).view(-1, self.B, 3)  # [A, B, 3]
         offset = all_items[torch.arange(x.shape[0], device=x.device), bidx]        # [A, 3]
         return w, offset
-
-
-def skin_offset(xc: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, tfs: torch.Tensor,
-                tfs_c: torch.Tensor) -> torch.Tensor:
-    """Forward deformation with a precomputed blendshape offset: xc [A, 3], w [A, J],
-    offset [A, 3], tfs / tfs_c [A, J, 4, 4] (or broadcastable) -> x_d [A, 3]."""
-    from lib.model.deformer import inv3
-
-    A_c = torch.einsum("aj,ajrc->arc", w, tfs_c[..., :3, :])                       # [A, 3, 4]
-    A_d = torch.einsum("aj,ajrc->arc", w, tfs[..., :3, :])
-    Ac_inv, _ = inv3(A_c[..., :3])
-    x_r = (Ac_inv * (xc - A_c[..., 3])[:, None, :]).sum(-1) + offset
-    return (A_d[..., :3] * x_r[:, None, :]).sum(-1) + A_d[..., 3]
