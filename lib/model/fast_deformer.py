@@ -51,7 +51,8 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
-from lib.model.deformer import ForwardDeformer, inv3, skin_offset
+from lib.model.deformer import ForwardDeformer, inv3
+from lib.model.folded_lbs import FoldedSkinning
 
 __all__ = ["FastForwardDeformer", "spline_matrix", "BakedGrid"]
 
@@ -89,17 +90,22 @@ def _unique_rows(key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 class BakedGrid:
     """Trilinear interpolant of deformed positions on a lattice, one lattice per baked item.
 
-    values: [K, D', H', W', 3] (node (k, d, h, w) at x = lo + (w, h, d) * step); lo, hi: [3] (x, y, z).
+    values: [K, D', H', W', 3] (node (k, d, h, w) at x = lo + (w, h, d) * step), or with
+    channels_first [3, K, D', H', W'] (stored as is, no transposing copy); lo, hi: [3] (x, y, z).
     Points are passed channels-first (structure of arrays, contiguous rows vectorize better):
     call with x [3, A] and slot [A] (which of the K lattices) -> value [3, A] and Jacobian
     [3, 3, A] (J[r, c, a] = dF_r / dx_c). Outside [lo, hi] the boundary cell is extrapolated.
     """
 
-    def __init__(self, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-        K, D, H, W, _ = values.shape
+    def __init__(self, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, channels_first: bool = False):
+        if channels_first:
+            _, K, D, H, W = values.shape
+            self.flat = values.contiguous().reshape(-1)                                # [3 * K*D'*H'*W']
+        else:
+            K, D, H, W, _ = values.shape
+            self.flat = values.reshape(-1, 3).t().contiguous().reshape(-1)
         if min(D, H, W) < 2:
             raise _err(f"a baked lattice needs >= 2 nodes per axis, got {(D, H, W)}")
-        self.flat = values.reshape(-1, 3).t().contiguous().reshape(-1)                # [3 * K*D'*H'*W']
         self.dims = (D, H, W)
         dev, dt = values.device, values.dtype
         self.n_cells = torch.tensor([W - 1, H - 1, D - 1], device=dev, dtype=dt)[:, None]   # [3, 1] x, y, z
@@ -206,18 +212,22 @@ class FastForwardDeformer(ForwardDeformer):
 
     # ------------------------------------------------------------------ bake
     def folded_deform(self, z: torch.Tensor, sm: Dict[str, torch.Tensor]):
-        """The forward deformation of K items for a search without gradients: z [K, Z], sm (_smpl's
-        dict, leading dim K) -> callable (x [A, 3], slot [A] in 0..K-1) -> x_d [A, 3]. Folded
-        (lib/model/folded_lbs.py) when enabled and lbs_net supports it, else the plain networks."""
+        """The forward deformation of K items: z [K, Z], sm (_smpl's dict, leading dim K) ->
+        callable (x [A, 3], slot [A] in 0..K-1) -> x_d [A, 3]. Folded (lib/model/folded_lbs.py)
+        when enabled and lbs_net supports it, else the plain networks. Called under no_grad it
+        holds no graph (the search); with grad enabled gradients flow as through the plain path
+        (the implicit correction)."""
         make = getattr(self.lbs_net, "folded", None) if self.folded else None
         fold = None if make is None else make(z, sm["pose_feature"] - sm["pose_feature_c"],
                                               sm["exp"] - sm["exp_c"])
         if fold is None:
             return lambda x, slot: self._deform_flat(x, slot, z, sm)
 
+        skin = FoldedSkinning(sm["tfs"], sm["tfs_c"])
+
         def deform(x, slot):
             w, offset = fold(x, slot)
-            return skin_offset(x, w, offset, sm["tfs"][slot], sm["tfs_c"][slot])
+            return skin(x, w, offset, slot)
         return deform
 
     def bake(self, z: torch.Tensor, sm: Dict[str, torch.Tensor], deform=None) -> BakedGrid:
@@ -237,12 +247,12 @@ class FastForwardDeformer(ForwardDeformer):
             chunk = pts[s:s + g]
             x = chunk.expand(K, -1, -1).reshape(-1, 3)
             vals.append(deform(x, slots.repeat_interleave(chunk.shape[0])).reshape(K, -1, 3))
-        F = torch.cat(vals, dim=1).reshape(K, *self.grid_res, 3)                       # [K, D, H, W, 3]
-        if self.upsample > 1:
-            F = torch.einsum("ad,kdhwc->kahwc", self.up_z.to(dt), F)
-            F = torch.einsum("bh,kahwc->kabwc", self.up_y.to(dt), F)
-            F = torch.einsum("ew,kabwc->kabec", self.up_x.to(dt), F)
-        return BakedGrid(F, lo, hi)
+        F = torch.cat(vals, dim=1).permute(2, 0, 1).reshape(3, K, *self.grid_res)       # [3, K, D, H, W]
+        if self.upsample > 1:  # channels-first throughout: the lookups want [3, ...] rows
+            F = torch.einsum("ad,ckdhw->ckahw", self.up_z.to(dt), F)
+            F = torch.einsum("bh,ckahw->ckabw", self.up_y.to(dt), F)
+            F = torch.einsum("ew,ckabw->ckabe", self.up_x.to(dt), F)
+        return BakedGrid(F, lo, hi, channels_first=True)
 
     # ------------------------------------------------------------------ grid search
     def _grid_newton(self, grid: BakedGrid, x0: torch.Tensor, slot: torch.Tensor, target: torch.Tensor):
@@ -316,7 +326,7 @@ class FastForwardDeformer(ForwardDeformer):
         first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype), xc_star.detach()], dim=1))
         with torch.enable_grad():
             x = xc_star.detach()[first].requires_grad_(True)                          # [U, 3]
-            f = self._deform_flat(x, bidx[first], z, sm)
+            f = self.folded_deform(z, sm)(x, bidx[first])  # folded with its graph (see folded_lbs)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
         d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                          # [U, 3]
@@ -381,6 +391,47 @@ class FastForwardDeformer(ForwardDeformer):
         eye = torch.eye(3, dtype=j_inv.dtype, device=j_inv.device).expand_as(j_inv)
         return torch.where(ok[:, None, None], j_inv, eye)
 
+    def _polish(self, grid: BakedGrid, x0: torch.Tensor, bidx: torch.Tensor, slot: torch.Tensor,
+                target: torch.Tensor, deform) -> Dict[str, object]:
+        """Chord Newton through the networks from grid roots: x0 [U, 3], bidx [U] batch items,
+        slot [U] their lattices, target [U, 3]; deform (x [A, 3], bidx [A]) -> x_d [A, 3].
+
+        Up to exact_steps steps x <- x - G^-1 (deform(x) - x_d), G the interpolant's Jacobian at
+        x0 (identity where singular), kept for every step: near the root G differs from the
+        networks' Jacobian by the interpolation error only, so each step shrinks the residual by
+        about that factor, without Broyden's per-step matrix updates. Rules of broyden(): an init
+        stops below cvg_thresh, is dropped after a step above dvg_thresh or not finite, and its
+        iterate with the smallest residual is kept. Returns broyden's dict (result [U, 3],
+        diff [U], valid_ids [U], n_steps)."""
+        U = x0.shape[0]
+        _, jac = grid(x0.t(), slot)
+        r0, r1, r2 = jac[0], jac[1], jac[2]                                           # rows [3, U]
+        adj = torch.stack([torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0),
+                           torch.linalg.cross(r0, r1, dim=0)])                        # [k, i, U]: G^-1 = adj / det
+        _, ok = _solve3(jac, torch.zeros_like(x0.t()))
+        det = (r0 * adj[0]).sum(0)
+        g_inv = torch.where(ok, adj / torch.where(ok, det, torch.ones_like(det)),
+                            torch.eye(3, dtype=x0.dtype, device=x0.device)[:, :, None])
+        g_inv = g_inv.permute(2, 0, 1)                                                # [U, k, i]
+        best_x, best = x0.clone(), torch.full((U,), float("inf"), dtype=x0.dtype, device=x0.device)
+        idx, x, n_steps = torch.arange(U, device=x0.device), x0, 0
+        for it in range(self.exact_steps + 1):
+            r = deform(x, bidx[idx]) - target[idx]                                   # [A, 3]
+            rn = r.norm(dim=-1)
+            fin = torch.isfinite(rn)
+            better = fin & (rn < best[idx])
+            best[idx] = torch.where(better, rn, best[idx])
+            best_x[idx] = torch.where(better[:, None], x, best_x[idx])
+            if it == self.exact_steps:
+                break
+            go = fin & (best[idx] >= self.cvg_thresh) & ((rn <= self.dvg_thresh) | (it == 0))
+            if not bool(go.any()):
+                break
+            idx, x, r = idx[go], x[go], r[go]
+            x = x - (g_inv[idx] * r[:, :, None]).sum(1)
+            n_steps += 1
+        return dict(result=best_x, diff=best, valid_ids=best < self.cvg_thresh, n_steps=n_steps)
+
     def _update(self, ids, out, xc, valid, diff) -> None:
         """Write a Broyden result for inits ids [U] where it converged or lowered the residual."""
         take = out["valid_ids"] | (out["diff"] < diff[ids])
@@ -416,8 +467,10 @@ class FastForwardDeformer(ForwardDeformer):
         diff = torch.full((c * I,), float("inf"), dtype=xg.dtype, device=xg.device)
         lead = leader.reshape(-1).nonzero().squeeze(1)                                 # [U]
         if lead.numel() > 0:  # polish
-            out = self._solve_exact(xg[lead], bidx[lead], target[lead], z, sm, eval_mode, max_steps=self.exact_steps,
-                                    J_inv=self._grid_j_inv(grid, xg[lead], slot[lead]), deform=deform)
+            if deform is None:
+                def deform(x, b):
+                    return self._deform_flat(x, b, z, sm)
+            out = self._polish(grid, xg[lead], bidx[lead], slot[lead], target[lead], deform)
             self._update(lead, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
         further = lead[~valid[lead] & (diff[lead] <= self.dvg_thresh)] if lead.numel() else lead

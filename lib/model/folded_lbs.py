@@ -16,8 +16,11 @@ the same work for every point and every step:
 Per point that leaves the encoding, the hidden layers, J skinning logits and a 3 x n product:
 about half the multiply-adds of the plain network and none of its [A, Z] and [A, T] tensors.
 
-`FoldedLBS(lbs_net, z, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`; the skinning
-that lbs_deform also ends with, lib/model/deformer.skin_offset, finishes the deformation.
+`FoldedLBS(lbs_net, z, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`;
+`FoldedSkinning(tfs, tfs_c)(x, w, offset, bidx) -> x_d [A, 3]` finishes the deformation as
+lib/model/deformer.skin_offset does, without gathering each point's [J, 4, 4] transforms: the
+blended rows sum_j w_j tfs[j] of every item come out of one [A, J] x [J, 24 B] product and each
+point keeps its item's 24, then the 3x3 inverse-apply runs channels-first (Cramer's rule).
 lib/model/deformer.py's plain path stays the reference; tests/test_fast_deformer.py compares.
 """
 from __future__ import annotations
@@ -26,40 +29,44 @@ import math
 
 import torch
 
-__all__ = ["FoldedLBS"]
+__all__ = ["FoldedLBS", "FoldedSkinning"]
 
 
 class FoldedLBS:
     """lbs_net (lib.model.networks.LBSNetwork) frozen at z [B, Z] with pose-feature change
     d_pose [B, P] (pose_feature - pose_feature_c) and expression change d_exp [B, X]
     (exp - exp_c). Call with x [A, 3], bidx [A] -> w [A, J] (softmax weights), offset [A, 3]
-    (E d_exp + Pd^T d_pose at x). Holds no graph; use under torch.no_grad()."""
+    (E d_exp + Pd^T d_pose at x). Built under torch.no_grad() it holds no graph (the search);
+    built with grad enabled, the folding is part of the graph, so gradients reach the network's
+    parameters, z, d_pose, d_exp and x as through the plain network (the implicit correction)."""
 
     def __init__(self, lbs_net, z: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor):
         net = lbs_net.net
         self.net, self.scale = net, float(lbs_net.softmax_scale)
-        with torch.no_grad():
-            dt = z.dtype
-            self.W = [lin.weight.detach().to(dt) for lin in net.layers]   # weight norm applied once
-            self.b = [lin.bias.detach().to(dt) for lin in net.layers]
-            self.cond_bias = {}
-            for l in net.cond_layers:
-                C = net.cond_dim
-                self.cond_bias[l] = z.detach() @ self.W[l][:, -C:].t() + self.b[l]  # [B, n_l]
-                self.W[l] = self.W[l][:, :-C].contiguous()
-            P, X = lbs_net.pose_feature_dim, lbs_net.n_exp
-            B = z.shape[0]
-            # offset_r = sum_p tail[3 p + r] d_pose[p] + sum_k tail[3 P + X r + k] d_exp[k]
-            M = torch.zeros(B, 3, 3 * P + 3 * X, dtype=dt, device=z.device)      # [B, 3, T]
-            for r in range(3):
-                M[:, r, r:3 * P:3] = d_pose.detach().to(dt)
-                M[:, r, 3 * P + X * r:3 * P + X * (r + 1)] = d_exp.detach().to(dt)
-            Wt, bt = net.tail.weight.detach().to(dt), net.tail.bias.detach().to(dt)
-            # all items' folded tails side by side: one [A, n] x [n, 3 B] product, then each
-            # point keeps its item's 3 columns (cheaper than a gathered [A, 3, n] per point)
-            self.B = B
-            self.tail_W = (M @ Wt).reshape(3 * B, -1).t().contiguous()             # [n, 3 B]
-            self.tail_b = (M @ bt).reshape(3 * B)                                  # [3 B]
+        dt = z.dtype
+        self.W = [lin.weight.to(dt) for lin in net.layers]   # weight norm applied once
+        self.b = [lin.bias.to(dt) for lin in net.layers]
+        self.cond_bias = {}
+        for l in net.cond_layers:
+            C = net.cond_dim
+            self.cond_bias[l] = z @ self.W[l][:, -C:].t() + self.b[l]                # [B, n_l]
+            self.W[l] = self.W[l][:, :-C].contiguous()
+        P, X = lbs_net.pose_feature_dim, lbs_net.n_exp
+        B = z.shape[0]
+        # offset_r = sum_p tail[3 p + r] d_pose[p] + sum_k tail[3 P + X r + k] d_exp[k]
+        zeros_p, zeros_x = d_pose.new_zeros(B, P).to(dt), d_exp.new_zeros(B, X).to(dt)
+        rows = []
+        for r in range(3):
+            pose_part = torch.stack([d_pose.to(dt) if c == r else zeros_p for c in range(3)], dim=-1)
+            exp_part = [d_exp.to(dt) if c == r else zeros_x for c in range(3)]
+            rows.append(torch.cat([pose_part.reshape(B, 3 * P)] + exp_part, dim=-1))
+        M = torch.stack(rows, dim=1)                                                # [B, 3, T]
+        Wt, bt = net.tail.weight.to(dt), net.tail.bias.to(dt)
+        # all items' folded tails side by side: one [A, n] x [n, 3 B] product, then each
+        # point keeps its item's 3 columns (cheaper than a gathered [A, 3, n] per point)
+        self.B = B
+        self.tail_W = (M @ Wt).reshape(3 * B, -1).t().contiguous()                   # [n, 3 B]
+        self.tail_b = (M @ bt).reshape(3 * B)                                        # [3 B]
 
     def __call__(self, x: torch.Tensor, bidx: torch.Tensor):
         net = self.net
@@ -75,8 +82,39 @@ class FoldedLBS:
             else:
                 h = torch.addmm(self.b[l], h, self.W[l].t())
             if l < net.depth:
-                h = net.softplus(h)
+                h = net.softplus(h, inplace=not torch.is_grad_enabled())
         w = torch.softmax(self.scale * h, dim=-1)
         all_items = torch.addmm(self.tail_b, h_tail, self.tail_W).view(-1, self.B, 3)  # [A, B, 3]
         offset = all_items[torch.arange(x.shape[0], device=x.device), bidx]        # [A, 3]
         return w, offset
+
+
+class FoldedSkinning:
+    """Skinning of one search's items: tfs, tfs_c [B, J, 4, 4] (target and canonical joint
+    transforms). Call with x [A, 3] canonical points, w [A, J], offset [A, 3], bidx [A] ->
+    x_d [A, 3] = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x + offset), the value of
+    lib/model/deformer.skin_offset (also where the canonical blend is singular: its inverse is
+    taken as 0 there, deformer.inv3's rule). Differentiable like FoldedLBS: built with grad
+    enabled, gradients reach tfs, tfs_c, x, w and offset."""
+
+    def __init__(self, tfs: torch.Tensor, tfs_c: torch.Tensor):
+        B, J = tfs.shape[:2]
+        rows = torch.stack([tfs_c[:, :, :3, :], tfs[:, :, :3, :]], dim=1)             # [B, 2, J, 3, 4]
+        self.T = rows.permute(2, 0, 1, 3, 4).reshape(J, B * 24).contiguous()          # [J, 24 B]
+        self.B = B
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, bidx: torch.Tensor) -> torch.Tensor:
+        A = x.shape[0]
+        M = (w.to(self.T.dtype) @ self.T).view(A, self.B, 24)
+        M = M[torch.arange(A, device=x.device), bidx].t()                        # [24, A]
+        c, d = M[:12].view(3, 4, A), M[12:].view(3, 4, A)                         # blended rows
+        v = x.t() - c[:, 3]                                                       # [3, A]
+        r0, r1, r2 = c[0, :3], c[1, :3], c[2, :3]
+        c0, c1, c2 = (torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0),
+                      torch.linalg.cross(r0, r1, dim=0))                          # adjugate columns
+        det = r0[0] * c0[0] + r0[1] * c0[1] + r0[2] * c0[2]
+        norms = ((r0 * r0).sum(0) * (r1 * r1).sum(0) * (r2 * r2).sum(0)).sqrt()
+        ok = torch.isfinite(det) & (det.abs() > 1e-10 * norms)
+        inv_det = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+        xr = (c0 * v[0] + c1 * v[1] + c2 * v[2]) * inv_det + offset.t()           # [3, A]
+        return (d[:, 0] * xr[0] + d[:, 1] * xr[1] + d[:, 2] * xr[2] + d[:, 3]).t()
