@@ -438,6 +438,69 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
     torch.testing.assert_close(xd_fold, xd_ref, rtol=0, atol=1e-12)
 
 
+def test_folded_deformation_keeps_the_plain_gradients_float64(net):
+    """Built with grad enabled, the folded network + FoldedSkinning (the implicit correction's
+    path) give the plain forward deformation's values and its gradients with respect to the
+    network's parameters, z_shape, the joint transforms, the expression and x."""
+    lbs = copy.deepcopy(net).double()
+    with torch.no_grad():
+        for p in lbs.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    xd, cond, sm = make_problem(N=40, dtype=torch.float64)
+    B = xd.shape[0]
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.rand(B * 40, 3, generator=g, dtype=torch.float64) * 2 - 1
+    bidx = torch.randint(0, B, (B * 40,), generator=g)
+    weight = torch.randn(B * 40, 3, generator=g, dtype=torch.float64)
+
+    def grads(folded):
+        d = FastForwardDeformer(lbs, folded=folded)
+        z = cond["z_shape"].clone().requires_grad_(True)
+        smg = {k: v.clone().requires_grad_(k in ("tfs", "tfs_c", "exp")) for k, v in d._smpl(sm, B, xd).items()}
+        x = x0.clone().requires_grad_(True)
+        out = d.folded_deform(z, smg)(x, bidx)
+        leaves = [x, z, smg["tfs"], smg["tfs_c"], smg["exp"]] + list(lbs.parameters())
+        return out.detach(), torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True)
+
+    val_p, grad_p = grads(False)
+    val_f, grad_f = grads(True)
+    torch.testing.assert_close(val_f, val_p, rtol=0, atol=1e-12)
+    n_nonzero = 0
+    for gp, gf in zip(grad_p, grad_f):
+        if gp is None:  # e.g. parameters of no output here
+            assert gf is None or gf.abs().max() == 0
+            continue
+        torch.testing.assert_close(gf, gp, rtol=1e-9, atol=1e-11)
+        n_nonzero += int(gp.abs().max() > 0)
+    assert n_nonzero >= 8  # x, z, transforms, expression and the layers all get gradients
+
+
+def test_folded_skinning_matches_skin_offset_also_where_singular():
+    """FoldedSkinning (blended rows from one product, Cramer's rule) against deformer.skin_offset
+    in float64, including a point whose canonical blend is singular (inverse taken as 0)."""
+    from lib.model.deformer import skin_offset
+    from lib.model.folded_lbs import FoldedSkinning
+
+    g = torch.Generator().manual_seed(2)
+    B, J, A = 3, 5, 50
+    R = rodrigues(torch.randn(B, J, 3, generator=g, dtype=torch.float64) * 0.5)
+    tfs = torch.eye(4, dtype=torch.float64).repeat(B, J, 1, 1)
+    tfs[..., :3, :3], tfs[..., :3, 3] = R, torch.randn(B, J, 3, generator=g, dtype=torch.float64)
+    tfs_c = tfs.flip(1).clone()
+    tfs_c[0, 0, :3, :3] = torch.zeros(3, 3, dtype=torch.float64)  # item 0, bone 0: singular
+    x = torch.randn(A, 3, generator=g, dtype=torch.float64)
+    w = torch.softmax(torch.randn(A, J, generator=g, dtype=torch.float64), -1)
+    w[0] = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)
+    offset = torch.randn(A, 3, generator=g, dtype=torch.float64) * 0.1
+    bidx = torch.randint(0, B, (A,), generator=g)
+    bidx[0] = 0
+    ref = skin_offset(x, w, offset, tfs[bidx], tfs_c[bidx])
+    out = FoldedSkinning(tfs, tfs_c)(x, w, offset, bidx)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # the singular point: x_r = offset (inverse 0), then the target blend
+    torch.testing.assert_close(out[0], tfs[0, 0, :3, :3] @ offset[0] + tfs[0, 0, :3, 3], rtol=0, atol=1e-12)
+
+
 def test_folded_search_equals_the_plain_search(net):
     xd, cond, sm = make_problem(N=200)
     plain = FastForwardDeformer(net, folded=False)
@@ -459,3 +522,36 @@ def test_inits_with_equal_rigid_maps_are_searched_once(net):
         xa, va = NoSharedInits(net).search(xd, cond, sm)
     assert (vs != va).float().mean() < 0.002
     assert (xs - xa).norm(dim=-1)[vs & va].max() < 1e-5
+
+
+def test_occupancy_once_per_distinct_root_same_values_and_gradients(net):
+    """The fast deformer's occupancy_of_valid evaluates one init per distinct root: the logits
+    and the gradients (occupancy network, LBS network) equal ForwardDeformer's evaluation of
+    every valid init on the same correspondences."""
+    torch.manual_seed(4)
+    occ_net = nn.Sequential(nn.Linear(3, 32), nn.Softplus(beta=10), nn.Linear(32, 1)).double()
+    net = copy.deepcopy(net).double()
+    xd, cond, sm = make_problem(N=150, dtype=torch.float64)
+    fast = FastForwardDeformer(net)
+    xc, valid = fast(xd, cond, sm)  # with the implicit-differentiation graph
+    rep = fast.repeated_roots(xc, valid)
+    assert rep.any() and not (rep & ~valid).any()
+    calls = []
+
+    def occ_fn(x, c):
+        calls.append(x.shape[1])
+        return occ_net(x)
+
+    params = list(occ_net.parameters()) + list(net.parameters())
+    out = {}
+    for name, fn in (("all", ForwardDeformer.occupancy_of_valid), ("distinct", FastForwardDeformer.occupancy_of_valid)):
+        occ = fn(fast, xc, valid, cond, occ_fn)
+        weight = torch.linspace(-1, 1, occ.numel(), dtype=occ.dtype).view_as(occ)
+        grads = torch.autograd.grad((occ * weight).sum(), params,
+                                    retain_graph=True, allow_unused=True)
+        out[name] = (occ.detach(), grads)
+    assert calls[1] < calls[0]  # fewer points evaluated
+    torch.testing.assert_close(out["distinct"][0], out["all"][0], rtol=0, atol=0)
+    for ga, gd in zip(out["all"][1], out["distinct"][1]):
+        if ga is not None:
+            torch.testing.assert_close(gd, ga, rtol=1e-9, atol=1e-12)

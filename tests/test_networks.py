@@ -225,3 +225,21 @@ def test_cuda_parity():
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
     assert torch.allclose(occ.cpu(), cpu_occ, atol=1e-4) and torch.allclose(w.cpu(), cpu_w, atol=1e-4)
+
+
+def test_softplus_matches_torch_softplus_float64():
+    """lib.model.networks.Softplus (input clamped at -25 / beta) against F.softplus(beta=100) in
+    float64: values within exp(-25) / 100 and slopes within sigmoid(-25), over the range where
+    torch's kernels take their slow paths and beyond; the in-place form gives the same values."""
+    from lib.model.networks import Softplus
+
+    x = torch.linspace(-5.0, 5.0, 200001, dtype=torch.float64).requires_grad_(True)
+    ref = F.softplus(x, beta=100)
+    out = Softplus(beta=100.0)(x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    (g_out,) = torch.autograd.grad(out.sum(), x)
+    assert (out - ref).abs().max() <= math.exp(-25) / 100 * 1.01
+    assert (g_out - g_ref).abs().max() <= 1.0 / (1.0 + math.exp(25)) * 1.01
+    assert (out - ref).abs().max() > 0  # the clamp is there (a test that could not fail otherwise)
+    y = x.detach().clone()
+    torch.testing.assert_close(Softplus(beta=100.0)(y, inplace=True), out.detach(), rtol=0, atol=0)

@@ -333,6 +333,28 @@ class FastForwardDeformer(ForwardDeformer):
         d_tgt = (J_inv[inverse] @ (target - target.detach())[..., None])[..., 0]       # [A, 3]
         return xc_star.detach() - d_net[inverse] + d_tgt
 
+    # ------------------------------------------------------------------ occupancy
+    def occupancy_of_valid(self, xc: torch.Tensor, valid: torch.Tensor, cond: Dict[str, torch.Tensor],
+                           occ_fn, disp_net=None) -> torch.Tensor:
+        """ForwardDeformer.occupancy_of_valid, evaluating occ_fn (and disp_net) once per distinct
+        root of a point: xc [B, n, I, 3], valid [B, n, I] -> occ [B, n, 1].
+
+        Merged and coincident inits carry bit-identical roots, so their logits are equal; the max
+        over a point's inits is the same with one of them, and so is its gradient (amax shares it
+        evenly among equal entries whose graphs meet in the same root; here one entry takes it all)."""
+        return super().occupancy_of_valid(xc, valid & ~self.repeated_roots(xc, valid), cond, occ_fn, disp_net)
+
+    @staticmethod
+    def repeated_roots(xc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Valid inits whose root equals (bit for bit) that of an earlier valid init of the same
+        point: xc [B, n, I, 3], valid [B, n, I] -> [B, n, I] bool."""
+        x = xc.detach()
+        rep = torch.zeros_like(valid)
+        for i in range(1, x.shape[2]):
+            same = (x[:, :, :i] == x[:, :, i:i + 1]).all(-1) & valid[:, :, :i]     # [B, n, i]
+            rep[:, :, i] = valid[:, :, i] & same.any(-1)
+        return rep
+
     # ------------------------------------------------------------------ search
     def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
