@@ -243,3 +243,6 @@ def test_softplus_matches_torch_softplus_float64():
     assert (out - ref).abs().max() > 0  # the clamp is there (a test that could not fail otherwise)
     y = x.detach().clone()
     torch.testing.assert_close(Softplus(beta=100.0)(y, inplace=True), out.detach(), rtol=0, atol=0)
+    # its backward is differentiable too (e.g. for gradient penalties)
+    z = (torch.rand(40, dtype=torch.float64) * 0.2 - 0.1).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(Softplus(beta=100.0), (z,))

@@ -63,10 +63,29 @@ class Softplus(nn.Module):
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """x: any shape. inplace: clamp x itself (saves a copy; only for a tensor the caller owns
         and no graph needs)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _ClampedSoftplus.apply(x, self.beta, self.floor)
         return F.softplus(x.clamp_(min=self.floor) if inplace else x.clamp(min=self.floor), beta=self.beta)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, floor={self.floor}"
+
+
+class _ClampedSoftplus(torch.autograd.Function):
+    """softplus(max(x, floor)) whose backward is softplus's slope at max(x, floor) (sigmoid(-cut)
+    below the floor instead of the clamp's exact 0: within sigmoid(-cut) of the true slope, and
+    no mask pass). Twice differentiable: the backward is aten's softplus_backward."""
+
+    @staticmethod
+    def forward(ctx, x, beta, floor):
+        ctx.save_for_backward(x)
+        ctx.beta, ctx.floor = beta, floor
+        return F.softplus(x.clamp(min=floor), beta=beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors  # clamped here, so that a double backward sees the clamp
+        return torch.ops.aten.softplus_backward(grad, x.clamp(min=ctx.floor), ctx.beta, 20.0), None, None
 
 
 def _as_layer_list(layers: Union[None, int, Sequence[int]]) -> list[int]:
