@@ -6,7 +6,10 @@
 Builds the model from the Hydra configs (stage 1: the default experiment and
 `+experiments=cpu`; stage 2: `+experiments=fine` and `+experiments=fine_cpu`), with the
 synthetic head model. Stage 1 runs on batches of points near posed head-model surfaces and
-prints one row per (size, deformer mode): seconds per step, points per step, valid fraction.
+prints one row per (size, deformer mode): seconds per step, points per step, valid fraction,
+then the forward seconds per step spent in the correspondence search, the implicit correction
+and the feature-volume generator, and the generator's forward + backward timed alone (a cost
+both deformer modes share, so a floor under the step).
 Stage 2 (lib/model/fine_stage.py) runs on a batch whose cache is the canonical head-model
 mesh rasterized in the view (so about the real share of pixels is covered), random target
 images, and surface samples of the posed mesh; its rows give seconds per step, the image
@@ -150,8 +153,13 @@ def bench(size: str, mode: str, steps: int, flame_path: Path, ckpt: Path | None 
     dm = cfg.datamodule
     n_points = dm.points_per_frame + dm.points_per_frame // 8
     batch = make_batch(model.flame_server, dm.batch_size, n_points, 8)
-    times, valid = [], []
+    spent = {}
+    _time_calls(spent, model.deformer, ("search", "_implicit_correction"))
+    _time_calls(spent, model, ("generator",), forward=True)
+    times, valid, parts = [], [], {k: 0.0 for k in spent}
     for step in range(steps + 1):  # the first step warms up
+        for k in spent:
+            spent[k] = 0.0
         t0 = time.perf_counter()
         terms = model.coarse_losses(batch)
         loss = sum(v for k, v in terms.items() if k != "valid_frac")
@@ -161,8 +169,36 @@ def bench(size: str, mode: str, steps: int, flame_path: Path, ckpt: Path | None 
         if step:
             times.append(time.perf_counter() - t0)
             valid.append(float(terms["valid_frac"]))
+            for k in parts:
+                parts[k] += spent[k] / steps
+    # the generator's forward and backward alone (shared by both modes: a floor for the step)
+    z = model.z_shapes(batch["index"]).detach().requires_grad_(True)
+    gen = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        volume = model.generator(z)
+        volume.backward(torch.ones_like(volume))
+        gen.append(time.perf_counter() - t0)
     return {"size": size, "mode": mode, "batch": dm.batch_size, "points": n_points,
-            "s_per_step": sum(times) / len(times), "valid": sum(valid) / len(valid)}
+            "s_per_step": sum(times) / len(times), "valid": sum(valid) / len(valid),
+            "search": parts["search"], "correction": parts["_implicit_correction"],
+            "generator": parts["generator"], "generator_fb": min(gen)}
+
+
+def _time_calls(spent: dict, owner, names, forward: bool = False) -> None:
+    """Wrap owner.<name> (or, with forward, the forward of the submodule owner.<name>) so that
+    the seconds spent in it accumulate in spent[name] (forward passes only)."""
+    for name in names:
+        target, attr = (getattr(owner, name), "forward") if forward else (owner, name)
+        fn = getattr(target, attr)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            out = _fn(*a, **k)
+            spent[_name] += time.perf_counter() - t
+            return out
+        setattr(target, attr, timed)
+        spent[name] = 0.0
 
 
 def main() -> None:
@@ -201,7 +237,8 @@ def main() -> None:
 
 
 def run_coarse(args, flame_path: Path) -> None:
-    print(f"{'size':8s} {'mode':6s} {'batch':>5s} {'points':>7s} {'s/step':>8s} {'valid':>6s}")
+    print(f"{'size':8s} {'mode':6s} {'batch':>5s} {'points':>7s} {'s/step':>8s} {'valid':>6s}   forward "
+          f"seconds per step in: {'search':>7s} {'correction':>10s} {'generator':>9s}   generator fwd+bwd")
     for size in args.sizes:
         for mode in args.modes:
             try:
@@ -210,7 +247,8 @@ def run_coarse(args, flame_path: Path) -> None:
                 print(f"{size:8s} {mode:6s} unavailable: {err}")
                 continue
             print(f"{r['size']:8s} {r['mode']:6s} {r['batch']:5d} {r['points']:7d} "
-                  f"{r['s_per_step']:8.2f} {r['valid']:6.3f}", flush=True)
+                  f"{r['s_per_step']:8.2f} {r['valid']:6.3f}   {'':29s}{r['search']:7.3f} "
+                  f"{r['correction']:10.3f} {r['generator']:9.3f}   {r['generator_fb']:8.3f}", flush=True)
 
 
 if __name__ == "__main__":
