@@ -272,7 +272,7 @@ def main():
     ap.add_argument("--grid-res", type=int, nargs=3, default=(12, 12, 12), metavar=("D", "H", "W"))
     ap.add_argument("--upsample", type=int, default=4)
     ap.add_argument("--exact-steps", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (fastest is kept)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (fastest is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--no-occupancy", action="store_true", help="skip the query_occupancy rows")
     ap.add_argument("--seed", type=int, default=0, help="network initialization and inputs")
