@@ -24,24 +24,29 @@ initializations), solved in stages (Fast-SNARF's idea, in plain torch):
    identical inits: each such init is searched once and its root copied.
 4. Merge. Inits of one point whose grid roots lie within merge_tol are one root: it is
    polished once and shared.
-5. Polish. Broyden through the networks (exact residuals, lib/model/broyden.py) from each grid
-   root, initial inverse Jacobian from the interpolant, exact_steps steps. An init is valid only
-   if the networks' residual is below cvg_thresh, as in the exact search.
-6. Fallback (fallback=True). Roots not converged after the polish are polished further (up to
-   max_steps in all); points left without any valid init get the exact search from their rigid
-   inits. Other inits without a converged root are invalid (their point has a root already,
-   almost always the same one; the exact search's small tail of steps is spared). With
-   fallback=False nothing is polished further or searched exactly.
+5. Polish. Chord-Newton steps through the networks (exact residuals) from each grid root:
+   x <- x - G^-1 (F(x) - x_d) with G the interpolant's Jacobian at the grid root, at most
+   exact_steps steps. An init is valid only if the networks' residual is below cvg_thresh, as
+   in the exact search.
+6. Fallback (fallback=True). Roots not converged after the polish are polished further by
+   Broyden (lib/model/broyden.py; up to max_steps in all); points left without any valid init
+   get the exact search from their rigid inits. Other inits without a converged root are
+   invalid (their point has a root already, almost always the same one; the exact search's
+   small tail of steps is spared). With fallback=False nothing is polished further or
+   searched exactly.
 
 forward, the implicit correction (gradients by implicit differentiation through the networks),
-occupancy_of_valid, query_occupancy and to_neutral are ForwardDeformer's; the correction is
-evaluated once per distinct root (merged inits share theirs), with identical values and
-gradients. The extra constructor arguments add no state_dict keys: checkpoints load in either mode.
+query_occupancy and to_neutral are ForwardDeformer's; the correction and occupancy_of_valid
+are evaluated once per distinct root (merged and coincident inits share theirs bit for bit),
+with identical values and gradients. The extra constructor arguments add no state_dict keys:
+checkpoints load in either mode.
 
 The bake and the polish (no gradients) evaluate the LBS network folded for the search
 (lib/model/folded_lbs.py: weights read once, z_shape's part of the first layer and the
-blendshape head folded per item, about half the work per point, same values to rounding);
-the implicit correction differentiates the plain network.
+blendshape head folded per item, about half the work per point, same values to rounding) and
+its skinning as one product for all items; the implicit correction uses the same folding
+built with its graph, so gradients reach the parameters, z_shape and the FLAME inputs as
+through the plain network (tested against it in float64).
 """
 from __future__ import annotations
 
@@ -165,7 +170,7 @@ class FastForwardDeformer(ForwardDeformer):
             D*H*W times per batch item and search call (12^3 = 1728: 0.8 evaluations per point
             at 2250 points per item, enough for smooth skinning; sharper fields polish longer).
         bbox_min, bbox_max: (x, y, z) corners of the canonical box the lattice spans.
-        exact_steps: Broyden steps through the networks from each grid root.
+        exact_steps: chord-Newton steps through the networks from each grid root (the polish).
         upsample: cubic-spline refinement factor of the lookup lattice (1: trilinear on the
             network lattice itself).
         merge_tol: inits of one point whose grid roots are closer than this are polished once.
