@@ -137,7 +137,8 @@ def bench(size: str, mode: str, steps: int, flame_path: Path, ckpt: Path | None 
         overrides.insert(0, "+experiments=cpu")
     state, n_subjects = None, 8
     if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = checkpoint["state_dict"]
         n_subjects = state["z_shapes.weight"].shape[0]
         overrides.append("model.nepochs_pretrain=0")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -145,6 +146,7 @@ def bench(size: str, mode: str, steps: int, flame_path: Path, ckpt: Path | None 
     model = GANHead(n_subjects=n_subjects, output_dir=tempfile.mkdtemp(),
                     **OmegaConf.to_container(cfg.model, resolve=True))
     if state is not None:
+        model.on_load_checkpoint(checkpoint)  # checks the head model, drops saved FLAME arrays
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(("disc_",)) for k in missing):
             raise ValueError(f"{ckpt} does not fit the '{size}' networks: missing {missing[:3]}, "

@@ -78,6 +78,26 @@ def test_stage1_trains_checkpoints_and_resumes(tiny_dataset, tmp_path):
                                          flame_model=str(tiny_dataset["flame"]))
     assert model.z_shapes.weight.shape[0] == 2
 
+    # FLAME's arrays are not in the checkpoint (licence, size); the head model's fingerprint is
+    assert not [k for k in resumed["state_dict"] if k.startswith("flame_server.")]
+    assert resumed["flame_fingerprint"]["n_vertices"] == model.flame_server.flame.num_vertices
+    # a checkpoint written while they were persistent still loads
+    older = dict(resumed, state_dict=dict(resumed["state_dict"]))
+    del older["flame_fingerprint"]
+    for name, buf in model.flame_server.flame.named_buffers():
+        older["state_dict"][f"flame_server.flame.{name}"] = buf.clone()
+    torch.save(older, tmp_path / "older.ckpt")
+    again = GANHead.load_from_checkpoint(tmp_path / "older.ckpt", map_location="cpu",
+                                         flame_model=str(tiny_dataset["flame"]))
+    torch.testing.assert_close(again.z_shapes.weight, model.z_shapes.weight)
+    # another head model file is refused, naming it
+    from lib.synthetic.head_model import build_head_model, save_head_model
+
+    other = tmp_path / "other_model.pkl"
+    save_head_model(build_head_model(seed=1), other)
+    with pytest.raises(ValueError, match="other_model.pkl is not the one this checkpoint"):
+        GANHead.load_from_checkpoint(ckpt, map_location="cpu", flame_model=str(other))
+
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):

@@ -62,7 +62,7 @@ class FLAME(nn.Module):
     model_path: path of generic_model.pkl; n_shape: identity components used (<= 300);
     n_exp: expression components used (taken from shapedirs[..., 300:300+n_exp]).
 
-    Buffers (float32 unless noted, FLAME units = meters):
+    Buffers (float32 unless noted, FLAME units = meters; not saved in state_dicts):
         v_template [V, 3], shapedirs [V, 3, S], expdirs [V, 3, E], posedirs [V, 3, P],
         J_regressor [J, V] (dense), lbs_weights [V, J], faces [F, 3] long;
         scaled for the deformer (x6): expdirs_scaled [V, 3, E], posedirs_scaled [V, P, 3].
@@ -85,18 +85,23 @@ class FLAME(nn.Module):
         jr = jr.toarray() if sp.issparse(jr) else np.asarray(jr)
         sd = model["shapedirs"]
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
-        self.register_buffer("v_template", f32(vt))
-        self.register_buffer("shapedirs", f32(sd[..., :n_shape]))
-        self.register_buffer("expdirs", f32(sd[..., EXPR_OFFSET:EXPR_OFFSET + n_exp]))
-        self.register_buffer("posedirs", f32(model["posedirs"]))
-        self.register_buffer("J_regressor", f32(jr))
-        self.register_buffer("lbs_weights", f32(model["weights"]))
-        self.register_buffer("faces", torch.as_tensor(model["f"], dtype=torch.long))
-        self.register_buffer("expdirs_scaled", f32(sd[..., EXPR_OFFSET:EXPR_OFFSET + n_exp]
-                                                   * SCALE_FACTOR))
-        self.register_buffer("posedirs_scaled",
-                             f32(np.transpose(model["posedirs"], (0, 2, 1)) * SCALE_FACTOR))
-        self.register_buffer("shift", torch.tensor([0.0, 0.0, self.z_shift]))
+        # Not persistent: a checkpoint re-reads the model file instead of carrying FLAME's arrays
+        # (FLAME's licence forbids redistributing them, and they were half a checkpoint);
+        # fingerprint() lets a checkpoint check that the file is the one it was trained with.
+        buffers = {
+            "v_template": f32(vt),
+            "shapedirs": f32(sd[..., :n_shape]),
+            "expdirs": f32(sd[..., EXPR_OFFSET:EXPR_OFFSET + n_exp]),
+            "posedirs": f32(model["posedirs"]),
+            "J_regressor": f32(jr),
+            "lbs_weights": f32(model["weights"]),
+            "faces": torch.as_tensor(model["f"], dtype=torch.long),
+            "expdirs_scaled": f32(sd[..., EXPR_OFFSET:EXPR_OFFSET + n_exp] * SCALE_FACTOR),
+            "posedirs_scaled": f32(np.transpose(model["posedirs"], (0, 2, 1)) * SCALE_FACTOR),
+            "shift": torch.tensor([0.0, 0.0, self.z_shift]),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -107,6 +112,19 @@ class FLAME(nn.Module):
     @property
     def num_vertices(self) -> int:
         return int(self.v_template.shape[0])
+
+    def fingerprint(self) -> dict:
+        """A few numbers that identify the loaded model file (plain Python, for checkpoints):
+        vertex, face and joint counts, components used, and float64 sums of the template,
+        the skinning weights and the used identity, expression and pose-corrective bases."""
+        d = lambda t: float(t.detach().double().sum())  # noqa: E731
+        return {"n_vertices": int(self.v_template.shape[0]), "n_faces": int(self.faces.shape[0]),
+                "n_joints": len(self.parents), "n_shape": self.n_shape, "n_exp": self.n_exp,
+                "v_template_sum": d(self.v_template), "abs_v_template_sum": d(self.v_template.abs()),
+                "lbs_weights_sum": d(self.lbs_weights * torch.arange(1, len(self.parents) + 1,
+                                                                     device=self.lbs_weights.device)),
+                "shapedirs_sum": d(self.shapedirs.abs()), "expdirs_sum": d(self.expdirs.abs()),
+                "posedirs_sum": d(self.posedirs.abs())}
 
     def to_scaled(self, x: torch.Tensor) -> torch.Tensor:
         """FLAME meters -> scaled space. x: [..., 3] -> [..., 3]."""

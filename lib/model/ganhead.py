@@ -99,6 +99,34 @@ class GANHead(pl.LightningModule):
         self.register_buffer("bbox_max", torch.tensor(bbox_max, dtype=torch.float32))
         self._set_trainable()
 
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The FLAME arrays are not saved (lib/flame/flame.py); a fingerprint of the model file
+        is, so that loading with another file fails clearly."""
+        checkpoint["flame_fingerprint"] = self.flame_server.flame.fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Check the FLAME file against the checkpoint's fingerprint, and drop the FLAME arrays
+        that checkpoints written before they became non-persistent still carry."""
+        flame = self.flame_server.flame
+        state = checkpoint.get("state_dict", {})
+        saved = checkpoint.get("flame_fingerprint")
+        if saved is None and "flame_server.flame.v_template" in state:  # an older checkpoint
+            old = state["flame_server.flame.v_template"]
+            saved = {"n_vertices": int(old.shape[0]),
+                     "v_template_sum": float(old.double().sum())}
+        if saved is not None:
+            now = flame.fingerprint()
+            differs = [k for k, v in saved.items() if k in now and not math.isclose(
+                float(v), float(now[k]), rel_tol=1e-7, abs_tol=1e-9)]
+            if differs:
+                raise ValueError(
+                    f"the head model {flame.model_path} is not the one this checkpoint was trained "
+                    f"with ({', '.join(f'{k}: checkpoint {saved[k]}, file {now[k]}' for k in differs)});"
+                    f" pass the training run's datamodule.flame_model / flame_model=PATH")
+        for key in [k for k in state if k.startswith("flame_server.")]:
+            del state[key]
+
     # ------------------------------------------------------------------ parameters
     def stage_modules(self) -> list[nn.Module]:
         """Modules trained in the current stage (stage 2 trains only detail and colour)."""
