@@ -6,7 +6,8 @@
 Builds the model from the Hydra configs (stage 1: the default experiment and
 `+experiments=cpu`; stage 2: `+experiments=fine` and `+experiments=fine_cpu`), with the
 synthetic head model. Stage 1 runs on batches of points near posed head-model surfaces and
-prints one row per (size, deformer mode): seconds per step, points per step, valid fraction,
+prints one row per (size, deformer mode), the modes' steps interleaved, medians of --steps:
+seconds per step, points per step, valid fraction,
 then the forward seconds per step spent in the correspondence search, the implicit correction
 and the feature-volume generator, and the generator's forward + backward timed alone (a cost
 both deformer modes share, so a floor under the step).
@@ -20,6 +21,7 @@ generator step, a discriminator step and the lazy R1 step amortized (its time / 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -127,64 +129,73 @@ def bench_fine(size: str, mode: str, steps: int, flame_path: Path, gan: bool) ->
             "valid": sum(valid) / len(valid)}
 
 
-def bench(size: str, mode: str, steps: int, flame_path: Path, ckpt: Path | None = None) -> dict:
-    """Seconds per stage-1 step; with ckpt, the networks and codes of a trained stage-1
-    checkpoint of the same size (learned, non-rigid skinning) and no bone bootstrapping."""
-    from lib.model.ganhead import GANHead
+class CoarseRun:
+    """One stage-1 model (size, deformer mode) ready to step; with ckpt, the networks and codes
+    of a trained stage-1 checkpoint of the same size (learned, non-rigid skinning) and no bone
+    bootstrapping. step() runs one timed training step and records its figures."""
 
-    overrides = [f"datamodule.flame_model={flame_path}", f"model.deformer.mode={mode}"]
-    if size == "cpu":
-        overrides.insert(0, "+experiments=cpu")
-    state, n_subjects = None, 8
-    if ckpt is not None:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-        state = checkpoint["state_dict"]
-        n_subjects = state["z_shapes.weight"].shape[0]
-        overrides.append("model.nepochs_pretrain=0")
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    model = GANHead(n_subjects=n_subjects, output_dir=tempfile.mkdtemp(),
-                    **OmegaConf.to_container(cfg.model, resolve=True))
-    if state is not None:
-        model.on_load_checkpoint(checkpoint)  # checks the head model, drops saved FLAME arrays
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith(("disc_",)) for k in missing):
-            raise ValueError(f"{ckpt} does not fit the '{size}' networks: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    dm = cfg.datamodule
-    n_points = dm.points_per_frame + dm.points_per_frame // 8
-    batch = make_batch(model.flame_server, dm.batch_size, n_points, 8)
-    spent = {}
-    _time_calls(spent, model.deformer, ("search", "_implicit_correction"))
-    _time_calls(spent, model, ("generator",), forward=True)
-    times, valid, parts = [], [], {k: 0.0 for k in spent}
-    for step in range(steps + 1):  # the first step warms up
-        for k in spent:
-            spent[k] = 0.0
+    def __init__(self, size: str, mode: str, flame_path: Path, ckpt: Path | None = None):
+        from lib.model.ganhead import GANHead
+
+        overrides = [f"datamodule.flame_model={flame_path}", f"model.deformer.mode={mode}"]
+        if size == "cpu":
+            overrides.insert(0, "+experiments=cpu")
+        state, n_subjects = None, 8
+        if ckpt is not None:
+            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = checkpoint["state_dict"]
+            n_subjects = state["z_shapes.weight"].shape[0]
+            overrides.append("model.nepochs_pretrain=0")
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        self.model = GANHead(n_subjects=n_subjects, output_dir=tempfile.mkdtemp(),
+                             **OmegaConf.to_container(cfg.model, resolve=True))
+        if state is not None:
+            self.model.on_load_checkpoint(checkpoint)  # checks the head model, drops FLAME arrays
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith(("disc_",)) for k in missing):
+                raise ValueError(f"{ckpt} does not fit the '{size}' networks: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
+        dm = cfg.datamodule
+        self.size, self.mode, self.batch_size = size, mode, dm.batch_size
+        self.n_points = dm.points_per_frame + dm.points_per_frame // 8
+        self.batch = make_batch(self.model.flame_server, dm.batch_size, self.n_points, 8)
+        self.spent = {}
+        _time_calls(self.spent, self.model.deformer, ("search", "_implicit_correction"))
+        _time_calls(self.spent, self.model, ("generator",), forward=True)
+        self.rows = []  # per timed step: (seconds, valid fraction, search, correction, generator)
+
+    def step(self, record: bool = True) -> None:
+        for k in self.spent:
+            self.spent[k] = 0.0
         t0 = time.perf_counter()
-        terms = model.coarse_losses(batch)
+        terms = self.model.coarse_losses(self.batch)
         loss = sum(v for k, v in terms.items() if k != "valid_frac")
-        opt.zero_grad()
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
-        if step:
-            times.append(time.perf_counter() - t0)
-            valid.append(float(terms["valid_frac"]))
-            for k in parts:
-                parts[k] += spent[k] / steps
-    # the generator's forward and backward alone (shared by both modes: a floor for the step)
-    z = model.z_shapes(batch["index"]).detach().requires_grad_(True)
-    gen = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        volume = model.generator(z)
-        volume.backward(torch.ones_like(volume))
-        gen.append(time.perf_counter() - t0)
-    return {"size": size, "mode": mode, "batch": dm.batch_size, "points": n_points,
-            "s_per_step": sum(times) / len(times), "valid": sum(valid) / len(valid),
-            "search": parts["search"], "correction": parts["_implicit_correction"],
-            "generator": parts["generator"], "generator_fb": min(gen)}
+        self.opt.step()
+        if record:
+            self.rows.append((time.perf_counter() - t0, float(terms["valid_frac"]), self.spent["search"],
+                              self.spent["_implicit_correction"], self.spent["generator"]))
+
+    def generator_time(self) -> float:
+        """The generator's forward and backward alone (shared by both modes: a floor under the
+        step), fastest of 3."""
+        z = self.model.z_shapes(self.batch["index"]).detach().requires_grad_(True)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            volume = self.model.generator(z)
+            volume.backward(torch.ones_like(volume))
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    def result(self) -> dict:
+        med = lambda i: statistics.median(r[i] for r in self.rows)  # noqa: E731
+        return {"size": self.size, "mode": self.mode, "batch": self.batch_size, "points": self.n_points,
+                "s_per_step": med(0), "valid": med(1), "search": med(2), "correction": med(3),
+                "generator": med(4), "generator_fb": self.generator_time()}
 
 
 def _time_calls(spent: dict, owner, names, forward: bool = False) -> None:
@@ -239,18 +250,28 @@ def main() -> None:
 
 
 def run_coarse(args, flame_path: Path) -> None:
+    """Per size: one model per mode, their steps interleaved (so that every mode sees the same
+    machine load), the median of --steps timed steps after one warm-up step each."""
     print(f"{'size':8s} {'mode':6s} {'batch':>5s} {'points':>7s} {'s/step':>8s} {'valid':>6s}   forward "
           f"seconds per step in: {'search':>7s} {'correction':>10s} {'generator':>9s}   generator fwd+bwd")
     for size in args.sizes:
+        runs = []
         for mode in args.modes:
             try:
-                r = bench(size, mode, args.steps, flame_path, args.ckpt)
+                runs.append(CoarseRun(size, mode, flame_path, args.ckpt))
             except (ValueError, KeyError) as err:
                 print(f"{size:8s} {mode:6s} unavailable: {err}")
-                continue
+        for step in range(args.steps + 1):
+            for run in runs:
+                run.step(record=step > 0)
+        results = [run.result() for run in runs]
+        for r in results:
             print(f"{r['size']:8s} {r['mode']:6s} {r['batch']:5d} {r['points']:7d} "
                   f"{r['s_per_step']:8.2f} {r['valid']:6.3f}   {'':29s}{r['search']:7.3f} "
                   f"{r['correction']:10.3f} {r['generator']:9.3f}   {r['generator_fb']:8.3f}", flush=True)
+        if len(results) > 1:
+            print(f"  {size}: step speed-up over {results[0]['mode']}: " + ", ".join(
+                f"{r['mode']} {results[0]['s_per_step'] / r['s_per_step']:.2f}x" for r in results[1:]))
 
 
 if __name__ == "__main__":

@@ -271,12 +271,14 @@ class ImplicitNetwork(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.d_in:
             raise _err(f"x must be [B, N, {self.d_in}], got {tuple(x.shape)}")
         B, N, _ = x.shape
+        per_item = False
         if self.cond_dim > 0:
             if cond is None:
                 raise _err(f"this network needs a condition of width {self.cond_dim}")
-            if cond.dim() == 2:
-                cond = cond[:, None, :].expand(-1, N, -1)
-            if cond.dim() != 3 or tuple(cond.shape) != (B, N, self.cond_dim):
+            per_item = cond.dim() == 2 and tuple(cond.shape) == (B, self.cond_dim)
+            if per_item:  # folded into a per-item bias below instead of repeated for every point
+                cond = cond[:, None, :]
+            elif cond.dim() != 3 or tuple(cond.shape) != (B, N, self.cond_dim):
                 raise _err(f"cond must be [{B}, {self.cond_dim}] or [{B}, {N}, {self.cond_dim}], "
                            f"got {tuple(cond.shape)}")
             cond = cond.to(x.dtype)
@@ -289,9 +291,15 @@ class ImplicitNetwork(nn.Module):
                 features = h
             if l in self.skip_layers:
                 h = torch.cat([h, emb], dim=-1) / math.sqrt(2.0)
-            if l in self.cond_layers:
-                h = torch.cat([h, cond], dim=-1)
-            h = lin(h)
+            if l in self.cond_layers and per_item:
+                # [h | cond] W^T + b = h W_h^T + (cond W_c^T + b): the condition's part once per
+                # item (same values and gradients, none of the [B, N, C] work)
+                W = lin.weight
+                h = F.linear(h, W[:, :-self.cond_dim]) + F.linear(cond, W[:, -self.cond_dim:], lin.bias)
+            elif l in self.cond_layers:
+                h = lin(torch.cat([h, cond], dim=-1))
+            else:
+                h = lin(h)
             if l < self.depth:  # h is this layer's fresh output: clamped in place without a graph
                 h = self.softplus(h, inplace=not torch.is_grad_enabled())
         if self.out_activation == "tanh":
