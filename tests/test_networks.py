@@ -246,3 +246,24 @@ def test_softplus_matches_torch_softplus_float64():
     # its backward is differentiable too (e.g. for gradient penalties)
     z = (torch.rand(40, dtype=torch.float64) * 0.2 - 0.1).requires_grad_(True)
     assert torch.autograd.gradgradcheck(Softplus(beta=100.0), (z,))
+
+
+def test_per_item_condition_gives_the_per_point_gradients_float64():
+    """A [B, C] condition (folded into a per-item bias) and the same condition repeated per point
+    ([B, N, C], concatenated) give equal outputs and gradients for x, the condition and weights."""
+    torch.manual_seed(1)
+    net = ImplicitNetwork(d_out=2, width=32, depth=4, skip_layer=2, multires=2, cond_dim=5,
+                          cond_layers=[0, 3]).double()
+    x = torch.randn(3, 6, 3, dtype=torch.float64)
+
+    def run(per_point: bool):
+        xg = x.clone().requires_grad_(True)
+        c = torch.linspace(-1, 1, 15, dtype=torch.float64).reshape(3, 5).requires_grad_(True)
+        out = net(xg, c[:, None].expand(-1, 6, -1) if per_point else c)
+        leaves = [xg, c] + list(net.parameters())
+        return out.detach(), torch.autograd.grad((out * out).sum(), leaves)
+
+    (o1, g1), (o2, g2) = run(False), run(True)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
