@@ -28,7 +28,7 @@ from torch import nn
 
 from lib.model.broyden import broyden
 
-__all__ = ["ForwardDeformer", "lbs_deform", "skin_offset", "inv3", "SKIPPED_LOGIT"]
+__all__ = ["ForwardDeformer", "lbs_deform", "skin_offset", "inv3", "adjugate3", "SKIPPED_LOGIT"]
 
 SKIPPED_LOGIT = -1000.0  # occupancy logit of skipped points and of invalid initializations
 
@@ -51,6 +51,18 @@ def inv3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     safe = torch.where(ok, det, torch.ones_like(det))
     inv = torch.stack([c0, c1, c2], dim=-1) / safe[..., None, None]
     return torch.where(ok[..., None, None], inv, torch.zeros_like(inv)), ok
+
+
+def adjugate3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channels-first 3x3 matrices m [3, 3, A] (m[r, c, a]) -> adjugate columns adj [3, 3, A]
+    (m^-1 v = sum_k adj[k] v[k] / det for v [3, A]), det [A] and ok [A]: False where m is
+    numerically singular (inv3's criterion). The layout of the fast search's per-point arrays."""
+    r0, r1, r2 = m[0], m[1], m[2]                                                       # rows [3, A]
+    adj = torch.stack([torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0),
+                       torch.linalg.cross(r0, r1, dim=0)])
+    det = r0[0] * adj[0, 0] + r0[1] * adj[0, 1] + r0[2] * adj[0, 2]
+    scale = ((r0 * r0).sum(0) * (r1 * r1).sum(0) * (r2 * r2).sum(0)).sqrt()
+    return adj, det, torch.isfinite(det) & (det.abs() > 1e-10 * scale)
 
 
 def lbs_deform(xc, w, expr_dirs, pose_dirs, tfs, tfs_c, exp, exp_c, pose_feature, pose_feature_c):

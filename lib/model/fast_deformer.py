@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
-from lib.model.deformer import ForwardDeformer, inv3
+from lib.model.deformer import ForwardDeformer, adjugate3, inv3
 from lib.model.folded_lbs import FoldedSkinning
 
 __all__ = ["FastForwardDeformer", "spline_matrix", "BakedGrid"]
@@ -150,14 +150,9 @@ def _sqnorm(v: torch.Tensor) -> torch.Tensor:
 
 
 def _solve3(jac: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] -> (jac^-1 r [3, A], ok [A]);
-    ok is False where jac is numerically singular (the criterion of deformer.inv3)."""
-    r0, r1, r2 = jac[0], jac[1], jac[2]                                                 # rows [3, A]
-    c0, c1, c2 = torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0), torch.linalg.cross(r0, r1, dim=0)
-    det = r0[0] * c0[0] + r0[1] * c0[1] + r0[2] * c0[2]
-    scale = (_sqnorm(r0) * _sqnorm(r1) * _sqnorm(r2)).sqrt()
-    ok = torch.isfinite(det) & (det.abs() > 1e-10 * scale)
-    sol = (c0 * r[0] + c1 * r[1] + c2 * r[2]) / torch.where(ok, det, torch.ones_like(det))
+    """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] -> (jac^-1 r [3, A], ok [A])."""
+    adj, det, ok = adjugate3(jac)
+    sol = (adj[0] * r[0] + adj[1] * r[1] + adj[2] * r[2]) / torch.where(ok, det, torch.ones_like(det))
     return sol, ok
 
 
@@ -432,11 +427,7 @@ class FastForwardDeformer(ForwardDeformer):
         diff [U], valid_ids [U], n_steps)."""
         U = x0.shape[0]
         _, jac = grid(x0.t(), slot)
-        r0, r1, r2 = jac[0], jac[1], jac[2]                                           # rows [3, U]
-        adj = torch.stack([torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0),
-                           torch.linalg.cross(r0, r1, dim=0)])                        # [k, i, U]: G^-1 = adj / det
-        _, ok = _solve3(jac, torch.zeros_like(x0.t()))
-        det = (r0 * adj[0]).sum(0)
+        adj, det, ok = adjugate3(jac)                                                 # G^-1 v = sum_k adj[k] v_k / det
         g_inv = torch.where(ok, adj / torch.where(ok, det, torch.ones_like(det)),
                             torch.eye(3, dtype=x0.dtype, device=x0.device)[:, :, None])
         g_inv = g_inv.permute(2, 0, 1)                                                # [U, k, i]

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from lib.model.deformer import adjugate3
+
 __all__ = ["FoldedLBS", "FoldedSkinning"]
 
 
@@ -109,12 +111,7 @@ class FoldedSkinning:
         M = M[torch.arange(A, device=x.device), bidx].t()                        # [24, A]
         c, d = M[:12].view(3, 4, A), M[12:].view(3, 4, A)                         # blended rows
         v = x.t() - c[:, 3]                                                       # [3, A]
-        r0, r1, r2 = c[0, :3], c[1, :3], c[2, :3]
-        c0, c1, c2 = (torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0),
-                      torch.linalg.cross(r0, r1, dim=0))                          # adjugate columns
-        det = r0[0] * c0[0] + r0[1] * c0[1] + r0[2] * c0[2]
-        norms = ((r0 * r0).sum(0) * (r1 * r1).sum(0) * (r2 * r2).sum(0)).sqrt()
-        ok = torch.isfinite(det) & (det.abs() > 1e-10 * norms)
+        adj, det, ok = adjugate3(c[:, :3])
         inv_det = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
-        xr = (c0 * v[0] + c1 * v[1] + c2 * v[2]) * inv_det + offset.t()           # [3, A]
+        xr = (adj[0] * v[0] + adj[1] * v[1] + adj[2] * v[2]) * inv_det + offset.t()  # [3, A]
         return (d[:, 0] * xr[0] + d[:, 1] * xr[1] + d[:, 2] * xr[2] + d[:, 3]).t()
