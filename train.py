@@ -42,12 +42,18 @@ def load_weights(model: pl.LightningModule, path: str) -> None:
 def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from lib.utils.checkpoint_io import AtomicCheckpointIO
+
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
-                                 save_top_k=0, every_n_epochs=cfg.checkpoint.every_n_epochs,
+    # one file, checkpoints/last.ckpt, rewritten (atomically) every every_n_epochs epochs. (With
+    # save_top_k=0 and save_last=True Lightning 2 writes last.ckpt only when training ends.)
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", save_top_k=1,
+                                 save_last=False, enable_version_counter=False,
+                                 every_n_epochs=cfg.checkpoint.every_n_epochs,
                                  save_on_train_epoch_end=True)
     return pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
-                      callbacks=[checkpoint], default_root_dir=str(output_dir))
+                      callbacks=[checkpoint], plugins=[AtomicCheckpointIO()],
+                      default_root_dir=str(output_dir))
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")

@@ -100,6 +100,40 @@ def test_stage1_trains_checkpoints_and_resumes(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_killed_run_keeps_its_epoch_checkpoint_and_resumes(tiny_dataset, tmp_path):
+    """last.ckpt is written after every epoch, not only when training ends: a run killed
+    mid-training leaves a readable checkpoint, and resume=true continues from its epoch."""
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    ckpt = out / "checkpoints" / "last.ckpt"
+    args = [sys.executable, str(ROOT / "train.py"), *TINY,
+            f"datamodule.processed_dir={tiny_dataset['processed']}",
+            f"datamodule.data_list={tiny_dataset['data_list']}",
+            f"datamodule.flame_model={tiny_dataset['flame']}",
+            f"output_dir={out}", "trainer.max_epochs=1000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 240
+        while not ckpt.is_file() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert ckpt.is_file(), "no checkpoint while training: " + (
+            proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "still running")
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    epoch = state["epoch"]
+    assert epoch < 999 and state["optimizer_states"]
+    run_train(tiny_dataset, out, f"trainer.max_epochs={epoch + 2}", "resume=true")
+    resumed = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert resumed["epoch"] > epoch and resumed["global_step"] > state["global_step"]
+
+
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):
     out = tmp_path / "ddp"
     run_train(tiny_dataset, out, "trainer.max_epochs=1", "trainer.devices=2",
@@ -111,3 +145,34 @@ def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):
     model = GANHead.load_from_checkpoint(ckpt, map_location="cpu",
                                          flame_model=str(tiny_dataset["flame"]))
     assert torch.isfinite(model.z_shapes.weight).all()
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch):
+    """AtomicCheckpointIO writes through a temporary file: a save interrupted half-way through
+    writing (simulated: Lightning's writer writes half the bytes, then raises) leaves the previous
+    checkpoint readable and no temporary file behind; a good save replaces it."""
+    import io as _io
+
+    import lightning_fabric.plugins.io.torch_io as torch_io
+
+    from lib.utils.checkpoint_io import AtomicCheckpointIO
+
+    ckpt_io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    ckpt_io.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    real_save = torch_io._atomic_save
+
+    def interrupted(checkpoint, filepath):
+        buf = _io.BytesIO()
+        torch.save(checkpoint, buf)
+        with open(filepath, "wb") as fh:
+            fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_io.save_checkpoint({"epoch": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.setattr(torch_io, "_atomic_save", real_save)
+    assert ckpt_io.load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    ckpt_io.save_checkpoint({"epoch": 3}, path)
+    assert ckpt_io.load_checkpoint(path)["epoch"] == 3
