@@ -404,6 +404,24 @@ def test_cuda_matches_cpu(net):
     assert_agree(xc, valid, xg.cpu(), vg.cpu())
 
 
+def _perturbed(lbs, std):
+    """lbs with N(0, std^2) added to every parameter (blendshape head included), in place."""
+    with torch.no_grad():
+        for p in lbs.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return lbs
+
+
+def _float64_points(n, seed):
+    """A float64 problem (make_problem with n points per item) and n random canonical points per
+    item, flattened: xd, cond, sm, x [B * n, 3] in [-1, 1]^3, bidx [B * n]."""
+    xd, cond, sm = make_problem(N=n, dtype=torch.float64)
+    B = xd.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B * n, 3, generator=g, dtype=torch.float64) * 2 - 1
+    return xd, cond, sm, x, torch.randint(0, B, (B * n,), generator=g)
+
+
 @pytest.mark.parametrize("variant", ["default", "encoded_skip"])
 def test_folded_lbs_equals_the_plain_network_float64(net, variant):
     """FoldedLBS (weights read once, z_shape and blendshape heads folded per item) gives the plain
@@ -414,15 +432,8 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
         lbs = copy.deepcopy(net).double()
     else:  # positional encoding, a skip layer and the condition at two layers
         torch.manual_seed(3)
-        lbs = LBSNetwork(multires=4, skip_layer=2, cond_layers=(0, 2)).double()
-        with torch.no_grad():
-            for p in lbs.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-    xd, cond, sm = make_problem(N=60, dtype=torch.float64)
-    B = xd.shape[0]
-    g = torch.Generator().manual_seed(5)
-    x = torch.rand(B * 60, 3, generator=g, dtype=torch.float64) * 2 - 1
-    bidx = torch.randint(0, B, (B * 60,), generator=g)
+        lbs = _perturbed(LBSNetwork(multires=4, skip_layer=2, cond_layers=(0, 2)).double(), 0.05)
+    xd, cond, sm, x, bidx = _float64_points(60, seed=5)
     with torch.no_grad():
         w_ref, pd, ed = lbs(x[:, None], cond["z_shape"][bidx])
         fold = lbs.folded(cond["z_shape"], sm["pose_feature"] - sm["pose_feature_c"], sm["exp"] - sm["exp_c"])
@@ -442,16 +453,10 @@ def test_folded_deformation_keeps_the_plain_gradients_float64(net):
     """Built with grad enabled, the folded network + FoldedSkinning (the implicit correction's
     path) give the plain forward deformation's values and its gradients with respect to the
     network's parameters, z_shape, the joint transforms, the expression and x."""
-    lbs = copy.deepcopy(net).double()
-    with torch.no_grad():
-        for p in lbs.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    xd, cond, sm = make_problem(N=40, dtype=torch.float64)
+    lbs = _perturbed(copy.deepcopy(net).double(), 0.02)
+    xd, cond, sm, x0, bidx = _float64_points(40, seed=6)
     B = xd.shape[0]
-    g = torch.Generator().manual_seed(6)
-    x0 = torch.rand(B * 40, 3, generator=g, dtype=torch.float64) * 2 - 1
-    bidx = torch.randint(0, B, (B * 40,), generator=g)
-    weight = torch.randn(B * 40, 3, generator=g, dtype=torch.float64)
+    weight = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
     def grads(folded):
         d = FastForwardDeformer(lbs, folded=folded)

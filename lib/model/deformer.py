@@ -37,17 +37,25 @@ def _err(msg: str) -> ValueError:
     return ValueError(f"lib/model/deformer.py: {msg}")
 
 
+def _adjugate_rows(r0: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, dim: int):
+    """The rows r0, r1, r2 of 3x3 matrices (their 3 entries along `dim`) -> adjugate columns
+    (c0, c1, c2) = (r1 x r2, r2 x r0, r0 x r1) (m^-1 = [c0 c1 c2] / det), det, and ok: False
+    where the matrix is numerically singular (|det| <= 1e-10 * product of row norms). Shared by
+    inv3 (entries last) and adjugate3 (entries first)."""
+    c = (torch.linalg.cross(r1, r2, dim=dim), torch.linalg.cross(r2, r0, dim=dim),
+         torch.linalg.cross(r0, r1, dim=dim))
+    det = (r0 * c[0]).sum(dim)
+    scale = ((r0 * r0).sum(dim) * (r1 * r1).sum(dim) * (r2 * r2).sum(dim)).sqrt()
+    return c, det, torch.isfinite(det) & (det.abs() > 1e-10 * scale)
+
+
 def inv3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form inverse of 3x3 matrices (adjugate / determinant), differentiable.
 
     m: [..., 3, 3]. Returns (inverse [..., 3, 3], ok [...] bool); ok is False where the matrix is
     numerically singular (|det| <= 1e-10 * product of row norms); the inverse is 0 there.
     """
-    r0, r1, r2 = m[..., 0, :], m[..., 1, :], m[..., 2, :]
-    c0, c1, c2 = torch.cross(r1, r2, dim=-1), torch.cross(r2, r0, dim=-1), torch.cross(r0, r1, dim=-1)
-    det = (r0 * c0).sum(-1)
-    scale = r0.norm(dim=-1) * r1.norm(dim=-1) * r2.norm(dim=-1)
-    ok = torch.isfinite(det) & (det.abs() > 1e-10 * scale)
+    (c0, c1, c2), det, ok = _adjugate_rows(m[..., 0, :], m[..., 1, :], m[..., 2, :], dim=-1)
     safe = torch.where(ok, det, torch.ones_like(det))
     inv = torch.stack([c0, c1, c2], dim=-1) / safe[..., None, None]
     return torch.where(ok[..., None, None], inv, torch.zeros_like(inv)), ok
@@ -55,14 +63,10 @@ def inv3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def adjugate3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Channels-first 3x3 matrices m [3, 3, A] (m[r, c, a]) -> adjugate columns adj [3, 3, A]
-    (m^-1 v = sum_k adj[k] v[k] / det for v [3, A]), det [A] and ok [A]: False where m is
-    numerically singular (inv3's criterion). The layout of the fast search's per-point arrays."""
-    r0, r1, r2 = m[0], m[1], m[2]                                                       # rows [3, A]
-    adj = torch.stack([torch.linalg.cross(r1, r2, dim=0), torch.linalg.cross(r2, r0, dim=0),
-                       torch.linalg.cross(r0, r1, dim=0)])
-    det = r0[0] * adj[0, 0] + r0[1] * adj[0, 1] + r0[2] * adj[0, 2]
-    scale = ((r0 * r0).sum(0) * (r1 * r1).sum(0) * (r2 * r2).sum(0)).sqrt()
-    return adj, det, torch.isfinite(det) & (det.abs() > 1e-10 * scale)
+    (m^-1 v = sum_k adj[k] v[k] / det for v [3, A]), det [A] and ok [A] (inv3's criterion).
+    The layout of the fast search's per-point arrays."""
+    c, det, ok = _adjugate_rows(m[0], m[1], m[2], dim=0)
+    return torch.stack(c), det, ok
 
 
 def lbs_deform(xc, w, expr_dirs, pose_dirs, tfs, tfs_c, exp, exp_c, pose_feature, pose_feature_c):
