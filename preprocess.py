@@ -4,10 +4,20 @@
 
 Shards: `--tot N --id i` processes every N-th scan (from the i-th) of the sorted list of
 scan folders, so N instances cover each scan exactly once. Scans whose outputs are already
-complete and valid are skipped; a bad scan prints one line naming it and the problem and
-the others go on; the run ends with a summary, the data list CSV (rebuilt from every
-complete scan in the output folder, so shards do not clobber each other's rows) and a
-non-zero exit status if any scan failed.
+complete, valid and made from the current sources are skipped; a scan whose sources (OBJ,
+.mtl, texture, FLAME pickle) or settings changed since its provenance record was written is
+redone, with a line saying what changed; complete outputs without a record are kept as they
+are (lib/dataset/preprocessing.py). A bad scan prints one line naming it and the problem and
+the others go on; the run ends with a summary, the data list CSV (rebuilt from every complete
+scan in the output folder, so shards do not clobber each other's rows) and a non-zero exit
+status if any scan failed.
+
+Errors that stop the run print one line `preprocess.py: error: ...` and exit with status 2,
+leaving an existing data list byte-identical: a scan folder that is missing or holds no scan
+folders (a mistyped --scan_folder), a missing FLAME model, and an output folder with no
+complete scan at the end (the data list is never rewritten to just its header). Scan folder
+names are scan ids and must be safe folder names (lib/dataset/faceverse.validate_scan_id); a
+folder with another name is reported as a failed scan.
 """
 from __future__ import annotations
 
@@ -50,12 +60,21 @@ def parse_args(argv=None):
     return a
 
 
+class UsageError(Exception):
+    """A problem that stops the run: main prints `preprocess.py: error: <message>`, exits 2."""
+
+
 def list_scans(scan_folder) -> list[str]:
-    """Sorted names of the scan folders (every subfolder is a scan, complete or not)."""
+    """Sorted names of the scan folders (every subfolder that is not hidden is a scan,
+    complete or not). Raises UsageError when the folder is missing or holds none."""
     folder = Path(scan_folder)
     if not folder.is_dir():
-        raise SystemExit(f"error: scan folder {folder} does not exist")
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise UsageError(f"scan folder {folder} does not exist (check --scan_folder)")
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise UsageError(f"scan folder {folder} holds no scan folders (<id>/<id>.obj); check "
+                         "--scan_folder")
+    return names
 
 
 def shard(names: list[str], tot: int, idx: int) -> list[str]:
@@ -82,14 +101,21 @@ def _locked(path: Path):
 
 def write_data_list(output_folder, csv_path, n_views, res, sizes) -> list[str]:
     """Rebuild the data list from all complete scans in output_folder (atomic, locked).
-    Returns the listed ids."""
+    Returns the listed ids. Raises UsageError, leaving the data list untouched, when no
+    complete scan is there (a mistyped --output_folder, or every scan failed)."""
+    from lib.dataset.faceverse import scan_id_problem
     from lib.dataset.preprocessing import is_complete
     from lib.utils.mesh_io import atomic_path
 
     csv_path, out = Path(csv_path), Path(output_folder)
     with _locked(csv_path.with_name(f".{csv_path.name}.lock")):
         ids = sorted(d.name for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")
+                     and scan_id_problem(d.name) is None
                      and is_complete(d, n_views, res, sizes, deep=False)) if out.is_dir() else []
+        if not ids:
+            raise UsageError(f"output folder {out} holds no complete scans (for --views "
+                             f"{n_views} --res {res}); data list {csv_path} left unchanged "
+                             "(check --output_folder and the failures above)")
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["id", "dataset"])
@@ -101,8 +127,17 @@ def write_data_list(output_folder, csv_path, n_views, res, sizes) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"preprocess.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     from tqdm import tqdm
 
+    from lib.dataset.faceverse import validate_scan_id
     from lib.dataset.preprocessing import SampleSizes, process_scan, scan_paths
     from lib.flame import FLAMEServer
 
@@ -115,11 +150,10 @@ def main(argv=None) -> int:
                         n_surface=args.n_surface)
     names = shard(list_scans(args.scan_folder), args.tot, args.id)
     if not Path(args.flame_model).is_file():
-        print(f"error: FLAME model {args.flame_model} not found (--flame_model)", file=sys.stderr)
-        return 2
+        raise UsageError(f"FLAME model {args.flame_model} not found (--flame_model)")
     server = FLAMEServer(args.flame_model).to(args.device)
     out_root = Path(args.output_folder)
-    counts = {"done": 0, "skipped": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0, "kept": 0, "failed": 0}
     failures = []
     start = time.perf_counter()
     bar = tqdm(names, desc=f"preprocess shard {args.id}/{args.tot}", unit="scan",
@@ -127,24 +161,39 @@ def main(argv=None) -> int:
     for name in bar:
         scan_dir, _, pkl = scan_paths(args.scan_folder, args.flame_folder, name)
         try:
-            r = process_scan(scan_dir, pkl, server, out_root / name, args.views, args.res,
-                             sizes=sizes, device=args.device)
-            status, msg = r.status, r.message
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug on one scan must not stop the rest
-            status, msg = "failed", f"unexpected {type(e).__name__}: {' '.join(str(e).split())}"
+            validate_scan_id(name, scan_dir)
+        except ValueError as e:  # the name cannot be a folder of the output / a data list id
+            status, msg = "failed", " ".join(str(e).split())
+        else:
+            try:
+                r = process_scan(scan_dir, pkl, server, out_root / name, args.views, args.res,
+                                 sizes=sizes, device=args.device)
+                status, msg = r.status, r.message
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug on one scan must not stop the rest
+                status, msg = "failed", (f"unexpected {type(e).__name__}: "
+                                         f"{' '.join(str(e).split())}")
         counts[status] += 1
         if status == "failed":
             failures.append(name)
             tqdm.write(f"FAILED {name}: {msg}", file=sys.stderr)
-        bar.set_postfix(done=counts["done"], skipped=counts["skipped"], failed=counts["failed"])
+        elif status == "done" and msg:
+            tqdm.write(f"{name}: {msg}; reprocessed")
+        bar.set_postfix(done=counts["done"], skipped=counts["skipped"], kept=counts["kept"],
+                        failed=counts["failed"])
     bar.close()
-    ids = write_data_list(out_root, args.data_list, args.views, args.res, sizes)
-    print(f"shard {args.id}/{args.tot}: {len(names)} scans in {time.perf_counter() - start:.1f} s:"
-          f" {counts['done']} processed, {counts['skipped']} already complete,"
-          f" {counts['failed']} failed{(' (' + ', '.join(failures) + ')') if failures else ''};"
-          f" data list {args.data_list}: {len(ids)} complete scans")
+    summary = (f"shard {args.id}/{args.tot}: {len(names)} scans in "
+               f"{time.perf_counter() - start:.1f} s: {counts['done']} processed, "
+               f"{counts['skipped']} already complete, {counts['kept']} kept without a "
+               f"provenance record, {counts['failed']} failed"
+               f"{(' (' + ', '.join(failures) + ')') if failures else ''}")
+    try:
+        ids = write_data_list(out_root, args.data_list, args.views, args.res, sizes)
+    except UsageError:
+        print(summary)
+        raise
+    print(f"{summary}; data list {args.data_list}: {len(ids)} complete scans")
     return 1 if failures else 0
 
 

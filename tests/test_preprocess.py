@@ -35,7 +35,8 @@ from lib.utils.mesh_io import MeshLoadError, load_obj, save_obj, save_ply
 # ----------------------------------------------------------------------------- meshes
 def uv_sphere(radius=1.0, n_lat=24, n_lon=48, center=(0.0, 0.0, 0.0), y_min=None):
     """Outward-oriented UV sphere; uv = (longitude, latitude) mapping with u = 0.5 at +z.
-    y_min: drop the faces entirely below this height (an open neck).
+    y_min: drop the faces entirely below this height (an open neck), and the vertices only
+    they used (a scan file has no unused vertices: load_obj takes many for a cut-short file).
     Returns verts [V,3], faces [F,3], uvs [V,2] (uv index = vertex index)."""
     th = np.linspace(0, np.pi, n_lat + 1)             # polar angle from +y
     ph = np.linspace(-np.pi, np.pi, n_lon + 1)        # azimuth, 0 at +z, seam duplicated
@@ -51,6 +52,8 @@ def uv_sphere(radius=1.0, n_lat=24, n_lon=48, center=(0.0, 0.0, 0.0), y_min=None
     f = f[area > 1e-12]
     if y_min is not None:
         f = f[v[f][:, :, 1].max(1) > y_min]
+        used, f = np.unique(f, return_inverse=True)
+        v, uv, f = v[used], uv[used], f.reshape(-1, 3)
     return v, f, uv
 
 
@@ -122,6 +125,8 @@ def test_obj_vertex_colours_crlf_and_3d_texcoords(tmp_path):
     ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3.5\n", "non-integer index"),
     ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 0\n", "index 0"),
     ("v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nf 1/1 2/1 3/1\n", "texture image not found"),
+    ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3", "ends mid-line"),
+    ("# Vertices: 3\n# Faces: 2\nv 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n", "states 2"),
 ])
 def test_obj_errors_name_file_and_problem(tmp_path, text, problem):
     path = tmp_path / "bad_scan.obj"
@@ -477,7 +482,8 @@ def test_bad_scans_reported_and_others_processed(dataset, tmp_path, capsys):
     for name, phrase in expect.items():
         (line,) = [ln for ln in lines if ln.startswith(f"FAILED {name}:")]
         assert phrase in line, line
-    assert "2 processed, 0 already complete, 8 failed" in err.out
+    assert ("2 processed, 0 already complete, 0 kept without a provenance record, 8 failed"
+            in err.out)
     rows = list(csv.reader(open(root / "out.csv")))
     assert rows == [["id", "dataset"], ["g_a", "faceverse"], ["g_b", "faceverse"]]
     for name in expect:

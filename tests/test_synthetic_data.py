@@ -288,6 +288,10 @@ def test_written_scan_lands_on_model_and_is_open_at_neck(synth, head):
     _check_on_model(head, vf, shape, exp, p["pose"])
     assert 20000 <= len(faces) <= 200000
     assert uvs.min() >= 0.0 and uvs.max() <= 1.0 and face_uvs.shape == faces.shape
+    # a complete file: it ends with a newline and its faces use every vertex and texture
+    # coordinate (load_obj takes unused ones, beyond a few, for a face list cut short)
+    assert (synth / "faceverse_dataset" / sid / f"{sid}.obj").read_bytes().endswith(b"\n")
+    assert len(np.unique(faces)) == len(verts) and len(np.unique(face_uvs)) == len(uvs)
     # one connected piece ...
     V = len(vf)
     e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])

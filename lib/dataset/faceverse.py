@@ -6,6 +6,10 @@ FLAME parameter vector (scale 1, transl 3, pose 15, shape 100, exp 50).
 Each scan is one subject of the auto-decoder: its row in the data list is its index into the
 latent embeddings, so the order of the data list (sorted ids) must stay fixed between
 stage 1, precompute and stage 2.
+
+Scan ids name folders (`<processed>/<id>/`), so every id is checked by `validate_scan_id`
+(also used by preprocess.py for the scan folder names): a single safe path part, i.e. not
+empty, not `.` or `..`, no leading dot, no `/` or `\\`, no whitespace or control characters.
 """
 from __future__ import annotations
 
@@ -22,8 +26,35 @@ class DataListError(ValueError):
     """The data list CSV is missing or malformed."""
 
 
+def scan_id_problem(scan_id: str) -> str | None:
+    """What makes `scan_id` unsafe as a folder name (module docstring), or None if it is safe."""
+    if not scan_id:
+        return "is empty"
+    if scan_id in (".", ".."):
+        return "is a relative folder reference"
+    if "/" in scan_id or "\\" in scan_id:
+        return "contains a path separator"
+    if scan_id.startswith("."):
+        return "starts with a dot (a hidden name)"
+    bad = next((c for c in scan_id if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        return f"contains whitespace or a control character ({bad!r})"
+    return None
+
+
+def validate_scan_id(scan_id: str, where, error: type[Exception] = ValueError) -> str:
+    """Return `scan_id` if it is a safe folder name, else raise `error` with one line naming
+    `where` (a file or folder), the id and what is wrong."""
+    problem = scan_id_problem(scan_id)
+    if problem is not None:
+        raise error(f"{where}: scan id {scan_id!r} {problem}; scan ids must be plain folder "
+                    "names (rename the scan or fix the row)")
+    return scan_id
+
+
 def read_data_list(path: str | os.PathLike) -> list[str]:
-    """Scan ids of a data list CSV (`id,dataset` header), sorted.
+    """Scan ids of a data list CSV (`id,dataset` header), sorted; every id must pass
+    `validate_scan_id` (else DataListError naming the file, the id and the problem).
 
     Returns: list of ids, sorted so every stage assigns the same embedding index.
     """
@@ -36,7 +67,9 @@ def read_data_list(path: str | os.PathLike) -> list[str]:
         rows = list(csv.DictReader(fh))
     if rows and "id" not in rows[0]:
         raise DataListError(f"{path}: expected a header with an 'id' column")
-    ids = sorted({row["id"].strip() for row in rows if row.get("id", "").strip()})
+    ids = sorted({row["id"].strip() for row in rows if (row.get("id") or "").strip()})
+    for i in ids:
+        validate_scan_id(i, path, DataListError)
     if not ids:
         raise DataListError(f"{path}: the data list names no scans")
     return ids

@@ -6,32 +6,68 @@ Per scan `<id>` the outputs in `<out_dir>` (= `<processed>/<id>/`) are
     occupancy.npz   flame_params (169,) f32, scan_name str, pts_d (Nn+Nu, 3) f32, occ_gt (.., 1) f32
     surface.npz     surface_points / surface_normals / surface_colors (Ns, 3) f32
     multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png   k = 0..K-1, res x res RGB
+    provenance.json what the outputs were made from (written last, see below)
 Every file is written under a temporary name and renamed, and each of the three parts is
 validated and skipped when already valid, so a killed run is finished by a rerun. The
 sampling is seeded from the scan name (`scan_seed`), one stream per part, so a rerun (or a
 resumed run) writes byte-identical arrays.
+
+Input checks (a failure is status 'failed' with one line naming the file): `load_obj`
+refuses truncated OBJ files (lib/utils/mesh_io.py), and `check_scan_fit` compares the scan,
+moved to FLAME space, with its fitted FLAME mesh (`FIT_LIMITS`):
+- per axis, the bounding-box extent of the scan's surface (the vertices faces use) must be
+  0.5-2.5 x the FLAME mesh's (hair and the neck cut change it by less than 25% on the
+  synthetic scans; a wrong scale, or a scan that is not the fitted head, by far more), and
+  the box centres may differ by at most 0.35 x the FLAME extent on that axis (the synthetic
+  scans: at most 0.11);
+- the surface must not fall apart into more than 50 + F / 200 edge-connected pieces
+  (`surface_pieces`): a scan is one piece plus some debris, while a face list with every
+  other triangle gone (a cut that leaves all vertices in use) gives hundreds.
+
+Provenance: `provenance.json` holds the sha256 of every source file (the OBJ, its .mtl files
+and the texture image that load_obj reads, the FLAME parameter pickle; `source_record`) and
+the settings (views, res, sample sizes, seed). On a rerun `process_scan` hashes the sources
+again (streamed; milliseconds per scan, against seconds of processing) and compares:
+- sources or settings changed: the scan's outputs are removed and all of its parts redone;
+  the result's message says what changed (e.g. `sources changed (flame params
+  003_01_flame.pkl)`). The old record stays until the new one replaces it, so a run killed
+  in between redoes the scan again.
+- no record but complete outputs (made before records existed, or by other code): kept as
+  they are, not overwritten, status 'kept'.
+- no record and incomplete outputs (a new scan, or a run killed before the record was
+  written): the missing parts are made (the valid ones kept) and then the record.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lib.dataset.faceverse_io import (FlameParamsError, PARAM_DIM, load_flame_params,
                                       params_to_vector, scan_to_flame_space)
-from lib.dataset.scan_sampling import (SamplingError, occupancy_samples, surface_samples,
-                                       texture_float)
-from lib.dataset.scan_render import render_views, save_views, views_valid
-from lib.utils.mesh_io import MeshLoadError, load_obj, save_npz
+from lib.dataset.scan_sampling import (SamplingError, occupancy_samples, surface_pieces,
+                                       surface_samples, texture_float)
+from lib.dataset.scan_render import render_views, save_views, view_paths, views_valid
+from lib.utils.atomic import atomic_path
+from lib.utils.mesh_io import MeshLoadError, load_obj, obj_source_files, save_npz
 
 __all__ = ["SampleSizes", "ScanResult", "ScanError", "process_scan", "is_complete",
-           "scan_seed", "scan_paths", "render_views"]
+           "scan_seed", "scan_paths", "render_views", "check_scan_fit", "source_record",
+           "read_provenance", "provenance_changes", "PROVENANCE_NAME", "FIT_LIMITS"]
 
 SURFACE_KEYS = ("surface_points", "surface_normals", "surface_colors")
+PROVENANCE_NAME = "provenance.json"
+PROVENANCE_FORMAT = 1
+
+# Tolerances of check_scan_fit (module docstring): extent ratio range per axis, centre
+# offset per axis as a fraction of the FLAME extent, pieces allowed = base + faces / per.
+FIT_LIMITS = {"extent_ratio": (0.5, 2.5), "centre_offset": 0.35, "pieces_base": 50,
+              "faces_per_piece": 200}
 
 
 class ScanError(ValueError):
@@ -55,7 +91,9 @@ class SampleSizes:
 
 @dataclass
 class ScanResult:
-    """status: 'done' (outputs written), 'skipped' (already complete) or 'failed'."""
+    """status: 'done' (outputs written; message says why when the sources or settings
+    changed), 'skipped' (complete and made from the current sources), 'kept' (complete,
+    no provenance record; left as it is) or 'failed' (message: one line naming the file)."""
 
     name: str
     status: str
@@ -138,6 +176,88 @@ def remove_stray_temps(out_dir: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+# ----------------------------------------------------------------------------- provenance
+def file_sha256(path, chunk: int = 1 << 20) -> str | None:
+    """sha256 hex digest of a file, read in 1 MiB chunks; None when it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def run_settings(n_views: int, res: int, sizes: SampleSizes, seed: int) -> dict:
+    """The settings a scan's outputs depend on, as recorded in its provenance record."""
+    return {"n_views": int(n_views), "res": int(res), "seed": int(seed), **asdict(sizes)}
+
+
+def source_record(obj_path, flame_pkl, settings: dict) -> dict:
+    """The provenance record of a scan: its source files (role, file name, sha256; the
+    files load_obj reads, then the FLAME pickle) and the settings."""
+    obj_path = Path(obj_path)
+    files = obj_source_files(obj_path) if obj_path.is_file() else [("scan mesh", obj_path)]
+    files.append(("flame params", Path(flame_pkl)))
+    return {"format": PROVENANCE_FORMAT,
+            "sources": [{"role": role, "file": p.name, "sha256": file_sha256(p)}
+                        for role, p in files],
+            "settings": dict(settings)}
+
+
+def read_provenance(out_dir) -> dict | None:
+    """The record in `<out_dir>/provenance.json`; None when there is none; {} when it exists
+    but is unreadable (treated as changed: the scan is redone)."""
+    path = Path(out_dir) / PROVENANCE_NAME
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    ok = (isinstance(rec, dict) and isinstance(rec.get("sources"), list)
+          and isinstance(rec.get("settings"), dict)
+          and all(isinstance(e, dict) and {"role", "file", "sha256"} <= set(e)
+                  for e in rec["sources"]))
+    return rec if ok else {}
+
+
+def write_provenance(out_dir, record: dict) -> None:
+    """Write the record to `<out_dir>/provenance.json` atomically."""
+    with atomic_path(Path(out_dir) / PROVENANCE_NAME) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def provenance_changes(old: dict, new: dict) -> str:
+    """'' when the records agree, else what changed, e.g. 'sources changed (flame params
+    003_01_flame.pkl)' or 'settings changed (n_views 9 -> 4)'."""
+    if not old:
+        return "provenance record unreadable"
+    parts = []
+    before = {(e["role"], e["file"]): e["sha256"] for e in old["sources"]}
+    after = {(e["role"], e["file"]): e["sha256"] for e in new["sources"]}
+    changed = [f"{r} {f}" for (r, f), d in after.items() if (r, f) in before
+               and (d is None or d != before[(r, f)])]
+    changed += [f"{r} {f} is new" for (r, f) in after if (r, f) not in before]
+    changed += [f"{r} {f} no longer used" for (r, f) in before if (r, f) not in after]
+    if changed:
+        parts.append(f"sources changed ({', '.join(changed)})")
+    s_old, s_new = old["settings"], new["settings"]
+    diff = [f"{k} {s_old.get(k)} -> {s_new.get(k)}" for k in sorted(set(s_old) | set(s_new))
+            if s_old.get(k) != s_new.get(k)]
+    if diff:
+        parts.append(f"settings changed ({', '.join(diff)})")
+    return "; ".join(parts)
+
+
+def remove_outputs(out_dir: Path, n_views: int, res: int) -> None:
+    """Delete a scan's outputs (not its provenance record): they no longer match it."""
+    for p in [out_dir / "occupancy.npz", out_dir / "surface.npz",
+              *[q for pair in view_paths(out_dir, n_views, res) for q in pair]]:
+        p.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- the work
 def load_scan(obj_path, flame_pkl, z_shift: float):
     """Load a textured scan and its FLAME fit; move the scan to FLAME space.
@@ -152,33 +272,90 @@ def load_scan(obj_path, flame_pkl, z_shift: float):
     return mesh, params
 
 
+def check_scan_fit(mesh, params, flame_server, obj_path, flame_pkl=None) -> None:
+    """Compare a scan in FLAME space with its fitted FLAME mesh (module docstring,
+    FIT_LIMITS). mesh: TexturedMesh in FLAME space; params: (169,). Raises ScanError
+    naming the scan file."""
+    import torch
+
+    ref = flame_server.flame.v_template
+    with torch.no_grad():
+        p = flame_server.split_params(torch.as_tensor(np.asarray(params), dtype=ref.dtype,
+                                                      device=ref.device)[None])
+        fv = flame_server.flame(p["shape"], p["exp"], p["pose"]).vertices[0]
+    fv = fv.double().cpu().numpy()
+    v = np.asarray(mesh.verts, dtype=np.float64)
+    used = v[np.unique(mesh.faces)]  # a stray vertex is not part of the surface
+    lo, hi, flo, fhi = used.min(0), used.max(0), fv.min(0), fv.max(0)
+    f_ext = np.maximum(fhi - flo, 1e-9)
+    ratio = (hi - lo) / f_ext
+    offset = np.abs((lo + hi) / 2 - (flo + fhi) / 2) / f_ext
+    r_lo, r_hi = FIT_LIMITS["extent_ratio"]
+    pkl = Path(flame_pkl).name if flame_pkl is not None else "its FLAME fit"
+    fmt = lambda a: "(" + ", ".join(f"{x:.2f}" for x in a) + ")"  # noqa: E731
+    if (ratio < r_lo).any() or (ratio > r_hi).any():
+        raise ScanError(f"{obj_path}: in FLAME space the scan's extent (x, y, z) is "
+                        f"{fmt(ratio)} x the fitted FLAME head's (allowed {r_lo}-{r_hi}): the "
+                        f"scan and {pkl} do not match (wrong scale or registration?); check "
+                        "the FLAME fit")
+    if (offset > FIT_LIMITS["centre_offset"]).any():
+        raise ScanError(f"{obj_path}: in FLAME space the scan's centre is off the fitted FLAME "
+                        f"head's by {fmt(offset)} of its extent (x, y, z; allowed "
+                        f"{FIT_LIMITS['centre_offset']}): the scan and {pkl} do not match; "
+                        "check the FLAME fit")
+    n_faces = len(mesh.faces)
+    limit = FIT_LIMITS["pieces_base"] + n_faces // FIT_LIMITS["faces_per_piece"]
+    pieces = surface_pieces(v, mesh.faces)
+    if pieces > limit:
+        raise ScanError(f"{obj_path}: the surface falls apart into {pieces} pieces (more than "
+                        f"{limit} for {n_faces} faces): faces look missing (damaged file?); "
+                        "re-copy or re-export the scan")
+
+
 def process_scan(scan_dir, flame_pkl, flame_server, out_dir, n_views: int = 9, res: int = 256,
                  seed: int | None = None, sizes: SampleSizes = SampleSizes(),
                  device=None) -> ScanResult:
     """Preprocess one scan in FaceVerse layout (`<scan_dir>/<id>.obj` + mtl + texture).
 
-    flame_pkl: `<id>_flame.pkl`; flame_server: lib.flame.FLAMEServer (z shift, view
-    transforms); out_dir: `<processed>/<id>`; seed: default `scan_seed(id)`; device: torch
-    device of the renders (default: the server's). Known problems with the inputs are
+    flame_pkl: `<id>_flame.pkl`; flame_server: lib.flame.FLAMEServer (z shift, fitted mesh,
+    view transforms); out_dir: `<processed>/<id>`; seed: default `scan_seed(id)`; device:
+    torch device of the renders (default: the server's). Known problems with the inputs are
     returned as status 'failed' with a one-line message naming the file; unexpected
-    exceptions propagate. Returns ScanResult (timings: seconds per phase).
+    exceptions propagate. Outputs made from other sources or settings than the recorded
+    ones are redone (module docstring: Provenance). Returns ScanResult (timings: seconds
+    per phase).
     """
     scan_dir, out_dir = Path(scan_dir), Path(out_dir)
     name = scan_dir.name
+    obj_path = scan_dir / f"{name}.obj"
     result = ScanResult(name, "skipped")
     t = result.timings
+    seed = scan_seed(name) if seed is None else int(seed)
     tic = time.perf_counter()
+    old = read_provenance(out_dir)
     occ_ok = _occupancy_valid(out_dir, sizes, deep=True)
     surf_ok = _surface_valid(out_dir, sizes, deep=True)
     views_ok = views_valid(out_dir, n_views, res, deep=True)
     t["check"] = time.perf_counter() - tic
-    if occ_ok and surf_ok and views_ok:
+    if old is None and occ_ok and surf_ok and views_ok:
+        result.status = "kept"
+        result.message = ("complete outputs without a provenance record (made before records "
+                          "existed, or by other code); kept as they are")
+        return result
+    tic = time.perf_counter()
+    record = source_record(obj_path, flame_pkl, run_settings(n_views, res, sizes, seed))
+    t["hash"] = time.perf_counter() - tic
+    note = provenance_changes(old, record) if old is not None else ""
+    if note:  # the outputs no longer match their sources: redo every part
+        remove_outputs(out_dir, n_views, res)
+        occ_ok = surf_ok = views_ok = False
+    elif occ_ok and surf_ok and views_ok:
         return result
     remove_stray_temps(out_dir)
-    seed = scan_seed(name) if seed is None else int(seed)
     try:
         tic = time.perf_counter()
-        mesh, params = load_scan(scan_dir / f"{name}.obj", flame_pkl, flame_server.flame.z_shift)
+        mesh, params = load_scan(obj_path, flame_pkl, flame_server.flame.z_shift)
+        check_scan_fit(mesh, params, flame_server, obj_path, flame_pkl)
         mesh.texture = texture_float(mesh.texture).numpy()  # once, for samples and renders
         t["load"] = time.perf_counter() - tic
         if not occ_ok:
@@ -201,6 +378,8 @@ def process_scan(scan_dir, flame_pkl, flame_server, out_dir, n_views: int = 9, r
             t["render"] = time.perf_counter() - tic
     except (MeshLoadError, FlameParamsError, SamplingError, ScanError) as e:
         msg = " ".join(str(e).split())  # one line
-        return ScanResult(name, "failed", msg, t)
+        return ScanResult(name, "failed", f"{note}; {msg}" if note else msg, t)
+    write_provenance(out_dir, record)  # last: the record vouches for complete outputs
     result.status = "done"
+    result.message = note
     return result

@@ -10,6 +10,9 @@ Shape legend: V vertices, F faces, N samples, T texture coordinates, H/W texture
   then n_uniform uniform in [-1, 1]^3; labels by generalized winding number.
 - `surface_samples`: area-weighted points with their face's unit normal and the texture
   colour bilinearly sampled at the interpolated uv, normalized per scan to [-1, 1].
+- `surface_pieces`: the number of edge-connected pieces of a mesh (vertices at the same
+  position welded first, so a file that splits vertices along uv seams is still one piece);
+  preprocessing refuses scans that fall apart into very many pieces.
 - `texture_colors`: bilinear texture lookup with the renderer's `sample_texture` (OBJ uv
   convention: u right, v up, texel centres at ((j + .5) / W, 1 - (i + .5) / H), clamped).
 All randomness comes from the `rng` argument (numpy Generator): same rng state, same output.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from lib.render.shading import sample_texture
 
@@ -36,6 +41,25 @@ def face_areas_normals(verts, faces):
     norm = np.linalg.norm(cr, axis=1)
     normals = np.divide(cr, norm[:, None], out=np.zeros_like(cr), where=norm[:, None] > 0)
     return 0.5 * norm, normals
+
+
+def surface_pieces(verts, faces) -> int:
+    """verts: [V, 3]; faces: [F, 3] -> number of pieces: faces are connected when they share
+    an edge, after vertices with identical coordinates are welded."""
+    f = np.asarray(faces, dtype=np.int64)
+    if len(f) == 0:
+        return 0
+    _, weld = np.unique(np.asarray(verts), axis=0, return_inverse=True)
+    f = weld.reshape(-1)[f]
+    e = np.sort(f[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)  # [3F, 2], face k: rows 3k..
+    key = e[:, 0] * (int(f.max()) + 1) + e[:, 1]
+    order = np.argsort(key, kind="stable")
+    ks, owner = key[order], order // 3
+    same = ks[1:] == ks[:-1]  # consecutive corners of one edge: their faces touch
+    n = len(f)
+    graph = coo_matrix((np.ones(int(same.sum())), (owner[:-1][same], owner[1:][same])),
+                       shape=(n, n))
+    return int(connected_components(graph, directed=False)[0])
 
 
 def sample_faces(areas, n: int, rng: np.random.Generator, face_ids=None):

@@ -9,8 +9,19 @@ order and count are exactly the file's):
   the counts at that line, as the OBJ format defines;
 - the texture image is the `map_Kd` of the first material (of the `.mtl` files named by
   `mtllib`) that has one; if there is no usable `.mtl`, an image next to the OBJ with the
-  same stem (`.png`, `.jpg`, `.jpeg`) is used.
+  same stem (`.png`, `.jpg`, `.jpeg`) is used (`obj_source_files` lists the files a load
+  reads, for provenance records).
 Every failure raises `MeshLoadError` naming the file and the problem.
+
+Damaged files are refused, not half-loaded (a copy or download cut short is the usual cause):
+- a non-empty file that does not end with a newline ends mid-line: a cut at a random byte;
+- counts stated in comments, when present (MeshLab's `# Vertices: N` / `# Faces: M`, and
+  `# N vertices` / `# M faces` forms such as MeshLab's trailer `# M faces, T coords texture`),
+  must match the `v` / `f` lines (the total or the per-object sum of the statements);
+- a complete scan uses (nearly) all its vertices and texture coordinates: when more than
+  `STRAY_FRACTION` (1%) of them and more than `STRAY_MIN` (16) are used by no face, the face
+  list was cut short (a cut exactly at a line end) and the file is refused. A few stray
+  vertices (scanner debris, a lone point) still load.
 
 Writers (`save_ply`, `save_obj`, `save_npz`) write through `lib.utils.atomic.atomic_path`
 (re-exported here with `TMP_MARK` for older callers): a temporary name
@@ -19,6 +30,7 @@ run never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +40,20 @@ import numpy as np
 from lib.utils.atomic import TMP_MARK, atomic_path  # noqa: F401  (re-exported)
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+# Unreferenced vertices / texture coordinates tolerated before a file counts as truncated:
+# more than STRAY_FRACTION of them AND more than STRAY_MIN is refused.
+STRAY_FRACTION = 0.01
+STRAY_MIN = 16
+
+# Element counts some exporters state in comments: (element, pattern) pairs.
+_COUNT_PATTERNS = (
+    ("vertices", re.compile(r"\bvertices\s*:\s*(\d+)", re.I)),        # MeshLab: '# Vertices: N'
+    ("faces", re.compile(r"\bfaces\s*:\s*(\d+)", re.I)),              # MeshLab: '# Faces: M'
+    ("vertices", re.compile(r"\b(\d+)\s+vertices\b(?!\s+normals)", re.I)),  # '# N vertices, ...'
+    ("faces", re.compile(r"\b(\d+)\s+faces\b", re.I)),                # '# M faces, T coords'
+)
+_MTLLIB_RE = re.compile(rb"^[ \t]*mtllib[ \t]([^\r\n]*)", re.M)
 
 
 class MeshLoadError(Exception):
@@ -149,6 +175,68 @@ def _parse_faces(path, f_l, line_pos, n_v, n_vt):
     return vi[tri], (ti[tri] if ti is not None else None)
 
 
+def _check_stated_counts(path, comments: list[str], n_v: int, n_f: int) -> None:
+    """comments: the file's '#' lines. Counts they state must match the v / f lines: the
+    stated total (or, for per-object statements, their sum). Raises MeshLoadError."""
+    stated = {"vertices": [], "faces": []}  # kind -> [(count, comment line)]
+    for ln in comments:
+        for kind, pat in _COUNT_PATTERNS:
+            stated[kind] += [(int(m.group(1)), ln.strip()[:60]) for m in pat.finditer(ln)]
+    for kind, have in (("vertices", n_v), ("faces", n_f)):
+        if not stated[kind]:
+            continue
+        most, line = max(stated[kind])
+        if have not in (most, sum(c for c, _ in stated[kind])):
+            raise MeshLoadError(path, f"has {have} {kind} but its comment {line!r} states "
+                                f"{most}: the file looks truncated; re-copy or re-export it")
+
+
+def _check_unreferenced(path, idx: np.ndarray, total: int, what: str) -> None:
+    """idx: [F, 3] 0-based indices into `total` elements. More than STRAY_FRACTION of them
+    and more than STRAY_MIN used by no face means the face list was cut short."""
+    unused = total - int(np.count_nonzero(np.bincount(idx.ravel(), minlength=total)))
+    if unused > STRAY_MIN and unused > STRAY_FRACTION * total:
+        raise MeshLoadError(path, f"{unused} of {total} {what} are used by no face (more than "
+                            f"{STRAY_FRACTION:.0%}): the face list looks cut short (truncated "
+                            "file?); re-copy or re-export the scan, or remove the unreferenced "
+                            f"{what} if it is complete")
+
+
+def _mtllib_name(rest: str) -> str:
+    """The text after 'mtllib ' -> the .mtl file name as load_obj reads it."""
+    return rest.replace("\t", " ").strip()
+
+
+def mtllib_names(path) -> list[str]:
+    """The `mtllib` names of an OBJ, read in 1 MiB chunks (no parse of the geometry); the
+    same names load_obj uses."""
+    names, carry = [], b""
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            buf = carry + chunk
+            cut = len(buf) if not chunk else buf.rfind(b"\n") + 1
+            whole, carry = buf[:cut], buf[cut:]
+            if b"mtllib" in whole:
+                names += [_mtllib_name(m.decode("utf-8", errors="replace"))
+                          for m in _MTLLIB_RE.findall(whole)]
+            if not chunk:
+                return names
+
+
+def obj_source_files(path) -> list[tuple[str, Path]]:
+    """The files `load_obj(path)` reads: [("scan mesh", the OBJ), ("material", each existing
+    .mtl it names), ("texture", the image _find_texture picks, when there is one)]."""
+    path = Path(path)
+    libs = mtllib_names(path)
+    out = [("scan mesh", path)]
+    out += [("material", path.parent / n) for n in libs if (path.parent / n).is_file()]
+    tex = _find_texture(path, libs)
+    if tex is not None:
+        out.append(("texture", tex))
+    return out
+
+
 def _find_texture(obj_path: Path, mtllibs: list[str]) -> Path | None:
     """First existing map_Kd image of the .mtl files, else an image with the OBJ's stem."""
     for lib_name in mtllibs:
@@ -204,11 +292,15 @@ def load_obj(path, load_texture: bool = True, require_texture: bool = False) -> 
     v_l = [ln[2:] for ln in lines if ln[:2] == "v "]
     vt_l = [ln[3:] for ln in lines if ln[:3] == "vt "]
     f_l = [ln[2:] for ln in lines if ln[:2] == "f "]
-    mtllibs = [ln[6:].strip() for ln in lines if ln[:7] == "mtllib "]
+    mtllibs = [_mtllib_name(ln[6:]) for ln in lines if ln[:7] == "mtllib "]
     if not v_l:
         raise MeshLoadError(path, "no vertices (not an OBJ file?)")
+    if text[-1] not in "\n\r":  # a cut at a random byte (module docstring)
+        raise MeshLoadError(path, "ends mid-line: the file looks truncated (a complete OBJ "
+                            "ends with a newline); re-copy or re-export it")
     if not f_l:
         raise MeshLoadError(path, "no faces")
+    _check_stated_counts(path, [ln for ln in lines if ln[:1] == "#"], len(v_l), len(f_l))
     verts = _floats(path, v_l, 3, "vertex")
     uvs = _floats(path, vt_l, 2, "texture coordinate") if vt_l else None
     prefix = {"v": "v ", "vt": "vt ", "f": "f "}
@@ -218,6 +310,10 @@ def load_obj(path, load_texture: bool = True, require_texture: bool = False) -> 
         return np.array([i for i, ln in enumerate(lines) if ln[:len(p)] == p], dtype=np.int64)
 
     faces, face_uvs = _parse_faces(path, f_l, line_pos, len(v_l), len(vt_l))
+    # a cut exactly at a line end in the face section leaves vertices no face uses
+    _check_unreferenced(path, faces, len(verts), "vertices")
+    if face_uvs is not None:
+        _check_unreferenced(path, face_uvs, len(vt_l), "texture coordinates")
     mesh = TexturedMesh(verts=verts, faces=faces, uvs=uvs if face_uvs is not None else None,
                         face_uvs=face_uvs)
     if require_texture and face_uvs is None:
