@@ -8,9 +8,13 @@ canonical point shown by every pixel and a mask: `<datamodule.cache_dir>/<id>.np
 `cache (9, R, R, 4)` float32 (R = datamodule.load_res, 256 by default) and `view_params
 (9, 169)`. Stage 2 reads the same `datamodule.cache_dir` and needs the same load_res, so run
 this with the overrides (experiment) of the stage-2 run. The stage-1 checkpoint is `ckpt`, by
-default `<output_dir_coarse>/checkpoints/last.ckpt` (outputs/coarse). Written atomically;
-finished scans are skipped, so a killed run resumes; the run ends with a summary and a
-non-zero exit status when a scan failed.
+default `<output_dir_coarse>/checkpoints/last.ckpt` (outputs/coarse), loaded without running
+code from it. Each file records what it was made from (lib/model/cache_file.py: the stage-1
+model's digest, the scan's FLAME parameters, mesh_res): finished scans with the same sources
+are skipped, so a killed run resumes, and files made from other sources are recomputed (a line
+says which source changed). Written atomically; the run ends with a summary and a non-zero
+exit status when a scan failed; a bad option, data list or checkpoint is one line
+`precompute.py: error: ...`.
 """
 from __future__ import annotations
 
@@ -25,77 +29,112 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 
-def cache_complete(path: Path, n_views: int, res: int) -> bool:
-    """True when `path` holds a readable cache of the expected shapes."""
-    try:
-        with np.load(path) as data:
-            return (data["cache"].shape == (n_views, res, res, 4)
-                    and data["view_params"].shape[0] == n_views)
-    except (OSError, KeyError, ValueError):
-        return False
+class PrecomputeError(ValueError):
+    """precompute.py cannot run as asked; the message names the file or option."""
 
 
 def load_model(cfg: DictConfig, device: torch.device):
-    from lib.model.ganhead import GANHead
+    """The stage-1 (or stage-2) checkpoint `ckpt`, loaded safely (lib/model/checkpoint.py)."""
+    from lib.model.checkpoint import load_ganhead
 
     ckpt = (Path(cfg.ckpt) if cfg.get("ckpt")
             else Path(cfg.output_dir_coarse) / "checkpoints" / "last.ckpt")
     if not ckpt.is_file():
-        raise SystemExit(f"precompute: stage-1 checkpoint {ckpt} not found; train stage 1 "
-                         f"first (python train.py expname=coarse ...), or pass "
-                         f"output_dir_coarse=RUN_DIR or ckpt=PATH")
-    model = GANHead.load_from_checkpoint(ckpt, map_location=device,
-                                         flame_model=cfg.datamodule.flame_model)
-    return model.eval().to(device)
+        raise PrecomputeError(f"stage-1 checkpoint {ckpt} not found; train stage 1 first "
+                              "(python train.py expname=coarse ...), or pass "
+                              "output_dir_coarse=RUN_DIR or ckpt=PATH")
+    model = load_ganhead(ckpt, map_location=device, flame_model=cfg.datamodule.flame_model)
+    return model.eval().to(device), ckpt
+
+
+def subject_rows(model, ids: list[str], data_list) -> dict[str, int]:
+    """Embedding row of every scan id, through the ids the checkpoint stores (checkpoints
+    written before they were stored: the data list's order, when its length matches)."""
+    if model.scan_ids is not None:
+        try:
+            rows = model.subject_rows(ids)
+        except KeyError as err:
+            raise PrecomputeError(f"{data_list}: {err.args[0]}; use the data list of the "
+                                  "stage-1 run") from None
+        return dict(zip(ids, rows.tolist()))
+    if model.z_shapes.num_embeddings != len(ids):
+        raise PrecomputeError(f"{data_list} lists {len(ids)} scans but the checkpoint has "
+                              f"{model.z_shapes.num_embeddings} latent codes; use the data "
+                              "list of the stage-1 run")
+    return {sid: i for i, sid in enumerate(ids)}
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from lib.dataset.faceverse import DataListError
+    from lib.flame.loader import FlameModelError
+    from lib.utils.checkpoint_io import CheckpointError
+
+    try:
+        failed = run(cfg)
+    except (PrecomputeError, DataListError, CheckpointError, FlameModelError) as err:
+        raise SystemExit(f"precompute.py: error: {err}") from None
+    if failed:
+        sys.exit(1)
+
+
+def run(cfg: DictConfig) -> list[str]:
+    """Write this agent's share of the cache; returns the ids that failed."""
     from lib.dataset.faceverse import read_data_list
+    from lib.model.cache_file import cache_record, cache_status, write_cache
+    from lib.model.checkpoint import geometry_digest
     from lib.model.correspondence import scan_correspondences
-    from lib.utils.mesh_io import save_npz
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dm = cfg.datamodule
     ids = read_data_list(dm.data_list)
     tot, rank = int(cfg.agent_tot), int(cfg.agent_id)
     if not 0 <= rank < tot:
-        raise SystemExit(f"precompute: agent_id={rank} must be in [0, agent_tot={tot})")
+        raise PrecomputeError(f"agent_id={rank} must be in [0, agent_tot={tot})")
     mine = ids[rank::tot]
     cache_dir = Path(dm.cache_dir)
+    model, ckpt = load_model(cfg, device)
+    rows = subject_rows(model, ids, dm.data_list)
+    geometry = geometry_digest(model)
+    mesh_res = int(cfg.precompute.mesh_res)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(cfg, device)
-    if model.z_shapes.num_embeddings != len(ids):
-        raise SystemExit(f"precompute: {dm.data_list} lists {len(ids)} scans but the checkpoint "
-                         f"has {model.z_shapes.num_embeddings} latent codes; use the data list "
-                         "of the stage-1 run")
     print(f"precompute: {len(mine)} scans (agent {rank}/{tot}), {dm.n_views} views at "
-          f"{dm.load_res}x{dm.load_res}, mesh_res {cfg.precompute.mesh_res}, on {device} "
-          f"-> {cache_dir}")
+          f"{dm.load_res}x{dm.load_res}, mesh_res {mesh_res}, on {device} -> {cache_dir}")
 
-    done = skipped = 0
+    done = skipped = unrecorded = redone = 0
     failed: list[str] = []
     t0 = time.time()
     for scan_id in tqdm(mine, desc=f"precompute {rank + 1}/{tot}", unit="scan"):
         out = cache_dir / f"{scan_id}.npz"
-        if cache_complete(out, dm.n_views, dm.load_res):
-            skipped += 1
-            continue
         try:
-            with np.load(Path(dm.processed_dir) / scan_id / "occupancy.npz") as occ:
+            occ_path = Path(dm.processed_dir) / scan_id / "occupancy.npz"
+            with np.load(occ_path) as occ:
                 params = torch.as_tensor(occ["flame_params"], dtype=torch.float32)
-            res = scan_correspondences(model, ids.index(scan_id), params, n_views=dm.n_views,
-                                       res=dm.load_res, mesh_res=cfg.precompute.mesh_res)
-            save_npz(out, cache=res["cache"].cpu().numpy().astype(np.float32),
-                     view_params=res["view_params"].cpu().numpy().astype(np.float32))
+            record = cache_record(geometry, params.numpy(), mesh_res, str(ckpt))
+            status, why = cache_status(out, dm.n_views, dm.load_res, record)
+            if status == "ok":
+                skipped += 1
+                continue
+            if status == "unrecorded":  # made before caches recorded their sources: kept
+                unrecorded += 1
+                continue
+            if status == "stale":
+                tqdm.write(f"precompute: {scan_id}: {out} was {why}; recomputing")
+                redone += 1
+            res = scan_correspondences(model, rows[scan_id], params, n_views=dm.n_views,
+                                       res=dm.load_res, mesh_res=mesh_res)
+            write_cache(out, res["cache"].cpu().numpy(), res["view_params"].cpu().numpy(),
+                        record)
             done += 1
         except Exception as err:  # one line per bad scan; the others go on
             tqdm.write(f"precompute: {scan_id}: {type(err).__name__}: {err}")
             failed.append(scan_id)
-    print(f"precompute: {done} written, {skipped} already complete, {len(failed)} failed "
-          f"of {len(mine)} in {time.time() - t0:.1f} s -> {cache_dir}")
-    if failed:
-        sys.exit(1)
+    kept = (f", {unrecorded} kept without a provenance record (delete them to recompute)"
+            if unrecorded else "")
+    print(f"precompute: {done} written ({redone} of them stale), {skipped} already complete"
+          f"{kept}, {len(failed)} failed of {len(mine)} in {time.time() - t0:.1f} s "
+          f"-> {cache_dir}")
+    return failed
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def avatar_codes(model, cfg: DictConfig, which: str, default_row: int | None
         codes = sample_codes(model, 1, cfg.test.std_scale, cfg.seed)[0]
         return codes, f"sample (seed {cfg.seed})", None
     subject = resolve_subject(model, default_row if choice is None else choice,
-                              cfg.datamodule.get("data_list"), cfg.datamodule.get("processed_dir"))
+                              cfg.datamodule.get("data_list"), cfg.datamodule.get("processed_dir"),
+                              option=which)
     return subject_codes(model, subject), subject.name, subject.index
 
 
@@ -122,15 +123,19 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from lib.dataset.faceverse import DataListError
     from lib.dataset.faceverse_io import FlameParamsError
+    from lib.flame.loader import FlameModelError
     from lib.inference.loading import InferenceError
     from lib.synthetic.motion import MotionFormatError
     from lib.utils.atomic import atomic_path
+    from lib.utils.checkpoint_io import CheckpointError
 
     try:
         summary = run(cfg)
-    except (InferenceError, MotionFormatError, FlameParamsError) as err:
-        raise SystemExit(f"test.py: error: {err}") from None
+    except (InferenceError, MotionFormatError, FlameParamsError, DataListError, FlameModelError,
+            CheckpointError) as err:
+        raise SystemExit(f"test.py: error: {' '.join(str(err).split())}") from None
     out = Path(cfg.output_dir) / str(cfg.eval_mode) / "summary.json"
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str))

@@ -34,6 +34,8 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lib.utils.checkpoint_io import read_checkpoint  # noqa: E402
+
 
 def make_batch(server, batch_size: int, n_points: int, n_subjects: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
@@ -142,7 +144,7 @@ class CoarseRun:
             overrides.insert(0, "+experiments=cpu")
         state, n_subjects = None, 8
         if ckpt is not None:
-            checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+            checkpoint = read_checkpoint(ckpt)
             state = checkpoint["state_dict"]
             n_subjects = state["z_shapes.weight"].shape[0]
             overrides.append("model.nepochs_pretrain=0")

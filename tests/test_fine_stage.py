@@ -3,6 +3,7 @@ through the real entry points (train.py stage 1 -> precompute.py -> train.py sta
 only the allowed parameters change, the photo losses go down, pictures are written."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from conftest import random_flame_params
+from lib.utils.checkpoint_io import read_checkpoint
 from test_train import ROOT, TINY, read_metric
 
 # test_train's tiny network sizes, without its stage-1 experiment (one experiment per run)
@@ -193,16 +195,16 @@ def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------- end to end
-def _run(script: str, args: list[str], timeout: int = 300) -> str:
+def _run(script: str, args: list[str], timeout: int = 300, code: int = 0) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert res.returncode == code, res.stdout[-3000:] + res.stderr[-5000:]
     return res.stdout + res.stderr
 
 
 def _state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return read_checkpoint(path)["state_dict"]
 
 
 ALLOWED = ("z_details.", "z_colors.", "norm_network.", "tex_network.")
@@ -231,7 +233,22 @@ def test_precompute_and_stage2_end_to_end(tiny_fine_dataset, tmp_path):
         assert z["cache"].shape == (9, RES, RES, 4) and z["view_params"].shape == (9, 169)
         assert 0.05 < (z["cache"][..., 3] > 0.5).mean() < 0.9
     assert "2 written" in log
-    assert "0 written, 2 already complete" in _run("precompute.py", [*common, *fine])
+    assert "0 written (0 of them stale), 2 already complete" in _run("precompute.py",
+                                                                     [*common, *fine])
+    with np.load(files[0]) as z:
+        assert json.loads(str(z["source"]))["checkpoint"] == str(coarse)
+
+    # caches made by another stage-1 model: precompute recomputes them (saying so), and stage 2
+    # refuses to start from a checkpoint they were not made from
+    other = read_checkpoint(coarse)
+    other["state_dict"]["z_shapes.weight"] += 0.05
+    torch.save(other, tmp_path / "other.ckpt")
+    log = _run("precompute.py", [*common, *fine, f"ckpt={tmp_path / 'other.ckpt'}"])
+    assert "2 written (2 of them stale)" in log and "made by another stage-1 model" in log
+    log = _run("train.py", [*common, *fine, f"output_dir={tmp_path / 'refused'}",
+                            f"starting_path={coarse}"], code=1)
+    assert "train.py: error:" in log and "2 stale stage-2 cache file(s)" in log
+    assert "2 written (2 of them stale)" in _run("precompute.py", [*common, *fine])
 
     # stage 2 without GAN: photo losses go down, only the allowed tensors change
     out = tmp_path / "fine"

@@ -1,10 +1,17 @@
-"""Lightning data module over preprocessed scans (stage 1 occupancy; stage 2 adds images)."""
+"""Lightning data module over preprocessed scans (stage 1 occupancy; stage 2 adds images).
+
+`check()` and `check_cache()` let train.py find bad options, missing scan files and stale
+stage-2 caches before anything is written or trained (README, "Files you can trust").
+"""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from lib.dataset.faceverse import ScanOccupancyDataset, ScanUniformDataset, read_data_list
+from lib.dataset.faceverse import (DataListError, ScanOccupancyDataset, ScanUniformDataset,
+                                   read_data_list)
 
 
 class ScanDataModule(pl.LightningDataModule):
@@ -37,6 +44,62 @@ class ScanDataModule(pl.LightningDataModule):
         self.flame_model = flame_model
         # stage 2: views never shown in training; validation scores them (all views if empty)
         self.holdout_views = sorted(set(int(k) for k in (holdout_views or [])))
+
+    def check(self) -> list[str]:
+        """Options and files, up front: returns the data list's scan ids (embedding-row order).
+        Raises DataListError naming the option or the first missing files."""
+        for name in ("batch_size", "repeat", "n_views", "load_res", "points_per_frame"):
+            if int(getattr(self, name)) < 1:
+                raise DataListError(f"datamodule.{name}={getattr(self, name)} must be >= 1")
+        if int(self.num_workers) < 0:
+            raise DataListError(f"datamodule.num_workers={self.num_workers} must be >= 0")
+        ids = read_data_list(self.data_list)
+        needed = ["occupancy.npz"] + (["surface.npz"] if self.stage == "fine" else [])
+        root = Path(self.processed_dir)
+        missing = [f"{sid}/{name}" for sid in ids for name in needed
+                   if not (root / sid / name).is_file()]
+        if missing:
+            raise DataListError(
+                f"{self.data_list}: {len(missing)} file(s) of its scans are missing under "
+                f"datamodule.processed_dir={root} (e.g. {missing[:3]}); run preprocess.py or "
+                "pass the data list and processed folder that belong together")
+        return ids
+
+    def check_cache(self, geometry: str | None, source: str | None) -> None:
+        """Stage 2: every scan's cache exists and was made from this run's stage-1 model and
+        the scan's current FLAME parameters. geometry: lib/model/checkpoint.geometry_digest of
+        the weights the run starts or resumes from (None: nothing to compare with); source:
+        that checkpoint's path (for the message)."""
+        import numpy as np
+
+        from lib.model.cache_file import params_digest, read_source
+
+        if self.cache_dir is None:
+            raise DataListError("datamodule.cache_dir is not set; run precompute.py on the "
+                                "stage-1 checkpoint and pass its cache folder")
+        cache_dir, stale, unrecorded = Path(self.cache_dir), [], 0
+        for sid in read_data_list(self.data_list):
+            path = cache_dir / f"{sid}.npz"
+            if not path.is_file():
+                raise DataListError(f"{path}: stage-2 cache not found; run precompute.py with the "
+                                    "stage-1 checkpoint and this run's datamodule options")
+            record = read_source(path)
+            if record is None:
+                unrecorded += 1
+                continue
+            with np.load(Path(self.processed_dir) / sid / "occupancy.npz") as occ:
+                params = params_digest(occ["flame_params"])
+            if record.get("params") != params:
+                stale.append(f"{sid} (FLAME parameters changed since)")
+            elif geometry is not None and record.get("geometry") != geometry:
+                stale.append(f"{sid} (made by another stage-1 model: {record.get('checkpoint')})")
+        if stale:
+            raise DataListError(
+                f"{cache_dir}: {len(stale)} stale stage-2 cache file(s), e.g. {stale[:3]}; rerun "
+                f"precompute.py with ckpt={source} (it recomputes them)")
+        if unrecorded:
+            print(f"[train] {unrecorded} cache file(s) in {cache_dir} record no sources (written "
+                  "before caches did); used as they are")
 
     @property
     def n_subjects(self) -> int:

@@ -119,7 +119,7 @@ def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = Fa
     use_color = scan.has_color and not geometry_only
     if use_color:
         require_stage2(model, f"fitting the colours of the textured scan {scan_path} "
-                              "(add fit.geometry_only=true to fit its geometry only)")
+                              "(add test.fit.geometry_only=true to fit its geometry only)")
     server = model.flame_server
     ref = model.bbox_min
     samples = scan_samples(scan, n_surface, seed)

@@ -8,8 +8,9 @@ P parameter-vector length (169).
 - `require_stage2(model, what, path)`: colour (and detail normal) networks are trained only in
   stage 2; a stage-1 checkpoint used for a mode that needs them raises `InferenceError` saying so.
 - `resolve_subject(...)`: a training subject by embedding row (`3`) or scan id (`'001_02'`,
-  looked up in the data list the model was trained with) -> its row, name and FLAME parameters
-  (from `<processed_dir>/<id>/occupancy.npz` when present).
+  looked up in the scan ids the checkpoint stores; checkpoints written before ids were stored
+  fall back to the data list of the run) -> its row, name and FLAME parameters (from
+  `<processed_dir>/<id>/occupancy.npz` when present).
 """
 from __future__ import annotations
 
@@ -35,21 +36,22 @@ def load_model(path, flame_model: str | None = None, device: str | torch.device 
     model) pickle, overriding the path stored in the checkpoint (None keeps it).
     Returns the model in eval mode on `device`, all parameters with requires_grad False.
     """
-    from lib.model.ganhead import GANHead
+    from lib.flame.loader import FlameModelError
+    from lib.model.checkpoint import load_ganhead
+    from lib.utils.checkpoint_io import CheckpointError
 
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"checkpoint {path} not found: train first (python train.py "
                              f"expname=... ) or pass ckpt=PATH")
     kwargs = {} if flame_model is None else {"flame_model": str(flame_model)}
-    try:
-        model = GANHead.load_from_checkpoint(path, map_location=torch.device(device), **kwargs)
-    except FileNotFoundError as err:  # the FLAME pickle named by the checkpoint or the config
+    try:  # no code from the file runs (lib/model/checkpoint.py)
+        model = load_ganhead(path, map_location=torch.device(device), **kwargs)
+    except (FileNotFoundError, FlameModelError) as err:  # the FLAME pickle it names
         raise InferenceError(f"checkpoint {path}: {err}; pass datamodule.flame_model=PATH") \
-            from err
-    except Exception as err:  # truncated/foreign files fail in many ways inside torch.load
-        raise InferenceError(f"checkpoint {path} could not be loaded as a GANHead checkpoint "
-                             f"({type(err).__name__}: {err})") from err
+            from None
+    except CheckpointError as err:
+        raise InferenceError(str(err)) from None
     model = model.to(torch.device(device)).eval().requires_grad_(False)
     model.checkpoint_path = str(path)
     return model
@@ -91,17 +93,22 @@ def _data_list_ids(data_list) -> list[str] | None:
     return read_data_list(data_list)
 
 
-def resolve_subject(model, subject, data_list=None, processed_dir=None) -> Subject:
+def resolve_subject(model, subject, data_list=None, processed_dir=None,
+                    option: str = "subject") -> Subject:
     """A training subject from an embedding row or a scan id.
 
-    subject: int (row) or str (a row number or a scan id of `data_list`); data_list: the CSV
-    of the training run (ids in embedding order); processed_dir: where `<id>/occupancy.npz`
-    holds the scan's FLAME parameters (its shape is the avatar's FLAME shape).
+    subject: int (row) or str (a row number or a scan id); data_list: the CSV of the training
+    run, used only for checkpoints that store no scan ids (ids in embedding order; ignored
+    unless its length matches); processed_dir: where `<id>/occupancy.npz` holds the scan's
+    FLAME parameters (its shape is the avatar's FLAME shape); option: the config key that
+    named the subject (for messages).
     """
     n = model.z_shapes.num_embeddings
-    ids = _data_list_ids(data_list)
-    if ids is not None and len(ids) != n:
-        ids = None  # not the list this checkpoint was trained with: rows only
+    ids, where = model.scan_ids, "the checkpoint's scan ids"
+    if ids is None:
+        ids, where = _data_list_ids(data_list), str(data_list)
+        if ids is not None and len(ids) != n:
+            ids = None  # not the list this checkpoint was trained with: rows only
     text = str(subject).strip()
     if ids is not None and text not in ids and text.isdigit():
         # Hydra reads an override like subject=123_45 as the integer 12345
@@ -110,21 +117,22 @@ def resolve_subject(model, subject, data_list=None, processed_dir=None) -> Subje
     if text.lstrip("-").isdigit() and (ids is None or text not in ids):
         index = int(text)
         if not 0 <= index < n:
-            known = f" nor a scan id of {data_list}" if ids is not None else ""
-            raise InferenceError(f"subject={subject} is neither a row of the checkpoint's {n} "
+            known = f" nor a scan id of {where}" if ids is not None else ""
+            raise InferenceError(f"{option}={subject} is neither a row of the checkpoint's {n} "
                                  f"training subjects (0..{n - 1}){known}")
         name = ids[index] if ids else f"subject{index:03d}"
     else:
         if ids is None:
-            raise InferenceError(f"subject={subject!r}: a scan id needs the training data list "
-                                 f"(datamodule.data_list={data_list} is missing or does not "
-                                 f"list {n} scans); pass a row number 0..{n - 1} instead")
+            raise InferenceError(f"{option}={subject!r}: the checkpoint stores no scan ids and "
+                                 f"the training data list (datamodule.data_list={data_list}) is "
+                                 f"missing or does not list {n} scans; pass a row number "
+                                 f"0..{n - 1} instead")
         if text not in ids:
-            raise InferenceError(f"subject={subject!r} is not in {data_list} "
+            raise InferenceError(f"{option}={subject!r} is not among {where} "
                                  f"(first ids: {ids[:5]})")
         index, name = ids.index(text), text
     params = None
-    if processed_dir is not None and ids is not None:
+    if processed_dir is not None and ids is not None:  # ids are safe path parts (validated on load)
         occ = Path(processed_dir) / name / "occupancy.npz"
         if occ.is_file():
             with np.load(occ) as data:

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lib.flame import FLAMEServer
 from lib.model import losses
 from lib.model import fine_stage
+from lib.model.builders import build_network
 from lib.model.deformer import ForwardDeformer
 from lib.model.discriminator import Discriminator
 from lib.model.generator import Generator, sample_volume
@@ -32,7 +32,12 @@ def _plain(cfg):
 
 
 class GANHead(pl.LightningModule):
-    def __init__(self, n_subjects: int, flame_model: str, stage: str = "coarse",
+    """scan_ids: the training scans' ids in embedding-row order (stored in the checkpoint, so
+    subjects resolve by id: `subject_rows`); n_subjects: the row count, derived from scan_ids
+    (given alone only by checkpoints written before ids were stored)."""
+
+    def __init__(self, n_subjects: int | None = None, flame_model: str = "",
+                 stage: str = "coarse", scan_ids: list[str] | None = None,
                  dim_shape: int = 256, dim_detail: int = 128, dim_color: int = 64,
                  n_shape: int = 100, n_exp: int = 50, nepochs_pretrain: int = 1,
                  gradient_clip_val: float = 0.1, bbox_min=(-1.0, -1.0, -1.0),
@@ -49,6 +54,15 @@ class GANHead(pl.LightningModule):
                  validation: dict | None = None, output_dir: str = "outputs/coarse",
                  discriminator: dict | None = None, photo_pixels: int | None = None):
         super().__init__()
+        if scan_ids is not None:
+            scan_ids = [str(i) for i in scan_ids]
+            if len(set(scan_ids)) != len(scan_ids):
+                raise ValueError("GANHead: scan_ids repeat an id")
+            if n_subjects is not None and int(n_subjects) != len(scan_ids):
+                raise ValueError(f"GANHead: n_subjects={n_subjects} but {len(scan_ids)} scan_ids")
+            n_subjects = len(scan_ids)
+        if n_subjects is None or int(n_subjects) < 1:
+            raise ValueError("GANHead needs scan_ids (or n_subjects >= 1)")
         kwargs = {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(kwargs)
         hp = self.hparams
@@ -67,11 +81,15 @@ class GANHead(pl.LightningModule):
 
         gen = dict(generator or {})
         self.generator = Generator(z_dim=dim_shape, **gen)
-        self.occ_network = instantiate(occ_network, feature_dim=self.generator.out_channels)
+        # networks from the allow-list of lib/model/builders.py (hyper-parameters are data)
+        self.occ_network = build_network(occ_network, "model.occ_network",
+                                         feature_dim=self.generator.out_channels)
         dcfg = dict(deformer or {})
-        lbs_net = instantiate(dcfg.pop("lbs_network"), shape_dim=dim_shape, n_joints=n_joints,
-                              pose_feature_dim=pose_feature_dim, n_exp=n_exp)
-        self.disp_net = instantiate(dcfg.pop("disp_network"), n_shape=n_shape)
+        lbs_net = build_network(dcfg.pop("lbs_network"), "model.deformer.lbs_network",
+                                shape_dim=dim_shape, n_joints=n_joints,
+                                pose_feature_dim=pose_feature_dim, n_exp=n_exp)
+        self.disp_net = build_network(dcfg.pop("disp_network"), "model.deformer.disp_network",
+                                      n_shape=n_shape)
         mode = dcfg.pop("mode", "exact")
         fast_args = {k: dcfg.pop(k) for k in ("grid_res", "exact_steps") if k in dcfg}
         if mode == "exact":
@@ -83,12 +101,13 @@ class GANHead(pl.LightningModule):
                                                 bbox_max=bbox_max, **fast_args, **dcfg)
         else:
             raise ValueError(f"model.deformer.mode must be 'exact' or 'fast', got {mode!r}")
-        self.norm_network = instantiate(norm_network, detail_dim=dim_detail,
-                                        geometry_feature_dim=self.occ_network.feature_dim)
-        self.tex_network = instantiate(tex_network, color_dim=dim_color,
-                                       pose_exp_dim=15 + n_exp,
-                                       geometry_feature_dim=self.occ_network.feature_dim,
-                                       normal_feature_dim=self.norm_network.feature_dim)
+        self.norm_network = build_network(norm_network, "model.norm_network",
+                                          detail_dim=dim_detail,
+                                          geometry_feature_dim=self.occ_network.feature_dim)
+        self.tex_network = build_network(tex_network, "model.tex_network", color_dim=dim_color,
+                                         pose_exp_dim=15 + n_exp,
+                                         geometry_feature_dim=self.occ_network.feature_dim,
+                                         normal_feature_dim=self.norm_network.feature_dim)
         # Stage-2 critics exist only with use_gan / use_gan_color, so stage-1 checkpoints and
         # runs without GAN keep exactly the same parameters (lib/model/fine_stage.py).
         self.disc_normal = Discriminator(**dict(discriminator or {})) if use_gan else None
@@ -100,6 +119,35 @@ class GANHead(pl.LightningModule):
         self._set_trainable()
 
     # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, **overrides):
+        """Lightning's loader replaced by the safe one (lib/model/checkpoint.py): no code
+        from the file runs. overrides: hyper-parameters to replace (e.g. flame_model)."""
+        from lib.model.checkpoint import load_ganhead
+
+        return load_ganhead(checkpoint_path, map_location=map_location, **overrides)
+
+    @property
+    def scan_ids(self) -> list[str] | None:
+        """Training scan ids in embedding-row order (None for checkpoints that predate them)."""
+        ids = self.hparams.get("scan_ids")
+        return None if ids is None else list(ids)
+
+    def subject_rows(self, ids: list[str]) -> torch.Tensor:
+        """Embedding rows of training scans. ids: scan ids -> LongTensor [B] on the model's
+        device; an id the checkpoint does not know raises KeyError naming it."""
+        known = self.scan_ids
+        if known is None:
+            raise KeyError("this checkpoint stores no scan ids (written before they were "
+                           "stored); name subjects by embedding row")
+        index = {sid: i for i, sid in enumerate(known)}
+        missing = [str(i) for i in ids if str(i) not in index]
+        if missing:
+            raise KeyError(f"scan id(s) {missing[:5]} are not among the checkpoint's "
+                           f"{len(known)} training scans (first: {known[:5]})")
+        return torch.tensor([index[str(i)] for i in ids], dtype=torch.long,
+                            device=self.bbox_min.device)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The FLAME arrays are not saved (lib/flame/flame.py); a fingerprint of the model file
         is, so that loading with another file fails clearly."""
@@ -120,7 +168,9 @@ class GANHead(pl.LightningModule):
             differs = [k for k, v in saved.items() if k in now and not math.isclose(
                 float(v), float(now[k]), rel_tol=1e-7, abs_tol=1e-9)]
             if differs:
-                raise ValueError(
+                from lib.utils.checkpoint_io import CheckpointError
+
+                raise CheckpointError(
                     f"the head model {flame.model_path} is not the one this checkpoint was trained "
                     f"with ({', '.join(f'{k}: checkpoint {saved[k]}, file {now[k]}' for k in differs)});"
                     f" pass the training run's datamodule.flame_model / flame_model=PATH")

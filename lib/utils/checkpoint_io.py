@@ -1,24 +1,115 @@
-"""Lightning checkpoints written atomically (temporary file in the same folder, then rename).
+"""Reading and writing Lightning checkpoints safely.
 
-Shape-free. `AtomicCheckpointIO` is Lightning's TorchCheckpointIO whose `save_checkpoint`
-writes through lib/utils/atomic.atomic_path: a run killed while saving leaves the previous
-`last.ckpt` intact (and a `.last.tmp-*.ckpt` leftover at worst), never a truncated one that
-`resume=true` would fail to read. Given to the Trainer as a plugin by train.py.
+Shape-free. Checkpoints are what people download and pass around, so no file is ever allowed
+to run code on the machine that reads it (README, "Files you can trust"):
+
+- `read_checkpoint(path)` is the one reader used by every script, bench and tool: a
+  `torch.load` with `weights_only=True` (tensors, numbers, strings, lists and dicts only; a
+  pickled object with a `__reduce__` payload is refused before it runs), then a check that
+  the content is plain data whose only `_target_` keys (Hydra's instantiation marker) name
+  one of the project's own network builders (the allow-list of lib/model/builders.py, which
+  also builds them: never a target named in a file). Every failure raises `CheckpointError` naming the file.
+- `AtomicCheckpointIO` is Lightning's TorchCheckpointIO with atomic saves (temporary file in
+  the same folder, then rename: a run killed while saving leaves the previous `last.ckpt`
+  intact) and loads forced to `weights_only=True` (the `resume=true` path). Given to the
+  Trainer as a plugin by train.py.
 """
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from lib.utils.atomic import atomic_path
 
-__all__ = ["AtomicCheckpointIO"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_checkpoint", "check_plain_data"]
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or holds something other than plain data; the
+    message names the file and what is wrong."""
+
+
+def check_plain_data(value: Any, where: str, path, allowed_targets=frozenset()) -> None:
+    """Raise CheckpointError unless `value` is plain data (numbers, strings, None, tensors,
+    lists/tuples/dicts of those) whose only `_target_` keys name one of `allowed_targets`.
+    where: the key path for the message (e.g. 'hyper_parameters.occ_network')."""
+    if isinstance(value, _PLAIN) or isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"{path}: refused: {where} has a key of type "
+                                      f"{type(k).__name__}")
+            if k == "_target_" and not (isinstance(v, str) and v in allowed_targets):
+                raise CheckpointError(
+                    f"{path}: refused: {where} names a code target (_target_: {v!r}); "
+                    "checkpoints hold data only and networks are built by this project's own "
+                    "builders, so this file was not made by train.py (or was altered)")
+            check_plain_data(v, f"{where}.{k}", path, allowed_targets)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain_data(v, f"{where}[{i}]", path, allowed_targets)
+        return
+    raise CheckpointError(f"{path}: refused: {where} holds a {type(value).__name__}, not plain "
+                          "data")
+
+
+def read_checkpoint(path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint file without running any code from it.
+
+    path: a `.ckpt` / `.pt` file; map_location: as torch.load's. Returns the checkpoint dict
+    (for Lightning checkpoints: `state_dict`, `hyper_parameters`, `epoch`, ...).
+    Raises CheckpointError: file missing, truncated or not a torch file, a pickled object
+    other than tensors and plain containers, a non-dict top level, or a `_target_` outside the
+    allow-list anywhere but in `state_dict` and the optimizer/loop states.
+    """
+    from lib.model.builders import NETWORK_BUILDERS  # the network entries' only targets
+
+    allowed = frozenset(NETWORK_BUILDERS)
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()
+        detail = next((ln for ln in first if "Unsupported global" in ln
+                       or "not an allowed global" in ln.lower()), first[0] if first else "")
+        raise CheckpointError(
+            f"{path}: refused: it holds pickled objects other than tensors and plain data, "
+            f"which could run code when loaded ({detail.strip()[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+        msg = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not a file "
+                              f"written by torch.save: {type(err).__name__}: {msg})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict of a Lightning checkpoint, found a "
+                              f"{type(checkpoint).__name__}")
+    for key, value in checkpoint.items():
+        if key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks"):
+            if key == "state_dict" and not isinstance(value, dict):
+                raise CheckpointError(f"{path}: 'state_dict' is a {type(value).__name__}, "
+                                      "not a dict of tensors")
+            continue  # tensors and Lightning's own bookkeeping, never interpreted as code
+        check_plain_data(value, str(key), path, allowed)
+    return checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO with atomic saves (same files, same loading)."""
+    """TorchCheckpointIO with atomic saves and `weights_only=True` loads."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path,
+                        storage_options: Optional[Any] = None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location or "cpu")
