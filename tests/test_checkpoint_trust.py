@@ -172,6 +172,14 @@ def test_truncated_and_foreign_files_are_one_line_errors(saved, tmp_path):
     torch.save({"state_dict": {"a": torch.zeros(1)}}, foreign)
     with pytest.raises(CheckpointError, match="not a checkpoint of this project's train.py"):
         load_ganhead(foreign)
+    # stored scan ids become folder names in test.py: a path-like id is refused on load
+    ckpt = torch.load(saved["ckpt"], weights_only=True)
+    ckpt["hyper_parameters"]["scan_ids"] = ["../../etc", "002_01"]
+    bad_ids = tmp_path / "ids.ckpt"
+    torch.save(ckpt, bad_ids)
+    with pytest.raises(CheckpointError, match=r"ids.ckpt: stored: scan id '../../etc' contains "
+                                              "a path separator"):
+        load_ganhead(bad_ids)
 
 
 def test_flame_fingerprint_covers_the_joint_regressor(saved, head_model_path, tmp_path):

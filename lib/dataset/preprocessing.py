@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from lib.dataset.scan_sampling import (SamplingError, occupancy_samples, surface
 from lib.dataset.scan_render import render_views, save_views, view_paths, views_valid
 from lib.utils.atomic import atomic_path
 from lib.utils.mesh_io import MeshLoadError, load_obj, obj_source_files, save_npz
+from lib.utils.npz import npz_headers
 
 __all__ = ["SampleSizes", "ScanResult", "ScanError", "process_scan", "is_complete",
            "scan_seed", "scan_paths", "render_views", "check_scan_fit", "source_record",
@@ -125,16 +125,7 @@ def _npz_shapes(path: Path, deep: bool) -> dict | None:
                         return None
                     out[k] = (a.shape, a.dtype)
                 return out
-        out = {}
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                with zf.open(info) as fh:
-                    major, _ = np.lib.format.read_magic(fh)
-                    read = (np.lib.format.read_array_header_1_0 if major == 1
-                            else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read(fh)
-                out[info.filename.removesuffix(".npy")] = (shape, dtype)
-        return out
+        return npz_headers(path)
     except Exception:  # noqa: BLE001 - any unreadable file just means "not valid"
         return None
 

@@ -104,7 +104,7 @@ def resolve_subject(model, subject, data_list=None, processed_dir=None,
     named the subject (for messages).
     """
     n = model.z_shapes.num_embeddings
-    ids, where = model.scan_ids, "the checkpoint's scan ids"
+    ids, where = getattr(model, "scan_ids", None), "the checkpoint's scan ids"
     if ids is None:
         ids, where = _data_list_ids(data_list), str(data_list)
         if ids is not None and len(ids) != n:

@@ -47,6 +47,7 @@ def load_ganhead(path, map_location=None, **overrides):
     Raises CheckpointError (file, layout, hyper-parameters, weights) or ValueError (the FLAME
     file differs from training's, named by GANHead.on_load_checkpoint).
     """
+    from lib.dataset.faceverse import validate_scan_id
     from lib.model.builders import NetworkConfigError
     from lib.model.ganhead import GANHead
 
@@ -57,12 +58,18 @@ def load_ganhead(path, map_location=None, **overrides):
         have = sorted(checkpoint)[:8]
         raise CheckpointError(
             f"{path}: not a checkpoint of this project's train.py (no GANHead hyper-parameters; "
-            f"its keys: {have}). A checkpoint of the original GANHead code needs converting "
-            "first (see the README)")
+            f"its keys: {have}); checkpoints of the original GANHead code cannot be loaded "
+            "yet (README: Differences from the original)")
     unknown = sorted(set(hp) - _ganhead_arguments())
     if unknown:
         raise CheckpointError(f"{path}: hyper-parameters {unknown} are not GANHead arguments")
     hp = {**hp, **overrides}
+    ids = hp.get("scan_ids")
+    if ids is not None:  # inference uses them as folder names (lib/inference/loading.py)
+        if not isinstance(ids, (list, tuple)):
+            raise CheckpointError(f"{path}: its scan_ids are a {type(ids).__name__}, not a list")
+        for i in ids:
+            validate_scan_id(str(i), f"{path}: stored", error=CheckpointError)
     try:
         model = GANHead(**hp)
     except NetworkConfigError as err:

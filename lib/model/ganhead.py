@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from lib.dataset.faceverse import validate_scan_id
 from lib.flame import FLAMEServer
 from lib.model import losses
 from lib.model import fine_stage
@@ -55,7 +56,7 @@ class GANHead(pl.LightningModule):
                  discriminator: dict | None = None, photo_pixels: int | None = None):
         super().__init__()
         if scan_ids is not None:
-            scan_ids = [str(i) for i in scan_ids]
+            scan_ids = [validate_scan_id(str(i), "GANHead scan_ids") for i in scan_ids]
             if len(set(scan_ids)) != len(scan_ids):
                 raise ValueError("GANHead: scan_ids repeat an id")
             if n_subjects is not None and int(n_subjects) != len(scan_ids):
