@@ -120,12 +120,12 @@ def run(cfg: DictConfig) -> list[str]:
                 continue
             if status == "stale":
                 tqdm.write(f"precompute: {scan_id}: {out} was {why}; recomputing")
-                redone += 1
             res = scan_correspondences(model, rows[scan_id], params, n_views=dm.n_views,
                                        res=dm.load_res, mesh_res=mesh_res)
             write_cache(out, res["cache"].cpu().numpy(), res["view_params"].cpu().numpy(),
                         record)
             done += 1
+            redone += status == "stale"
         except Exception as err:  # one line per bad scan; the others go on
             tqdm.write(f"precompute: {scan_id}: {type(err).__name__}: {err}")
             failed.append(scan_id)

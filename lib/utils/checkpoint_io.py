@@ -80,13 +80,14 @@ def read_checkpoint(path, map_location: Any = "cpu") -> dict:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()
-        detail = next((ln for ln in first if "Unsupported global" in ln
-                       or "not an allowed global" in ln.lower()), first[0] if first else "")
+        # torch names the refused class on a line of its own ("... GLOBAL posix.system ...")
+        detail = next((ln for ln in first if "global" in ln.lower()),
+                      first[0] if first else "")
         raise CheckpointError(
             f"{path}: refused: it holds pickled objects other than tensors and plain data, "
             f"which could run code when loaded ({detail.strip()[:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
-        msg = " ".join(str(err).split())[:200]
+        msg = " ".join(str(err).split()).split(". ")[0][:200]  # torch's first sentence
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not a file "
                               f"written by torch.save: {type(err).__name__}: {msg})") from None
     if not isinstance(checkpoint, dict):
