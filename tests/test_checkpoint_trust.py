@@ -84,7 +84,7 @@ def test_pickled_payload_is_refused_and_never_runs(saved, tiny_dataset, tmp_path
     bad = tmp_path / "pickled.ckpt"
     torch.save(ckpt, bad)
     for load in (read_checkpoint, load_ganhead, AtomicCheckpointIO().load_checkpoint):
-        with pytest.raises(CheckpointError, match=r"refused.*pickled objects.*GLOBAL posix\.system"):
+        with pytest.raises(CheckpointError, match=r"refused.*pickled objects.*GLOBAL \w+\.system"):
             load(bad)
     assert not marker.exists()
 
