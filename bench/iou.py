@@ -43,17 +43,18 @@ def main() -> None:
     rng = np.random.default_rng(0)
     values = []
     t0 = time.time()
-    for sid in todo:
+    # embedding rows through the checkpoint's scan ids (data-list order for older checkpoints)
+    rows = (model.subject_rows(todo) if model.scan_ids is not None
+            else torch.tensor([ids.index(sid) for sid in todo]))
+    for sid, row in zip(todo, rows):
         with np.load(Path(args.processed) / sid / "occupancy.npz") as occ:
             pts, lab, params = occ["pts_d"], occ["occ_gt"], occ["flame_params"]
         half = pts.shape[0] // 2
         sel = half + rng.choice(pts.shape[0] - half, args.points, replace=False)
         with torch.no_grad():
-            smpl = model.flame_server(torch.as_tensor(params)[None].float())
-            z = model.z_shapes(torch.tensor([ids.index(sid)]))
-            out = model.deformed_occupancy(torch.as_tensor(pts[sel])[None].float(), z, smpl,
-                                           eval_mode=True)
-        value = float(iou(out["occ"][0] > 0, torch.as_tensor(lab[sel]) > 0.5))
+            logits = model.occupancy(torch.as_tensor(pts[sel])[None].float(),
+                                     torch.as_tensor(params)[None].float(), model.codes(row[None]))
+        value = float(iou(logits[0, :, None] > 0, torch.as_tensor(lab[sel]) > 0.5))
         values.append(value)
         print(f"{sid}: IoU {value:.4f}", flush=True)
     print(f"mean IoU over {len(values)} scans ({args.points} uniform points each): "

@@ -51,6 +51,9 @@ class SphereHead(nn.Module):
     def generator(self, z):
         return None
 
+    def codes(self, rows):  # the model's query API (lib/model/query.py), geometry only
+        return {"z_shape": self.z_shapes(rows)}
+
     def canonical_occupancy(self, x, z_shape, shape, volume=None):
         return (self.radius - (x - self.center).norm(dim=-1))[..., None]
 

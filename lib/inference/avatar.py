@@ -27,7 +27,7 @@ import torch
 
 from lib.inference.loading import InferenceError, is_stage2
 from lib.model.explicit import deform_mesh, mesh_fields
-from lib.model.fine_stage import blend_rotations, query_fine, skin_normals
+from lib.model.query import blend_rotations, query_fine, skin_normals
 from lib.model.validation import extract_canonical_mesh
 from lib.utils.extraction import EmptyMeshError
 from lib.render.rasterizer import rasterize

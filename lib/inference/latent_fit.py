@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib.model.fine_stage import (blend_rotations, pose_exp_condition, query_fine,
-                                  skin_normals, surface_correspondences)
+from lib.model.deformer import SKIPPED_LOGIT
+from lib.model.query import (blend_rotations, pose_exp_condition, query_fine, skin_normals,
+                             surface_correspondences)
 
 __all__ = ["occupancy_samples", "fit_shape", "fit_detail_color"]
 
@@ -59,9 +60,6 @@ def fit_shape(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
     """Optimize z_shape (step 1 of the module docstring). params: [1, P]; pts: [N, 3] and
     occ: [N] on the model's device; z_init: [1, Z]. Returns z_shape [1, Z] (detached) and the
     BCE per step."""
-    server = model.flame_server
-    with torch.no_grad():
-        smpl = server(params)
     z = z_init.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
@@ -69,12 +67,12 @@ def fit_shape(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
     for _ in tqdm(range(steps), desc="fit z_shape", unit="step"):
         idx = torch.randint(0, pts.shape[0], (min(batch, pts.shape[0]),), generator=gen)
         idx = idx.to(pts.device)
-        out = model.deformed_occupancy(pts[idx][None], z, smpl, eval_mode=True)
-        valid = out["valid"][0].any(dim=-1)
+        logits = model.occupancy(pts[idx][None], params, {"z_shape": z})[0]
+        valid = logits > SKIPPED_LOGIT  # a valid correspondence was found
         if not bool(valid.any()):
             raise RuntimeError("fit_shape: no point found a canonical correspondence; is the "
                                "scan in FLAME space (check the FLAME fit)?")
-        bce = F.binary_cross_entropy_with_logits(out["occ"][0, valid, 0], occ[idx][valid])
+        bce = F.binary_cross_entropy_with_logits(logits[valid], occ[idx][valid])
         loss = bce + lambda_reg * (z ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

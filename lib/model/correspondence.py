@@ -28,7 +28,7 @@ def scan_correspondences(model, index: int, params: torch.Tensor, n_views: int =
     device = model.bbox_min.device
     params = params.to(device).reshape(1, -1)
     idx = torch.tensor([index], device=device)
-    z_shape = model.z_shapes(idx)
+    z_shape = model.codes(idx)["z_shape"]
     server = model.flame_server
     smpl = server(params)
     mesh = extract_canonical_mesh(model, z_shape, smpl["shape"], res_final=mesh_res)

@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 
 from lib.model.discriminator import LazyR1, d_logistic_loss, g_nonsaturating_loss
-from lib.model.generator import sample_volume
 from lib.model.losses import latent_reg
+from lib.model.query import (blend_rotations, pose_exp_condition, query_fine, skin_normals,
+                             surface_correspondences)
 
 _WHERE = "lib/model/fine_stage.py"
 _BATCH_KEYS = ("index", "params", "view_params", "normal_img", "rgb_img", "img_mask",
@@ -83,80 +84,6 @@ def scatter_image(values: torch.Tensor, index, res: int, background: float = 1.0
     B = values.shape[0]
     img = values.new_full((B, res * res, 3), background).index_put((b, p), values[b, pos])
     return img.reshape(B, res, res, 3).permute(0, 3, 1, 2)
-
-
-# ---------------------------------------------------------------------------- networks
-def pose_exp_condition(smpl: dict) -> torch.Tensor:
-    """Texture condition from FLAMEServer outputs: pose [B, 15] with the global rotation
-    zeroed, then expression [B, 50] -> [B, 65]."""
-    pose = smpl["pose"].clone()
-    pose[:, :3] = 0.0
-    return torch.cat([pose, smpl["exp"]], dim=-1)
-
-
-@torch.no_grad()
-def geometry_features(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tensor,
-                      volume: torch.Tensor | None = None):
-    """Frozen geometry at shaped canonical points. xc: [B, M, 3]; z_shape: [B, Z];
-    shape: [B, 100]; volume: the generator's [B, C, D, H, W] for z_shape (computed when None).
-    Returns x_n [B, M, 3] (shape-neutral points) and the occupancy network's last hidden
-    features [B, M, F_geo]."""
-    volume = model.generator(z_shape) if volume is None else volume
-    xn = xc + model.disp_net(xc, shape)
-    feat = sample_volume(volume, xn, model.bbox_min, model.bbox_max)
-    return xn, model.occ_network(xn, feat, return_features=True)[1]
-
-
-def query_fine(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tensor,
-               z_detail: torch.Tensor, z_color: torch.Tensor, pose_exp: torch.Tensor,
-               volume: torch.Tensor | None = None):
-    """Canonical normals and colours at shaped canonical points.
-
-    xc: [B, M, 3]; z_shape: [B, Z]; shape: [B, 100]; z_detail: [B, D]; z_color: [B, C];
-    pose_exp: [B, 65]; volume as in geometry_features. Returns normal_c [B, M, 3] (unit,
-    canonical frame) and rgb [B, M, 3] in [-1, 1]."""
-    xn, gfeat = geometry_features(model, xc, z_shape, shape, volume)
-    M = xc.shape[1]
-
-    def rows(z: torch.Tensor) -> torch.Tensor:  # [B, C] -> [B, M, C]
-        return z[:, None, :].expand(-1, M, -1)
-
-    normal_c, nfeat = model.norm_network(xn, torch.cat([rows(z_detail), gfeat], dim=-1),
-                                         return_features=True)
-    rgb = model.tex_network(xn, torch.cat([rows(z_color), rows(pose_exp), gfeat, nfeat], dim=-1))
-    return normal_c, rgb
-
-
-def blend_rotations(w: torch.Tensor, tfs: torch.Tensor, tfs_c: torch.Tensor) -> torch.Tensor:
-    """Rotation part of sum_j w_j tfs[j] inv(tfs_c[j]). w: [B, M, J]; tfs, tfs_c: [B, J, 4, 4].
-    Returns [B, M, 3, 3]."""
-    rel = (tfs @ torch.linalg.inv(tfs_c))[..., :3, :3]
-    return torch.einsum("bmj,bjrc->bmrc", w, rel)
-
-
-def skin_normals(rot: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """rot: [B, M, 3, 3]; normals: [B, M, 3] -> rotated unit normals [B, M, 3]."""
-    return F.normalize((rot @ normals[..., None])[..., 0], dim=-1, eps=1e-6)
-
-
-@torch.no_grad()
-def surface_correspondences(model, pts_d: torch.Tensor, z_shape: torch.Tensor, smpl: dict,
-                            eval_mode: bool = False, volume: torch.Tensor | None = None):
-    """Canonical points of posed surface samples through the deformer (no gradient).
-
-    pts_d: [B, S, 3] in the scan's posed space; z_shape: [B, Z]; smpl: FLAMEServer outputs
-    of the scan's parameters; volume as in geometry_features. Among the valid inits the one
-    with the highest occupancy is kept. Returns xc [B, S, 3] (0 where none is valid) and
-    valid [B, S] bool."""
-    cond = {"z_shape": z_shape, "shape": smpl["shape"]}
-    xc, valid = model.deformer(pts_d, cond, smpl, eval_mode=eval_mode)  # [B, S, I, 3]
-    B, S, I, _ = xc.shape
-    xc = torch.where(valid[..., None], xc, torch.zeros_like(xc))  # diverged inits may be NaN
-    occ = model.canonical_occupancy(xc.reshape(B, S * I, 3), z_shape, smpl["shape"], volume)
-    occ = occ.reshape(B, S, I).masked_fill(~valid, float("-inf"))
-    best = occ.argmax(dim=-1)  # [B, S]
-    xc = torch.gather(xc, 2, best[..., None, None].expand(B, S, 1, 3))[:, :, 0]
-    return xc, valid.any(dim=-1)
 
 
 # ---------------------------------------------------------------------------- losses

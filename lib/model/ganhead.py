@@ -21,6 +21,7 @@ from lib.dataset.faceverse import validate_scan_id
 from lib.flame import FLAMEServer
 from lib.model import losses
 from lib.model import fine_stage
+from lib.model import query
 from lib.model.builders import build_network
 from lib.model.deformer import ForwardDeformer
 from lib.model.discriminator import Discriminator
@@ -148,6 +149,22 @@ class GANHead(pl.LightningModule):
                            f"{len(known)} training scans (first: {known[:5]})")
         return torch.tensor([index[str(i)] for i in ids], dtype=torch.long,
                             device=self.bbox_min.device)
+
+    # ------------------------------------------------------------------ queries
+    def codes(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """rows: LongTensor [B] -> {"z_shape": [B, Z], "z_detail": [B, D], "z_color": [B, C]}
+        (lib/model/query.py)."""
+        return query.codes(self, rows)
+
+    def occupancy(self, xd: torch.Tensor, params: torch.Tensor, codes: dict) -> torch.Tensor:
+        """Occupancy logits of deformed points xd [B, N, 3] posed by params [B, P] -> [B, N]
+        (evaluation-mode search, max over inits; lib/model/query.py)."""
+        return query.occupancy(self, xd, params, codes)
+
+    def surface(self, xd: torch.Tensor, params: torch.Tensor, codes: dict) -> dict:
+        """Stage 2: xc [B, N, 3], valid [B, N], normal [B, N, 3] (unit, deformed space) and
+        color [B, N, 3] at deformed surface points (lib/model/query.py)."""
+        return query.surface(self, xd, params, codes)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The FLAME arrays are not saved (lib/flame/flame.py); a fingerprint of the model file
@@ -315,8 +332,8 @@ class GANHead(pl.LightningModule):
         smpl = self.flame_server(batch["params"])
         z_shape = self.z_shapes(batch["index"])
         with torch.no_grad():
-            out = self.deformed_occupancy(batch["pts_d"], z_shape, smpl, eval_mode=True)
-        value = iou(out["occ"] > 0, batch["occ_gt"] > 0.5)
+            logits = self.occupancy(batch["pts_d"], batch["params"], {"z_shape": z_shape})
+        value = iou(logits[..., None] > 0, batch["occ_gt"] > 0.5)
         self.log("val/iou", value, prog_bar=True, batch_size=1, sync_dist=True)
         vcfg = self.hparams.validation or {}
         if batch_idx < vcfg.get("n_pictures", 2) and self.trainer.is_global_zero:

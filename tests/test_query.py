@@ -1,0 +1,125 @@
+"""The model's query API (lib/model/query.py): codes, occupancy at deformed points, surface
+attributes. Truths: the embeddings themselves; the deformer's forward map (a found canonical
+point maps back onto its deformed point); a known rigid transform (a global head rotation
+moves the posed points and their normals rigidly and changes neither the canonical points,
+the occupancy nor the colours, whose pose condition ignores the global rotation).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_flame_params
+from test_checkpoint_trust import _model
+
+IDS = ["001_01", "002_01", "003_01"]
+
+
+@pytest.fixture(scope="module")
+def fine_model(head_model_path):
+    torch.manual_seed(0)
+    model = _model(head_model_path, IDS, seed=3).eval()
+    model.hparams.stage = "fine"  # surface() is for stage-2 models; fresh networks suffice here
+    return model
+
+
+def _posed_points(model, params: torch.Tensor, n: int = 150, seed: int = 0) -> torch.Tensor:
+    """[1, n, 3] points on and near the posed head-model surface of params [1, P]."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        verts = model.flame_server(params)["verts"][0]
+    pick = torch.randperm(verts.shape[0], generator=gen)[:n]
+    return (verts[pick] + 0.003 * torch.randn(n, 3, generator=gen))[None]
+
+
+def _rigid(a: np.ndarray, b: np.ndarray):
+    """Least-squares rotation R and translation t with b ~ a @ R.T + t (Kabsch, float64)."""
+    ca, cb = a.mean(0), b.mean(0)
+    u, _, vt = np.linalg.svd((a - ca).T @ (b - cb))
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    r = vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    return r, cb - ca @ r.T
+
+
+def test_codes_are_the_embedding_rows(fine_model):
+    rows = fine_model.subject_rows(["003_01", "001_01"])
+    assert rows.tolist() == [2, 0]
+    codes = fine_model.codes(rows)
+    assert torch.equal(codes["z_shape"], fine_model.z_shapes.weight[[2, 0]])
+    assert torch.equal(codes["z_detail"], fine_model.z_details.weight[[2, 0]])
+    assert torch.equal(codes["z_color"], fine_model.z_colors.weight[[2, 0]])
+    with pytest.raises(ValueError, match="out of range: the model has 3 subjects"):
+        fine_model.codes(torch.tensor([3]))
+    with pytest.raises(KeyError, match="777_01"):
+        fine_model.subject_rows(["777_01"])
+
+
+def test_occupancy_and_surface_correspondences(fine_model):
+    params = torch.from_numpy(random_flame_params(np.random.default_rng(1), jaw=0.15))[None]
+    xd = _posed_points(fine_model, params)
+    codes = fine_model.codes(fine_model.subject_rows(["002_01"]))
+    with torch.no_grad():
+        logits = fine_model.occupancy(xd, params, codes)
+        out = fine_model.surface(xd, params, codes)
+        ref = fine_model.deformed_occupancy(xd, codes["z_shape"], fine_model.flame_server(params),
+                                            eval_mode=True)
+    assert logits.shape == (1, xd.shape[1])
+    torch.testing.assert_close(logits, ref["occ"][..., 0], rtol=1e-5, atol=1e-5)
+    valid = out["valid"][0]
+    assert valid.float().mean() > 0.9  # points on the head model's surface are found
+    # the found canonical points map back onto the queried points
+    smpl = fine_model.flame_server(params)
+    with torch.no_grad():
+        back = fine_model.deformer.forward_deform(
+            out["xc"], {"z_shape": codes["z_shape"], "shape": smpl["shape"]}, smpl)
+    assert (back[0, valid] - xd[0, valid]).norm(dim=-1).max() < 1e-3
+    normals = out["normal"][0, valid]
+    torch.testing.assert_close(normals.norm(dim=-1), torch.ones(len(normals)), atol=1e-4,
+                               rtol=0)
+    assert torch.all(out["normal"][0, ~valid] == 0) and torch.all(out["color"][0, ~valid] == 0)
+    # the surface point kept is the valid root of highest occupancy: never below the max
+    with torch.no_grad():
+        at_xc = fine_model.canonical_occupancy(out["xc"], codes["z_shape"], smpl["shape"])
+    torch.testing.assert_close(at_xc[0, valid, 0], logits[0, valid], rtol=1e-4, atol=1e-4)
+
+
+def test_a_global_rotation_moves_everything_rigidly(fine_model):
+    params = torch.from_numpy(random_flame_params(np.random.default_rng(2), jaw=0.1))[None]
+    turned = params.clone()
+    turned[0, 4:7] = torch.tensor([0.2, -0.5, 0.1])  # the global rotation (axis-angle)
+    with torch.no_grad():
+        v0 = fine_model.flame_server(params)["verts"][0].double().numpy()
+        v1 = fine_model.flame_server(turned)["verts"][0].double().numpy()
+    r, t = _rigid(v0, v1)
+    assert np.abs(v0 @ r.T + t - v1).max() < 1e-5  # the head model moved rigidly
+    xd = _posed_points(fine_model, params, seed=1)
+    xd_t = torch.from_numpy(xd[0].double().numpy() @ r.T + t).float()[None]
+    codes = fine_model.codes(torch.tensor([1]))
+    with torch.no_grad():
+        a, b = fine_model.surface(xd, params, codes), fine_model.surface(xd_t, turned, codes)
+        occ_a = fine_model.occupancy(xd, params, codes)
+        occ_b = fine_model.occupancy(xd_t, turned, codes)
+    both = a["valid"][0] & b["valid"][0]
+    assert both.float().mean() > 0.9
+    torch.testing.assert_close(b["xc"][0, both], a["xc"][0, both], rtol=0, atol=2e-4)
+    torch.testing.assert_close(occ_b[0, both], occ_a[0, both], rtol=1e-3, atol=1e-3)
+    rot = torch.from_numpy(r).float()
+    torch.testing.assert_close(b["normal"][0, both], a["normal"][0, both] @ rot.T, rtol=0,
+                               atol=2e-3)
+    torch.testing.assert_close(b["color"][0, both], a["color"][0, both], rtol=0, atol=2e-3)
+
+
+def test_surface_needs_a_stage2_model_and_batched_inputs(head_model_path, fine_model):
+    coarse = _model(head_model_path, IDS)
+    params = torch.from_numpy(random_flame_params(np.random.default_rng(3)))[None]
+    xd = _posed_points(coarse, params, n=10)
+    codes = coarse.codes(torch.tensor([0]))
+    with pytest.raises(ValueError, match="needs a stage-2"):
+        coarse.surface(xd, params, codes)
+    with pytest.raises(ValueError, match=r"xd must be \[B, N, 3\]"):
+        fine_model.occupancy(xd[0], params, codes)
+    with pytest.raises(ValueError, match=r"codes lack \['z_detail', 'z_color'\]"):
+        fine_model.surface(xd, params, {"z_shape": codes["z_shape"]})
+    with pytest.raises(ValueError, match="params must be"):
+        fine_model.occupancy(xd, params.expand(2, -1), codes)
