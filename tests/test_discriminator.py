@@ -1,4 +1,4 @@
-"""StyleGAN2-style discriminator and GAN losses (lib/model/discriminator.py)."""
+"""Residual image discriminator and GAN losses (lib/model/discriminator.py)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ from lib.model.discriminator import (Blur, Discriminator, EqualConv2d, EqualLine
                                      MinibatchStd, d_logistic_loss, g_nonsaturating_loss,
                                      r1_penalty)
 
-SMALL = dict(channel_base=256, channel_max=16)  # ch(r) = min(256 // r, 16): fast on CPU
+SMALL = dict(channel_mul=8, channel_max=16)  # 8 channels at full resolution, then 16: fast on CPU
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +41,7 @@ def test_output_shape(res, batch):
 
 @pytest.mark.parametrize("batch", [1, 3, 5, 6])
 def test_batch_not_divisible_by_group(batch):
-    d = Discriminator(32, mbstd_group_size=4, **SMALL)
+    d = Discriminator(32, **SMALL)
     assert d(torch.randn(batch, 3, 32, 32)).shape == (batch, 1)
 
 
@@ -53,14 +53,82 @@ def test_mbstd_group_choice(batch, group):
 def test_mbstd_matches_float64_reference():
     torch.manual_seed(1)
     x = torch.randn(8, 6, 4, 4, dtype=torch.float64)
+    torch.manual_seed(7)
+    perm = torch.randperm(8).tolist()  # the layer draws the same permutation
+    torch.manual_seed(7)
     y = MinibatchStd(group_size=4, num_channels=1)(x)
     assert y.shape == (8, 7, 4, 4)
     assert torch.equal(y[:, :6], x)
-    n = 8 // 4  # sample b is in group b % n
+    n = 8 // 4  # position p of the shuffled batch (sample perm[p]) is in group p % n
     for b in range(8):
-        members = x[[j for j in range(8) if j % n == b % n]]            # [4, 6, 4, 4]
+        p = perm.index(b)
+        members = x[[perm[q] for q in range(8) if q % n == p % n]]     # [4, 6, 4, 4]
         std = (members.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
         assert torch.allclose(y[b, 6], std.expand(4, 4), atol=1e-12)
+
+
+def test_mbstd_groups_are_shuffled():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 2, 2)
+    seen = {round(MinibatchStd(4)(x)[0, 3, 0, 0].item(), 6) for _ in range(20)}
+    # without the shuffle sample 0 would always share a group with samples 2, 4, 6; shuffled,
+    # its group is any of the C(7, 3) = 35 sets of companions
+    assert len(seen) > 5
+
+
+# The original discriminator's state_dict, written from its architecture (conv layers are a
+# Sequential of [blur,] conv and a bias-carrying activation), with our key for each entry.
+def _original_layout(res: int = 256, mul: int = 64, cmax: int = 512):
+    rows = [("conv_in.0.weight", "conv_in.weight", (mul, 3, 3, 3)),
+            ("conv_in.1.bias", "conv_in.bias", (mul,))]
+    c, j = mul, 0
+    while res > 4:
+        o, L, B = min(2 * c, cmax), f"layers.{j}", f"blocks.{j}"
+        rows += [(f"{L}.conv1.0.weight", f"{B}.conv1.weight", (c, c, 3, 3)),
+                 (f"{L}.conv1.1.bias", f"{B}.conv1.bias", (c,)),
+                 (f"{L}.conv2.0.kernel", f"{B}.blur.kernel", (4, 4)),
+                 (f"{L}.conv2.1.weight", f"{B}.conv2.weight", (o, c, 3, 3)),
+                 (f"{L}.conv2.2.bias", f"{B}.conv2.bias", (o,)),
+                 (f"{L}.skip.0.kernel", f"{B}.skip_blur.kernel", (4, 4)),
+                 (f"{L}.skip.1.weight", f"{B}.skip.weight", (o, c, 1, 1))]
+        c, j, res = o, j + 1, res // 2
+    rows += [("disc_out.conv_stddev.0.weight", "conv.weight", (c, c + 1, 3, 3)),
+             ("disc_out.conv_stddev.1.bias", "conv.bias", (c,)),
+             ("disc_out.final_linear.1.weight", "fc.weight", (c, 16 * c)),
+             ("disc_out.final_linear.1.bias", "fc.bias", (c,)),
+             ("disc_out.final_linear.2.weight", "out.weight", (1, c)),
+             ("disc_out.final_linear.2.bias", "out.bias", (1,))]
+    return rows
+
+
+def test_default_layout_maps_one_to_one():
+    torch.manual_seed(0)
+    d = Discriminator()  # img_res 256, channel_mul 64, channel_max 512
+    ours = {k: tuple(v.shape) for k, v in d.state_dict().items()}
+    rows = _original_layout()
+    assert ours == {k: s for _, k, s in rows}
+    assert len(d.blocks) == 6 and len(rows) == 2 + 7 * 6 + 6
+    widths = [d.conv_in.weight.shape[0]] + [b.conv2.weight.shape[0] for b in d.blocks]
+    assert widths == [64, 128, 256, 512, 512, 512, 512]
+    k1 = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    for b in d.blocks:
+        assert torch.equal(b.blur.kernel, torch.outer(k1, k1) / 64)
+        assert b.skip.bias is None
+
+
+def test_default_widths_forward_backward():
+    """Default channel widths (64 -> 512) on 32-pixel images: 3 blocks, finite gradients."""
+    torch.manual_seed(0)
+    d = Discriminator(32)
+    assert {k: tuple(v.shape) for k, v in d.state_dict().items()} == \
+        {k: s for _, k, s in _original_layout(32)}
+    real = torch.rand(4, 3, 32, 32, requires_grad=True)
+    logits = d(real)
+    assert logits.shape == (4, 1)
+    loss = d_logistic_loss(logits, d(torch.rand(4, 3, 32, 32))) + r1_penalty(logits, real)
+    loss.backward()
+    for name, p in d.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_invalid_resolution_and_input():
@@ -74,7 +142,7 @@ def test_invalid_resolution_and_input():
 
 def test_equalized_lr_weights():
     torch.manual_seed(0)
-    d = Discriminator(64, channel_base=4096, channel_max=64)
+    d = Discriminator(64, channel_mul=16, channel_max=64)
     layers = [m for m in d.modules() if isinstance(m, (EqualConv2d, EqualLinear))]
     weights = torch.cat([m.weight.detach().flatten() for m in layers])
     # Stored parameters are N(0, 1) ...
@@ -113,12 +181,16 @@ def test_blur_normalized_and_sizes():
     impulse = torch.zeros(1, 1, 7, 7)
     impulse[0, 0, 3, 3] = 1.0
     assert torch.allclose(Blur((0, 0))(impulse)[0, 0, :4, :4], torch.outer(k, k).flip(0, 1))
+    # a true convolution (as the original's FIR filter): the impulse response is the kernel
+    blur = Blur((0, 0))
+    blur.kernel.copy_(torch.arange(16.0).reshape(4, 4))
+    assert torch.equal(blur(impulse)[0, 0, :4, :4], torch.arange(16.0).reshape(4, 4))
 
 
-@pytest.mark.parametrize("blur", [True, False])
-def test_block_halves_resolution(blur):
-    d = Discriminator(16, blur=blur, **SMALL)
-    x = d.from_rgb(torch.randn(2, 3, 16, 16))
+def test_block_halves_resolution():
+    d = Discriminator(16, **SMALL)
+    x = d.conv_in(torch.randn(2, 3, 16, 16))
+    assert x.shape == (2, 8, 16, 16)
     assert d.blocks[0](x).shape == (2, 16, 8, 8)
     assert d.blocks[1](d.blocks[0](x)).shape == (2, 16, 4, 4)
 
@@ -212,7 +284,7 @@ def test_training_separates_real_and_fake():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     res = 16
-    d = Discriminator(res, channel_base=128, channel_max=16)
+    d = Discriminator(res, **SMALL)
     opt = torch.optim.Adam(d.parameters(), lr=2e-3, betas=(0.0, 0.99))
     lazy = LazyR1(lambda_r1=10.0, d_reg_every=4)
     for step in range(40):

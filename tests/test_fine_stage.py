@@ -164,7 +164,7 @@ def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
 
     torch.manual_seed(0)
     model = _tiny_model(tiny_fine_dataset["flame"], tmp_path, "model.use_gan=true",
-                        "model.use_gan_color=true", "model.discriminator.channel_base=256",
+                        "model.use_gan_color=true", "model.discriminator.channel_mul=8",
                         "model.discriminator.channel_max=16")
     assert [d.img_res for d in model.disc_modules()] == [RES, RES]
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
@@ -281,7 +281,7 @@ def test_precompute_and_stage2_end_to_end(tiny_fine_dataset, tmp_path):
     gan = tmp_path / "fine_gan"
     _run("train.py", [*common, *fine, f"output_dir={gan}", f"starting_path={coarse}",
                       "model.use_gan=true", "model.use_gan_color=true", "model.d_reg_every=2",
-                      "model.discriminator.channel_base=256", "model.discriminator.channel_max=16",
+                      "model.discriminator.channel_mul=8", "model.discriminator.channel_max=16",
                       "datamodule.repeat=4", "trainer.max_epochs=1", "trainer.devices=2",
                       "trainer.strategy=ddp", "trainer.accelerator=cpu",
                       "trainer.check_val_every_n_epoch=100"])

@@ -1,23 +1,27 @@
-"""StyleGAN2-style image discriminator and its losses for the optional stage-2 GAN (DESIGN §6).
+"""Residual image discriminator (the original GANHead critic) and its losses for the optional
+stage-2 GAN.
 
 Shape legend: B batch, C channels, H/W image rows/columns (H = W = img_res, a power of two).
 
 Plain torch (no custom CUDA ops): every layer works on CPU and CUDA, float32 by default.
 
-Architecture (residual discriminator of StyleGAN2):
-    fromRGB   1x1 conv, in_channels -> ch(img_res), leaky ReLU
-    blocks    for r = img_res, img_res/2, ..., 8: a residual block ch(r) -> ch(r/2), r -> r/2
-              main: conv 3x3 + lrelu, [blur] + conv 3x3 stride 2 + lrelu
-              skip: [blur] + conv 1x1 stride 2 (no bias, no activation)
+Architecture, with m = channel_mul (64) and ch_max = channel_max (512):
+    conv_in   3x3 conv, in_channels -> m, leaky ReLU                        at img_res
+    blocks    one residual block per halving img_res -> 4, channels c -> min(2c, ch_max)
+              main: conv1 3x3 (c -> c) + lrelu, blur + conv2 3x3 stride 2 (c -> c') + lrelu
+              skip: blur + 1x1 conv stride 2 (c -> c', no bias, no activation)
               out = (main + skip) / sqrt(2)
-    epilogue  at 4x4: minibatch standard deviation (+1 channel), conv 3x3 + lrelu,
-              fc (16 ch(4) -> ch(4)) + lrelu, fc -> 1 logit
-with ch(r) = min(channel_base // r, channel_max).
+    head      at 4x4: minibatch standard deviation (+1 channel), conv 3x3 (c+1 -> c) + lrelu,
+              fc (16 c -> c) + lrelu, fc (c -> 1) -> logit
+At img_res 256 the blocks run 64 -> 128 -> 256 -> 512 -> 512 -> 512 -> 512 (256 -> 4 px).
 
 Equalized learning rate: every weight is stored as N(0, 1) and multiplied at run time by
-1 / sqrt(fan_in) (fan_in = in_channels * k * k); biases start at 0. The leaky ReLU (slope 0.2)
-is followed by a gain of sqrt(2) so activations keep unit variance. The optional blur is the
-separable [1, 3, 3, 1] FIR filter (normalized to sum 1), applied as a depthwise conv2d.
+1 / sqrt(fan_in) (fan_in = in_channels * k * k); biases start at 0. Every activation is a
+leaky ReLU (slope 0.2) of (x + bias) followed by a gain of sqrt(2). The blur is the FIR
+filter [1, 3, 3, 1] x [1, 3, 3, 1] / 64 (a stored buffer), zero-padded by 2 on each side
+before the 3x3 stride-2 conv and by 1 before the 1x1 one, so a block maps r to r/2 exactly.
+The minibatch standard deviation shuffles the batch before grouping (groups of up to 4
+samples; a random grouping on every call).
 
 Losses (non-saturating logistic GAN, as in StyleGAN2):
     d_logistic_loss      mean softplus(fake) + mean softplus(-real)
@@ -26,8 +30,7 @@ Losses (non-saturating logistic GAN, as in StyleGAN2):
 
 Lazy R1 (StyleGAN2): the penalty is evaluated only every `d_reg_every` (16) discriminator
 steps and then weighted by `lambda_r1 / 2 * d_reg_every` (lambda_r1 = 10); `LazyR1` does
-this. A typical discriminator step (the caller owns the optimizer, Adam betas (0, 0.99);
-StyleGAN2 also scales lr and betas by c = d_reg_every / (d_reg_every + 1)):
+this. A typical discriminator step (the caller owns the optimizer):
 
     d.requires_grad_(True)
     loss = d_logistic_loss(d(real), d(fake.detach()))
@@ -59,7 +62,8 @@ def _lrelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class Blur(nn.Module):
-    """Depthwise [1,3,3,1] x [1,3,3,1] / 64 FIR filter with explicit zero padding.
+    """Depthwise FIR filter with explicit zero padding: a true 2D convolution with the stored
+    kernel [4, 4] = [1,3,3,1] x [1,3,3,1] / 64.
 
     x: [B, C, H, W] -> [B, C, H + pad0 + pad1 - 3, W + pad0 + pad1 - 3]
     """
@@ -68,19 +72,21 @@ class Blur(nn.Module):
         super().__init__()
         k1 = torch.tensor([1.0, 3.0, 3.0, 1.0])
         k2 = torch.outer(k1, k1)
-        self.register_buffer("kernel", (k2 / k2.sum())[None, None], persistent=False)
+        self.register_buffer("kernel", k2 / k2.sum())  # [4, 4]
         self.pad = (int(pad[0]), int(pad[1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
+        kh, kw = self.kernel.shape
         x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
-        w = self.kernel.to(x.dtype).expand(c, 1, 4, 4)
+        w = self.kernel.flip(0, 1).to(x.dtype)[None, None].expand(c, 1, kh, kw)
         return F.conv2d(x, w, groups=c)
 
 
 class EqualConv2d(nn.Module):
     """Conv2d with equalized learning rate. weight: [C_out, C_in, k, k] ~ N(0,1), used times
-    1/sqrt(C_in k^2). x: [B, C_in, H, W] -> [B, C_out, H', W'] (optionally leaky-ReLU'd)."""
+    1/sqrt(C_in k^2); bias [C_out] (optional), added before the activation.
+    x: [B, C_in, H, W] -> [B, C_out, H', W'] (optionally leaky-ReLU'd)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True, activate: bool = False):
@@ -99,7 +105,7 @@ class EqualConv2d(nn.Module):
 
 class EqualLinear(nn.Module):
     """Linear layer with equalized learning rate. weight: [C_out, C_in] ~ N(0,1), used times
-    1/sqrt(C_in). x: [B, C_in] -> [B, C_out] (optionally leaky-ReLU'd)."""
+    1/sqrt(C_in); bias [C_out]. x: [B, C_in] -> [B, C_out] (optionally leaky-ReLU'd)."""
 
     def __init__(self, in_features: int, out_features: int, activate: bool = False):
         super().__init__()
@@ -117,9 +123,11 @@ class MinibatchStd(nn.Module):
     """Minibatch standard deviation: appends `num_channels` feature maps holding the
     standard deviation of the features over a group of samples.
 
-    The group size is the largest divisor of B that is <= group_size, so any batch size
-    works (B=6, group 4 -> groups of 3; a prime B=5 -> groups of 1, i.e. a constant map).
-    Sample b belongs to group b % (B / G), as in StyleGAN2.
+    The batch is shuffled by a fresh random permutation (torch's RNG on x's device) and
+    position p of the shuffled batch joins group p % (B / G), so groups change from call to
+    call; the result is returned in the input order. The group size G is the largest divisor
+    of B that is <= group_size, so any batch size works (B=6, group 4 -> groups of 3; a prime
+    B=5 -> groups of 1, i.e. a constant map).
     x: [B, C, H, W] -> [B, C + num_channels, H, W]
     """
 
@@ -140,68 +148,63 @@ class MinibatchStd(nn.Module):
         if c % f:
             raise ValueError(f"{_WHERE}: MinibatchStd needs C ({c}) divisible by "
                              f"num_channels ({f})")
-        y = x.reshape(g, -1, f, c // f, h, w)                  # [G, n, F, c, H, W]
-        y = y - y.mean(dim=0)
-        y = (y.square().mean(dim=0) + 1e-8).sqrt()             # [n, F, c, H, W]
-        y = y.mean(dim=(2, 3, 4))                              # [n, F]
-        y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)          # [B, F, H, W]
-        return torch.cat([x, y], dim=1)
+        perm = torch.randperm(b, device=x.device)             # [B]
+        y = x[perm].reshape(g, -1, f, c // f, h, w)            # [G, n, F, c, H, W]
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()       # [n, F, c, H, W]
+        y = y.mean(dim=(2, 3, 4)).repeat(g, 1)                 # [B, F], shuffled order
+        y = y[torch.argsort(perm)]                             # [B, F], input order
+        return torch.cat([x, y[:, :, None, None].expand(b, f, h, w)], dim=1)
 
 
 class DiscriminatorBlock(nn.Module):
     """Residual downsampling block. x: [B, C_in, r, r] -> [B, C_out, r/2, r/2]."""
 
-    def __init__(self, in_channels: int, out_channels: int, blur: bool = True):
+    def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.conv0 = EqualConv2d(in_channels, in_channels, 3, padding=1, activate=True)
-        # Padding that keeps sizes exact: blur (4 taps) then a stride-2 conv of size k needs
-        # (4 - 2) + (k - 1) pixels of padding in total, split evenly.
-        self.blur_main = Blur((2, 2)) if blur else None
-        self.conv1 = EqualConv2d(in_channels, out_channels, 3, stride=2,
-                                 padding=0 if blur else 1, activate=True)
-        self.blur_skip = Blur((1, 1)) if blur else None
+        self.conv1 = EqualConv2d(in_channels, in_channels, 3, padding=1, activate=True)
+        # blur (4 taps) then a stride-2 conv of size k: (4 - 2) + (k - 1) pixels of padding
+        # in total, split evenly, keep r -> r/2 exact
+        self.blur = Blur((2, 2))
+        self.conv2 = EqualConv2d(in_channels, out_channels, 3, stride=2, activate=True)
+        self.skip_blur = Blur((1, 1))
         self.skip = EqualConv2d(in_channels, out_channels, 1, stride=2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.skip(self.blur_skip(x) if self.blur_skip is not None else x)
-        y = self.conv0(x)
-        y = self.conv1(self.blur_main(y) if self.blur_main is not None else y)
+        s = self.skip(self.skip_blur(x))
+        y = self.conv2(self.blur(self.conv1(x)))
         return (y + s) * (1.0 / math.sqrt(2.0))
 
 
 class Discriminator(nn.Module):
-    """StyleGAN2 residual discriminator (module docstring).
+    """Residual image discriminator (module docstring).
 
     img_res: power of two >= 8; in_channels: image channels (3 for normal or RGB images);
-    channel_base / channel_max: ch(r) = min(channel_base // r, channel_max) (defaults give
-    128 channels at 256 and 512 from 64 down, as StyleGAN2 config-f); mbstd_group_size: group
-    of the minibatch std layer; blur: use the [1,3,3,1] FIR filter before downsampling.
-    forward(img [B, in_channels, img_res, img_res] in [-1, 1]) -> logits [B, 1]
+    channel_mul: channels of conv_in (64), doubled by every block up to channel_max (512).
+    forward(img [B, in_channels, img_res, img_res]) -> logits [B, 1]
     """
 
-    def __init__(self, img_res: int = 256, in_channels: int = 3, channel_base: int = 32768,
-                 channel_max: int = 512, mbstd_group_size: int = 4, mbstd_channels: int = 1,
-                 blur: bool = True):
+    def __init__(self, img_res: int = 256, in_channels: int = 3, channel_mul: int = 64,
+                 channel_max: int = 512):
         super().__init__()
         img_res = int(img_res)
         if img_res < 8 or img_res & (img_res - 1):
             raise ValueError(f"{_WHERE}: img_res must be a power of two >= 8, got {img_res}")
-
-        def ch(r: int) -> int:
-            return max(1, min(int(channel_base) // r, int(channel_max)))
-
+        if int(channel_mul) < 1 or int(channel_max) < 1:
+            raise ValueError(f"{_WHERE}: channel_mul and channel_max must be >= 1, got "
+                             f"{channel_mul}, {channel_max}")
         self.img_res, self.in_channels = img_res, int(in_channels)
-        self.from_rgb = EqualConv2d(in_channels, ch(img_res), 1, activate=True)
+        c = int(channel_mul)
+        self.conv_in = EqualConv2d(in_channels, c, 3, padding=1, activate=True)
         blocks, r = [], img_res
         while r > 4:
-            blocks.append(DiscriminatorBlock(ch(r), ch(r // 2), blur=blur))
-            r //= 2
+            c_next = min(2 * c, int(channel_max))
+            blocks.append(DiscriminatorBlock(c, c_next))
+            c, r = c_next, r // 2
         self.blocks = nn.Sequential(*blocks)
-        c4 = ch(4)
-        self.mbstd = MinibatchStd(mbstd_group_size, mbstd_channels)
-        self.conv = EqualConv2d(c4 + mbstd_channels, c4, 3, padding=1, activate=True)
-        self.fc = EqualLinear(c4 * 16, c4, activate=True)
-        self.out = EqualLinear(c4, 1)
+        self.mbstd = MinibatchStd(group_size=4, num_channels=1)
+        self.conv = EqualConv2d(c + 1, c, 3, padding=1, activate=True)
+        self.fc = EqualLinear(c * 16, c, activate=True)
+        self.out = EqualLinear(c, 1)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """img: [B, in_channels, img_res, img_res] -> logits [B, 1]."""
@@ -209,7 +212,7 @@ class Discriminator(nn.Module):
                 img.shape[2] != self.img_res or img.shape[3] != self.img_res:
             raise ValueError(f"{_WHERE}: expected images [B, {self.in_channels}, "
                              f"{self.img_res}, {self.img_res}], got {tuple(img.shape)}")
-        x = self.blocks(self.from_rgb(img))
+        x = self.blocks(self.conv_in(img))
         x = self.conv(self.mbstd(x))
         return self.out(self.fc(x.flatten(1)))
 

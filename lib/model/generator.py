@@ -1,7 +1,18 @@
-"""3D feature-volume generator (StyleGAN-like, AdaIN) and trilinear volume sampling.
+"""3D feature-volume generator (AdaIN-modulated 3D convolutions) and trilinear volume sampling.
 
 Shape legend: B batch, N points, Z latent width (z_shape, 256), C channels,
 D/H/W volume depth/height/width.
+
+Generator (the original GANHead generator):
+    h = lrelu(AdaIN(const, z))                         const: [1, 256, 2, 8, 8]
+    every stage but the last: h = lrelu(AdaIN(conv3(up2(h)), z))
+    last stage:               h = lrelu(conv3(up2(h)))   (no modulation)
+with up2 a trilinear x2 upsampling with align_corners=True, conv3 a 3x3x3 convolution
+(padding 1), lrelu a leaky ReLU of slope 0.01 and AdaIN(x, z) = x_hat * std(z) + mean(z),
+where [mean(z) | std(z)] = Linear(z) (2 C outputs, the first C the mean) and x_hat is x
+normalized per item and channel over (D, H, W) with the unbiased variance:
+x_hat = (x - mean) / sqrt(var_unbiased + 1e-5). The predicted std is not constrained.
+The constant starts at 0.002 N(0, 1); every layer keeps torch's default initialization.
 
 Axis order (fixed): a volume is `[B, C, D, H, W]` with D along z, H along y and W along
 x of the canonical space (the default output `[B, 64, 16, 64, 64]` is therefore 64 cells
@@ -9,8 +20,9 @@ in x and y and 16 in z). `F.grid_sample` reads the last grid dimension as (x, y,
 i.e. (W, H, D), so points are passed in their natural (x, y, z) order. A point is
 normalized by the canonical bounding box to [-1, 1]^3 and sampled with
 `align_corners=True` (-1 and +1 are the centres of the first and last cells, so the
-cells span the box including its faces) and border padding (points outside the box read
-the boundary value).
+cells span the box including its faces) and zero padding (the trilinear weights of
+lattice points outside the box multiply 0, so features fade to 0 within one cell outside
+the box and are exactly 0 beyond).
 """
 from __future__ import annotations
 
@@ -35,7 +47,7 @@ def sample_volume(volume: torch.Tensor, x: torch.Tensor, bbox_min: BoxBound, bbo
         x: [B, N, 3] points (x, y, z) in the space of the bounding box.
         bbox_min, bbox_max: box corners, scalars, sequences of 3, [3] or [B, 3] tensors.
     Returns:
-        [B, N, C] features; points outside the box get the border value.
+        [B, N, C] features; lattice points outside the box read as 0 (zero padding).
     """
     if volume.dim() != 5:
         raise _err(f"volume must be [B, C, D, H, W], got {tuple(volume.shape)}")
@@ -57,66 +69,70 @@ def sample_volume(volume: torch.Tensor, x: torch.Tensor, bbox_min: BoxBound, bbo
         raise _err("bbox_max must exceed bbox_min on every axis")
     grid = 2.0 * (x - lo) / (hi - lo) - 1.0  # [B, N, 3] in (x, y, z) = (W, H, D)
     out = F.grid_sample(volume.to(x.dtype), grid[:, :, None, None, :], mode="bilinear",
-                        padding_mode="border", align_corners=True)  # [B, C, N, 1, 1]
+                        padding_mode="zeros", align_corners=True)  # [B, C, N, 1, 1]
     return out[:, :, :, 0, 0].transpose(1, 2)
 
 
 class AdaIN3d(nn.Module):
-    """Instance norm over (D, H, W) followed by a per-channel affine map predicted from z.
+    """Adaptive instance norm: x normalized per item and channel over (D, H, W) (unbiased
+    variance, eps 1e-5 under the square root), then x_hat * std + mean with [mean | std]
+    predicted from the style vector by one linear layer.
 
     Args:
         channels: C; style_dim: width of the style vector.
     """
 
-    def __init__(self, channels: int, style_dim: int):
+    def __init__(self, channels: int, style_dim: int, eps: float = 1e-5):
         super().__init__()
-        self.channels = int(channels)
-        self.norm = nn.InstanceNorm3d(channels, affine=False, eps=1e-5)
-        self.style = nn.Linear(style_dim, 2 * channels)
-        nn.init.zeros_(self.style.bias)  # scale = 1 + gamma(z), shift = beta(z)
+        self.channels, self.eps = int(channels), float(eps)
+        self.style = nn.Linear(style_dim, 2 * channels)  # weight [2C, style_dim], bias [2C]
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         """x: [B, C, D, H, W], style: [B, style_dim] -> [B, C, D, H, W]."""
-        gamma, beta = self.style(style).chunk(2, dim=-1)  # [B, C] each
-        return self.norm(x) * (1.0 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
+        mean, std = self.style(style).chunk(2, dim=-1)  # [B, C] each
+        flat = x.flatten(2)  # [B, C, D*H*W]
+        mu = flat.mean(dim=2)[:, :, None, None, None]
+        sigma = (flat.var(dim=2, unbiased=True) + self.eps).sqrt()[:, :, None, None, None]
+        return (x - mu) / sigma * std[:, :, None, None, None] + mean[:, :, None, None, None]
 
 
 class Generator(nn.Module):
-    """Learned constant volume, AdaIN-modulated by z, upsampled 3 times to a feature volume.
+    """Learned constant volume, AdaIN-modulated by z, upsampled once per stage to a feature volume
+    (module docstring).
 
     Args:
         z_dim: Z (z_shape width, 256).
         base_channels: channels of the constant volume (256).
         base_shape: (D, H, W) of the constant volume ((2, 8, 8)); each stage doubles it.
-        channels: output channels of the upsampling stages ((128, 64, 64)).
-        mapping_layers: depth of an MLP z -> style before the AdaIN layers (0: style = z).
-        negative_slope: leaky-ReLU slope (0.2).
+        channels: output channels of the upsampling stages ((128, 64, 64)); the last stage
+            has no AdaIN, every earlier one has.
         bbox_min, bbox_max: canonical box used by `sample` (default [-1, 1]^3).
     """
 
+    negative_slope = 0.01
+
     def __init__(self, z_dim: int = 256, base_channels: int = 256, base_shape: Sequence[int] = (2, 8, 8),
-                 channels: Sequence[int] = (128, 64, 64), mapping_layers: int = 0, negative_slope: float = 0.2,
+                 channels: Sequence[int] = (128, 64, 64),
                  bbox_min: BoxBound = (-1.0, -1.0, -1.0), bbox_max: BoxBound = (1.0, 1.0, 1.0)):
         super().__init__()
         if len(base_shape) != 3 or len(channels) < 1:
             raise _err(f"base_shape must be (D, H, W) and channels non-empty, got {base_shape}, {channels}")
         self.z_dim, self.base_shape, self.channels = int(z_dim), tuple(int(s) for s in base_shape), tuple(channels)
-        self.negative_slope = float(negative_slope)
-        self.const = nn.Parameter(torch.randn(1, base_channels, *self.base_shape))
-        mapping = []
-        for _ in range(mapping_layers):
-            mapping += [nn.Linear(z_dim, z_dim), nn.LeakyReLU(self.negative_slope)]
-        self.mapping = nn.Sequential(*mapping)
+        self.const = nn.Parameter(0.002 * torch.randn(1, base_channels, *self.base_shape))
         self.adain0 = AdaIN3d(base_channels, z_dim)
         self.convs = nn.ModuleList()
-        self.adains = nn.ModuleList()
+        self.adains = nn.ModuleList()  # one per stage but the last
         c_in = base_channels
-        for c_out in self.channels:
+        for i, c_out in enumerate(self.channels):
             self.convs.append(nn.Conv3d(c_in, c_out, kernel_size=3, padding=1))
-            self.adains.append(AdaIN3d(c_out, z_dim))
+            if i < len(self.channels) - 1:
+                self.adains.append(AdaIN3d(c_out, z_dim))
             c_in = c_out
-        self.register_buffer("bbox_min", torch.as_tensor(bbox_min, dtype=torch.float32).expand(3).clone())
-        self.register_buffer("bbox_max", torch.as_tensor(bbox_max, dtype=torch.float32).expand(3).clone())
+        # the box is rebuilt from the arguments, not stored in checkpoints
+        self.register_buffer("bbox_min", torch.as_tensor(bbox_min, dtype=torch.float32).expand(3).clone(),
+                             persistent=False)
+        self.register_buffer("bbox_max", torch.as_tensor(bbox_max, dtype=torch.float32).expand(3).clone(),
+                             persistent=False)
 
     @property
     def out_channels(self) -> int:
@@ -133,12 +149,13 @@ class Generator(nn.Module):
         """z: [B, Z] -> volume [B, out_channels, D, H, W] (D = z, H = y, W = x)."""
         if z.dim() != 2 or z.shape[1] != self.z_dim:
             raise _err(f"z must be [B, {self.z_dim}], got {tuple(z.shape)}")
-        style = self.mapping(z)
         h = self.const.expand(z.shape[0], -1, -1, -1, -1).to(z.dtype)
-        h = self.adain0(h, style)
-        for conv, adain in zip(self.convs, self.adains):
-            h = F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False)
-            h = F.leaky_relu(adain(conv(h), style), self.negative_slope)
+        h = F.leaky_relu(self.adain0(h, z), self.negative_slope)
+        for i, conv in enumerate(self.convs):
+            h = conv(F.interpolate(h, scale_factor=2, mode="trilinear", align_corners=True))
+            if i < len(self.adains):
+                h = self.adains[i](h, z)
+            h = F.leaky_relu(h, self.negative_slope)
         return h
 
     def sample(self, volume: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
