@@ -9,7 +9,9 @@ Shape legend: B batch, N points, D input dimension (3 for points), E encoded dim
 with octave frequencies f_k = 2^k (k = 0..L-1, L = multires) and no factor of pi, so
 `out_dim = in_dim * (1 + 2 * multires)`; `multires = 0` is the identity. The raw input
 always occupies the first `in_dim` channels: networks that initialize weights
-geometrically rely on this (they zero every channel after the first `in_dim`).
+geometrically rely on this (their hidden layers zero every channel after the first `in_dim`).
+Same channels and order as the original's `get_embedder(multires)` (include_input,
+log-sampled frequencies 2^0..2^(L-1), sin then cos per frequency).
 """
 from __future__ import annotations
 

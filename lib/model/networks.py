@@ -18,12 +18,25 @@ the skip, hence `feature_dim = 256 - 27 = 229` (the geometry features of DESIGN 
 A layer's input is ordered [previous output | encoding (skip layers) | condition
 (cond layers)]; layer 0 sees [encoding | condition].
 
-Geometric init (IDR-style, sign flipped for occupancy): hidden weights ~ N(0, 2/fan_out)
-on the raw xyz and hidden channels only (sinusoid and conditioning columns zero), output
-weights ~ N(-sqrt(pi / n_h), 1e-4) on the n_h hidden channels, output bias = `bias`.
-Then out(x) ~= bias - |x| at init: positive inside the sphere of radius `bias`. The
-output layer is then refined by a small least-squares fit (see `_calibrate_sphere`)
-because the random init alone ripples by about 30% of the radius at these widths.
+Initialization (as in the original GANHead code):
+- geometric init (the geometry network only; IDR's sphere init, sign flipped for occupancy):
+  every hidden layer W ~ N(0, 2 / fan_out), bias 0, except that the sinusoid columns of the
+  encoding are zero (layer 0's, and the re-fed copy at a hidden skip layer); the raw xyz,
+  hidden and conditioning columns are random. The output layer W ~ N(-sqrt(pi / n_in), 1e-4)
+  over all of its n_in input columns (re-fed encoding included when the skip enters the
+  output layer, as it does in the geometry network), bias = `bias`. On average over the
+  random weights, with the condition at zero and softplus taken as ReLU:
+  without a skip into the output layer, out(x) ~= bias - |x| (IDR's sphere);
+  with it (n_h hidden + E encoding inputs), out(x) ~= bias - a |x| - c * sum(embed(x)),
+  a = sqrt(n_h / (2 n_in)), c = sqrt(pi / n_in) / sqrt(2). For the geometry network
+  (a = 0.67, c = 0.078) the encoding's cos channels, all 1 at the origin, and softplus's
+  offset (log 2 / 100 per unit at zero, about -0.2 on out(x) near the origin) bring the
+  origin to about -0.1, and the zero level ripples with direction: the initial occupied set
+  is a rippled shell (about 0.25 < |x| < 1.3 on average), not a ball.
+  tests/test_networks.py checks both against these formulas.
+- otherwise torch's default nn.Linear init (Kaiming-uniform weights, uniform bias).
+- weight norm on every layer of the MLP (`weight_norm=True`); the zero-initialized extra head
+  (`zero_init_tail`, the skinning network's blendshapes) is a plain Linear.
 """
 from __future__ import annotations
 
@@ -37,7 +50,7 @@ from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
 from lib.model.embedder import PositionalEncoding
 
-_ACTIVATIONS = (None, "tanh", "sigmoid", "normalize")
+_ACTIVATIONS = (None, "normalize")
 
 
 def _err(msg: str) -> ValueError:
@@ -113,15 +126,13 @@ class ImplicitNetwork(nn.Module):
         multires: positional-encoding octaves (0: raw coordinates).
         cond_dim: width C of the conditioning vector (0: unconditioned).
         cond_layers: layers (0..depth) whose input gets the condition concatenated.
-        geometric_init: initialize out ~= bias - |x| (implies zero conditioning weights).
-        bias: sphere radius of the geometric init.
-        weight_norm: weight-normalize the linear layers (zero-initialized heads excepted).
+        geometric_init: IDR sphere init (module docstring); otherwise torch's default init.
+        bias: output bias of the geometric init (the sphere's radius when no skip enters
+            the output layer).
+        weight_norm: weight-normalize every layer of the MLP (not the extra head).
         zero_init_tail: width of an extra linear head (0: none), weights and bias zero.
         tail_layer: which hidden layer (1..depth) the extra head reads.
-        zero_init_cond: zero the conditioning columns (default: `geometric_init`).
-        out_init_std: if set, the output layer is a plain Linear with weights
-            N(0, out_init_std) (0: exactly zero) and zero bias, e.g. for residual outputs.
-        out_activation: None, "tanh", "sigmoid" or "normalize" (unit length).
+        out_activation: None (linear) or "normalize" (unit length).
     """
 
     def __init__(
@@ -139,8 +150,6 @@ class ImplicitNetwork(nn.Module):
         weight_norm: bool = True,
         zero_init_tail: int = 0,
         tail_layer: Optional[int] = None,
-        zero_init_cond: Optional[bool] = None,
-        out_init_std: Optional[float] = None,
         out_activation: Optional[str] = None,
     ):
         super().__init__()
@@ -167,87 +176,42 @@ class ImplicitNetwork(nn.Module):
 
         # hidden output widths: the layer before a skip leaves room for the re-fed encoding
         self._hidden_dims = [width - E if (l + 1) in self.skip_layers else width for l in range(depth)]
-        zero_cond = geometric_init if zero_init_cond is None else bool(zero_init_cond)
         layers = []
         for l in range(depth + 1):
             prev = E if l == 0 else self._hidden_dims[l - 1]
             n_in = prev + (E if l in self.skip_layers else 0) + (self.cond_dim if l in self.cond_layers else 0)
             n_out = d_out if l == depth else self._hidden_dims[l]
             lin = nn.Linear(n_in, n_out)
-            plain = l == depth and out_init_std is not None
-            if plain:
-                nn.init.normal_(lin.weight, 0.0, float(out_init_std))
-                nn.init.zeros_(lin.bias)
-            elif geometric_init:
+            if geometric_init:
                 self._geometric_init(lin, l, prev, E, float(bias))
-            if zero_cond and l in self.cond_layers and not plain:
-                with torch.no_grad():
-                    lin.weight[:, n_in - self.cond_dim:] = 0.0
+            if weight_norm:
+                _weight_norm(lin)  # registers the parametrization in place (g = |v| per row)
             layers.append(lin)
         self.layers = nn.ModuleList(layers)
         self.softplus = Softplus(beta=100.0)
-        if geometric_init and out_init_std is None:
-            self._calibrate_sphere(float(bias))
-        if weight_norm:
-            for l, lin in enumerate(self.layers):
-                if not (l == depth and out_init_std is not None):
-                    _weight_norm(lin)  # registers the parametrization in place
         self.tail = None
         if self.tail_dim > 0:
             self.tail = nn.Linear(self._hidden_dims[tail_layer - 1], self.tail_dim)
             nn.init.zeros_(self.tail.weight)
             nn.init.zeros_(self.tail.bias)
 
-    def _geometric_init(self, lin: nn.Linear, l: int, prev: int, E: int, radius: float) -> None:
-        """Sphere init of layer `l`; input columns are [prev | encoding (skip) | cond]."""
+    def _geometric_init(self, lin: nn.Linear, l: int, prev: int, E: int, bias: float) -> None:
+        """Sphere init of layer `l`; its input columns are [prev | encoding (skip) | cond].
+
+        The output layer's rule comes first: when the skip enters the output layer, none of
+        its columns is zeroed and the mean weight is taken over the full input width."""
         d, w = self.d_in, lin.weight
         with torch.no_grad():
-            if l < self.depth:
-                nn.init.normal_(w, 0.0, math.sqrt(2.0) / math.sqrt(lin.out_features))
-                nn.init.zeros_(lin.bias)
-                if l == 0:
-                    w[:, d:E] = 0.0  # sinusoids of the input encoding
-                if l in self.skip_layers:
-                    w[:, prev + d:prev + E] = 0.0  # sinusoids of the re-fed encoding
-            else:
-                # out = r - |h| needs mean weight -sqrt(pi / n_h); the skip's 1/sqrt(2) is undone
-                gain = math.sqrt(2.0) if l in self.skip_layers else 1.0
-                nn.init.normal_(w, -gain * math.sqrt(math.pi) / math.sqrt(prev), 1e-4)
-                w[:, prev:] = 0.0  # re-fed encoding (a linear term would tilt the sphere) and cond
-                nn.init.constant_(lin.bias, radius)
-
-    @torch.no_grad()
-    def _calibrate_sphere(self, radius: float, n_dirs: int = 256, n_radii: int = 8, ridge: float = 3e-5) -> None:
-        """Refit the output layer so that out(x) ~= radius - |x| on a fixed point set.
-
-        The plain IDR init is radial only on average: at width 256 / depth 4 its zero
-        level ripples by about +-30% of the radius with direction. A ridge least-squares
-        fit of the output weights (pulled toward the IDR weights, `ridge * radius^2`)
-        to radius - |x| at Fibonacci-sphere directions x radii in (0, 2 radius] brings
-        the ripple to a few percent. Uses no random numbers.
-        """
-        i = torch.arange(n_dirs, dtype=torch.float64) + 0.5
-        polar, azim = torch.acos(1.0 - 2.0 * i / n_dirs), math.pi * (1.0 + math.sqrt(5.0)) * i
-        dirs = torch.stack([torch.cos(azim) * torch.sin(polar), torch.sin(azim) * torch.sin(polar),
-                            torch.cos(polar)], dim=-1)  # [n_dirs, 3]
-        radii = torch.linspace(2.0 * radius / n_radii, 2.0 * radius, n_radii, dtype=torch.float64)
-        pts = (dirs[:, None, :] * radii[None, :, None]).reshape(1, -1, 3)
-        pts = torch.cat([pts, torch.zeros(1, 1, 3, dtype=torch.float64)], dim=1)  # include the origin
-        ref = self.layers[-1].weight
-        cond = torch.zeros(1, self.cond_dim, dtype=ref.dtype) if self.cond_dim > 0 else None
-        feats = self.forward_all(pts.to(ref.dtype), cond).features[0].double()  # [M, n_h]
-        if self.depth in self.skip_layers:
-            feats = feats / math.sqrt(2.0)
-        M, n_h = feats.shape
-        A = torch.cat([feats, torch.ones(M, 1, dtype=torch.float64)], dim=1)
-        target = radius - pts[0].norm(dim=-1)
-        prior = torch.cat([ref[0, :n_h].double(), torch.zeros(1, dtype=torch.float64)])
-        reg = torch.full((n_h + 1,), ridge * radius ** 2, dtype=torch.float64)
-        reg[-1] = 0.0  # the bias is free
-        lhs = A.T @ A / M + torch.diag(reg)
-        sol = torch.linalg.solve(lhs, A.T @ target / M + reg * prior)
-        ref[:, :n_h] = sol[:n_h].to(ref.dtype)
-        self.layers[-1].bias.fill_(float(sol[-1]))
+            if l == self.depth:
+                nn.init.normal_(w, -math.sqrt(math.pi) / math.sqrt(lin.in_features), 1e-4)
+                nn.init.constant_(lin.bias, bias)
+                return
+            nn.init.normal_(w, 0.0, math.sqrt(2.0) / math.sqrt(lin.out_features))
+            nn.init.zeros_(lin.bias)
+            if l == 0:
+                w[:, d:E] = 0.0  # sinusoids of the input encoding
+            if l in self.skip_layers:
+                w[:, prev + d:prev + E] = 0.0  # sinusoids of the re-fed encoding
 
     @property
     def embed_dim(self) -> int:
@@ -302,11 +266,7 @@ class ImplicitNetwork(nn.Module):
                 h = lin(h)
             if l < self.depth:  # h is this layer's fresh output: clamped in place without a graph
                 h = self.softplus(h, inplace=not torch.is_grad_enabled())
-        if self.out_activation == "tanh":
-            h = torch.tanh(h)
-        elif self.out_activation == "sigmoid":
-            h = torch.sigmoid(h)
-        elif self.out_activation == "normalize":
+        if self.out_activation == "normalize":
             h = F.normalize(h, dim=-1, eps=1e-6)
         return ImplicitOutput(h, features, tail)
 
@@ -371,26 +331,31 @@ class LBSNetwork(nn.Module):
 
 
 def build_geometry_network(feature_dim: int = 64, width: int = 256, depth: int = 4, multires: int = 4,
-                           skip_layer=4, init_radius: float = 0.6, weight_norm: bool = True) -> ImplicitNetwork:
+                           skip_layer=4, bias: float = 1.0, weight_norm: bool = True) -> ImplicitNetwork:
     """Occupancy logits x_c [B, N, 3] + volume feature [B, N, feature_dim] -> [B, N, 1].
-    `feature_dim` must equal the generator's `out_channels`; sphere init of radius `init_radius`."""
+    `feature_dim` must equal the generator's `out_channels`. Geometric init with output bias
+    `bias`; the skip enters the output layer (skip_layer == depth by default), so the initial
+    zero level is a rippled blob rather than a sphere of radius `bias`."""
     return ImplicitNetwork(d_in=3, d_out=1, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
-                           cond_dim=feature_dim, cond_layers=[0], geometric_init=True, bias=init_radius,
+                           cond_dim=feature_dim, cond_layers=[0], geometric_init=True, bias=bias,
                            weight_norm=weight_norm)
 
 
 def build_displacement_network(n_shape: int = 100, width: int = 128, depth: int = 4,
                                weight_norm: bool = True) -> ImplicitNetwork:
-    """x_c [B, N, 3] + FLAME shape [B, n_shape] -> dx [B, N, 3]; dx is exactly 0 at init."""
+    """x_c [B, N, 3] + FLAME shape [B, n_shape] -> dx [B, N, 3] (default init: dx is small
+    but not zero at init)."""
     return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, multires=0, cond_dim=n_shape,
-                           cond_layers=[0], weight_norm=weight_norm, out_init_std=0.0)
+                           cond_layers=[0], weight_norm=weight_norm)
 
 
 def build_normal_network(detail_dim: int = 128, geometry_feature_dim: int = 229, width: int = 256,
                          depth: int = 8, multires: int = 6, skip_layer=4,
                          weight_norm: bool = True) -> ImplicitNetwork:
     """x_c + cat(z_detail, geometry features) -> unit normal [B, N, 3].
-    Pass `geometry_feature_dim=geometry_net.feature_dim`."""
+    Pass `geometry_feature_dim=geometry_net.feature_dim`. Normalized at the output; normal
+    skinning is linear in the normal and renormalizes, so the skinned direction (and its
+    gradient) is that of normalizing only after skinning."""
     return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
                            cond_dim=detail_dim + geometry_feature_dim, cond_layers=[0], weight_norm=weight_norm,
                            out_activation="normalize")
@@ -399,19 +364,20 @@ def build_normal_network(detail_dim: int = 128, geometry_feature_dim: int = 229,
 def build_texture_network(color_dim: int = 64, pose_exp_dim: int = 65, geometry_feature_dim: int = 229,
                           normal_feature_dim: int = 256, width: int = 256, depth: int = 8, multires: int = 6,
                           skip_layer=4, weight_norm: bool = True) -> ImplicitNetwork:
-    """x_c + cat(z_color, pose/expression, geometry features, normal features) -> rgb in [-1, 1].
+    """x_c + cat(z_color, pose/expression, geometry features, normal features) -> rgb [B, N, 3],
+    linear (unbounded; trained toward [-1, 1] targets, clamped only where written as images).
     Pass the feature widths from `geometry_net.feature_dim` and `normal_net.feature_dim`."""
     return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
                            cond_dim=color_dim + pose_exp_dim + geometry_feature_dim + normal_feature_dim,
-                           cond_layers=[0], weight_norm=weight_norm, out_activation="tanh")
+                           cond_layers=[0], weight_norm=weight_norm)
 
 
 def build_head_networks(volume_feature_dim: int = 64, shape_dim: int = 256, detail_dim: int = 128,
                         color_dim: int = 64, n_shape: int = 100, n_exp: int = 50, n_pose: int = 15,
-                        n_joints: int = 5, pose_feature_dim: int = 36, init_radius: float = 0.6) -> nn.ModuleDict:
+                        n_joints: int = 5, pose_feature_dim: int = 36, geometry_bias: float = 1.0) -> nn.ModuleDict:
     """All five networks with the default architecture of DESIGN §4 and every derived width
     taken from the built networks: keys geometry, lbs, displacement, normal, texture."""
-    geometry = build_geometry_network(feature_dim=volume_feature_dim, init_radius=init_radius)
+    geometry = build_geometry_network(feature_dim=volume_feature_dim, bias=geometry_bias)
     normal = build_normal_network(detail_dim=detail_dim, geometry_feature_dim=geometry.feature_dim)
     texture = build_texture_network(color_dim=color_dim, pose_exp_dim=n_pose + n_exp,
                                     geometry_feature_dim=geometry.feature_dim,

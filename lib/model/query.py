@@ -132,7 +132,7 @@ def query_fine(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tens
 
     xc: [B, M, 3]; z_shape: [B, Z]; shape: [B, 100]; z_detail: [B, D]; z_color: [B, C];
     pose_exp: [B, 65]; volume as in geometry_features. Returns normal_c [B, M, 3] (unit,
-    canonical frame) and rgb [B, M, 3] in [-1, 1]."""
+    canonical frame) and rgb [B, M, 3] (linear output, trained toward [-1, 1])."""
     xn, gfeat = geometry_features(model, xc, z_shape, shape, volume)
     M = xc.shape[1]
 
