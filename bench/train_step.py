@@ -111,14 +111,14 @@ def bench_fine(size: str, mode: str, steps: int, flame_path: Path, gan: bool) ->
         loss.backward()
         opt.step()
         if gan:
-            d_loss = fine_stage.discriminator_loss(model, out)
+            d_loss, _ = fine_stage.discriminator_loss(model, out, 1)
             opt_d.zero_grad()
             d_loss.backward()
             opt_d.step()
-            if step == 1:  # time one R1 step, amortized over d_reg_every steps
+            if step == 1:  # time one critics' step with R1, amortized over d_reg_every steps
                 t1 = time.perf_counter()
                 opt_d.zero_grad()
-                fine_stage.r1_loss(model, out, 0).backward()
+                fine_stage.discriminator_loss(model, out, 0)[0].backward()
                 opt_d.step()
                 r1_time = time.perf_counter() - t1
         if step:

@@ -80,10 +80,11 @@ def test_sphere_geometry_in_non_cubic_box():
     m = extract_mesh(fn, bmin, bmax, res_init=16, res_final=res, chunk=5000)
     assert m.verts.dtype == torch.float32 and m.faces.dtype == torch.long
     assert m.verts.shape[1] == 3 and m.faces.shape[1] == 3
-    # grid box = tight box grown by 5% of the max extent on every side
-    pad = 0.05 * 1.35
-    np.testing.assert_allclose(m.grid_min, bmin.double().numpy() - pad, atol=1e-12)
-    np.testing.assert_allclose(m.grid_max, bmax.double().numpy() + pad, atol=1e-12)
+    # the grid: the cube centred on the box, side 1.1 x its longest extent (1.35 here), as
+    # the original's generate_mesh
+    centre = (bmin.double().numpy() + bmax.double().numpy()) / 2
+    np.testing.assert_allclose(m.grid_min, centre - 0.55 * 1.35, atol=1e-7)
+    np.testing.assert_allclose(m.grid_max, centre + 0.55 * 1.35, atol=1e-7)
     voxel = float(((m.grid_max - m.grid_min) / res).max())
     dist = (m.verts.double() - torch.tensor(center, dtype=torch.float64)).norm(dim=-1)
     assert (dist - r).abs().max().item() < voxel
@@ -128,7 +129,7 @@ def test_dense_grid_values_layout():
     assert torch.allclose(vals, expect, atol=1e-4)
 
 
-def test_two_spheres_keep_largest():
+def test_two_spheres_keep_the_one_nearest_the_origin():
     big_c, big_r, small_c, small_r = (-0.35, 0.0, 0.0), 0.45, (0.55, 0.1, 0.0), 0.25
     f_big, f_small = sphere_logit(big_c, big_r), sphere_logit(small_c, small_r)
 
@@ -145,6 +146,63 @@ def test_two_spheres_keep_largest():
     _, vol_all, _ = mesh_stats(everything.verts, everything.faces)
     expect = 4 / 3 * math.pi * (big_r ** 3 + small_r ** 3)
     assert abs(vol_all / expect - 1) < 0.03
+
+
+def _component_test_mesh(big_c, big_r, small_c, small_r):
+    f_big, f_small = sphere_logit(big_c, big_r), sphere_logit(small_c, small_r)
+    return extract_mesh(lambda p: torch.maximum(f_big(p), f_small(p)), [-1, -1, -1], [1, 1, 1],
+                        res_final=64)
+
+
+def _sphere_of(m, centres):
+    """Index of the centre the mesh's vertices sit around."""
+    mean = m.verts.double().mean(0)
+    return int(np.argmin([float((mean - torch.tensor(c, dtype=torch.float64)).norm())
+                          for c in centres]))
+
+
+def test_head_component_rule_of_the_original():
+    # the component nearest the origin is kept when its area is at least half the largest's:
+    # radius 0.3 (area 0.36 pi) at 0.1 from the origin vs 0.4 (0.64 pi) at 0.75: kept although
+    # smaller; radius 0.25 (0.25 pi < 0.32 pi) at the same place: the largest is kept instead
+    near, far = (0.0, 0.1, 0.0), (0.6, -0.45, 0.0)
+    m = _component_test_mesh(far, 0.4, near, 0.3)
+    assert _sphere_of(m, [far, near]) == 1
+    m = _component_test_mesh(far, 0.4, near, 0.25)
+    assert _sphere_of(m, [far, near]) == 0
+
+
+def test_head_component_uses_area_weighted_centroids_and_edge_links():
+    from lib.utils.extraction import edge_components, head_component
+
+    # two triangles sharing only a vertex are two components (edge links, as trimesh's split)
+    verts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [-1, 0, 0], [0, -1, 0]], float)
+    n, label = edge_components(np.array([[0, 1, 2], [0, 3, 4]]))
+    assert n == 2 and label[0] != label[1]
+    n, _ = edge_components(np.array([[0, 1, 2], [0, 2, 3]]))
+    assert n == 1
+    # component A: a strip under y = x from x = 0.3 to 4, its vertices crowded near x = 0.3
+    # (vertex mean at ~0.7 from the origin) but its area far out (area-weighted centroid at
+    # ~3); component B: one triangle of area 4.9 >= half of A's (~8) with centroid at ~2.4
+    xs = np.concatenate([np.linspace(0.3, 0.4, 11), [4.0]])
+    strip = np.stack([np.stack([xs, 0 * xs, 0 * xs], 1), np.stack([xs, xs, 0 * xs], 1)],
+                     1).reshape(-1, 3)                         # bottom 2i, top 2i + 1
+    quads = [[[2 * i, 2 * i + 2, 2 * i + 1], [2 * i + 1, 2 * i + 2, 2 * i + 3]]
+             for i in range(len(xs) - 1)]
+    b = np.array([[-1.2, 0, 0], [-1.2, 3.5, 0], [-4, 0, 0]])
+    verts = np.concatenate([strip, b])
+    faces = np.concatenate([np.array(quads).reshape(-1, 3), [[len(strip), len(strip) + 1,
+                                                              len(strip) + 2]]])
+    tri = verts[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    cen = (area[:-1, None] * tri[:-1].mean(1)).sum(0) / area[:-1].sum()
+    assert area[-1] >= 0.5 * area[:-1].sum()
+    assert np.linalg.norm(cen) > np.linalg.norm(b.mean(0)) > np.linalg.norm(strip.mean(0))
+    kept_v, kept_f = head_component(verts, faces)
+    assert kept_f.shape == (1, 3) and np.allclose(kept_v, b)
+    # without B, the strip alone is returned unchanged
+    kept_v, kept_f = head_component(strip, np.array(quads).reshape(-1, 3))
+    assert kept_f.shape == (2 * (len(xs) - 1), 3)
 
 
 def test_thin_tilted_plate_survives_hierarchy():

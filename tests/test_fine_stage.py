@@ -171,7 +171,9 @@ def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
     assert trainable == {"z_details", "z_colors", "norm_network", "tex_network", "disc_normal",
                          "disc_color"}
     main, disc = model.configure_optimizers()
-    assert disc.param_groups[0]["betas"][0] == 0.0
+    # the original's critic optimizer: Adam at lr_dis (2e-3 in fine), betas (0, 0.99)
+    assert disc.param_groups[0]["betas"] == (0.0, 0.99) and disc.param_groups[0]["lr"] == 2e-3
+    assert main.param_groups[0]["betas"] == (0.9, 0.999)
     batch = _batch(model, tiny_fine_dataset, tmp_path)
     terms, out = fine_stage.render_and_losses(model, batch)
     assert out["fake_normal"].shape == (2, 3, RES, RES) and out["mask"].any()
@@ -183,16 +185,17 @@ def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
     grad = model.tex_network.layers[0].parametrizations.weight.original1.grad
     assert grad is not None and grad.abs().sum() > 0  # the G loss reaches the texture network
     model.zero_grad(set_to_none=True)
-    d = fine_stage.discriminator_loss(model, out)
+    d, r1 = fine_stage.discriminator_loss(model, out, step=1)
+    assert r1 is None  # lazy: R1 only every d_reg_every steps
     d.backward()
     assert model.tex_network.layers[0].parametrizations.weight.original1.grad is None
     d_grads = [p.grad for dm in model.disc_modules() for p in dm.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in d_grads)
     model.zero_grad(set_to_none=True)
-    assert fine_stage.r1_loss(model, out, step=1) is None  # lazy: only every d_reg_every
-    r1 = fine_stage.r1_loss(model, out, step=0)
+    d0, r1 = fine_stage.discriminator_loss(model, out, step=0)
     assert r1.item() > 0
-    r1.backward()
+    torch.testing.assert_close(d0 - r1, d.detach(), rtol=1e-5, atol=1e-6)
+    d0.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.disc_normal.parameters())
 

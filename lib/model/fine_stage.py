@@ -23,20 +23,23 @@ and the texture networks receive gradients):
   (tfs of the view for pixels, of the scan for surface samples) and renormalized;
 - images: the pixel values scattered into [B, 3, R, R], white (+1) outside the cache mask.
 
-Losses (weights from hparams):
-    normal     masked MSE of the normal image vs the preprocessed normal render      x 1
-    rgb        masked MSE of the colour image vs the preprocessed colour render      x lambda_color
-    normal_3d  mean (1 - cos(n, n_gt)) at valid surface samples                       x 1
-    color_3d   mean squared colour error at valid surface samples                    x lambda_color
+Losses (weights from hparams), as the original's defaults (3D losses on):
+    normal     photo loss of the normal image vs the preprocessed normal render       x 1
+    rgb        photo loss of the colour image vs the preprocessed colour render       x 1
+    normal_3d  mean (1 - cos(n, n_gt)) at surface samples with a valid correspondence  x 1
+    color_3d   squared colour error summed over RGB, mean over those samples    x lambda_color
     reg_detail / reg_color  mean square of z_detail / z_color     x lambda_reg / lambda_reg_color
-    gan_normal / gan_color  non-saturating logistic G loss         x lambda_gan (when enabled)
-The photo mask is cache mask AND render foreground (pixels where both the learned geometry
-and the scan are seen); the discriminators see real and rendered images composited on white
-with that same mask, so a silhouette mismatch of the frozen geometry cannot be exploited.
+    gan_normal / gan_color  non-saturating logistic G loss   x lambda_gan / lambda_gan_color
+The photo loss (`photo_loss`) is the original's: the squared error of every image entry
+where the real render is not white, averaged over the whole image (B * 3 * H * W entries);
+the rendered image is white outside the cache mask. The critics see both images as they are
+(opt-in gan_shared_mask: both composited on white with cache mask AND render foreground).
+The critics' loss (`discriminator_loss`): logistic, plus every d_reg_every steps the lazy R1
+penalty, each critic weighted by its lambda; their Adam has betas (0, 0.99).
 
 Distributed training: every backward pass touches every trainable parameter (a zero-valued
-term), so DDP with find_unused_parameters=False reduces the same buckets in the generator,
-discriminator and R1 passes.
+term), so DDP with find_unused_parameters=False reduces the same buckets in the generator
+and discriminator passes.
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lib.model.discriminator import LazyR1, d_logistic_loss, g_nonsaturating_loss
+from lib.model.discriminator import (LazyR1, d_logistic_loss, g_nonsaturating_loss,
+                                      r1_penalty)
 from lib.model.losses import latent_reg
 from lib.model.query import (blend_rotations, pose_exp_condition, query_fine, skin_normals,
                              surface_correspondences)
@@ -87,11 +91,35 @@ def scatter_image(values: torch.Tensor, index, res: int, background: float = 1.0
 
 
 # ---------------------------------------------------------------------------- losses
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """pred, target: [B, 3, H, W]; mask: [B, H, W] bool. Mean squared error over the masked
-    pixels and channels (0 when the mask is empty)."""
-    m = mask[:, None].to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[1]).clamp_min(1.0)
+def photo_loss(fake: torch.Tensor, real: torch.Tensor,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The original's 2D loss: squared error of every entry where the real image is not white
+    (real != 1, channel by channel), averaged over all B * 3 * H * W entries of the image.
+
+    fake, real: [B, 3, H, W] in [-1, 1] (fake is white, 1, where nothing was rendered: there the
+    error of a foreground real pixel is a constant); weight: optional [B, H, W] factor per
+    pixel (photo_pixels: 0 off the sampled pixels, n_pool / n_sampled on them)."""
+    err = (fake - real) ** 2 * (real != 1.0).to(fake.dtype)
+    if weight is not None:
+        err = err * weight[:, None].to(err.dtype)
+    return err.sum() / err.numel()
+
+
+def surface_color_loss(rgb: torch.Tensor, rgb_gt: torch.Tensor, valid: torch.Tensor
+                       ) -> torch.Tensor:
+    """The original's 3D colour loss: squared error summed over the 3 channels, averaged over
+    the surface samples (here those with a valid correspondence). rgb, rgb_gt: [B, S, 3];
+    valid: [B, S] bool. Returns a scalar."""
+    return masked_mean(((rgb - rgb_gt) ** 2).sum(dim=-1), valid)
+
+
+def surface_normal_loss(normal: torch.Tensor, normal_gt: torch.Tensor, valid: torch.Tensor
+                        ) -> torch.Tensor:
+    """The original's 3D normal loss: mean of 1 - cos(n, n_gt) over the surface samples (here
+    those with a valid correspondence). normal: [B, S, 3] unit; normal_gt: [B, S, 3];
+    valid: [B, S] bool. Returns a scalar."""
+    cos = (normal * F.normalize(normal_gt, dim=-1, eps=1e-6)).sum(-1)
+    return masked_mean(1.0 - cos, valid)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,6 +165,8 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     batch: ScanImageDataset items collated (index [B], params / view_params [B, 169],
     normal_img / rgb_img [B, 3, R, R], img_mask [B, 1, R, R], cache_pts [B, R, R, 3],
     cache_mask [B, R, R], surface_* [B, S, 3]).
+    pixels: render only this many random pixels of each item's photo mask (opt-in
+    photo_pixels); the photo losses then weight them by n_pool / n_sampled per item.
     Returns (terms, out): terms maps loss names to weighted scalars (normal, rgb,
     reg_detail, reg_color, and with_surface: normal_3d, color_3d) plus 'valid_3d' (a metric,
     not a loss); out holds fake_normal, fake_rgb, real_normal, real_rgb [B, 3, R, R] and
@@ -153,9 +183,14 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
 
     cache_pts, cache_mask = batch["cache_pts"], batch["cache_mask"].bool()
     B, R = cache_pts.shape[0], cache_pts.shape[1]
+    img_mask = batch["img_mask"].reshape(B, R, R).bool()
+    weight = None
     if pixels is not None:  # only a random subset of the photo mask is rendered and scored
-        cache_mask = subsample_mask(cache_mask & batch["img_mask"].reshape(B, R, R).bool(),
-                                    int(pixels))
+        pool = cache_mask & img_mask
+        cache_mask = subsample_mask(pool, int(pixels))
+        n_pool = pool.reshape(B, -1).sum(1).to(cache_pts.dtype)
+        n_kept = cache_mask.reshape(B, -1).sum(1).clamp_min(1).to(cache_pts.dtype)
+        weight = cache_mask.to(cache_pts.dtype) * (n_pool / n_kept)[:, None, None]
     if tuple(batch["normal_img"].shape[-2:]) != (R, R):
         raise _err(f"cache resolution {R} != image size {tuple(batch['normal_img'].shape[-2:])}")
     packed, index = pack_points(cache_pts.reshape(B, R * R, 3).to(z_shape.dtype),
@@ -164,9 +199,9 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     pts = packed
     with torch.no_grad():
         volume = model.generator(z_shape)  # one feature volume per item, shared below
-    if with_surface:
+    if with_surface:  # the original searches these in evaluation mode
         xs, valid3d = surface_correspondences(model, batch["surface_points"], z_shape, smpl,
-                                              volume=volume)
+                                              eval_mode=True, volume=volume)
         pts = torch.cat([packed, xs], dim=1)
 
     normal_c, rgb = query_fine(model, pts, z_shape, smpl["shape"], z_detail, z_color,
@@ -177,11 +212,10 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     fake_normal = scatter_image(skin_normals(rot_view, normal_c[:, :L]), index, R)
     fake_rgb = scatter_image(rgb[:, :L], index, R)
     real_normal, real_rgb = batch["normal_img"], batch["rgb_img"]
-    mask = cache_mask & batch["img_mask"].reshape(B, R, R).bool()
 
     terms = {
-        "normal": masked_mse(fake_normal, real_normal, mask),
-        "rgb": hp.lambda_color * masked_mse(fake_rgb, real_rgb, mask),
+        "normal": photo_loss(fake_normal, real_normal, weight),
+        "rgb": photo_loss(fake_rgb, real_rgb, weight),
         "reg_detail": hp.lambda_reg * latent_reg(z_detail),
         "reg_color": hp.lambda_reg_color * latent_reg(z_color),
     }
@@ -189,67 +223,74 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
         with torch.no_grad():
             rot_scan = blend_rotations(w[:, L:], smpl["tfs"], smpl["tfs_c"])
         n_scan = skin_normals(rot_scan, normal_c[:, L:])
-        cos = (n_scan * F.normalize(batch["surface_normals"], dim=-1, eps=1e-6)).sum(-1)
-        terms["normal_3d"] = masked_mean(1.0 - cos, valid3d)
-        err = ((rgb[:, L:] - batch["surface_colors"]) ** 2).mean(dim=-1)
-        terms["color_3d"] = hp.lambda_color * masked_mean(err, valid3d)
+        terms["normal_3d"] = surface_normal_loss(n_scan, batch["surface_normals"], valid3d)
+        terms["color_3d"] = hp.lambda_color * surface_color_loss(
+            rgb[:, L:], batch["surface_colors"], valid3d)
         terms["valid_3d"] = valid3d.float().mean()
     out = {"fake_normal": fake_normal, "fake_rgb": fake_rgb, "real_normal": real_normal,
-           "real_rgb": real_rgb, "mask": mask}
+           "real_rgb": real_rgb, "mask": cache_mask & img_mask}
     return terms, out
 
 
 # ---------------------------------------------------------------------------- adversarial
-def discriminators(model) -> list[tuple[str, torch.nn.Module, str]]:
-    """The enabled critics as (name, module, image type): ('normal', disc_normal, 'normal')
-    with use_gan, ('color', disc_color, 'rgb') with use_gan_color."""
+def discriminators(model) -> list[tuple[str, torch.nn.Module, str, float]]:
+    """The enabled critics as (name, module, image type, weight): ('normal', disc_normal,
+    'normal', lambda_gan) with use_gan, ('color', disc_color, 'rgb', lambda_gan_color) with
+    use_gan_color."""
+    hp = model.hparams
     out = []
     if getattr(model, "disc_normal", None) is not None:
-        out.append(("normal", model.disc_normal, "normal"))
+        out.append(("normal", model.disc_normal, "normal", float(hp.lambda_gan)))
     if getattr(model, "disc_color", None) is not None:
-        out.append(("color", model.disc_color, "rgb"))
+        out.append(("color", model.disc_color, "rgb", float(hp.get("lambda_gan_color", 0.0))))
     return out
 
 
-def gan_images(out: dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and rendered images of one type ('normal' or 'rgb') composited on white with the
-    photo mask. Returns (real [B, 3, R, R], fake [B, 3, R, R]); fake keeps its graph."""
-    m = out["mask"][:, None]
-    real = torch.where(m, out[f"real_{key}"], torch.ones_like(out[f"real_{key}"]))
-    fake = torch.where(m, out[f"fake_{key}"], torch.ones_like(out[f"fake_{key}"]))
+def gan_images(model, out: dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and rendered images of one type ('normal' or 'rgb') as the critics see them:
+    as they are (the original: the real render on its own white background, the rendered
+    image white outside the cache mask) or, with the opt-in gan_shared_mask, both composited
+    on white with the photo mask. Returns (real [B, 3, R, R], fake [B, 3, R, R]); fake keeps
+    its graph."""
+    real, fake = out[f"real_{key}"], out[f"fake_{key}"]
+    if model.hparams.get("gan_shared_mask", False):
+        m = out["mask"][:, None]
+        real = torch.where(m, real, torch.ones_like(real))
+        fake = torch.where(m, fake, torch.ones_like(fake))
     return real, fake
 
 
 def generator_gan_terms(model, out: dict) -> dict:
-    """lambda_gan * non-saturating G loss per enabled critic: {'gan_normal': .., ...}."""
+    """Weighted non-saturating G loss per enabled critic: {'gan_normal': lambda_gan * ..,
+    'gan_color': lambda_gan_color * ..} (a critic of weight 0 adds nothing)."""
     terms = {}
-    for name, disc, key in discriminators(model):
-        _, fake = gan_images(out, key)
-        terms[f"gan_{name}"] = model.hparams.lambda_gan * g_nonsaturating_loss(disc(fake))
+    for name, disc, key, lam in discriminators(model):
+        if lam > 0:
+            _, fake = gan_images(model, out, key)
+            terms[f"gan_{name}"] = lam * g_nonsaturating_loss(disc(fake))
     return terms
 
 
-def discriminator_loss(model, out: dict) -> torch.Tensor:
-    """Sum over enabled critics of the logistic D loss on real vs detached fake images."""
-    total = 0.0
-    for _, disc, key in discriminators(model):
-        real, fake = gan_images(out, key)
-        total = total + d_logistic_loss(disc(real.detach()), disc(fake.detach()))
-    return total
-
-
-def r1_loss(model, out: dict, step: int):
-    """Lazy R1 (weight lambda_grad, every d_reg_every steps) summed over the critics, or None
-    when `step` is not a regularization step."""
+def discriminator_loss(model, out: dict, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The critics' loss: sum over enabled critics of weight * (logistic D loss on real vs
+    detached fake images + on regularization steps (step % d_reg_every == 0) the lazy R1
+    penalty lambda_grad / 2 * d_reg_every * R1 of the same real logits).
+    Returns (loss, the R1 part or None when step is not a regularization step)."""
     hp = model.hparams
     lazy = LazyR1(lambda_r1=hp.lambda_grad, d_reg_every=hp.d_reg_every)
-    if not lazy.due(step):
-        return None
-    total = 0.0
-    for _, disc, key in discriminators(model):
-        real, _ = gan_images(out, key)
-        total = total + lazy(disc, real, step)
-    return total
+    reg = lazy.due(step) and hp.lambda_grad > 0
+    total, r1_total = 0.0, 0.0
+    for _, disc, key, lam in discriminators(model):
+        real, fake = gan_images(model, out, key)
+        real = real.detach().requires_grad_(reg)
+        logits_real = disc(real)
+        d = d_logistic_loss(logits_real, disc(fake.detach()))
+        if reg:
+            r1 = lazy.weight() * r1_penalty(logits_real, real) + 0.0 * logits_real.sum()
+            r1_total = r1_total + lam * r1
+            d = d + r1
+        total = total + lam * d
+    return total, (r1_total if reg else None)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -258,19 +299,21 @@ def _main_params(model):
 
 
 def _disc_params(model):
-    return [p for _, d, _ in discriminators(model) for p in d.parameters()]
+    return [p for _, d, _, _ in discriminators(model) for p in d.parameters()]
 
 
 def training_step(model, batch: dict) -> torch.Tensor:
-    """One stage-2 step with Lightning manual optimization: the generator step (networks and
-    codes), then, with GAN on, a discriminator step and every d_reg_every steps an R1 step."""
+    """One stage-2 step with Lightning manual optimization, in the order of the original's
+    two-optimizer Lightning loop: the generator step (networks and codes), then with GAN on
+    the critics' step on images rendered again by the updated networks (R1 added every
+    d_reg_every steps). Both steps clip their gradients' norm at gradient_clip_val."""
     hp = model.hparams
     critics = discriminators(model)
     opts = model.optimizers()
     opt = opts[0] if isinstance(opts, (list, tuple)) else opts
     # critics judge whole images, so pixel subsampling applies without them only
-    terms, out = render_and_losses(model, batch,
-                                   pixels=None if critics else hp.get("photo_pixels"))
+    pixels = None if critics else hp.get("photo_pixels")
+    terms, out = render_and_losses(model, batch, pixels=pixels)
     if critics:
         terms.update(generator_gan_terms(model, out))
     loss = sum(v for k, v in terms.items() if k != "valid_3d")
@@ -283,17 +326,16 @@ def training_step(model, batch: dict) -> torch.Tensor:
     bs = batch["params"].shape[0]
     if critics:
         opt_d = opts[1]
-        d_loss = discriminator_loss(model, out)
+        with torch.no_grad():
+            _, out_d = render_and_losses(model, batch, with_surface=False)
+        d_loss, r1 = discriminator_loss(model, out_d, int(model.gan_step))
         opt_d.zero_grad(set_to_none=True)
         model.manual_backward(d_loss + touch(_main_params(model)) + touch(_disc_params(model)))
+        model.clip_gradients(opt_d, gradient_clip_val=hp.gradient_clip_val,
+                             gradient_clip_algorithm="norm")
         opt_d.step()
         terms["disc"] = d_loss.detach()
-        step = int(model.gan_step)
-        r1 = r1_loss(model, out, step)
         if r1 is not None:
-            opt_d.zero_grad(set_to_none=True)
-            model.manual_backward(r1 + touch(_main_params(model)) + touch(_disc_params(model)))
-            opt_d.step()
             model.log("train/r1", r1.detach(), batch_size=bs)
         model.gan_step += 1
 

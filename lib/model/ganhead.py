@@ -15,6 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from lib.dataset.faceverse import validate_scan_id
@@ -43,18 +44,20 @@ class GANHead(pl.LightningModule):
                  dim_shape: int = 256, dim_detail: int = 128, dim_color: int = 64,
                  n_shape: int = 100, n_exp: int = 50, nepochs_pretrain: int = 1,
                  gradient_clip_val: float = 0.1, bbox_min=(-1.0, -1.0, -1.0),
-                 bbox_max=(1.0, 1.0, 1.0), prior_radius: float = 0.1,
+                 bbox_max=(1.0, 1.0, 1.0), prior_radius: float = losses.PRIOR_RADIUS,
                  lambda_prior_exp: float = 100.0, lambda_prior_pose: float = 100.0,
                  lambda_prior_w: float = 0.2, lambda_bone_occ: float = 1.0,
                  lambda_bone_w: float = 10.0, lambda_disp: float = 10.0,
                  lambda_reg: float = 1e-3, lambda_reg_color: float = 1e-3,
-                 lambda_color: float = 1.0, lambda_gan: float = 1.0, lambda_grad: float = 10.0,
+                 lambda_color: float = 1.0, lambda_gan: float = 0.0,
+                 lambda_gan_color: float = 0.0, lambda_grad: float = 10.0,
                  d_reg_every: int = 16, use_gan: bool = False, use_gan_color: bool = False,
                  optim: dict | None = None, generator: dict | None = None,
                  deformer: dict | None = None, occ_network: dict | None = None,
                  norm_network: dict | None = None, tex_network: dict | None = None,
                  validation: dict | None = None, output_dir: str = "outputs/coarse",
-                 discriminator: dict | None = None, photo_pixels: int | None = None):
+                 discriminator: dict | None = None, photo_pixels: int | None = None,
+                 gan_shared_mask: bool = False):
         super().__init__()
         if scan_ids is not None:
             scan_ids = [validate_scan_id(str(i), "GANHead scan_ids") for i in scan_ids]
@@ -74,12 +77,12 @@ class GANHead(pl.LightningModule):
         n_joints = len(self.flame_server.flame.parents)
         pose_feature_dim = 9 * (n_joints - 1)
 
-        # Auto-decoder latents, one row per training scan.
+        # Auto-decoder latents, one row per training scan, starting at zero (as the original).
         self.z_shapes = nn.Embedding(n_subjects, dim_shape)
         self.z_details = nn.Embedding(n_subjects, dim_detail)
         self.z_colors = nn.Embedding(n_subjects, dim_color)
         for emb in (self.z_shapes, self.z_details, self.z_colors):
-            nn.init.normal_(emb.weight, 0.0, 0.01)
+            nn.init.zeros_(emb.weight)
 
         gen = dict(generator or {})
         self.generator = Generator(z_dim=dim_shape, **gen)
@@ -214,25 +217,27 @@ class GANHead(pl.LightningModule):
         return [d for d in (self.disc_normal, self.disc_color) if d is not None]
 
     def configure_optimizers(self):
-        # the latent codes may take their own learning rate (optim.lr_latent): each code only
-        # gets a gradient when its scan is in the batch, so on short CPU runs with many scans
-        # they barely leave their 0.01 initialization at the networks' rate (the original uses
-        # one rate for all; lr_latent: null keeps that)
+        """Adam (betas 0.9, 0.999) over the stage's modules at optim.lr; with critics a second
+        Adam over them at optim.lr_disc with betas (0, 0.99), as the original.
+
+        The latent codes may take their own learning rate (optim.lr_latent, opt-in): each code
+        only gets a gradient when its scan is in the batch, so on short CPU runs with many scans
+        they barely leave zero at the networks' rate (null: one rate for all, as the original).
+        """
         lr = self.hparams.optim["lr"]
         lr_latent = self.hparams.optim.get("lr_latent") or lr
         embeds = (self.z_shapes, self.z_details, self.z_colors)
         latent = [p for m in self.stage_modules() if m in embeds for p in m.parameters()]
         nets = [p for m in self.stage_modules() if m not in embeds for p in m.parameters()]
         main = torch.optim.Adam([{"params": nets, "lr": lr},
-                                 {"params": latent, "lr": lr_latent}], lr=lr)
+                                 {"params": latent, "lr": lr_latent}], lr=lr,
+                                betas=(0.9, 0.999))
         discs = self.disc_modules()
         if not discs:
             return main
-        # StyleGAN2's lazy-regularization correction of lr and betas (R1 every d_reg_every)
-        c = self.hparams.d_reg_every / (self.hparams.d_reg_every + 1)
-        lr_d = self.hparams.optim.get("lr_disc", self.hparams.optim["lr"])
-        disc = torch.optim.Adam([p for d in discs for p in d.parameters()], lr=lr_d * c,
-                                betas=(0.0, 0.99 ** c))
+        lr_d = self.hparams.optim.get("lr_disc", lr)
+        disc = torch.optim.Adam([p for d in discs for p in d.parameters()], lr=lr_d,
+                                betas=(0.0, 0.99))
         return [main, disc]
 
     # ------------------------------------------------------------------ geometry
@@ -251,37 +256,62 @@ class GANHead(pl.LightningModule):
         return self.occupancy_fn(volume)(xn)
 
     def deformed_occupancy(self, pts_d: torch.Tensor, z_shape: torch.Tensor, smpl: dict,
-                           eval_mode: bool = False) -> dict:
+                           eval_mode: bool = False, volume: torch.Tensor | None = None) -> dict:
         """Occupancy logits of deformed points (max over valid inits), with correspondences.
 
-        pts_d: [B, N, 3]. Returns dict occ [B, N, 1], xc [B, N, I, 3], valid [B, N, I].
+        pts_d: [B, N, 3]; volume: the generator's output for z_shape (computed when None).
+        Returns dict occ [B, N, 1] (SKIPPED_LOGIT where no init is valid), xc [B, N, I, 3],
+        valid [B, N, I], best [B, N] (the init giving the max; 0 where none is valid) and
+        xc_best [B, N, 3] (its shaped canonical point, carrying the implicit-differentiation
+        graph where valid).
         """
-        volume = self.generator(z_shape)
+        volume = self.generator(z_shape) if volume is None else volume
         cond = {"z_shape": z_shape, "shape": smpl["shape"]}
         xc, valid = self.deformer(pts_d, cond, smpl, eval_mode=eval_mode)
-        occ = self.deformer.occupancy_of_valid(xc, valid, cond,
-                                                         self.occupancy_fn(volume), self.disp_net)
-        return {"occ": occ, "xc": xc, "valid": valid}
+        B, N, I, _ = xc.shape
+        keep = valid
+        if hasattr(self.deformer, "repeated_roots"):  # identical roots: evaluate one of them
+            keep = valid & ~self.deformer.repeated_roots(xc, valid)
+        # one init per row, so that the per-init logits come back: [B, N, I]
+        occ_i = self.deformer.occupancy_of_valid(
+            xc.reshape(B, N * I, 1, 3), keep.reshape(B, N * I, 1), cond,
+            self.occupancy_fn(volume), self.disp_net).reshape(B, N, I)
+        occ, best = occ_i.max(dim=2, keepdim=True)
+        xc_best = torch.gather(xc, 2, best[..., None].expand(B, N, 1, 3))[:, :, 0]
+        return {"occ": occ, "xc": xc, "valid": valid, "best": best[..., 0], "xc_best": xc_best}
+
+    def neutral_joints(self, like: torch.Tensor) -> torch.Tensor:
+        """Joints of the shape-neutral canonical FLAME (shape 0, jaw 0.2): [1, J, 3]."""
+        server = self.flame_server
+        return server.canonical(like.new_zeros(1, server.n_shape))["joints_c"]
 
     # ------------------------------------------------------------------ stage 1
     def coarse_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Stage-1 loss terms, each already weighted:
+        occ          BCE with logits of the deformed samples (max over valid inits)
+        prior_*      FLAME prior at each sample's selected correspondence          x 100/100/0.2
+        disp         deshape MSE of the canonical FLAME vertices                    x lambda_disp
+        reg_shape, reg_lbs  mean square of z_shape, twice (the original regularizes the
+                     code once as the generator's input and once as the skinning code) x lambda_reg
+        bone_occ     bootstrapping (epochs < nepochs_pretrain): jittered bone points inside
+        bone_w       bootstrapping: skinning weights at the joints
+        plus valid_frac (a metric, not a loss)."""
         hp = self.hparams
         smpl = self.flame_server(batch["params"])
         z_shape = self.z_shapes(batch["index"])
-        out = self.deformed_occupancy(batch["pts_d"], z_shape, smpl)
+        volume = self.generator(z_shape)
+        out = self.deformed_occupancy(batch["pts_d"], z_shape, smpl, volume=volume)
         terms = {"occ": losses.occupancy_loss(out["occ"], batch["occ_gt"])}
 
-        # FLAME prior on the learned fields at the found canonical points.
-        B, N, I, _ = out["xc"].shape
-        xc = out["xc"].reshape(B, N * I, 3)
-        valid = out["valid"].reshape(B, N * I)
-        n_keep = min(N * I, 4 * N)  # bound the cost: a random subset of the correspondences
-        keep = torch.randperm(N * I, device=xc.device)[:n_keep]
-        xc, valid = xc[:, keep], valid[:, keep]
-        w, pose_dirs, expr_dirs = self.deformer.lbs_net(xc, z_shape)
+        # FLAME prior at every sample's selected correspondence, mapped to the shape-neutral
+        # space where the LBS fields live; targets: the nearest shape-neutral FLAME vertex.
+        found = out["valid"].any(dim=-1)                                    # [B, N]
+        xc = torch.where(found[..., None], out["xc_best"], torch.zeros_like(out["xc_best"]))
+        xn = xc + self.disp_net(xc, smpl["shape"])
+        w, pose_dirs, expr_dirs = self.deformer.lbs_net(xn, z_shape)
         flame = self.flame_server.flame
         prior = losses.flame_prior_loss(
-            xc, valid, w, pose_dirs, expr_dirs, smpl["verts_c"], flame.weights,
+            xn, found, w, pose_dirs, expr_dirs, smpl["verts_c_neutral"], flame.weights,
             flame.posedirs_scaled, flame.expdirs_scaled, radius=hp.prior_radius)
         terms["prior_w"] = hp.lambda_prior_w * prior["w"]
         terms["prior_pose"] = hp.lambda_prior_pose * prior["pose"]
@@ -291,19 +321,23 @@ class GANHead(pl.LightningModule):
         dx = self.disp_net(smpl["verts_c"], smpl["shape"])
         terms["disp"] = hp.lambda_disp * losses.deshape_loss(smpl["verts_c"], dx,
                                                              smpl["verts_c_neutral"])
-        terms["reg"] = hp.lambda_reg * losses.latent_reg(z_shape)
+        terms["reg_shape"] = hp.lambda_reg * losses.latent_reg(z_shape)
+        terms["reg_lbs"] = hp.lambda_reg * losses.latent_reg(z_shape)
 
         if self.current_epoch < hp.nepochs_pretrain:
             parents = self.flame_server.flame.parents
-            bones = losses.bone_points(smpl["joints_c"], parents)
-            occ_bone = self.canonical_occupancy(bones, z_shape, smpl["shape"])
-            terms["bone_occ"] = hp.lambda_bone_occ * losses.occupancy_loss(
-                occ_bone, torch.ones_like(occ_bone))
-            w_j = self.deformer.lbs_net(smpl["joints_c"][:, 1:], z_shape)[0]
-            target = losses.bone_weight_targets(parents, w_j.shape[-1], w_j.device)
-            terms["bone_w"] = hp.lambda_bone_w * ((w_j - target[None]) ** 2).mean()
+            B = z_shape.shape[0]
+            joints = self.neutral_joints(z_shape).expand(B, -1, -1)        # [B, J, 3]
+            if hp.lambda_bone_occ > 0:  # bone points are inside (shape-neutral space)
+                occ_bone = self.occupancy_fn(volume)(losses.bone_points(joints, parents))
+                terms["bone_occ"] = hp.lambda_bone_occ * losses.occupancy_loss(
+                    occ_bone, torch.ones_like(occ_bone))
+            if hp.lambda_bone_w > 0:
+                pts, target = losses.joint_weight_targets(joints, parents)
+                w_j = self.deformer.lbs_net(pts, z_shape)[0]
+                terms["bone_w"] = hp.lambda_bone_w * F.mse_loss(w_j, target.expand_as(w_j))
         with torch.no_grad():
-            terms["valid_frac"] = out["valid"].any(-1).float().mean()
+            terms["valid_frac"] = found.float().mean()
         return terms
 
     def training_step(self, batch: dict, batch_idx: int):

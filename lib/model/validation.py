@@ -26,14 +26,17 @@ def extract_canonical_mesh(model, z_shape: torch.Tensor, shape: torch.Tensor,
                            res_init: int = 16, res_final: int = 128):
     """The subject's canonical (jaw 0.2) mesh. z_shape: [1, Z]; shape: [1, 100].
 
+    The grid is the original's: the cube around the subject's shaped canonical FLAME vertices
+    (1.1 times their bounding box's longest extent, lib/utils/extraction.py).
     Returns the extraction result (verts [V, 3], faces [F, 3]) of lib.utils.extraction.
     """
     volume = model.generator(z_shape)
+    verts_c = model.flame_server.canonical(shape)["verts_c"][0]  # [V, 3]
 
     def occ_fn(points: torch.Tensor) -> torch.Tensor:  # [M, 3] -> [M]
         return model.canonical_occupancy(points[None], z_shape, shape, volume)[0, :, 0]
 
-    return extract_mesh(occ_fn, model.bbox_min, model.bbox_max, res_init=res_init,
+    return extract_mesh(occ_fn, verts_c.amin(0), verts_c.amax(0), res_init=res_init,
                         res_final=res_final, device=z_shape.device)
 
 

@@ -8,8 +8,12 @@ The occupancy is given as a function `occ_fn(points [N, 3]) -> logits [N]`; the 
 `logit == level` and the inside is where the logit is larger than `level` (probability
 above sigmoid(level)).
 
+The grid of `extract_mesh` is the original's: a cube centred on the given box's centre whose
+side is (1 + 2 * padding) times the box's longest extent (padding 0.05: 1.1 times). Callers
+pass the subject's shaped canonical FLAME vertices' bounding box (lib/model/validation.py).
+
 Algorithm of `extract_mesh` (coarse-to-fine, all in torch):
-1. evaluate the (res_init + 1)^3 grid points of the (padded) box;
+1. evaluate the (res_init + 1)^3 grid points of the cube;
 2. repeat until res_final, doubling the resolution each time:
    - a cell is *active* when its 8 corner values straddle the level (min <= level <= max);
      the active set is dilated by `dilation` cells (26-neighbourhood) so that thin features
@@ -17,7 +21,10 @@ Algorithm of `extract_mesh` (coarse-to-fine, all in torch):
    - the finer grid is filled by trilinear interpolation of the coarser one (exact at the
      shared points); then only the new points lying in active cells are evaluated;
 3. marching cubes (scikit-image, Lewiner) on the final dense value grid, vertices mapped to
-   world coordinates, faces oriented outward, largest connected component kept.
+   world coordinates, faces oriented outward, then the head component kept (`head_component`,
+   the original's rule): among the components (faces connected through shared edges) the one
+   whose area-weighted centroid is nearest the origin, unless its area is below half the
+   largest component's area, in which case the largest by area.
 
 Where the surface is resolved by the hierarchy, the final grid equals the dense grid at
 every corner of every cell the surface crosses, so the mesh equals the one of marching
@@ -50,7 +57,7 @@ class ExtractedMesh:
 
     verts: [V, 3] float32 world coordinates; faces: [F, 3] long, counter-clockwise seen from
     outside (normals point outward); n_queries: number of points passed to occ_fn;
-    grid_min / grid_max: [3] float64 numpy corners of the (padded) grid; res: cells per axis.
+    grid_min / grid_max: [3] float64 numpy corners of the grid; res: cells per axis.
     """
 
     verts: torch.Tensor
@@ -75,6 +82,17 @@ def padded_box(bbox_min, bbox_max, padding: float) -> tuple[np.ndarray, np.ndarr
         raise ValueError(f"{_WHERE}: padding must be >= 0, got {padding}")
     pad = float(padding) * float((hi - lo).max())
     return lo - pad, hi + pad
+
+
+def cube_box(bbox_min, bbox_max, padding: float) -> tuple[np.ndarray, np.ndarray]:
+    """The cube centred on the box [bbox_min, bbox_max] with side (1 + 2 * padding) times the
+    box's longest extent. bbox_min, bbox_max: [3]. Returns float64 [3] corners."""
+    lo, hi = padded_box(bbox_min, bbox_max, 0.0)
+    if padding < 0:
+        raise ValueError(f"{_WHERE}: padding must be >= 0, got {padding}")
+    center = 0.5 * (lo + hi)
+    half = 0.5 * (1.0 + 2.0 * float(padding)) * float((hi - lo).max())
+    return center - half, center + half
 
 
 def _resolve_device(device, bbox_min) -> torch.device:
@@ -203,24 +221,49 @@ def hierarchical_grid_values(occ_fn: OccFn, grid_min: np.ndarray, grid_max: np.n
     return values, n_queries
 
 
-def largest_component(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the connected component (faces linked through shared vertices) with most faces.
-    verts: [V, 3]; faces: [F, 3] int. Returns (verts [V', 3], faces [F', 3]) reindexed."""
+def edge_components(faces: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected components of a triangle mesh whose faces are linked through shared edges.
+    faces: [F, 3] int. Returns (count, label per face [F])."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n_v = verts.shape[0]
-    rows = faces.reshape(-1)
-    cols = faces[:, [1, 2, 0]].reshape(-1)
-    graph = coo_matrix((np.ones(rows.shape[0], dtype=np.int8), (rows, cols)), shape=(n_v, n_v))
-    n_comp, labels = connected_components(graph, directed=False)
+    F_ = faces.shape[0]
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), 1)
+    _, edge_id = np.unique(edges, axis=0, return_inverse=True)
+    edge_id = edge_id.reshape(-1)
+    n_e = int(edge_id.max()) + 1 if edge_id.size else 0
+    face_id = np.tile(np.arange(F_), 3)
+    # bipartite graph faces -- edges: faces sharing an edge meet in its node
+    graph = coo_matrix((np.ones(face_id.shape[0], dtype=np.int8), (face_id, F_ + edge_id)),
+                       shape=(F_ + n_e, F_ + n_e))
+    _, labels = connected_components(graph, directed=False)
+    _, face_label = np.unique(labels[:F_], return_inverse=True)
+    face_label = face_label.reshape(-1)
+    return int(face_label.max()) + 1 if F_ else 0, face_label
+
+
+def head_component(verts: np.ndarray, faces: np.ndarray, center=(0.0, 0.0, 0.0)
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The original's choice of the head among the connected components (edge-linked faces):
+    the component whose centroid (mean of its triangle centroids weighted by their areas) is
+    nearest `center`, unless its area is below half that of the largest-area component, which
+    is then kept instead. verts: [V, 3]; faces: [F, 3] int. Returns (verts [V', 3],
+    faces [F', 3]) reindexed."""
+    n_comp, label = edge_components(faces)
     if n_comp <= 1:
         return verts, faces
-    face_label = labels[faces[:, 0]]
-    best = np.argmax(np.bincount(face_label, minlength=n_comp))
-    faces = faces[face_label == best]
+    tri = verts[faces]                                                      # [F, 3, 3]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    comp_area = np.bincount(label, weights=area, minlength=n_comp)
+    moment = np.stack([np.bincount(label, weights=area * tri.mean(1)[:, k], minlength=n_comp)
+                       for k in range(3)], axis=1)
+    centroid = moment / np.maximum(comp_area, 1e-300)[:, None]
+    nearest = int(np.argmin(((centroid - np.asarray(center, dtype=np.float64)) ** 2).sum(1)))
+    largest = int(np.argmax(comp_area))
+    keep = largest if comp_area[nearest] < 0.5 * comp_area[largest] else nearest
+    faces = faces[label == keep]
     used = np.unique(faces)
-    remap = np.full(n_v, -1, dtype=np.int64)
+    remap = np.full(verts.shape[0], -1, dtype=np.int64)
     remap[used] = np.arange(used.shape[0])
     return verts[used], remap[faces]
 
@@ -228,9 +271,9 @@ def largest_component(verts: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray,
 def mesh_from_grid(values: torch.Tensor, grid_min, grid_max, level: float = 0.0,
                    keep_main_component: bool = True, n_queries: int = 0) -> ExtractedMesh:
     """Marching cubes on a value grid. values: [R+1, R+1, R+1] (x, y, z index order, inside =
-    values above `level`); grid_min, grid_max: [3] corners of the grid. Returns an
-    ExtractedMesh on values' device, faces oriented outward. Raises EmptyMeshError when
-    `level` is not crossed."""
+    values above `level`); grid_min, grid_max: [3] corners of the grid; keep_main_component:
+    keep only the head component (`head_component`). Returns an ExtractedMesh on values'
+    device, faces oriented outward. Raises EmptyMeshError when `level` is not crossed."""
     from skimage.measure import marching_cubes
 
     if values.dim() != 3 or len(set(values.shape)) != 1 or values.shape[0] < 2:
@@ -250,7 +293,7 @@ def mesh_from_grid(values: torch.Tensor, grid_min, grid_max, level: float = 0.0,
     faces = np.ascontiguousarray(faces[:, ::-1]).astype(np.int64)
     verts = lo + v_idx.astype(np.float64) * ((hi - lo) / res)
     if keep_main_component and faces.shape[0] > 0:
-        verts, faces = largest_component(verts, faces)
+        verts, faces = head_component(verts, faces)
     if faces.shape[0] == 0:
         raise EmptyMeshError(f"{_WHERE}: marching cubes produced no faces at level {level}")
     return ExtractedMesh(
@@ -267,11 +310,11 @@ def extract_mesh(occ_fn: OccFn, bbox_min, bbox_max, res_init: int = 16, res_fina
 
     occ_fn: points [N, 3] float32 (on `device`) -> logits [N]; called under no_grad in
         chunks of at most `chunk` points.
-    bbox_min, bbox_max: [3] corners of the region (e.g. the canonical FLAME bounding box);
-        the grid box is grown by `padding * max extent` on every side (0.05: the longest
-        axis spans 1.1 times the tight box).
+    bbox_min, bbox_max: [3] corners of the region (the subject's canonical FLAME bounding
+        box); the grid is the cube centred on it with side (1 + 2 * padding) times its
+        longest extent (padding 0.05: 1.1 times, as the original).
     res_init, res_final: cells per axis of the first and the final grid (ratio a power of 2).
-    keep_main_component: keep only the connected component with the most faces.
+    keep_main_component: keep only the head component (`head_component`).
     device: where points are made and values kept; default bbox_min's device or CPU.
     dilation: cells added around the straddling cells at every level (0 disables).
     Returns ExtractedMesh(verts [V, 3] float32 world, faces [F, 3] long outward, n_queries).
@@ -279,7 +322,7 @@ def extract_mesh(occ_fn: OccFn, bbox_min, bbox_max, res_init: int = 16, res_fina
     """
     chunk = _check_chunk(chunk)
     dev = _resolve_device(device, bbox_min)
-    lo, hi = padded_box(bbox_min, bbox_max, padding)
+    lo, hi = cube_box(bbox_min, bbox_max, padding)
     values, n_queries = hierarchical_grid_values(occ_fn, lo, hi, int(res_init), int(res_final),
                                                  float(level), chunk, dev, int(dilation))
     return mesh_from_grid(values, lo, hi, level=level, keep_main_component=keep_main_component,
