@@ -26,6 +26,7 @@ from lib.model.builders import build_network
 from lib.model.deformer import ForwardDeformer
 from lib.model.discriminator import Discriminator
 from lib.model.generator import Generator, sample_volume
+from lib.model.neutral_lbs import NeutralLBS
 
 
 def _plain(cfg):
@@ -87,11 +88,13 @@ class GANHead(pl.LightningModule):
         self.occ_network = build_network(occ_network, "model.occ_network",
                                          feature_dim=self.generator.out_channels)
         dcfg = dict(deformer or {})
-        lbs_net = build_network(dcfg.pop("lbs_network"), "model.deformer.lbs_network",
-                                shape_dim=dim_shape, n_joints=n_joints,
-                                pose_feature_dim=pose_feature_dim, n_exp=n_exp)
+        lbs = build_network(dcfg.pop("lbs_network"), "model.deformer.lbs_network",
+                            n_joints=n_joints, pose_feature_dim=pose_feature_dim, n_exp=n_exp)
         self.disp_net = build_network(dcfg.pop("disp_network"), "model.deformer.disp_network",
                                       n_shape=n_shape)
+        # the unconditioned LBS network read at x_c + disp(x_c, betas); disp_net stays owned
+        # here (state_dict disp_net.*), the deformer only references it
+        lbs_net = NeutralLBS(lbs, self.disp_net)
         mode = dcfg.pop("mode", "exact")
         fast_args = {k: dcfg.pop(k) for k in ("grid_res", "exact_steps") if k in dcfg}
         if mode == "exact":
@@ -278,7 +281,7 @@ class GANHead(pl.LightningModule):
         n_keep = min(N * I, 4 * N)  # bound the cost: a random subset of the correspondences
         keep = torch.randperm(N * I, device=xc.device)[:n_keep]
         xc, valid = xc[:, keep], valid[:, keep]
-        w, pose_dirs, expr_dirs = self.deformer.lbs_net(xc, z_shape)
+        w, pose_dirs, expr_dirs = self.deformer.lbs_net(xc, smpl["shape"])
         flame = self.flame_server.flame
         prior = losses.flame_prior_loss(
             xc, valid, w, pose_dirs, expr_dirs, smpl["verts_c"], flame.weights,
@@ -299,7 +302,7 @@ class GANHead(pl.LightningModule):
             occ_bone = self.canonical_occupancy(bones, z_shape, smpl["shape"])
             terms["bone_occ"] = hp.lambda_bone_occ * losses.occupancy_loss(
                 occ_bone, torch.ones_like(occ_bone))
-            w_j = self.deformer.lbs_net(smpl["joints_c"][:, 1:], z_shape)[0]
+            w_j = self.deformer.lbs_net(smpl["joints_c"][:, 1:], smpl["shape"])[0]
             target = losses.bone_weight_targets(parents, w_j.shape[-1], w_j.device)
             terms["bone_w"] = hp.lambda_bone_w * ((w_j - target[None]) ** 2).mean()
         with torch.no_grad():
