@@ -31,13 +31,17 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lib.model.deformer import ForwardDeformer
-from lib.model.fast_deformer import FastForwardDeformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lib, not an installed one
+
+from lib.model.deformer import ForwardDeformer  # noqa: E402
+from lib.model.fast_deformer import FastForwardDeformer  # noqa: E402
 
 JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
 CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
