@@ -1,13 +1,15 @@
 """Benchmark of the correspondence search: exact (lib/model/deformer.py) and fast
 (lib/model/fast_deformer.py) side by side, on the same networks and points, at the original settings.
 
-Shape legend: B batch, N points per item, I inits (5), J joints (5), Z z_shape width (256).
+Shape legend: B batch, N points per item, I inits (5), J joints (5), S betas width (100).
 
-Uses the real LBS (128x4, conditioned on z_shape, 5 + 258 outputs) and displacement (128x4)
-networks of lib/model/networks.py when they import, else stand-in MLPs of the same sizes. The
-LBS weights are fitted to a smooth head-like skinning (--fit-steps, --tau) and the zero-initialized
-blendshape head gets small random weights (--blendshapes), so expression and pose-corrective
-offsets are non-zero. Poses ('named', the default): every item has its own z_shape and expression;
+Uses the deformer's fields of GANHead: the unconditioned LBS network (128x4, 5 + 258 outputs)
+evaluated at x_c + disp(x_c, betas) with the displacement network (128x4, conditioned on the
+100 FLAME betas) of lib/model/networks.py (lib/model/neutral_lbs.py). The LBS weights are fitted
+to a smooth head-like skinning (--fit-steps, --tau), the zero-initialized blendshape head gets
+small random weights (--blendshapes), so expression and pose-corrective offsets are non-zero,
+and so does the displacement network's zero-initialized output layer (--disp, a non-trivial
+warp). Poses ('named', the default): every item has its own betas and expression;
 item k % 4 is 0 jaw opened 0.3 rad, 1 head turned 30 degrees (neck yaw), 2 both, 3 a random pose
 (rotations up to 25 degrees per joint); the canonical pose opens the jaw 0.2 rad. 'random': all
 items random.
@@ -29,81 +31,53 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lib.model.deformer import ForwardDeformer
-from lib.model.fast_deformer import FastForwardDeformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lib, not an installed one
+
+from lib.model.deformer import ForwardDeformer  # noqa: E402
+from lib.model.fast_deformer import FastForwardDeformer  # noqa: E402
 
 JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
 CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
 PARENTS = [-1, 0, 1, 1, 1]
 
 
-class StandInLBS(nn.Module):
-    """x_c [B,N,3] + z [B,Z] -> w [B,N,5], pose_dirs [B,N,36,3], expr_dirs [B,N,3,50] (128x4 MLP)."""
+def build_networks(disp_std=0.0, seed=0):
+    """(lbs_net, lbs, disp_net): the deformer's fields NeutralLBS(lbs, disp_net) of
+    lib/model/neutral_lbs.py, with the unconditioned LBSNetwork (128x4) and the displacement
+    network (128x4) of lib/model/networks.py. disp_std: std of the displacement network's
+    zero-initialized output layer (0: the identity warp of an untrained network)."""
+    from lib.model.networks import LBSNetwork, build_displacement_network
+    from lib.model.neutral_lbs import NeutralLBS
 
-    def __init__(self, z_dim=256, width=128, depth=4):
-        super().__init__()
-        dims = [3 + z_dim] + [width] * depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.w_head, self.bs_head = nn.Linear(width, 5), nn.Linear(width, 36 * 3 + 3 * 50)
-        nn.init.zeros_(self.bs_head.weight)
-        nn.init.zeros_(self.bs_head.bias)
-        self.act = nn.Softplus(beta=100)
-
-    def forward(self, xc, z):
-        B, N, _ = xc.shape
-        h = torch.cat([xc, z[:, None].expand(-1, N, -1) if z.dim() == 2 else z], -1)
-        for lin in self.hidden:
-            h = self.act(lin(h))
-        bs = self.bs_head(h)
-        return (torch.softmax(20 * self.w_head(h), -1), bs[..., :108].reshape(B, N, 36, 3),
-                bs[..., 108:].reshape(B, N, 3, 50))
+    lbs, disp = LBSNetwork(n_joints=5, pose_feature_dim=36, n_exp=50), build_displacement_network(n_shape=100)
+    if disp_std > 0:
+        g = torch.Generator().manual_seed(seed + 2)
+        with torch.no_grad():
+            out = disp.layers[-1]
+            out.weight.copy_(torch.randn(out.weight.shape, generator=g) * disp_std)
+    return NeutralLBS(lbs, disp), lbs, disp
 
 
-class StandInDisp(nn.Module):
-    """x_c [B,N,3] + shape [B,100] -> dx [B,N,3] (128x4 MLP)."""
-
-    def __init__(self, width=128, depth=4):
-        super().__init__()
-        dims = [103] + [width] * depth + [3]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x, shape):
-        h = torch.cat([x, shape[:, None].expand(-1, x.shape[1], -1)], -1)
-        for i, lin in enumerate(self.layers):
-            h = lin(h)
-            if i < len(self.layers) - 1:
-                h = nn.functional.softplus(h, beta=100)
-        return 0.01 * h
-
-
-def build_networks():
-    """(lbs_net, disp_net, label): real networks when lib/model/networks.py provides them."""
-    try:
-        from lib.model.networks import LBSNetwork, build_displacement_network
-        return (LBSNetwork(shape_dim=256, n_joints=5, pose_feature_dim=36, n_exp=50),
-                build_displacement_network(n_shape=100), "lib/model/networks.py")
-    except Exception as exc:  # noqa: BLE001 - the bench must run before networks.py exists
-        print(f"(networks.py unavailable: {exc!r}; using stand-in MLPs)")
-        return StandInLBS(), StandInDisp(), "stand-in MLPs"
-
-
-def fit_weights(lbs_net, z, steps, n=2048, seed=0, tau=0.15):
+def fit_weights(lbs_net, betas, steps, n=2048, seed=0, tau=0.15):
     """Fit the LBS weights to a smooth head-like skinning (softmax of -d^2/tau to 5 bone
-    centres) for `steps` Adam steps, so the search sees a non-trivial field (an untrained
-    network blends all bones almost uniformly: a near-rigid map). z: [B, Z]. Returns the final MSE."""
+    centres, in the shaped canonical space) for `steps` Adam steps of the LBS network, so the
+    search sees a non-trivial field (an untrained network blends all bones almost uniformly: a
+    near-rigid map). betas: [B, S]. Returns the final MSE."""
     g = torch.Generator().manual_seed(seed)
-    centres = torch.tensor(CENTRES, device=z.device)
-    opt = torch.optim.Adam(lbs_net.parameters(), lr=1e-3)
+    centres = torch.tensor(CENTRES, device=betas.device)
+    opt = torch.optim.Adam(lbs_net.lbs.parameters(), lr=1e-3)
     loss = torch.zeros(())
     for _ in range(steps):
-        x = (torch.rand(z.shape[0], n // z.shape[0], 3, generator=g) * 2 - 1).to(z.device)
+        x = (torch.rand(betas.shape[0], n // betas.shape[0], 3, generator=g) * 2 - 1).to(betas.device)
         target = torch.softmax(-((x[:, :, None] - centres) ** 2).sum(-1) / tau, dim=-1)
-        loss = ((lbs_net(x, z)[0] - target) ** 2).mean()
+        loss = ((lbs_net(x, betas)[0] - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -175,10 +149,10 @@ def make_inputs(B, N, device, seed=0, poses="named"):
     return xd.to(device), to(cond), to(smpl_out)
 
 
-def set_blendshapes(lbs_net, std, seed=0):
+def set_blendshapes(lbs, std, seed=0):
     """Give the zero-initialized blendshape head of LBSNetwork weights ~ N(0, std) (0: keep zeros)."""
-    tail = getattr(getattr(lbs_net, "net", None), "tail", None)
-    if std <= 0 or tail is None:
+    tail = lbs.net.tail
+    if std <= 0:
         return
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -187,10 +161,10 @@ def set_blendshapes(lbs_net, std, seed=0):
 
 def offsets_size(lbs_net, cond, smpl_out, n=2000):
     """Mean norm of the expression + pose-corrective offset at random canonical points."""
-    B = cond["z_shape"].shape[0]
-    x = torch.rand(B, n, 3, device=cond["z_shape"].device) * 2 - 1
+    B = cond["shape"].shape[0]
+    x = torch.rand(B, n, 3, device=cond["shape"].device) * 2 - 1
     with torch.no_grad():
-        _, pd, ed = lbs_net(x, cond["z_shape"])
+        _, pd, ed = lbs_net(x, cond["shape"])
         o = (ed * (smpl_out["exp"] - smpl_out["exp_c"])[:, None, None]).sum(-1)
         o = o + (pd * (smpl_out["pose_feature"] - smpl_out["pose_feature_c"])[:, None, :, None]).sum(-2)
     return float(o.norm(dim=-1).mean())
@@ -208,7 +182,7 @@ def reference_error(ref, xc, valid, xd, cond, smpl_out):
     x0 = xc.detach()[b, n, i].double()
     with torch.no_grad():
         sm = {k: v.double() for k, v in ref._smpl(smpl_out, B, xd.double()).items()}
-        out = ref._solve_exact(x0, b, xd.detach()[b, n].double(), cond["z_shape"].double(), sm, eval_mode=False)
+        out = ref._solve_exact(x0, b, xd.detach()[b, n].double(), cond["shape"].double(), sm, eval_mode=False)
     err = (out["result"] - x0).norm(dim=-1)
     return float(err.mean()), float(err.max()), int((~out["valid_ids"]).sum())
 
@@ -221,15 +195,13 @@ class Counted(nn.Module):
         super().__init__()
         self.net, self.count = net, 0
 
-    def forward(self, xc, z):
+    def forward(self, xc, betas):
         self.count += xc.shape[0] * xc.shape[1]
-        return self.net(xc, z)
+        return self.net(xc, betas)
 
-    def folded(self, z, d_pose, d_exp):
+    def folded(self, betas, d_pose, d_exp):
         """The folded evaluator of the fast search (lib/model/folded_lbs.py), counted too."""
-        if not hasattr(self.net, "folded"):
-            return None
-        fold = self.net.folded(z, d_pose, d_exp)
+        fold = self.net.folded(betas, d_pose, d_exp)
 
         def call(x, bidx):
             self.count += x.shape[0]
@@ -268,6 +240,8 @@ def main():
     ap.add_argument("--fit-steps", type=int, default=200, help="Adam steps fitting the LBS weights (0: untrained)")
     ap.add_argument("--tau", type=float, default=0.15, help="width of the fitted skinning (smaller: sharper)")
     ap.add_argument("--blendshapes", type=float, default=0.003, help="std of the blendshape head weights (0: zeros)")
+    ap.add_argument("--disp", type=float, default=0.01,
+                    help="std of the displacement network's output weights (0: zeros, the identity warp)")
     ap.add_argument("--poses", choices=("named", "random"), default="named")
     ap.add_argument("--grid-res", type=int, nargs=3, default=(12, 12, 12), metavar=("D", "H", "W"))
     ap.add_argument("--upsample", type=int, default=4)
@@ -283,17 +257,20 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(args.seed)
-    lbs_net, disp_net, label = build_networks()
-    lbs_net, disp_net = lbs_net.to(device), disp_net.to(device)
+    lbs_net, lbs, disp_net = build_networks(args.disp, seed=args.seed)
+    lbs_net = lbs_net.to(device)  # moves the referenced displacement network too
     xd, cond, smpl_out = make_inputs(args.batch, args.points, device, seed=args.seed, poses=args.poses)
     n_pts = xd.shape[0] * xd.shape[1]
     if args.fit_steps > 0:
         t0 = time.perf_counter()
-        mse = fit_weights(lbs_net, cond["z_shape"], args.fit_steps, tau=args.tau)
+        mse = fit_weights(lbs_net, cond["shape"], args.fit_steps, tau=args.tau)
         print(f"fitted LBS weights to a smooth skinning (tau {args.tau}): {args.fit_steps} steps, mse {mse:.2e}, "
               f"{time.perf_counter() - t0:.1f} s (not timed below)")
         lbs_net.zero_grad(set_to_none=True)
-    set_blendshapes(lbs_net, args.blendshapes)
+    set_blendshapes(lbs, args.blendshapes)
+    with torch.no_grad():
+        probe = torch.rand(cond["shape"].shape[0], 2000, 3, device=device) * 2 - 1
+        disp_mean = float(disp_net(probe, cond["shape"]).norm(dim=-1).mean())
     counted = Counted(lbs_net)
     common = dict(max_steps=args.max_steps, chunk_size=args.chunk_size)
     modes = {"exact": ForwardDeformer(counted, **common).to(device),
@@ -302,7 +279,8 @@ def main():
     ref = ForwardDeformer(copy.deepcopy(lbs_net).double(), max_steps=30, cvg_thresh=1e-11, dvg_thresh=1e9,
                           chunk_size=args.chunk_size).to(device)
     fast = modes["fast"]
-    print(f"networks: {label}; device {device}, torch threads {torch.get_num_threads()}; {args.batch} x "
+    print(f"networks: LBS at x + disp(x, betas) (lib/model/neutral_lbs.py), mean |disp| {disp_mean:.3f}; "
+          f"device {device}, torch threads {torch.get_num_threads()}; {args.batch} x "
           f"{args.points} = {n_pts} points, {fast.n_init} inits, max_steps {args.max_steps}, poses {args.poses}, "
           f"mean offset {offsets_size(lbs_net, cond, smpl_out):.3f}")
     print(f"fast: grid {fast.grid_res} (LBS evaluations per item) refined to {fast.lookup_res}, "
@@ -336,6 +314,7 @@ def main():
                 t, _, _ = timed_once(lambda: (xc[valid] ** 2).sum().backward(), sync)
                 print(f"{'':14s}backward of a dummy loss {t:8.3f} s")
                 lbs_net.zero_grad(set_to_none=True)
+                disp_net.zero_grad(set_to_none=True)
         (xe, ve, _), (xf, vf, _) = out["exact"], out["fast"]
         both = ve & vf
         d = (xe - xf).detach().norm(dim=-1)[both]

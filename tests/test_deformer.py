@@ -2,10 +2,13 @@
 
 Shape legend: B batch, N points, I inits, J joints (5), K expression comps, P pose feature (36).
 
-The stand-in LBS network is an analytic smooth field: skinning weights are a softmax of negative
-squared distances to 5 centres (shifted by z_shape, so per-item conditioning matters), pose and
-expression bases are small sinusoids. Joint transforms come from a 5-joint chain (FLAME's
-hierarchy) with random rotations up to 35 degrees; the canonical pose opens the jaw by 0.2 rad.
+The stand-in LBS fields are an analytic smooth field: skinning weights are a softmax of negative
+squared distances to 5 centres (shifted by the item's betas, cond['shape'], so per-item
+conditioning matters), pose and expression bases are small sinusoids. Joint transforms come from
+a 5-joint chain (FLAME's hierarchy) with random rotations up to 35 degrees; the canonical pose
+opens the jaw by 0.2 rad. The fields of GANHead (lib/model/neutral_lbs.py: the unconditioned LBS
+network at x_c + disp(x_c, betas)) are tested on small real networks against the composition
+computed by hand and finite differences.
 """
 import math
 
@@ -15,11 +18,13 @@ from torch import nn
 
 from lib.model.broyden import broyden
 from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer, inv3, lbs_deform
+from lib.model.networks import LBSNetwork, build_displacement_network
+from lib.model.neutral_lbs import NeutralLBS
 
 PARENTS = [-1, 0, 1, 1, 1]
 JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
 CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
-K_EXP, Z_DIM = 10, 32
+K_EXP, N_BETAS = 10, 100
 
 
 def rodrigues(r):
@@ -49,7 +54,7 @@ def chain(rot, joints, transl):
 
 
 class Field(nn.Module):
-    """Analytic LBS field: (xc [B,N,3], z [B,Z]) -> w [B,N,5], pose_dirs [B,N,36,3], expr_dirs [B,N,3,K]."""
+    """Analytic LBS field: (xc [B,N,3], betas [B,S]) -> w [B,N,5], pose_dirs [B,N,36,3], expr_dirs [B,N,3,K]."""
 
     def __init__(self, tau=0.15, amp=0.02, seed=0, dtype=torch.float32):
         super().__init__()
@@ -63,10 +68,10 @@ class Field(nn.Module):
         self.expr_scale = 1.0  # plain attribute: gradcheck replaces it by a tensor
         self.calls = []
 
-    def forward(self, xc, z):
+    def forward(self, xc, betas):
         B, N, _ = xc.shape
         self.calls.append(B * N)
-        c = self.centres + 0.05 * torch.tanh(z[:, :15]).reshape(B, 1, 5, 3)
+        c = self.centres + 0.05 * torch.tanh(betas[:, :15]).reshape(B, 1, 5, 3)
         w = torch.softmax(-((xc[:, :, None, :] - c) ** 2).sum(-1) / self.tau, dim=-1)
         pd = self.amp * torch.sin(torch.einsum("bnd,pcd->bnpc", xc, self.fp) + self.pp)
         ed = self.amp * self.expr_scale * torch.sin(torch.einsum("bnd,ckd->bnck", xc, self.fe) + self.pe)
@@ -94,7 +99,7 @@ def make_smpl(B, max_deg=35.0, seed=1, dtype=torch.float32):
 def setup_problem(B=2, N=300, dtype=torch.float32, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     field = Field(dtype=dtype)
-    cond = dict(z_shape=torch.randn(B, Z_DIM, generator=g).to(dtype), shape=torch.randn(B, 100, generator=g).to(dtype))
+    cond = dict(shape=torch.randn(B, N_BETAS, generator=g).to(dtype))
     sm = make_smpl(B, dtype=dtype, seed=seed + 1)
     d = ForwardDeformer(field, **kw)
     xc_true = (torch.rand(B, N, 3, generator=g) * 1.6 - 0.8).to(dtype)
@@ -158,7 +163,7 @@ def test_forward_deform_matches_pointwise_reference():
     d, field, cond, sm, xc, _ = setup_problem(B=2, N=20, dtype=torch.float64)
     sm["exp_c"] = torch.randn(2, K_EXP, dtype=torch.float64)  # non-zero canonical expression
     xd = d.forward_deform(xc, cond, sm)
-    w, pd, ed = field(xc, cond["z_shape"])
+    w, pd, ed = field(xc, cond["shape"])
     for b in range(2):
         for n in range(20):
             Ac = sum(w[b, n, j] * sm["tfs_c"][b, j] for j in range(5))
@@ -178,32 +183,37 @@ def test_forward_deform_agrees_with_flame_lbs():
         pytest.skip("lib/flame/lbs.py has no deform_canonical yet")
     d, field, cond, sm, xc, _ = setup_problem(B=2, N=30, dtype=torch.float64)
     sm["exp_c"] = torch.randn(2, K_EXP, dtype=torch.float64)
-    w, pd, ed = field(xc, cond["z_shape"])
+    w, pd, ed = field(xc, cond["shape"])
     ref = lbs.deform_canonical(xc, w, ed, pd, sm["exp"], sm["pose_feature"], sm["tfs"],
                                sm["exp_c"], sm["pose_feature_c"], sm["tfs_c"])
     assert torch.allclose(d.forward_deform(xc, cond, sm), ref, atol=1e-10)
 
 
-def test_rigid_init_is_exact_for_one_hot_weights():
-    class Rigid(nn.Module):  # whole space follows bone 2, no blendshapes
-        def forward(self, xc, z):
+@pytest.mark.parametrize("bone", [1, 2])
+def test_rigid_init_is_exact_for_one_hot_weights(bone):
+    class Rigid(nn.Module):  # whole space follows one bone, no blendshapes
+        def forward(self, xc, betas):
             B, N, _ = xc.shape
             w = torch.zeros(B, N, 5, dtype=xc.dtype)
-            w[..., 2] = 1
+            w[..., bone] = 1
             return w, xc.new_zeros(B, N, 36, 3), xc.new_zeros(B, N, 3, K_EXP)
 
     sm = make_smpl(2)
     d = ForwardDeformer(Rigid())
     xc = torch.rand(2, 50, 3) - 0.5
-    cond = dict(z_shape=torch.zeros(2, Z_DIM))
+    cond = dict(shape=torch.zeros(2, N_BETAS))
     xd = d.forward_deform(xc, cond, sm)
     init = d.init_points(xd, sm)
     assert init.shape == (2, 50, 5, 3)
-    assert torch.allclose(init[:, :, 2], xc, atol=1e-5)
-    for eval_mode in (False, True):  # both Jacobian inits are exact for a rigid field: one step
+    assert torch.allclose(init[:, :, bone], xc, atol=1e-5)
+    for eval_mode in (False, True):
         out, valid, info = d.search(xd, cond, sm, eval_mode=eval_mode, return_info=True)
-        assert valid.all() and info["n_steps"] == 1
+        assert valid.all()
         assert torch.allclose(out, xc[:, :, None].expand_as(out), atol=1e-5)
+        # the exact Jacobian init solves a rigid field in one step; the evaluation-mode init
+        # (sum_j w_j tfs[j])^-1, canonical transforms left out as in the original, only where the
+        # bone's canonical transform is a translation (bone 1; the jaw's opens 0.2 rad)
+        assert info["n_steps"] == 1 if (not eval_mode or bone == 1) else info["n_steps"] > 1
 
 
 # ---------------------------------------------------------------------------------- search
@@ -271,8 +281,8 @@ class ShiftedField(Field):
         super().__init__()
         self.shift = nn.Parameter(torch.zeros(3))
 
-    def forward(self, xc, z):
-        return super().forward(xc - self.shift, z)
+    def forward(self, xc, betas):
+        return super().forward(xc - self.shift, betas)
 
 
 def test_implicit_gradient_reaches_lbs_parameters():
@@ -289,6 +299,108 @@ def test_implicit_gradient_reaches_lbs_parameters():
     occ = d.query_occupancy(xd, cond, sm, lambda x, c: 10.0 * (0.5 - x.norm(dim=-1, keepdim=True)))
     occ[occ > SKIPPED_LOGIT].sum().backward()
     assert field.shift.grad is not None and field.shift.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------- GANHead's fields
+def neutral_fields(seed=0, dtype=torch.float64):
+    """NeutralLBS (lib/model/neutral_lbs.py) on small real networks, every parameter perturbed
+    (the zero-initialized blendshape head and displacement output included, so that the warp and
+    the blendshapes matter). Returns (fields, lbs, disp)."""
+    torch.manual_seed(seed)
+    lbs = LBSNetwork(n_exp=K_EXP, width=32, depth=3, tail_layer=2, softmax_scale=5.0)
+    disp = build_displacement_network(n_shape=N_BETAS, width=16, depth=2)
+    with torch.no_grad():
+        for p in list(lbs.parameters()) + list(disp.parameters()):
+            p.add_(torch.randn_like(p) * 0.05)
+    return NeutralLBS(lbs, disp).to(dtype), lbs, disp
+
+
+def test_fields_are_the_unconditioned_lbs_network_at_the_shape_neutral_point():
+    f64 = torch.float64
+    fields, lbs, disp = neutral_fields()
+    assert disp.layers[0].bias.dtype == f64  # casting the fields casts the referenced network
+    d = ForwardDeformer(fields)
+    g = torch.Generator().manual_seed(0)
+    xc = torch.rand(2, 30, 3, generator=g, dtype=f64) * 1.6 - 0.8
+    betas = torch.randn(2, N_BETAS, generator=g, dtype=f64)
+    sm = make_smpl(2, dtype=f64)
+    # by hand: the displacement network on (x_c, betas), then the LBS network alone at x_n
+    xn = xc + disp(xc, betas)
+    assert (xn - xc).norm(dim=-1).mean() > 1e-2  # the warp matters here
+    w_ref, pd_ref, ed_ref = lbs(xn)
+    for got, ref in zip(d._fields(xc, betas), (w_ref, pd_ref, ed_ref)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-14)
+    assert ed_ref.abs().max() > 1e-3 and pd_ref.abs().max() > 1e-3
+    assert (d._fields(xc, betas.flip(0))[0] - w_ref).abs().max() > 1e-3  # each item's betas count
+    xd = d.forward_deform(xc, {"shape": betas}, sm)
+    t = {k: (v[:, None] if k.startswith("tfs") else v[:, None, :]) for k, v in sm.items()}
+    ref = lbs_deform(xc, w_ref, ed_ref, pd_ref, t["tfs"], t["tfs_c"], t["exp"], t["exp_c"],
+                     t["pose_feature"], t["pose_feature_c"])
+    torch.testing.assert_close(xd, ref, rtol=0, atol=1e-13)
+    # the displacement network is referenced, not owned: its parameters are not the deformer's
+    assert all(k.startswith("lbs_net.lbs.net.") for k in d.state_dict())
+    disp_ids = {id(p) for p in disp.parameters()}
+    assert not any(id(p) in disp_ids for p in d.parameters())
+
+
+def test_eval_mode_jacobian_init_is_the_inverse_blended_target_transform():
+    """(sum_j w_j tfs[j])[:3, :3]^-1 with w the fields at the initial point (through the warp);
+    the canonical transforms are left out, as in the original."""
+    f64 = torch.float64
+    fields, lbs, disp = neutral_fields(seed=1)
+    d = ForwardDeformer(fields)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(40, 3, generator=g, dtype=f64) - 0.5
+    bidx = torch.randint(0, 2, (40,), generator=g)
+    betas = torch.randn(2, N_BETAS, generator=g, dtype=f64)
+    sm = d._smpl(make_smpl(2, dtype=f64), 2, x0)
+    w = lbs(x0[:, None] + disp(x0[:, None], betas[bidx]))[0][:, 0]                   # [A, J]
+    A = sum(w[:, j, None, None] * sm["tfs"][bidx, j, :3, :3] for j in range(5))
+    got = d._init_J_inv(x0, bidx, betas, sm, eval_mode=True)
+    torch.testing.assert_close(got, torch.linalg.inv(A), rtol=1e-10, atol=1e-12)
+
+
+def test_implicit_gradient_reaches_the_displacement_network_finite_differences():
+    """d x_c / d theta of the found roots for the displacement network's parameters theta:
+    non-zero for every parameter and equal to central finite differences of re-solved roots."""
+    f64 = torch.float64
+    fields, _, disp = neutral_fields(seed=2)
+    d = ForwardDeformer(fields, max_steps=100, cvg_thresh=1e-13)
+    g = torch.Generator().manual_seed(7)
+    xc_true = torch.rand(2, 3, 3, generator=g, dtype=f64) * 1.2 - 0.6
+    cond = {"shape": torch.randn(2, N_BETAS, generator=g, dtype=f64)}
+    sm = make_smpl(2, dtype=f64, seed=2)
+    with torch.no_grad():
+        xd = d.forward_deform(xc_true, cond, sm)
+    xc, valid = d(xd, cond, sm)
+    assert valid.any(-1).all()
+    weight = torch.randn(xc.shape, generator=g, dtype=f64)
+
+    def loss_of(x):
+        return (torch.where(valid[..., None], x, torch.zeros_like(x)) * weight).sum()
+
+    named = dict(disp.named_parameters())
+    grads = dict(zip(named, torch.autograd.grad(loss_of(xc), list(named.values()))))
+    assert all(gr.abs().max() > 0 for gr in grads.values()), {k: float(v.abs().max()) for k, v in grads.items()}
+    picks = [(name, tuple(int(i) for i in torch.unravel_index(gr.abs().argmax(), gr.shape)))
+             for name, gr in grads.items()]
+    first_v = grads["layers.0.parametrizations.weight.original1"].abs()
+    for cols in (slice(0, 3), slice(3, None)):  # the first layer's xyz and betas columns
+        r, c = torch.unravel_index(first_v[:, cols].argmax(), first_v[:, cols].shape)
+        picks.append(("layers.0.parametrizations.weight.original1", (int(r), int(c) + cols.start)))
+    eps = 1e-6
+    for name, idx in picks:
+        p = named[name]
+        with torch.no_grad():
+            p[idx] += eps
+            xp, vp = d(xd, cond, sm)
+            p[idx] -= 2 * eps
+            xm, vm = d(xd, cond, sm)
+            p[idx] += eps
+        assert torch.equal(vp, valid) and torch.equal(vm, valid)
+        fd = float(loss_of(xp) - loss_of(xm)) / (2 * eps)
+        an = float(grads[name][idx])
+        assert abs(fd - an) <= 1e-5 * abs(an) + 1e-9, (name, idx, fd, an)
 
 
 # ---------------------------------------------------------------------------------- occupancy
@@ -324,8 +436,10 @@ def test_inv3_and_errors():
     d, _, cond, sm, _, xd = setup_problem(B=2, N=5)
     with pytest.raises(ValueError, match="deformer.py.*tfs_c"):
         d.search(xd, cond, {k: v for k, v in sm.items() if k != "tfs_c"})
-    with pytest.raises(ValueError, match="z_shape"):
+    with pytest.raises(ValueError, match="lacks 'shape'"):
         d.search(xd, {}, sm)
+    with pytest.raises(ValueError, match=r"cond\['shape'\] must be"):
+        d.search(xd, {"shape": cond["shape"][:1]}, sm)
     with pytest.raises(ValueError, match="init_bones"):
         ForwardDeformer(Field(), init_bones=(0, 7))
 

@@ -1,18 +1,21 @@
 """Tests of lib/model/fast_deformer.py: the grid pieces against analytic truths, and the fast
 search against the exact one (lib/model/deformer.py) on the same networks.
 
-Shape legend: B batch (4), N points, I inits (5), J joints (5), Z z_shape width (256).
+Shape legend: B batch (4), N points, I inits (5), J joints (5), S betas width (100).
 
-Networks: the real LBSNetwork (128x4, conditioned on z_shape) briefly fitted to a smooth head-like
-skinning (softmax of -d^2/0.15 to 5 bone centres; an untrained one is almost rigid), with small
-random weights in its zero-initialized blendshape head so the expression and pose-corrective
-offsets are non-zero. Batch: 4 items with their own z_shape and expression; item 0 opens the jaw
+Networks: GANHead's fields (lib/model/neutral_lbs.py): the real unconditioned LBSNetwork (128x4)
+at x_c + disp(x_c, betas), with the real displacement network (128x4, conditioned on the 100
+betas). The LBS network is briefly fitted to a smooth head-like skinning (softmax of -d^2/0.15 to
+5 bone centres; an untrained one is almost rigid); its zero-initialized blendshape head and the
+displacement network's zero-initialized output layer get small random weights, so the
+expression and pose-corrective offsets and the warp are non-zero. Batch: 4 items with their own
+betas and expression; item 0 opens the jaw
 0.3 rad, item 1 turns the head 30 degrees at the neck, item 2 does both, item 3 is a random pose
 (up to 25 degrees per joint). The canonical pose opens the jaw 0.2 rad.
 
 Tolerances: converged fraction within 0.5 percentage points of the exact search; correspondences
 valid in both within 1e-4 (each search stops at a residual below cvg_thresh = 1e-5); gradients
-with respect to the LBS network parameters (and x_d): float64 with cvg_thresh 1e-11, relative 1e-5;
+with respect to both networks' parameters (and x_d): float64 with cvg_thresh 1e-11, relative 1e-5;
 float32 at the default settings, 1e-3 of the largest entry (measured about 1e-5).
 """
 import copy
@@ -25,7 +28,8 @@ from torch import nn
 
 from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer
 from lib.model.fast_deformer import BakedGrid, FastForwardDeformer, spline_matrix
-from lib.model.networks import LBSNetwork
+from lib.model.networks import ImplicitNetwork, LBSNetwork, build_displacement_network
+from lib.model.neutral_lbs import NeutralLBS
 
 # the analytic skeleton and Rodrigues formula of the exact deformer's tests
 from test_deformer import CENTRES, JOINTS, PARENTS, rodrigues  # noqa: E402
@@ -62,8 +66,7 @@ def make_problem(N=300, seed=0, dtype=torch.float32):
     sm = dict(tfs=chain(R), tfs_c=chain(R_c), pose_feature=(R[:, 1:] - eye).reshape(4, -1),
               pose_feature_c=(R_c[:, 1:] - eye).reshape(4, -1),
               exp=torch.randn(4, 50, generator=g, dtype=f64) * 0.5, exp_c=torch.zeros(4, 50, dtype=f64))
-    cond = dict(z_shape=torch.randn(4, 256, generator=g, dtype=f64) * 0.1,
-                shape=torch.randn(4, 100, generator=g, dtype=f64) * 0.5)
+    cond = dict(shape=torch.randn(4, 100, generator=g, dtype=f64) * 0.5)
     n_ball = N * 8 // 9
     ball = nn.functional.normalize(torch.randn(4, n_ball, 3, generator=g, dtype=f64), dim=-1)
     ball = ball * (0.5 + 0.1 * torch.randn(4, n_ball, 1, generator=g, dtype=f64))
@@ -81,26 +84,37 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def all_params(fields):
+    """Parameters of both networks of a NeutralLBS (the displacement network is referenced, not
+    registered, so fields.parameters() holds the LBS network's only)."""
+    return list(fields.parameters()) + list(fields.disp_net.parameters())
+
+
 @pytest.fixture(scope="module")
 def net(one_thread):
-    """LBSNetwork fitted for 80 Adam steps to a smooth skinning, with small random blendshapes."""
+    """NeutralLBS: LBSNetwork fitted for 80 Adam steps to a smooth skinning (through the warp),
+    small random blendshapes, a displacement network with a small random output layer."""
     torch.manual_seed(0)
-    lbs = LBSNetwork()
-    _, cond, _ = make_problem(N=9)
+    lbs, disp = LBSNetwork(), build_displacement_network()
     g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        disp.layers[-1].weight.copy_(torch.randn(disp.layers[-1].weight.shape, generator=g) * 0.01)
+    fields = NeutralLBS(lbs, disp)
+    _, cond, _ = make_problem(N=9)
     centres = torch.tensor(CENTRES)
     opt = torch.optim.Adam(lbs.parameters(), lr=3e-3)
     for _ in range(80):
         x = torch.rand(4, 256, 3, generator=g) * 2 - 1
         target = torch.softmax(-((x[:, :, None] - centres) ** 2).sum(-1) / 0.15, dim=-1)
-        loss = ((lbs(x, cond["z_shape"])[0] - target) ** 2).mean()
+        loss = ((fields(x, cond["shape"])[0] - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
         lbs.net.tail.weight.copy_(torch.randn(lbs.net.tail.weight.shape, generator=g) * 0.003)
-    lbs.zero_grad(set_to_none=True)
-    return lbs
+    for p in all_params(fields):
+        p.grad = None
+    return fields
 
 
 def residual(d, xc, xd, cond, sm):
@@ -169,7 +183,7 @@ def test_bake_samples_forward_deform_on_the_lattice(net):
     fd = FastForwardDeformer(net, grid_res=(5, 6, 7), bbox_min=(-0.9, -1.0, -0.8), bbox_max=(1.0, 0.9, 0.7),
                              upsample=3)
     with torch.no_grad():
-        grid = fd.bake(cond["z_shape"], fd._smpl(sm, 4, xd))
+        grid = fd.bake(cond["shape"], fd._smpl(sm, 4, xd))
         lo, hi = fd.bbox_min, fd.bbox_max
         axes = [torch.linspace(float(lo[i]), float(hi[i]), n) for i, n in ((2, 5), (1, 6), (0, 7))]
         zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
@@ -187,7 +201,7 @@ def test_bake_samples_forward_deform_on_the_lattice(net):
         f12 = FastForwardDeformer(net, grid_res=(12, 12, 12), bbox_min=tuple(lo.tolist()),
                                   bbox_max=tuple(hi.tolist()), upsample=up)
         with torch.no_grad():
-            g12 = f12.bake(cond["z_shape"], f12._smpl(sm, 4, xd))
+            g12 = f12.bake(cond["shape"], f12._smpl(sm, 4, xd))
             exact = f12.forward_deform(p, cond, sm).reshape(-1, 3)
         errs.append((g12(p.reshape(-1, 3).t().contiguous(), slot)[0].t() - exact).norm(dim=-1).median())
     assert errs[0] < 0.5 * errs[1] and errs[0] < 1e-3
@@ -209,7 +223,7 @@ def test_fast_matches_exact_on_four_named_poses(net, eval_mode):
     assert (info["diff"][vf] < 1e-5).all()
     # inits of one point that found the same root were polished once
     assert info["n_solved"] == 4 * 300 * 5 and info["n_polished"] < 0.5 * info["n_solved"]
-    # each item used its own z_shape and pose: swapping two items' conditioning changes the roots
+    # each item used its own betas and pose: swapping two items' conditioning changes the roots
     swap = [1, 0, 2, 3]
     with torch.no_grad():
         xs, vs = fast(xd, {k: v[swap] for k, v in cond.items()}, {k: v[swap] for k, v in sm.items()})
@@ -230,7 +244,7 @@ def test_gradients_match_exact_float64(net):
     both = ve & vf
     assert info["n_polished"] > 0 and both.float().mean() > 0.95 and (xe - xf).norm(dim=-1)[both].max() < 1e-9
     w = torch.randn(xe.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    params = [p for p in net64.parameters() if p.requires_grad]
+    params = [p for p in all_params(net64) if p.requires_grad]
     out = [torch.autograd.grad((torch.where(both[..., None], xc, torch.zeros_like(xc)) * w).sum(), params + [x],
                                allow_unused=True) for x, xc in ((x_e, xe), (x_f, xf))]
     n_checked = 0
@@ -239,7 +253,9 @@ def test_gradients_match_exact_float64(net):
         if ge is not None:
             torch.testing.assert_close(gf, ge, rtol=1e-5, atol=1e-8 * float(ge.abs().max()))
             n_checked += 1
-    assert n_checked >= 8 and out[0][-1].abs().max() > 0  # weights, biases and x_d all receive gradients
+    # weights, biases (both networks) and x_d all receive gradients
+    assert n_checked >= 16 and out[0][-1].abs().max() > 0
+    assert all(g.abs().max() > 0 for g in out[0][-len(list(net64.disp_net.parameters())) - 1:-1])
 
 
 def test_gradients_match_exact_float32_default_settings(net):
@@ -251,10 +267,12 @@ def test_gradients_match_exact_float32_default_settings(net):
     both = res[0][1] & res[1][1]
     grads = []
     for xc, _ in res:
-        net.zero_grad(set_to_none=True)
+        for p in all_params(net):
+            p.grad = None
         (torch.where(both[..., None], xc, torch.zeros_like(xc)) ** 2).sum().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
-    net.zero_grad(set_to_none=True)
+        grads.append(torch.cat([p.grad.flatten() for p in all_params(net) if p.grad is not None]))
+    for p in all_params(net):
+        p.grad = None
     # correspondences differ by up to ~2e-5 (two searches stopping below 1e-5); measured ~1e-5 relative
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-3 * float(grads[0].abs().max()))
     assert (grads[1] - grads[0]).norm() < 1e-3 * grads[0].norm()
@@ -361,13 +379,15 @@ def test_deduplicated_correction_equals_the_parent_one(net):
     assert v.numel() > xc.reshape(-1, 3)[v].unique(dim=0).shape[0]  # there are duplicates
     out = []
     for fn in (ForwardDeformer._implicit_correction, FastForwardDeformer._implicit_correction):
-        net.zero_grad(set_to_none=True)
+        for p in all_params(net):
+            p.grad = None
         x = xd.clone().requires_grad_(True)
         s = fast._smpl(sm, B, x)
-        corr = fn(fast, xc.reshape(-1, 3)[v], v // (N * I), x.reshape(-1, 3)[v // I], cond["z_shape"], s)
+        corr = fn(fast, xc.reshape(-1, 3)[v], v // (N * I), x.reshape(-1, 3)[v // I], cond["shape"], s)
         (corr * torch.linspace(-1, 1, corr.numel()).reshape(corr.shape)).sum().backward()
-        out.append((corr.detach(), x.grad, [p.grad for p in net.parameters() if p.grad is not None]))
-    net.zero_grad(set_to_none=True)
+        out.append((corr.detach(), x.grad, [p.grad for p in all_params(net) if p.grad is not None]))
+    for p in all_params(net):
+        p.grad = None
     (c0, gx0, gp0), (c1, gx1, gp1) = out
     assert torch.equal(c0, c1)
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
@@ -404,12 +424,13 @@ def test_cuda_matches_cpu(net):
     assert_agree(xc, valid, xg.cpu(), vg.cpu())
 
 
-def _perturbed(lbs, std):
-    """lbs with N(0, std^2) added to every parameter (blendshape head included), in place."""
+def _perturbed(fields, std):
+    """fields (NeutralLBS) with N(0, std^2) added to every parameter of both networks
+    (blendshape head and displacement output included), in place."""
     with torch.no_grad():
-        for p in lbs.parameters():
+        for p in all_params(fields):
             p.add_(torch.randn_like(p) * std)
-    return lbs
+    return fields
 
 
 def _float64_points(n, seed):
@@ -424,19 +445,22 @@ def _float64_points(n, seed):
 
 @pytest.mark.parametrize("variant", ["default", "encoded_skip"])
 def test_folded_lbs_equals_the_plain_network_float64(net, variant):
-    """FoldedLBS (weights read once, z_shape and blendshape heads folded per item) gives the plain
-    network's weights and blendshape offset, and skin_offset the plain forward deformation."""
+    """FoldedLBS (weights read once, the betas part of the displacement network and the
+    blendshape head folded per item) gives the plain fields' weights and blendshape offset, and
+    skin_offset the plain forward deformation."""
     from lib.model.deformer import lbs_deform, skin_offset
 
     if variant == "default":
-        lbs = copy.deepcopy(net).double()
-    else:  # positional encoding, a skip layer and the condition at two layers
+        fields = copy.deepcopy(net).double()
+    else:  # positional encodings, skip layers and the betas at two layers of the displacement
         torch.manual_seed(3)
-        lbs = _perturbed(LBSNetwork(multires=4, skip_layer=2, cond_layers=(0, 2)).double(), 0.05)
+        disp = ImplicitNetwork(d_in=3, d_out=3, width=48, depth=3, skip_layer=2, multires=2, cond_dim=100,
+                               cond_layers=(0, 2))
+        fields = _perturbed(NeutralLBS(LBSNetwork(multires=4, skip_layer=2), disp).double(), 0.05)
     xd, cond, sm, x, bidx = _float64_points(60, seed=5)
     with torch.no_grad():
-        w_ref, pd, ed = lbs(x[:, None], cond["z_shape"][bidx])
-        fold = lbs.folded(cond["z_shape"], sm["pose_feature"] - sm["pose_feature_c"], sm["exp"] - sm["exp_c"])
+        w_ref, pd, ed = fields(x[:, None], cond["shape"][bidx])
+        fold = fields.folded(cond["shape"], sm["pose_feature"] - sm["pose_feature_c"], sm["exp"] - sm["exp_c"])
         w, offset = fold(x, bidx)
         off_ref = ((ed[:, 0] * (sm["exp"] - sm["exp_c"])[bidx][:, None, :]).sum(-1)
                    + (pd[:, 0] * (sm["pose_feature"] - sm["pose_feature_c"])[bidx][:, :, None]).sum(-2))
@@ -444,6 +468,8 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
                             sm["exp_c"][bidx], sm["pose_feature"][bidx], sm["pose_feature_c"][bidx])
         xd_fold = skin_offset(x, w, offset, sm["tfs"][bidx], sm["tfs_c"][bidx])
     assert off_ref.abs().max() > 1e-3  # the blendshapes matter here
+    dx = fields.disp_net(x[:, None], cond["shape"][bidx])
+    assert dx.norm(dim=-1).mean() > 3e-3  # and so does the warp
     torch.testing.assert_close(w, w_ref[:, 0], rtol=0, atol=1e-12)
     torch.testing.assert_close(offset, off_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(xd_fold, xd_ref, rtol=0, atol=1e-12)
@@ -452,19 +478,19 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
 def test_folded_deformation_keeps_the_plain_gradients_float64(net):
     """Built with grad enabled, the folded network + FoldedSkinning (the implicit correction's
     path) give the plain forward deformation's values and its gradients with respect to the
-    network's parameters, z_shape, the joint transforms, the expression and x."""
-    lbs = _perturbed(copy.deepcopy(net).double(), 0.02)
+    networks' parameters, betas, the joint transforms, the expression and x."""
+    fields = _perturbed(copy.deepcopy(net).double(), 0.02)
     xd, cond, sm, x0, bidx = _float64_points(40, seed=6)
     B = xd.shape[0]
     weight = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
     def grads(folded):
-        d = FastForwardDeformer(lbs, folded=folded)
-        z = cond["z_shape"].clone().requires_grad_(True)
+        d = FastForwardDeformer(fields, folded=folded)
+        betas = cond["shape"].clone().requires_grad_(True)
         smg = {k: v.clone().requires_grad_(k in ("tfs", "tfs_c", "exp")) for k, v in d._smpl(sm, B, xd).items()}
         x = x0.clone().requires_grad_(True)
-        out = d.folded_deform(z, smg)(x, bidx)
-        leaves = [x, z, smg["tfs"], smg["tfs_c"], smg["exp"]] + list(lbs.parameters())
+        out = d.folded_deform(betas, smg)(x, bidx)
+        leaves = [x, betas, smg["tfs"], smg["tfs_c"], smg["exp"]] + all_params(fields)
         return out.detach(), torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True)
 
     val_p, grad_p = grads(False)
@@ -477,7 +503,7 @@ def test_folded_deformation_keeps_the_plain_gradients_float64(net):
             continue
         torch.testing.assert_close(gf, gp, rtol=1e-9, atol=1e-11)
         n_nonzero += int(gp.abs().max() > 0)
-    assert n_nonzero >= 8  # x, z, transforms, expression and the layers all get gradients
+    assert n_nonzero >= 20  # x, betas, transforms, expression and both networks' layers get gradients
 
 
 def test_folded_skinning_matches_skin_offset_also_where_singular():
@@ -531,7 +557,7 @@ def test_inits_with_equal_rigid_maps_are_searched_once(net):
 
 def test_occupancy_once_per_distinct_root_same_values_and_gradients(net):
     """The fast deformer's occupancy_of_valid evaluates one init per distinct root: the logits
-    and the gradients (occupancy network, LBS network) equal ForwardDeformer's evaluation of
+    and the gradients (occupancy network, LBS and displacement networks) equal ForwardDeformer's evaluation of
     every valid init on the same correspondences."""
     torch.manual_seed(4)
     occ_net = nn.Sequential(nn.Linear(3, 32), nn.Softplus(beta=10), nn.Linear(32, 1)).double()
@@ -547,7 +573,7 @@ def test_occupancy_once_per_distinct_root_same_values_and_gradients(net):
         calls.append(x.shape[1])
         return occ_net(x)
 
-    params = list(occ_net.parameters()) + list(net.parameters())
+    params = list(occ_net.parameters()) + all_params(net)
     out = {}
     for name, fn in (("all", ForwardDeformer.occupancy_of_valid), ("distinct", FastForwardDeformer.occupancy_of_valid)):
         occ = fn(fast, xc, valid, cond, occ_fn)

@@ -153,14 +153,14 @@ def test_geometry_network_init_follows_the_skip_into_the_output_layer():
 def test_lbs_zero_blendshapes_and_softmax_weights():
     torch.manual_seed(0)
     lbs = LBSNetwork()
-    xc, z = torch.rand(2, 50, 3) * 2 - 1, torch.randn(2, 256)
-    w, pose_dirs, expr_dirs, logits = lbs(xc, z, return_logits=True)
+    xc = torch.rand(2, 50, 3) * 2 - 1
+    w, pose_dirs, expr_dirs, logits = lbs(xc, return_logits=True)
     assert w.shape == (2, 50, 5) and pose_dirs.shape == (2, 50, 36, 3) and expr_dirs.shape == (2, 50, 3, 50)
     assert torch.count_nonzero(pose_dirs) == 0 and torch.count_nonzero(expr_dirs) == 0
     assert torch.allclose(w, torch.softmax(20.0 * logits, -1))
     assert torch.allclose(w.sum(-1), torch.ones(2, 50), atol=1e-6)
-    small = LBSNetwork(shape_dim=8, n_joints=3, pose_feature_dim=18, n_exp=10)
-    w, p, e = small(xc, torch.randn(2, 8))
+    small = LBSNetwork(n_joints=3, pose_feature_dim=18, n_exp=10)
+    w, p, e = small(xc)
     assert w.shape == (2, 50, 3) and p.shape == (2, 50, 18, 3) and e.shape == (2, 50, 3, 10)
 
 
@@ -273,14 +273,14 @@ def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     gen = _small_generator()
     geo = build_geometry_network(feature_dim=gen.out_channels, width=64, depth=4, multires=4)
-    lbs = LBSNetwork(shape_dim=16, width=32)
+    lbs = LBSNetwork(width=32)
     normal = build_normal_network(detail_dim=8, geometry_feature_dim=geo.feature_dim, width=64)
     texture = build_texture_network(color_dim=4, pose_exp_dim=5, geometry_feature_dim=geo.feature_dim,
                                     normal_feature_dim=normal.feature_dim, width=64)
     z = torch.randn(2, 16)
     xc = torch.rand(2, 20, 3) * 2 - 1
     occ, gfeat = geo(xc, gen.sample(gen(z), xc), return_features=True)
-    w, pd, ed = lbs(xc, z)
+    w, pd, ed = lbs(xc)
     n, nfeat = normal(xc, torch.cat([torch.randn(2, 20, 8), gfeat], -1), return_features=True)
     rgb = texture(xc, torch.cat([torch.randn(2, 20, 9), gfeat, nfeat], -1))
     loss = occ.square().mean() + (w * torch.randn_like(w)).sum() + pd.sum() + ed.sum() + n.sum() + rgb.sum()
@@ -307,17 +307,17 @@ def test_displacement_trains():
 def test_cuda_parity():
     torch.manual_seed(0)
     gen = _small_generator()
-    nets = build_head_networks(volume_feature_dim=gen.out_channels, shape_dim=16)
+    nets = build_head_networks(volume_feature_dim=gen.out_channels)
     z, xc = torch.randn(2, 16), torch.rand(2, 64, 3) * 2 - 1
     cpu_occ = nets["geometry"](xc, gen.sample(gen(z), xc))
-    cpu_w = nets["lbs"](xc, z)[0]
+    cpu_w = nets["lbs"](xc)[0]
     dev = torch.device("cuda")
     old_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would differ by ~1e-3
     try:
         gen_c, nets_c = gen.to(dev), nets.to(dev)
         occ = nets_c["geometry"](xc.to(dev), gen_c.sample(gen_c(z.to(dev)), xc.to(dev)))
-        w = nets_c["lbs"](xc.to(dev), z.to(dev))[0]
+        w = nets_c["lbs"](xc.to(dev))[0]
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
     assert torch.allclose(occ.cpu(), cpu_occ, atol=1e-4) and torch.allclose(w.cpu(), cpu_w, atol=1e-4)

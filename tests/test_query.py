@@ -110,6 +110,65 @@ def test_a_global_rotation_moves_everything_rigidly(fine_model):
     torch.testing.assert_close(b["color"][0, both], a["color"][0, both], rtol=0, atol=2e-3)
 
 
+def test_skin_normals_is_the_inverse_transpose_of_the_target_blend():
+    """n_d = normalize((sum_j w_j tfs[j][:3, :3])^-T n_c), against a float64 numpy computation,
+    with general (sheared, scaled) linear parts where the inverse-transpose differs from the
+    blend itself."""
+    from lib.model.query import blend_transforms, skin_normals
+
+    rng = np.random.default_rng(4)
+    M, J = 50, 5
+    w = rng.random((1, M, J))
+    w /= w.sum(-1, keepdims=True)
+    tfs = np.tile(np.eye(4), (1, J, 1, 1))
+    tfs[0, :, :3, :] = rng.normal(size=(J, 3, 4)) * 0.4 + np.hstack([np.eye(3), np.zeros((3, 1))])
+    n_c = rng.normal(size=(1, M, 3))
+    ref, plain = [], []
+    for m in range(M):
+        A = sum(w[0, m, j] * tfs[0, j, :3, :3] for j in range(J))
+        v = np.linalg.inv(A).T @ n_c[0, m]
+        ref.append(v / np.linalg.norm(v))
+        u = A @ n_c[0, m]
+        plain.append(u / np.linalg.norm(u))
+    ref, plain = np.stack(ref), np.stack(plain)
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    got = skin_normals(blend_transforms(t(w), t(tfs)), t(n_c))[0].numpy()
+    assert np.abs(got - ref).max() < 1e-12
+    assert np.abs(ref - plain).max() > 0.1  # the inverse-transpose matters here
+
+
+def test_surface_normals_skin_with_the_neutral_point_weights_and_target_transforms(fine_model):
+    """surface()'s normal, recomputed by hand: weights of the LBS network at the shape-neutral
+    point x_c + disp(x_c, betas), the normal network's canonical normal, then the inverse-
+    transpose of the blended TARGET transforms (float64); the canonical transforms play no part."""
+    from lib.model.query import query_fine, pose_exp_condition
+
+    params = torch.from_numpy(random_flame_params(np.random.default_rng(5), jaw=0.2))[None]
+    xd = _posed_points(fine_model, params, n=60, seed=2)
+    codes = fine_model.codes(torch.tensor([0]))
+    out_layer = fine_model.disp_net.layers[-1]
+    saved = out_layer.weight.detach().clone()
+    try:
+        with torch.no_grad():  # a non-trivial warp (the fresh network's output is exactly 0)
+            out_layer.weight.copy_(torch.randn(saved.shape, generator=torch.Generator().manual_seed(0))
+                                   * 0.01)
+            out = fine_model.surface(xd, params, codes)
+            smpl = fine_model.flame_server(params)
+            xc, valid = out["xc"], out["valid"][0]
+            xn = xc + fine_model.disp_net(xc, smpl["shape"])
+            assert (xn - xc)[0, valid].norm(dim=-1).mean() > 1e-3
+            w = fine_model.deformer.lbs_net.lbs(xn)[0][0].double()                     # [N, J]
+            normal_c, _ = query_fine(fine_model, xc, codes["z_shape"], smpl["shape"],
+                                     codes["z_detail"], codes["z_color"], pose_exp_condition(smpl))
+    finally:
+        with torch.no_grad():
+            out_layer.weight.copy_(saved)
+    A = torch.einsum("nj,jrc->nrc", w, smpl["tfs"][0, :, :3, :3].double())
+    n = (torch.linalg.inv(A).transpose(-1, -2) @ normal_c[0].double()[..., None])[..., 0]
+    n = n / n.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(out["normal"][0, valid].double(), n[valid], rtol=0, atol=1e-5)
+
+
 def test_surface_needs_a_stage2_model_and_batched_inputs(head_model_path, fine_model):
     coarse = _model(head_model_path, IDS)
     params = torch.from_numpy(random_flame_params(np.random.default_rng(3)))[None]

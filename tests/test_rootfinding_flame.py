@@ -21,7 +21,7 @@ class NearestVertexFields(torch.nn.Module):
     """Stand-in LBS network: fields of the nearest canonical FLAME vertex.
 
     verts_c: [V, 3] canonical vertices; weights [V, J]; pose_dirs [V, P, 3]; expr_dirs [V, 3, K].
-    forward(xc [B, N, 3], z) -> (w [B, N, J], pose_dirs [B, N, P, 3], expr_dirs [B, N, 3, K]).
+    forward(xc [B, N, 3], betas) -> (w [B, N, J], pose_dirs [B, N, P, 3], expr_dirs [B, N, 3, K]).
     """
 
     def __init__(self, verts_c, weights, pose_dirs, expr_dirs):
@@ -31,7 +31,7 @@ class NearestVertexFields(torch.nn.Module):
         self.register_buffer("pose_dirs", pose_dirs)
         self.register_buffer("expr_dirs", expr_dirs)
 
-    def forward(self, xc, z_shape):
+    def forward(self, xc, betas):
         B, N, _ = xc.shape
         _, idx = nearest_neighbor(xc.detach().reshape(1, B * N, 3), self.verts_c[None])
         idx = idx.reshape(B, N)
@@ -58,7 +58,7 @@ def test_search_recovers_canonical_model_vertices(head_model_path, eval_mode):
     sel = torch.arange(0, smpl["verts"].shape[1], 2)
     xd = smpl["verts"][:, sel]
     truth = smpl["verts_c"][:, sel]
-    cond = {"z_shape": torch.zeros(1, 1)}
+    cond = {"shape": smpl["shape"]}
     with torch.no_grad():
         xc, valid = deformer(xd, cond, smpl, eval_mode=eval_mode)
     err = (xc - truth[:, :, None]).norm(dim=-1)  # [1, N, I]

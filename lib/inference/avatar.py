@@ -14,9 +14,10 @@ FLAME shape (betas [1, S]). Lazily, and only once each:
 The geometry (`mesh`, `fields`) depends only on z_shape and betas: `with_codes` makes an
 avatar with other detail/colour codes that shares it, so changing z_color cannot move a vertex.
 Posing a frame is one explicit LBS pass (`lib/model/explicit.py`) plus skinning the normals with
-the blended bone rotations; images come from the project's one rasterizer. A stage-1 checkpoint
-has untrained normal/texture networks: then the normals are the mesh's own and the RGB image
-is shaded grey (`has_color` False).
+the inverse-transpose of the blended target bone transforms (lib/model/query.skin_normals);
+images come from the project's one rasterizer. A stage-1 checkpoint has untrained
+normal/texture networks: then the normals are the mesh's own and the RGB image is shaded grey
+(`has_color` False).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 
 from lib.inference.loading import InferenceError, is_stage2
 from lib.model.explicit import deform_mesh, mesh_fields
-from lib.model.query import blend_rotations, query_fine, skin_normals
+from lib.model.query import blend_transforms, query_fine, skin_normals
 from lib.model.validation import extract_canonical_mesh
 from lib.utils.extraction import EmptyMeshError
 from lib.render.rasterizer import rasterize
@@ -130,7 +131,7 @@ class Avatar:
     def fields(self):
         """Learned fields at the vertices: (w [V, J], pose_dirs [V, 36, 3], expr_dirs [V, 3, E])."""
         if self._fields is None:
-            self._fields = mesh_fields(self.verts_c, self.model.deformer.lbs_net, self.z_shape)
+            self._fields = mesh_fields(self.verts_c, self.model.deformer.lbs_net, self.betas)
         return self._fields
 
     @torch.no_grad()
@@ -167,7 +168,7 @@ class Avatar:
     def pose(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Deform the canonical mesh to every frame. params: [B, P] (the avatar's betas are
         used whatever shape they hold). Returns verts [B, V, 3] and unit normals [B, V, 3]
-        (network normals skinned by the blended bone rotations; the mesh's own without
+        (network normals skinned by the blended bone transforms; the mesh's own without
         stage 2)."""
         params = params.to(self.betas).clone()
         server = self.model.flame_server
@@ -180,8 +181,8 @@ class Avatar:
             return verts, vertex_normals(verts, self.faces)
         normals_c = self.surface()[0]
         B = verts.shape[0]
-        rot = blend_rotations(self.fields[0][None].expand(B, -1, -1), smpl["tfs"], smpl["tfs_c"])
-        return verts, skin_normals(rot, normals_c[None].expand(B, -1, -1))
+        blend = blend_transforms(self.fields[0][None].expand(B, -1, -1), smpl["tfs"])
+        return verts, skin_normals(blend, normals_c[None].expand(B, -1, -1))
 
     # ------------------------------------------------------------------ pictures
     @torch.no_grad()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lib.model.deformer import SKIPPED_LOGIT
-from lib.model.query import (blend_rotations, pose_exp_condition, query_fine, skin_normals,
+from lib.model.query import (blend_transforms, pose_exp_condition, query_fine, skin_normals,
                              surface_correspondences)
 
 __all__ = ["occupancy_samples", "fit_shape", "fit_detail_color"]
@@ -106,8 +106,8 @@ def fit_detail_color(model, params: torch.Tensor, z_shape: torch.Tensor, pts: to
         xc = xc[0, keep]
         n_gt = F.normalize(normals[keep], dim=-1)
         c_gt = None if colors is None else colors[keep]
-        w = model.deformer.lbs_net(xc[None], z_shape)[0]
-        rot = blend_rotations(w, smpl["tfs"], smpl["tfs_c"])[0]  # [M, 3, 3]
+        w = model.deformer.lbs_net(xc[None], smpl["shape"])[0]
+        rot = blend_transforms(w, smpl["tfs"])[0]  # [M, 3, 3]
         pose_exp = pose_exp_condition(smpl)
     zd = z_detail.detach().clone().requires_grad_(True)
     zc = z_color.detach().clone().requires_grad_(c_gt is not None)

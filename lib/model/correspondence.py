@@ -32,7 +32,7 @@ def scan_correspondences(model, index: int, params: torch.Tensor, n_views: int =
     server = model.flame_server
     smpl = server(params)
     mesh = extract_canonical_mesh(model, z_shape, smpl["shape"], res_final=mesh_res)
-    fields = mesh_fields(mesh.verts, model.deformer.lbs_net, z_shape)
+    fields = mesh_fields(mesh.verts, model.deformer.lbs_net, smpl["shape"])
     view_params = torch.cat([server.view_params(params, k, n_views) for k in range(n_views)])
     verts_d = deform_mesh(mesh.verts, fields, server(view_params))  # [K, V, 3]
     frags = rasterize(verts_d, mesh.faces, res)

@@ -2,18 +2,22 @@
 
 Shape legend:
     B batch, N points, I initializations (bones used to start the search, 5 by default),
-    J joints (5), K expression components (50), P pose-feature size (36), Z z_shape width (256),
-    V FLAME vertices, A points flattened across the batch (each carries a batch index).
+    J joints (5), K expression components (50), P pose-feature size (36), S FLAME shape
+    parameters (betas, 100), V FLAME vertices, A points flattened across the batch (each
+    carries a batch index).
 
 Arguments shared by the methods:
-    cond: dict with 'z_shape' [B, Z] (LBS conditioning) and, for the shape-neutral mapping
-        and occupancy, 'shape' [B, 100] (FLAME shape); other keys are passed through to occ_fn.
+    cond: dict with 'shape' [B, S] (FLAME shape, betas): the per-item condition of the LBS
+        fields (lib/model/neutral_lbs.py evaluates the unconditioned skinning network at the
+        shape-neutral point x_c + disp(x_c, betas)) and of the shape-neutral mapping of
+        occupancy; other keys are passed through to occ_fn.
     smpl_out: the FLAME server's dict; used keys: 'tfs' [B, J, 4, 4] target joint transforms,
         'tfs_c' [B, J, 4, 4] canonical ones, 'pose_feature' [B, P], 'pose_feature_c' [B, P],
         'exp' [B, K], optional 'exp_c' [B, K] (zeros when absent), and 'verts' [B, V, 3]
         (posed vertices, only to skip far points). A leading dim of 1 is broadcast to B.
 
-forward deformation (DESIGN section 2), with w, E, Pd the LBS fields at x_c:
+forward deformation (DESIGN section 2), with w, E, Pd the LBS fields of the shaped canonical
+point x_c (lbs_net(x_c, betas)):
     x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c + E exp + Pd^T pose_feature
     x_d = (sum_j w_j tfs[j]) x_r
 The inverse is found per point by Broyden's method from I rigid initializations; gradients reach
@@ -105,8 +109,9 @@ class ForwardDeformer(nn.Module):
     """Correspondence search x_d -> x_c through learned LBS fields.
 
     Args:
-        lbs_net: callable ``(xc [B, N, 3], z_shape [B, Z]) -> (w [B, N, J], pose_dirs [B, N, P, 3],
-            expr_dirs [B, N, 3, K])``; registered as a submodule when it is an nn.Module.
+        lbs_net: callable ``(xc [B, N, 3], betas [B, S]) -> (w [B, N, J], pose_dirs [B, N, P, 3],
+            expr_dirs [B, N, 3, K])`` (GANHead: lib/model/neutral_lbs.NeutralLBS); registered as
+            a submodule when it is an nn.Module.
         n_joints: J.
         max_steps, cvg_thresh, dvg_thresh: Broyden settings (see lib/model/broyden.py).
         chunk_size: deformed points solved together (each with I unknowns); bounds memory.
@@ -159,27 +164,27 @@ class ForwardDeformer(nn.Module):
         return out
 
     @staticmethod
-    def _z(cond: Dict[str, torch.Tensor], B: int) -> torch.Tensor:
-        """cond['z_shape'] [B, Z] (checked)."""
-        if "z_shape" not in cond:
-            raise _err(f"cond lacks 'z_shape' (has {sorted(cond)})")
-        z = cond["z_shape"]
-        if z.dim() != 2 or z.shape[0] != B:
-            raise _err(f"cond['z_shape'] must be [{B}, Z], got {tuple(z.shape)}")
-        return z
+    def _betas(cond: Dict[str, torch.Tensor], B: int) -> torch.Tensor:
+        """cond['shape'] [B, S] (checked): the LBS fields' per-item condition."""
+        if "shape" not in cond:
+            raise _err(f"cond lacks 'shape' (FLAME betas, has {sorted(cond)})")
+        betas = cond["shape"]
+        if betas.dim() != 2 or betas.shape[0] != B:
+            raise _err(f"cond['shape'] must be [{B}, S], got {tuple(betas.shape)}")
+        return betas
 
-    def _fields(self, xc: torch.Tensor, z: torch.Tensor):
-        """LBS fields at xc [B, N, 3] with z [B, Z] -> w [B,N,J], pose_dirs [B,N,P,3], expr_dirs [B,N,3,K]."""
-        w, pose_dirs, expr_dirs = self.lbs_net(xc, z)
+    def _fields(self, xc: torch.Tensor, betas: torch.Tensor):
+        """LBS fields at xc [B, N, 3] with betas [B, S] -> w [B,N,J], pose_dirs [B,N,P,3], expr_dirs [B,N,3,K]."""
+        w, pose_dirs, expr_dirs = self.lbs_net(xc, betas)
         if w.shape[-1] != self.n_joints or w.shape[:2] != xc.shape[:2]:
             raise _err(f"lbs_net returned weights {tuple(w.shape)} for points {tuple(xc.shape)}")
         return w, pose_dirs, expr_dirs
 
-    def _deform_flat(self, xc: torch.Tensor, bidx: torch.Tensor, z: torch.Tensor, sm) -> torch.Tensor:
+    def _deform_flat(self, xc: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor, sm) -> torch.Tensor:
         """Forward deformation of flattened points: xc [A, 3], bidx [A] -> xd [A, 3].
 
-        Each point is its own batch item for the LBS network (z gathered per point)."""
-        w, pd, ed = self._fields(xc[:, None, :], z[bidx])
+        Each point is its own batch item for the LBS network (betas gathered per point)."""
+        w, pd, ed = self._fields(xc[:, None, :], betas[bidx])
         g = {k: v[bidx] for k, v in sm.items()}
         return lbs_deform(xc, w[:, 0], ed[:, 0], pd[:, 0], g["tfs"], g["tfs_c"], g["exp"], g["exp_c"],
                           g["pose_feature"], g["pose_feature_c"])
@@ -188,11 +193,11 @@ class ForwardDeformer(nn.Module):
                        smpl_out: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Deform canonical points to the target pose/expression. xc: [B, N, 3] -> xd: [B, N, 3]."""
         B = xc.shape[0]
-        return self._deform_items(xc, self._z(cond, B), self._smpl(smpl_out, B, xc))
+        return self._deform_items(xc, self._betas(cond, B), self._smpl(smpl_out, B, xc))
 
-    def _deform_items(self, xc: torch.Tensor, z: torch.Tensor, sm: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """forward_deform on checked inputs: xc [B, N, 3], z [B, Z], sm as returned by _smpl -> xd [B, N, 3]."""
-        w, pd, ed = self._fields(xc, z)
+    def _deform_items(self, xc: torch.Tensor, betas: torch.Tensor, sm: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """forward_deform on checked inputs: xc [B, N, 3], betas [B, S], sm as returned by _smpl -> xd [B, N, 3]."""
+        w, pd, ed = self._fields(xc, betas)
         t = {k: (v[:, None] if k.startswith("tfs") else v[:, None, :]) for k, v in sm.items()}
         return lbs_deform(xc, w, ed, pd, t["tfs"], t["tfs_c"], t["exp"], t["exp_c"],
                           t["pose_feature"], t["pose_feature_c"])
@@ -216,17 +221,20 @@ class ForwardDeformer(nn.Module):
             rows.append(gk)
         return torch.stack(rows, dim=1)
 
-    def _init_J_inv(self, x0: torch.Tensor, bidx: torch.Tensor, z: torch.Tensor, sm, eval_mode: bool):
-        """Initial inverse Jacobians at x0 [A, 3] -> [A, 3, 3] (identity where singular)."""
-        if eval_mode:  # blended bone rotation of tfs @ inv(tfs_c), weights at x0
+    def _init_J_inv(self, x0: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor, sm, eval_mode: bool):
+        """Initial inverse Jacobians at x0 [A, 3] -> [A, 3, 3] (identity where singular).
+
+        eval_mode: the inverse of the blended target transform (sum_j w_j tfs[j])[:3, :3], w the
+        LBS weights at x0 (the original's evaluation-mode initialization: the canonical
+        transforms are left out). Otherwise the exact Jacobian of the forward deformation."""
+        if eval_mode:
             with torch.no_grad():
-                w = self._fields(x0[:, None, :], z[bidx])[0][:, 0]  # [A, J]
-                R = (sm["tfs"] @ torch.linalg.inv(sm["tfs_c"]))[..., :3, :3]  # [B, J, 3, 3]
-                J = torch.einsum("aj,ajrc->arc", w, R[bidx])
+                w = self._fields(x0[:, None, :], betas[bidx])[0][:, 0]  # [A, J]
+                J = torch.einsum("aj,ajrc->arc", w, sm["tfs"][bidx][..., :3, :3])
         else:  # exact Jacobian of the forward deformation by autograd
             with torch.enable_grad():
                 x = x0.detach().requires_grad_(True)
-                f = self._deform_flat(x, bidx, z.detach(), {k: v.detach() for k, v in sm.items()})
+                f = self._deform_flat(x, bidx, betas.detach(), {k: v.detach() for k, v in sm.items()})
                 J = self._jacobian(f, x, keep_graph=False)
         J_inv, ok = inv3(J.detach())
         eye = torch.eye(3, dtype=x0.dtype, device=x0.device).expand_as(J_inv)
@@ -236,14 +244,14 @@ class ForwardDeformer(nn.Module):
     def _search_setup(self, xd, cond, smpl_out, point_mask):
         """Detached inputs and the empty result buffers shared by every search mode.
 
-        xd: [B, N, 3]; point_mask: optional [B, N]. Returns xd0 [B, N, 3], z [B, Z], sm (the
+        xd: [B, N, 3]; point_mask: optional [B, N]. Returns xd0 [B, N, 3], betas [B, S], sm (the
         detached FLAME dict), x_init [B*N, I, 3], xc [B*N, I, 3] (a copy of x_init),
         valid [B*N, I] False, diff [B*N, I] inf, pts [P] flat indices of the points to solve.
         """
         B, N, _ = xd.shape
         I = self.n_init
         xd0 = xd.detach()
-        z = self._z(cond, B).detach().to(xd.dtype)
+        betas = self._betas(cond, B).detach().to(xd.dtype)
         sm = {k: v.detach() for k, v in self._smpl(smpl_out, B, xd0).items()}
         x_init = self.init_points(xd0, sm).reshape(B * N, I, 3)
         valid = torch.zeros(B * N, I, dtype=torch.bool, device=xd.device)
@@ -254,7 +262,7 @@ class ForwardDeformer(nn.Module):
             if tuple(point_mask.shape) != (B, N):
                 raise _err(f"point_mask must be [{B}, {N}], got {tuple(point_mask.shape)}")
             pts = point_mask.reshape(-1).nonzero().squeeze(1)
-        return xd0, z, sm, x_init, x_init.clone(), valid, diff, pts
+        return xd0, betas, sm, x_init, x_init.clone(), valid, diff, pts
 
     def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
@@ -269,7 +277,7 @@ class ForwardDeformer(nn.Module):
         B, N, _ = xd.shape
         I = self.n_init
         with torch.no_grad():
-            xd0, z, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
+            xd0, betas, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
                                                                           point_mask)
             xd_flat = xd0.reshape(B * N, 3)
             n_steps = 0
@@ -277,7 +285,7 @@ class ForwardDeformer(nn.Module):
                 p = pts[s:s + self.chunk_size]                      # [c]
                 bidx = (p // N).repeat_interleave(I)                # [c*I]
                 target = xd_flat[p].repeat_interleave(I, dim=0)     # [c*I, 3]
-                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, z, sm, eval_mode)
+                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, betas, sm, eval_mode)
                 xc[p] = out["result"].reshape(-1, I, 3)
                 valid[p] = out["valid_ids"].reshape(-1, I)
                 diff[p] = out["diff"].reshape(-1, I)
@@ -287,7 +295,7 @@ class ForwardDeformer(nn.Module):
             return xc, valid, dict(diff=diff.reshape(B, N, I), n_steps=n_steps)
         return xc, valid
 
-    def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, z: torch.Tensor, sm,
+    def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, betas: torch.Tensor, sm,
                      eval_mode: bool, max_steps: Optional[int] = None, J_inv: Optional[torch.Tensor] = None,
                      deform: Optional[Callable] = None):
         """Broyden through the networks from x0 [A, 3] (batch items bidx [A], targets x_d [A, 3]).
@@ -296,10 +304,10 @@ class ForwardDeformer(nn.Module):
         self.max_steps; deform: (x [A', 3], bidx [A']) -> x_d [A', 3], the forward deformation
         (default: the plain networks, _deform_flat). Returns broyden's dict (result [A, 3],
         diff [A], valid_ids [A], n_steps)."""
-        J0 = self._init_J_inv(x0, bidx, z, sm, eval_mode) if J_inv is None else J_inv
+        J0 = self._init_J_inv(x0, bidx, betas, sm, eval_mode) if J_inv is None else J_inv
         if deform is None:
             def deform(x, b):
-                return self._deform_flat(x, b, z, sm)
+                return self._deform_flat(x, b, betas, sm)
 
         def residual(x, mask):
             return deform(x, bidx[mask]) - target[mask]
@@ -307,15 +315,15 @@ class ForwardDeformer(nn.Module):
         steps = self.max_steps if max_steps is None else int(max_steps)
         return broyden(residual, x0, J0, steps, self.cvg_thresh, self.dvg_thresh)
 
-    def _implicit_correction(self, xc_star, bidx, target, z, sm) -> torch.Tensor:
+    def _implicit_correction(self, xc_star, bidx, target, betas, sm) -> torch.Tensor:
         """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d, J = dr/dx_c at x_c*.
 
-        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, z, smpl_out and x_d.
+        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, betas, smpl_out and x_d.
         xc_star [A, 3], bidx [A], target (x_d, may carry a graph) [A, 3] -> [A, 3].
         """
         with torch.enable_grad():
             x = xc_star.detach().requires_grad_(True)
-            f = self._deform_flat(x, bidx, z, sm)
+            f = self._deform_flat(x, bidx, betas, sm)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
         r = f - target
@@ -337,7 +345,7 @@ class ForwardDeformer(nn.Module):
                 sm = self._smpl(smpl_out, B, xd)
                 target = xd.reshape(B * N, 3)[v // I]
                 corr = self._implicit_correction(xc.reshape(-1, 3)[v], v // (N * I), target,
-                                                 self._z(cond, B).to(xd.dtype), sm)
+                                                 self._betas(cond, B).to(xd.dtype), sm)
                 xc = xc.reshape(-1, 3).index_put((v,), corr).reshape(B, N, I, 3)
         return (xc, valid, info) if return_info else (xc, valid)
 

@@ -25,16 +25,16 @@ JOINT_COLORS = torch.tensor([
 
 
 @torch.no_grad()
-def mesh_fields(verts_c: torch.Tensor, lbs_net, z_shape: torch.Tensor, chunk: int = 50_000
+def mesh_fields(verts_c: torch.Tensor, lbs_net, betas: torch.Tensor, chunk: int = 50_000
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Learned fields at the canonical mesh vertices, in chunks.
+    """Learned fields at the (shaped) canonical mesh vertices, in chunks.
 
-    verts_c: [V, 3]; z_shape: [1, Z].
+    verts_c: [V, 3]; lbs_net: the deformer's (xc, betas) -> fields; betas: [1, 100].
     Returns: w [V, J], pose_dirs [V, P, 3], expr_dirs [V, 3, K].
     """
     ws, ps, es = [], [], []
     for start in range(0, verts_c.shape[0], chunk):
-        w, p, e = lbs_net(verts_c[None, start:start + chunk], z_shape)
+        w, p, e = lbs_net(verts_c[None, start:start + chunk], betas)
         ws.append(w[0])
         ps.append(p[0])
         es.append(e[0])

@@ -1,16 +1,17 @@
 """Fast correspondence search: the deformation baked into a grid, finished through the networks.
 
 Shape legend:
-    B batch, N points, I initializations (5), J joints (5), Z z_shape width, K baked batch items
+    B batch, N points, I initializations (5), J joints (5), S betas width, K baked batch items
     (<= B), D/H/W network lattice along z/y/x (grid_res), D'/H'/W' refined lookup lattice,
     A flattened inits (each with a batch index), U inits polished through the networks.
 
 Same problem as lib/model/deformer.py (find x_c with forward_deform(x_c) = x_d from I rigid
 initializations), solved in stages (Fast-SNARF's idea, in plain torch):
 
-1. Bake. For one batch item (its z_shape, pose and expression) the deformed position of a
+1. Bake. For one batch item (its betas, pose and expression) the deformed position of a
    canonical point, F(x_c) = forward_deform(x_c), depends only on the skinning weights (J) and
-   the pose/expression offset (3) there. The LBS network is evaluated once per item on a
+   the pose/expression offset (3) there. The LBS fields (displacement network, then the LBS
+   network at the shape-neutral point) are evaluated once per item on a
    D x H x W lattice over [bbox_min, bbox_max] and F itself is stored: 3 channels that already
    combine the J + 3 field values with the item's joint transforms, so a search step needs no
    skinning algebra.
@@ -41,12 +42,12 @@ are evaluated once per distinct root (merged and coincident inits share theirs b
 with identical values and gradients. The extra constructor arguments add no state_dict keys:
 checkpoints load in either mode.
 
-The bake and the polish (no gradients) evaluate the LBS network folded for the search
-(lib/model/folded_lbs.py: weights read once, z_shape's part of the first layer and the
-blendshape head folded per item, about half the work per point, same values to rounding) and
-its skinning as one product for all items; the implicit correction uses the same folding
-built with its graph, so gradients reach the parameters, z_shape and the FLAME inputs as
-through the plain network (tested against it in float64).
+The bake and the polish (no gradients) evaluate the fields folded for the search
+(lib/model/folded_lbs.py: weights read once, the betas' part of the displacement network's
+first layer and the blendshape head folded per item, same values to rounding) and the
+skinning as one product for all items; the implicit correction uses the same folding built
+with its graph, so gradients reach both networks' parameters, betas and the FLAME inputs as
+through the plain networks (tested against them in float64).
 """
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ class FastForwardDeformer(ForwardDeformer):
         fallback: polish unconverged roots further and give points without any root the exact
             search from their rigid inits (module docstring, stage 6).
         folded: evaluate the networks in the bake and the polish through lbs_net.folded(...)
-            (lib/model/folded_lbs.py: weights read once, z_shape and blendshape parts folded per
+            (lib/model/folded_lbs.py: weights read once, betas and blendshape parts folded per
             item; same values to float rounding) when lbs_net has it; False: the plain path.
     """
 
@@ -211,17 +212,17 @@ class FastForwardDeformer(ForwardDeformer):
         return tuple((n - 1) * self.upsample + 1 for n in self.grid_res)
 
     # ------------------------------------------------------------------ bake
-    def folded_deform(self, z: torch.Tensor, sm: Dict[str, torch.Tensor]):
-        """The forward deformation of K items: z [K, Z], sm (_smpl's dict, leading dim K) ->
+    def folded_deform(self, betas: torch.Tensor, sm: Dict[str, torch.Tensor]):
+        """The forward deformation of K items: betas [K, S], sm (_smpl's dict, leading dim K) ->
         callable (x [A, 3], slot [A] in 0..K-1) -> x_d [A, 3]. Folded (lib/model/folded_lbs.py)
         when enabled and lbs_net supports it, else the plain networks. Called under no_grad it
         holds no graph (the search); with grad enabled gradients flow as through the plain path
         (the implicit correction)."""
         make = getattr(self.lbs_net, "folded", None) if self.folded else None
-        fold = None if make is None else make(z, sm["pose_feature"] - sm["pose_feature_c"],
+        fold = None if make is None else make(betas, sm["pose_feature"] - sm["pose_feature_c"],
                                               sm["exp"] - sm["exp_c"])
         if fold is None:
-            return lambda x, slot: self._deform_flat(x, slot, z, sm)
+            return lambda x, slot: self._deform_flat(x, slot, betas, sm)
 
         skin = FoldedSkinning(sm["tfs"], sm["tfs_c"])
 
@@ -230,18 +231,18 @@ class FastForwardDeformer(ForwardDeformer):
             return skin(x, w, offset, slot)
         return deform
 
-    def bake(self, z: torch.Tensor, sm: Dict[str, torch.Tensor], deform=None) -> BakedGrid:
-        """Deformed positions of the lattice for K items: z [K, Z], sm (_smpl's dict, leading dim K);
-        deform: folded_deform(z, sm) when the caller has it already.
+    def bake(self, betas: torch.Tensor, sm: Dict[str, torch.Tensor], deform=None) -> BakedGrid:
+        """Deformed positions of the lattice for K items: betas [K, S], sm (_smpl's dict, leading dim K);
+        deform: folded_deform(betas, sm) when the caller has it already.
 
         The network sees about chunk_size * I lattice points per call.
         Returns the refined BakedGrid over [bbox_min, bbox_max]."""
-        K, dt = z.shape[0], sm["tfs"].dtype
-        deform = self.folded_deform(z, sm) if deform is None else deform
+        K, dt = betas.shape[0], sm["tfs"].dtype
+        deform = self.folded_deform(betas, sm) if deform is None else deform
         lo, hi = self.bbox_min.to(dt), self.bbox_max.to(dt)
         pts = lo + self.lattice_unit.to(dt) * (hi - lo)                                # [G, 3]
         g = max(1, (self.chunk_size * self.n_init) // max(K, 1))
-        slots = torch.arange(K, device=z.device)
+        slots = torch.arange(K, device=betas.device)
         vals = []
         for s in range(0, pts.shape[0], g):
             chunk = pts[s:s + g]
@@ -316,7 +317,7 @@ class FastForwardDeformer(ForwardDeformer):
         return leader, rep
 
     # ------------------------------------------------------------------ implicit differentiation
-    def _implicit_correction(self, xc_star, bidx, target, z, sm) -> torch.Tensor:
+    def _implicit_correction(self, xc_star, bidx, target, betas, sm) -> torch.Tensor:
         """ForwardDeformer's correction, x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()) with
         r = forward_deform - x_d, evaluated once per distinct (batch item, x_c*) row.
 
@@ -326,7 +327,7 @@ class FastForwardDeformer(ForwardDeformer):
         first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype), xc_star.detach()], dim=1))
         with torch.enable_grad():
             x = xc_star.detach()[first].requires_grad_(True)                          # [U, 3]
-            f = self.folded_deform(z, sm)(x, bidx[first])  # folded with its graph (see folded_lbs)
+            f = self.folded_deform(betas, sm)(x, bidx[first])  # folded with its graph (see folded_lbs)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
         d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                          # [U, 3]
@@ -374,23 +375,23 @@ class FastForwardDeformer(ForwardDeformer):
         I = self.n_init
         info = dict(n_steps=0, grid_steps=0, n_polished=0, n_further=0, n_fallback=0, n_solved=0)
         with torch.no_grad():
-            xd0, z, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
+            xd0, betas, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
                                                                           point_mask)
             if pts.numel() > 0:
                 items = torch.unique(pts // N)                                         # [K]
                 slot_of = torch.full((B,), -1, dtype=torch.long, device=xd.device)
                 slot_of[items] = torch.arange(items.numel(), device=xd.device)
-                z_k, sm_k = z[items], {k: v[items] for k, v in sm.items()}
-                deform_k = self.folded_deform(z_k, sm_k)                               # by slot
+                betas_k, sm_k = betas[items], {k: v[items] for k, v in sm.items()}
+                deform_k = self.folded_deform(betas_k, sm_k)                           # by slot
 
                 def deform(x, b):                                                      # by batch index
                     return deform_k(x, slot_of[b])
-                grid = self.bake(z_k, sm_k, deform_k)
+                grid = self.bake(betas_k, sm_k, deform_k)
                 init_rep = self._same_inits(sm)                                        # [B, I]
                 for s in range(0, pts.numel(), self.chunk_size):
                     p = pts[s:s + self.chunk_size]
                     xc[p], valid[p], diff[p] = self._solve_chunk(grid, slot_of, p, N, x_init[p],
-                                                                 xd0.reshape(B * N, 3)[p], z, sm, eval_mode, info,
+                                                                 xd0.reshape(B * N, 3)[p], betas, sm, eval_mode, info,
                                                                  deform, init_rep)
         xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
         if return_info:
@@ -457,7 +458,7 @@ class FastForwardDeformer(ForwardDeformer):
         diff[ids] = torch.where(take, out["diff"], diff[ids])
         valid[ids] = out["valid_ids"]
 
-    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, z, sm, eval_mode, info, deform=None, init_rep=None):
+    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, betas, sm, eval_mode, info, deform=None, init_rep=None):
         """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
 
         x0: [c, I, 3] rigid inits; xd_p: [c, 3]; deform: (x [A, 3], batch index [A]) -> x_d [A, 3]
@@ -487,13 +488,13 @@ class FastForwardDeformer(ForwardDeformer):
         if lead.numel() > 0:  # polish
             if deform is None:
                 def deform(x, b):
-                    return self._deform_flat(x, b, z, sm)
+                    return self._deform_flat(x, b, betas, sm)
             out = self._polish(grid, xg[lead], bidx[lead], slot[lead], target[lead], deform)
             self._update(lead, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
         further = lead[~valid[lead] & (diff[lead] <= self.dvg_thresh)] if lead.numel() else lead
         if self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps:  # from the best iterate
-            out = self._solve_exact(xc[further], bidx[further], target[further], z, sm, eval_mode,
+            out = self._solve_exact(xc[further], bidx[further], target[further], betas, sm, eval_mode,
                                     max_steps=self.max_steps - self.exact_steps,
                                     J_inv=self._grid_j_inv(grid, xc[further], slot[further]), deform=deform)
             self._update(further, out, xc, valid, diff)
@@ -507,7 +508,7 @@ class FastForwardDeformer(ForwardDeformer):
         # points left without any root: the exact search from the rigid inits
         rest = (~valid.reshape(c, I).any(-1, keepdim=True)).expand(c, I).reshape(-1).nonzero().squeeze(1)
         if self.fallback and rest.numel() > 0:
-            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], z, sm, eval_mode, deform=deform)
+            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], betas, sm, eval_mode, deform=deform)
             self._update(rest, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
             info["n_fallback"] += int(rest.numel())

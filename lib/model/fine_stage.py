@@ -19,8 +19,9 @@ and the texture networks receive gradients):
   geometry features), texture network on cat(z_color, pose (15, global rotation zeroed so
   that colour does not depend on the view) and expression (50), geometry features, normal
   features);
-- canonical normals are skinned with the rotation part of sum_j w_j(x_c) tfs[j] inv(tfs_c[j])
-  (tfs of the view for pixels, of the scan for surface samples) and renormalized;
+- canonical normals are skinned with the inverse-transpose of sum_j w_j(x_c) tfs[j][:3, :3]
+  (target transforms only: tfs of the view for pixels, of the scan for surface samples; w the
+  LBS network at the shape-neutral point) and renormalized (lib/model/query.skin_normals);
 - images: the pixel values scattered into [B, 3, R, R], white (+1) outside the cache mask.
 
 Losses (weights from hparams), as the original's defaults (3D losses on):
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from lib.model.discriminator import (LazyR1, d_logistic_loss, g_nonsaturating_loss,
                                       r1_penalty)
 from lib.model.losses import latent_reg
-from lib.model.query import (blend_rotations, pose_exp_condition, query_fine, skin_normals,
+from lib.model.query import (blend_transforms, pose_exp_condition, query_fine, skin_normals,
                              surface_correspondences)
 
 _WHERE = "lib/model/fine_stage.py"
@@ -207,8 +208,8 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     normal_c, rgb = query_fine(model, pts, z_shape, smpl["shape"], z_detail, z_color,
                                pose_exp_condition(smpl), volume)
     with torch.no_grad():
-        w = model.deformer.lbs_net(pts, z_shape)[0]  # [B, M, J]
-        rot_view = blend_rotations(w[:, :L], smpl_view["tfs"], smpl_view["tfs_c"])
+        w = model.deformer.lbs_net(pts, smpl["shape"])[0]  # [B, M, J]
+        rot_view = blend_transforms(w[:, :L], smpl_view["tfs"])
     fake_normal = scatter_image(skin_normals(rot_view, normal_c[:, :L]), index, R)
     fake_rgb = scatter_image(rgb[:, :L], index, R)
     real_normal, real_rgb = batch["normal_img"], batch["rgb_img"]
@@ -221,7 +222,7 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     }
     if with_surface:
         with torch.no_grad():
-            rot_scan = blend_rotations(w[:, L:], smpl["tfs"], smpl["tfs_c"])
+            rot_scan = blend_transforms(w[:, L:], smpl["tfs"])
         n_scan = skin_normals(rot_scan, normal_c[:, L:])
         terms["normal_3d"] = surface_normal_loss(n_scan, batch["surface_normals"], valid3d)
         terms["color_3d"] = hp.lambda_color * surface_color_loss(

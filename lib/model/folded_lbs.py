@@ -1,22 +1,25 @@
-"""The LBS network folded for one correspondence search (no gradients): same values, less work.
+"""The skinning fields folded for one correspondence search: same values, less work.
 
-Shape legend: B batch, A points flattened across the batch (each with a batch index), Z z_shape
-width, J joints, P pose-feature size (36), X expression components (50), T = 3 P + 3 X blendshape
-coefficients (258), E encoded point width, n hidden width.
+Shape legend: B batch, A points flattened across the batch (each with a batch index), S FLAME
+shape parameters (betas, 100), J joints, P pose-feature size (36), X expression components
+(50), T = 3 P + 3 X blendshape coefficients (258), E encoded point width, n hidden width.
 
-Within one search the network's weights and every batch item's z_shape, pose feature and
-expression are fixed, so three parts of the plain evaluation (LBSNetwork -> lbs_deform) repeat
-the same work for every point and every step:
+The fields of a shaped canonical point x (lib/model/neutral_lbs.py) are the unconditioned LBS
+network at the shape-neutral point x + disp(x, betas). Within one search the networks' weights
+and every batch item's betas, pose feature and expression are fixed, so parts of the plain
+evaluation (displacement network -> LBS network -> lbs_deform) repeat the same work for every
+point and every step:
 - the weight-norm parametrization recomputes each layer's weight on every call: done once here;
-- a layer conditioned on z_shape multiplies the 256-wide code for every point: its part of the
-  layer, W_z z + b, is one [B, n] bias per item, gathered per point;
+- a layer of the displacement network conditioned on betas multiplies the 100-wide code for
+  every point: its part of the layer, W_b betas + b, is one [B, n] bias per item, gathered per
+  point;
 - the 258 blendshape coefficients are only ever contracted with the item's (fixed) pose-feature
   and expression changes, giving one 3-vector offset; the tail layer and that contraction fold
   into one [3, n] matrix per item.
-Per point that leaves the encoding, the hidden layers, J skinning logits and a 3 x n product:
-about half the multiply-adds of the plain network and none of its [A, Z] and [A, T] tensors.
+Per point that leaves the two encodings, the hidden layers, J skinning logits and a 3 x n
+product, and none of the plain path's [A, S] and [A, T] tensors.
 
-`FoldedLBS(lbs_net, z, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`;
+`FoldedLBS(lbs, disp_net, betas, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`;
 `FoldedSkinning(tfs, tfs_c)(x, w, offset, bidx) -> x_d [A, 3]` finishes the deformation as
 lib/model/deformer.skin_offset does, without gathering each point's [J, 4, 4] transforms: the
 blended rows sum_j w_j tfs[j] of every item come out of one [A, J] x [J, 24 B] product and each
@@ -26,49 +29,41 @@ lib/model/deformer.py's plain path stays the reference; tests/test_fast_deformer
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from lib.model.deformer import adjugate3
 
-__all__ = ["FoldedLBS", "FoldedSkinning"]
+__all__ = ["FoldedLBS", "FoldedSkinning", "FoldedMLP"]
 
 
-class FoldedLBS:
-    """lbs_net (lib.model.networks.LBSNetwork) frozen at z [B, Z] with pose-feature change
-    d_pose [B, P] (pose_feature - pose_feature_c) and expression change d_exp [B, X]
-    (exp - exp_c). Call with x [A, 3], bidx [A] -> w [A, J] (softmax weights), offset [A, 3]
-    (E d_exp + Pd^T d_pose at x). Built under torch.no_grad() it holds no graph (the search);
-    built with grad enabled, the folding is part of the graph, so gradients reach the network's
-    parameters, z, d_pose, d_exp and x as through the plain network (the implicit correction)."""
+class FoldedMLP:
+    """An ImplicitNetwork (lib/model/networks.py) frozen at a per-item condition: weights read
+    once, the condition's columns of each conditioned layer folded into a per-item bias.
 
-    def __init__(self, lbs_net, z: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor):
-        net = lbs_net.net
-        self.net, self.scale = net, float(lbs_net.softmax_scale)
-        dt = z.dtype
-        self.W = [lin.weight.to(dt) for lin in net.layers]   # weight norm applied once
-        self.b = [lin.bias.to(dt) for lin in net.layers]
+    net: the network (output activation None); cond: [B, C] per-item condition (None for an
+    unconditioned network); dtype: of the evaluation. Call with x [A, 3], bidx [A] ->
+    (out [A, d_out] the output layer's value, h_tail [A, n] the input of the network's tail
+    head, or None when it has none). Differentiable like the plain network when built and
+    called with grad enabled (gradients reach the parameters, cond and x)."""
+
+    def __init__(self, net, cond: Optional[torch.Tensor], dtype: torch.dtype):
+        if net.out_activation is not None:
+            raise ValueError(f"lib/model/folded_lbs.py: FoldedMLP folds networks without an output "
+                             f"activation, got {net.out_activation!r}")
+        self.net = net
+        self.W = [lin.weight.to(dtype) for lin in net.layers]   # weight norm applied once
+        self.b = [lin.bias.to(dtype) for lin in net.layers]
         self.cond_bias = {}
-        for l in net.cond_layers:
-            C = net.cond_dim
-            self.cond_bias[l] = z @ self.W[l][:, -C:].t() + self.b[l]                # [B, n_l]
-            self.W[l] = self.W[l][:, :-C].contiguous()
-        P, X = lbs_net.pose_feature_dim, lbs_net.n_exp
-        B = z.shape[0]
-        # offset_r = sum_p tail[3 p + r] d_pose[p] + sum_k tail[3 P + X r + k] d_exp[k]
-        zeros_p, zeros_x = d_pose.new_zeros(B, P).to(dt), d_exp.new_zeros(B, X).to(dt)
-        rows = []
-        for r in range(3):
-            pose_part = torch.stack([d_pose.to(dt) if c == r else zeros_p for c in range(3)], dim=-1)
-            exp_part = [d_exp.to(dt) if c == r else zeros_x for c in range(3)]
-            rows.append(torch.cat([pose_part.reshape(B, 3 * P)] + exp_part, dim=-1))
-        M = torch.stack(rows, dim=1)                                                # [B, 3, T]
-        Wt, bt = net.tail.weight.to(dt), net.tail.bias.to(dt)
-        # all items' folded tails side by side: one [A, n] x [n, 3 B] product, then each
-        # point keeps its item's 3 columns (cheaper than a gathered [A, 3, n] per point)
-        self.B = B
-        self.tail_W = (M @ Wt).reshape(3 * B, -1).t().contiguous()                   # [n, 3 B]
-        self.tail_b = (M @ bt).reshape(3 * B)                                        # [3 B]
+        if net.cond_dim > 0:
+            if cond is None or cond.dim() != 2 or cond.shape[1] != net.cond_dim:
+                raise ValueError(f"lib/model/folded_lbs.py: the network needs a [B, {net.cond_dim}] "
+                                 f"condition, got {None if cond is None else tuple(cond.shape)}")
+            C, c = net.cond_dim, cond.to(dtype)
+            for l in net.cond_layers:
+                self.cond_bias[l] = c @ self.W[l][:, -C:].t() + self.b[l]            # [B, n_l]
+                self.W[l] = self.W[l][:, :-C].contiguous()
 
     def __call__(self, x: torch.Tensor, bidx: torch.Tensor):
         net = self.net
@@ -85,6 +80,44 @@ class FoldedLBS:
                 h = torch.addmm(self.b[l], h, self.W[l].t())
             if l < net.depth:
                 h = net.softplus(h, inplace=not torch.is_grad_enabled())
+        return h, h_tail
+
+
+class FoldedLBS:
+    """The fields of lib/model/neutral_lbs.NeutralLBS frozen for one search: lbs (LBSNetwork,
+    unconditioned) evaluated at x + disp_net(x, betas), with betas [B, S], pose-feature change
+    d_pose [B, P] (pose_feature - pose_feature_c) and expression change d_exp [B, X]
+    (exp - exp_c). Call with x [A, 3] shaped canonical points, bidx [A] -> w [A, J] (softmax
+    weights), offset [A, 3] (E d_exp + Pd^T d_pose at x). Built under torch.no_grad() it holds
+    no graph (the search); built with grad enabled, the folding is part of the graph, so
+    gradients reach both networks' parameters, betas, d_pose, d_exp and x as through the plain
+    networks (the implicit correction)."""
+
+    def __init__(self, lbs, disp_net, betas: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor):
+        dt = betas.dtype
+        self.disp = FoldedMLP(disp_net, betas, dt)
+        self.lbs = FoldedMLP(lbs.net, None, dt)
+        self.scale = float(lbs.softmax_scale)
+        P, X = lbs.pose_feature_dim, lbs.n_exp
+        B = betas.shape[0]
+        # offset_r = sum_p tail[3 p + r] d_pose[p] + sum_k tail[3 P + X r + k] d_exp[k]
+        zeros_p, zeros_x = d_pose.new_zeros(B, P).to(dt), d_exp.new_zeros(B, X).to(dt)
+        rows = []
+        for r in range(3):
+            pose_part = torch.stack([d_pose.to(dt) if c == r else zeros_p for c in range(3)], dim=-1)
+            exp_part = [d_exp.to(dt) if c == r else zeros_x for c in range(3)]
+            rows.append(torch.cat([pose_part.reshape(B, 3 * P)] + exp_part, dim=-1))
+        M = torch.stack(rows, dim=1)                                                # [B, 3, T]
+        Wt, bt = lbs.net.tail.weight.to(dt), lbs.net.tail.bias.to(dt)
+        # all items' folded tails side by side: one [A, n] x [n, 3 B] product, then each
+        # point keeps its item's 3 columns (cheaper than a gathered [A, 3, n] per point)
+        self.B = B
+        self.tail_W = (M @ Wt).reshape(3 * B, -1).t().contiguous()                   # [n, 3 B]
+        self.tail_b = (M @ bt).reshape(3 * B)                                        # [3 B]
+
+    def __call__(self, x: torch.Tensor, bidx: torch.Tensor):
+        xn = x + self.disp(x, bidx)[0]                                             # shape-neutral
+        h, h_tail = self.lbs(xn, bidx)
         w = torch.softmax(self.scale * h, dim=-1)
         all_items = torch.addmm(self.tail_b, h_tail, self.tail_W).view(-1, self.B, 3)  # [A, B, 3]
         offset = all_items[torch.arange(x.shape[0], device=x.device), bidx]        # [A, 3]

@@ -27,6 +27,7 @@ from lib.model.builders import build_network
 from lib.model.deformer import ForwardDeformer
 from lib.model.discriminator import Discriminator
 from lib.model.generator import Generator, sample_volume
+from lib.model.neutral_lbs import NeutralLBS
 
 
 def _plain(cfg):
@@ -90,11 +91,13 @@ class GANHead(pl.LightningModule):
         self.occ_network = build_network(occ_network, "model.occ_network",
                                          feature_dim=self.generator.out_channels)
         dcfg = dict(deformer or {})
-        lbs_net = build_network(dcfg.pop("lbs_network"), "model.deformer.lbs_network",
-                                shape_dim=dim_shape, n_joints=n_joints,
-                                pose_feature_dim=pose_feature_dim, n_exp=n_exp)
+        lbs = build_network(dcfg.pop("lbs_network"), "model.deformer.lbs_network",
+                            n_joints=n_joints, pose_feature_dim=pose_feature_dim, n_exp=n_exp)
         self.disp_net = build_network(dcfg.pop("disp_network"), "model.deformer.disp_network",
                                       n_shape=n_shape)
+        # the unconditioned LBS network read at x_c + disp(x_c, betas); disp_net stays owned
+        # here (state_dict disp_net.*), the deformer only references it
+        lbs_net = NeutralLBS(lbs, self.disp_net)
         mode = dcfg.pop("mode", "exact")
         fast_args = {k: dcfg.pop(k) for k in ("grid_res", "exact_steps") if k in dcfg}
         if mode == "exact":
@@ -308,7 +311,7 @@ class GANHead(pl.LightningModule):
         found = out["valid"].any(dim=-1)                                    # [B, N]
         xc = torch.where(found[..., None], out["xc_best"], torch.zeros_like(out["xc_best"]))
         xn = xc + self.disp_net(xc, smpl["shape"])
-        w, pose_dirs, expr_dirs = self.deformer.lbs_net(xn, z_shape)
+        w, pose_dirs, expr_dirs = self.deformer.lbs_net.lbs(xn)  # already neutral: no warp
         flame = self.flame_server.flame
         prior = losses.flame_prior_loss(
             xn, found, w, pose_dirs, expr_dirs, smpl["verts_c_neutral"], flame.weights,
@@ -334,7 +337,7 @@ class GANHead(pl.LightningModule):
                     occ_bone, torch.ones_like(occ_bone))
             if hp.lambda_bone_w > 0:
                 pts, target = losses.joint_weight_targets(joints, parents)
-                w_j = self.deformer.lbs_net(pts, z_shape)[0]
+                w_j = self.deformer.lbs_net.lbs(pts)[0]  # neutral joints: no warp
                 terms["bone_w"] = hp.lambda_bone_w * F.mse_loss(w_j, target.expand_as(w_j))
         with torch.no_grad():
             terms["valid_frac"] = found.float().mean()

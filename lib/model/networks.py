@@ -278,49 +278,41 @@ class ImplicitNetwork(nn.Module):
 
 
 class LBSNetwork(nn.Module):
-    """Skinning weights and blendshape bases as continuous fields of the canonical point.
+    """Skinning weights and blendshape bases as continuous fields of the shape-neutral
+    canonical point (unconditioned, as in the original; lib/model/neutral_lbs.py evaluates it
+    at x_c + disp(x_c, betas)).
 
     The main head gives J skinning logits; a zero-initialized head on hidden layer
     `tail_layer` gives P*3 pose-corrective and 3*X expression coefficients per point.
 
     Args:
-        shape_dim: width of the z_shape condition (256).
         n_joints: J (5); pose_feature_dim: P (36); n_exp: X (50).
-        width, depth, multires, skip_layer, cond_layers, tail_layer: ImplicitNetwork args.
+        width, depth, multires, skip_layer, tail_layer: ImplicitNetwork args.
         softmax_scale: weights = softmax(softmax_scale * logits) (20).
     """
 
-    def __init__(self, shape_dim: int = 256, n_joints: int = 5, pose_feature_dim: int = 36, n_exp: int = 50,
-                 width: int = 128, depth: int = 4, multires: int = 0, skip_layer=None, cond_layers=(0,),
+    def __init__(self, n_joints: int = 5, pose_feature_dim: int = 36, n_exp: int = 50,
+                 width: int = 128, depth: int = 4, multires: int = 0, skip_layer=None,
                  tail_layer: int = 3, softmax_scale: float = 20.0, weight_norm: bool = True):
         super().__init__()
         self.n_joints, self.pose_feature_dim, self.n_exp = int(n_joints), int(pose_feature_dim), int(n_exp)
         self.softmax_scale = float(softmax_scale)
         self.net = ImplicitNetwork(d_in=3, d_out=self.n_joints, width=width, depth=depth, skip_layer=skip_layer,
-                                   multires=multires, cond_dim=shape_dim, cond_layers=cond_layers,
-                                   weight_norm=weight_norm, zero_init_tail=self.blendshape_dim,
-                                   tail_layer=tail_layer)
-
-    def folded(self, z_shape: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor):
-        """This network frozen for one search (lib/model/folded_lbs.py): z_shape [B, Z], pose-
-        feature change d_pose [B, P], expression change d_exp [B, X] -> a callable
-        (x [A, 3], bidx [A]) -> (w [A, J], blendshape offset [A, 3]), without gradients."""
-        from lib.model.folded_lbs import FoldedLBS
-
-        return FoldedLBS(self, z_shape, d_pose, d_exp)
+                                   multires=multires, cond_dim=0, weight_norm=weight_norm,
+                                   zero_init_tail=self.blendshape_dim, tail_layer=tail_layer)
 
     @property
     def blendshape_dim(self) -> int:
         """P * 3 + 3 * X (258 by default)."""
         return self.pose_feature_dim * 3 + 3 * self.n_exp
 
-    def forward(self, xc: torch.Tensor, z_shape: torch.Tensor, return_logits: bool = False):
-        """Args: xc [B, N, 3] canonical points, z_shape [B, shape_dim] (or [B, N, shape_dim]).
+    def forward(self, xn: torch.Tensor, return_logits: bool = False):
+        """Args: xn [B, N, 3] shape-neutral canonical points.
         Returns: w [B, N, J] (rows sum to 1), pose_dirs [B, N, P, 3] (offset = pose_feature @
         pose_dirs), expr_dirs [B, N, 3, X] (offset = expr_dirs @ exp); plus logits [B, N, J]
         when `return_logits`."""
-        res = self.net.forward_all(xc, z_shape)
-        B, N = xc.shape[:2]
+        res = self.net.forward_all(xn)
+        B, N = xn.shape[:2]
         w = torch.softmax(self.softmax_scale * res.out, dim=-1)
         n_pose = self.pose_feature_dim * 3
         pose_dirs = res.tail[..., :n_pose].reshape(B, N, self.pose_feature_dim, 3)
@@ -372,7 +364,7 @@ def build_texture_network(color_dim: int = 64, pose_exp_dim: int = 65, geometry_
                            cond_layers=[0], weight_norm=weight_norm)
 
 
-def build_head_networks(volume_feature_dim: int = 64, shape_dim: int = 256, detail_dim: int = 128,
+def build_head_networks(volume_feature_dim: int = 64, detail_dim: int = 128,
                         color_dim: int = 64, n_shape: int = 100, n_exp: int = 50, n_pose: int = 15,
                         n_joints: int = 5, pose_feature_dim: int = 36, geometry_bias: float = 1.0) -> nn.ModuleDict:
     """All five networks with the default architecture of DESIGN §4 and every derived width
@@ -384,7 +376,7 @@ def build_head_networks(volume_feature_dim: int = 64, shape_dim: int = 256, deta
                                     normal_feature_dim=normal.feature_dim)
     return nn.ModuleDict(dict(
         geometry=geometry,
-        lbs=LBSNetwork(shape_dim=shape_dim, n_joints=n_joints, pose_feature_dim=pose_feature_dim, n_exp=n_exp),
+        lbs=LBSNetwork(n_joints=n_joints, pose_feature_dim=pose_feature_dim, n_exp=n_exp),
         displacement=build_displacement_network(n_shape=n_shape),
         normal=normal,
         texture=texture,

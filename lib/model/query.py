@@ -15,6 +15,10 @@ functions of the same names here; training (lib/model/fine_stage.py), precompute
 - `surface(model, xd, params, codes)`: among the valid initializations the correspondence
   with the highest occupancy, then the normal network's normal skinned to the pose and the
   texture network's colour there (stage-2 models).
+Normals are skinned as in the original: n_d = normalize(A^-T n_c) with A = sum_j w_j
+tfs[j][:3, :3] the blend of the TARGET joint transforms only (no canonical transforms) and w
+the skinning weights of the shaped canonical point, i.e. the LBS network at its shape-neutral
+point (`blend_transforms`, `skin_normals`).
 The correspondence search runs without gradients; normals and colours keep theirs to the
 codes and networks, so latent fitting can use `surface` directly.
 """
@@ -23,10 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lib.model.deformer import inv3
 from lib.model.generator import sample_volume
 
 __all__ = ["codes", "occupancy", "surface", "pose_exp_condition", "geometry_features",
-           "query_fine", "blend_rotations", "skin_normals", "surface_correspondences"]
+           "query_fine", "blend_transforms", "skin_normals", "surface_correspondences"]
 
 _WHERE = "lib/model/query.py"
 
@@ -94,12 +99,12 @@ def surface(model, xd: torch.Tensor, params: torch.Tensor, codes: dict) -> dict:
         volume = model.generator(z_shape)
         xc, valid = surface_correspondences(model, xd, z_shape, smpl, eval_mode=True,
                                             volume=volume)
-        w = model.deformer.lbs_net(xc, z_shape)[0]
-        rot = blend_rotations(w, smpl["tfs"], smpl["tfs_c"])
+        w = model.deformer.lbs_net(xc, smpl["shape"])[0]
+        blend = blend_transforms(w, smpl["tfs"])
     normal_c, rgb = query_fine(model, xc, z_shape, smpl["shape"], codes["z_detail"],
                                codes["z_color"], pose_exp_condition(smpl), volume)
     keep = valid[..., None].to(rgb.dtype)
-    return {"xc": xc, "valid": valid, "normal": skin_normals(rot, normal_c) * keep,
+    return {"xc": xc, "valid": valid, "normal": skin_normals(blend, normal_c) * keep,
             "color": rgb * keep}
 
 
@@ -145,16 +150,18 @@ def query_fine(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tens
     return normal_c, rgb
 
 
-def blend_rotations(w: torch.Tensor, tfs: torch.Tensor, tfs_c: torch.Tensor) -> torch.Tensor:
-    """Rotation part of sum_j w_j tfs[j] inv(tfs_c[j]). w: [B, M, J]; tfs, tfs_c: [B, J, 4, 4].
-    Returns [B, M, 3, 3]."""
-    rel = (tfs @ torch.linalg.inv(tfs_c))[..., :3, :3]
-    return torch.einsum("bmj,bjrc->bmrc", w, rel)
+def blend_transforms(w: torch.Tensor, tfs: torch.Tensor) -> torch.Tensor:
+    """Linear part of the blended target transform, sum_j w_j tfs[j][:3, :3].
+    w: [B, M, J]; tfs: [B, J, 4, 4] (target joint transforms). Returns [B, M, 3, 3]."""
+    return torch.einsum("bmj,bjrc->bmrc", w, tfs[..., :3, :3])
 
 
-def skin_normals(rot: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """rot: [B, M, 3, 3]; normals: [B, M, 3] -> rotated unit normals [B, M, 3]."""
-    return F.normalize((rot @ normals[..., None])[..., 0], dim=-1, eps=1e-6)
+def skin_normals(blend: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """Normals skinned by the inverse-transpose of the blend: blend [B, M, 3, 3]
+    (blend_transforms); normals [B, M, 3] -> unit normalize(blend^-T n) [B, M, 3] (0 where the
+    blend is singular)."""
+    inv, _ = inv3(blend)
+    return F.normalize((inv.transpose(-1, -2) @ normals[..., None])[..., 0], dim=-1, eps=1e-6)
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ def save_validation_picture(model, z_shape: torch.Tensor, smpl: dict, path: Path
     mesh = extract_canonical_mesh(model, z_shape[:1], smpl["shape"][:1], res_init, res_final)
     if mesh.verts.shape[0] == 0:
         return path  # nothing to draw yet (empty occupancy early in training)
-    fields = mesh_fields(mesh.verts, model.deformer.lbs_net, z_shape[:1])
+    fields = mesh_fields(mesh.verts, model.deformer.lbs_net, smpl["shape"][:1])
     first = {k: v[:1] for k, v in smpl.items() if torch.is_tensor(v)}
     verts_d = deform_mesh(mesh.verts, fields, first)[0]
     colors = weight_colors(fields[0])[None]
