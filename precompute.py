@@ -81,6 +81,7 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> list[str]:
     """Write this agent's share of the cache; returns the ids that failed."""
     from lib.dataset.faceverse import read_data_list
+    from lib.dataset.faceverse_io import scan_space_params
     from lib.model.cache_file import cache_record, cache_status, write_cache
     from lib.model.checkpoint import geometry_digest
     from lib.model.correspondence import scan_correspondences
@@ -109,7 +110,7 @@ def run(cfg: DictConfig) -> list[str]:
         try:
             occ_path = Path(dm.processed_dir) / scan_id / "occupancy.npz"
             with np.load(occ_path) as occ:
-                params = torch.as_tensor(occ["flame_params"], dtype=torch.float32)
+                params = torch.as_tensor(scan_space_params(occ["flame_params"]))
             record = cache_record(geometry, params.numpy(), mesh_res, str(ckpt))
             status, why = cache_status(out, dm.n_views, dm.load_res, record)
             if status == "ok":

@@ -34,10 +34,9 @@ def load_weights(model: pl.LightningModule, path: str) -> None:
     stop the run, naming them)."""
     import torch
 
-    from lib.model.checkpoint import checkpoint_scan_ids
-    from lib.utils.checkpoint_io import read_checkpoint
+    from lib.model.checkpoint import checkpoint_scan_ids, read_project_checkpoint
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_project_checkpoint(path)  # an original GANHead file: how to convert it
     model.on_load_checkpoint(checkpoint)  # the FLAME fingerprint; drops stored FLAME arrays
     state = dict(checkpoint["state_dict"])
     own = model.state_dict()

@@ -380,7 +380,9 @@ def test_provenance_records_and_reruns(spheres, capsys):
         in cap.out
     with open(pkl, "rb") as fh:
         raw = pickle.load(fh)
-    expect = np.concatenate([raw[k].reshape(-1) for k in ("scale", "transl", "pose", "betas")])
+    # the scan is moved into FLAME space by scale / transl; its vector carries 1, 0, 0, 0
+    expect = np.concatenate([[1.0, 0.0, 0.0, 0.0]] + [raw[k].reshape(-1) for k in ("pose", "betas")])
+    expect = expect.astype(np.float32)
     np.testing.assert_array_equal(np.load(out / "g_b" / "occupancy.npz")["flame_params"], expect)
     assert json.loads((out / "g_b" / PROVENANCE_NAME).read_text())["sources"][-1]["sha256"] \
         == sha(pkl)

@@ -72,8 +72,9 @@ def test_params_file_layout_and_vector(tmp_path):
     assert isinstance(d["scale"], float) and abs(d["scale"] - 1.1) < 1e-6
     vec = params_to_vector(d)
     assert vec.shape == (PARAM_DIM,) == (169,) and vec.dtype == np.float32
-    np.testing.assert_allclose(vec[0], 1.1, rtol=1e-6)
-    np.testing.assert_allclose(vec[1:4], [0.1, 0.2, 0.3], rtol=1e-6)
+    # scale and translation move the scan into FLAME space (scan_to_flame_space); the vector
+    # of a processed scan carries scale 1 and translation 0, as the original's preprocessing
+    assert vec[0] == 1.0 and np.all(vec[1:4] == 0.0)
     np.testing.assert_allclose(vec[4:19], pose, rtol=1e-6)
     np.testing.assert_allclose(vec[19:119], betas[:100], rtol=1e-6)
     np.testing.assert_allclose(vec[119:169], betas[100:], rtol=1e-6)

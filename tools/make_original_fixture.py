@@ -83,6 +83,12 @@ SMALL = {
     "tex_network": {"width": 48, "feat_cond_dim": 5 + 48, "latent_cond_dim": 8 + 65},
 }
 
+# --size full: the original's own sizes; only its config inconsistency is fixed (config.yaml's
+# dim_color 256 against tex.yaml's latent_cond_dim 129 = 64 + 65 would crash: 64), with both
+# critics on. Used by the GANHEAD_ORIGINAL test (tests/test_original_equivalence.py), never
+# committed.
+FULL = {"dim_color": 64, "use_gan": True, "use_gan_color": True}
+
 # Smaller draws for three heads: (factor on the weights or weight-norm gains, bias std).
 DISP_LAST = (0.02, 0.01)      # displacement network's last layer: offsets ~1e-2
 LBS_LAST = (3.0, 0.1)         # skinning network's last layer: sharp weights (logits x20)
@@ -247,9 +253,10 @@ def write_head_model(seed: int, tmp: Path) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- original model
 
-def original_config(original: Path):
+def original_config(original: Path, size: str = "tiny"):
     """The original's config (config.yaml's defaults merged in its order, the fine
-    experiment on top) with SMALL set. -> the root DictConfig"""
+    experiment on top) with SMALL (size 'tiny') or FULL (size 'full') set. -> the root
+    DictConfig"""
     from omegaconf import OmegaConf
     conf = original / "config"
     root = OmegaConf.load(conf / "config.yaml")
@@ -260,7 +267,7 @@ def original_config(original: Path):
                                             ("lbs", "shape", "disp", "norm", "tex")]
     for part in parts + ["experiments/fine.yaml"]:
         root = OmegaConf.merge(root, OmegaConf.load(conf / part))
-    root = OmegaConf.merge(root, {"model": SMALL})
+    root = OmegaConf.merge(root, {"model": SMALL if size == "tiny" else FULL})
     # hydra 1.3's instantiate detaches the node it is given, so ${model.*} would no longer
     # resolve inside the deformer's config (the original ran hydra 1.0): resolve first
     OmegaConf.resolve(root)
@@ -279,14 +286,16 @@ def shrink_generator(gen, z_dim: int):
         h = h_next
 
 
-def build_model(root_cfg):
-    """The original BaseModel, shrunk. -> (model, model config)"""
+def build_model(root_cfg, size: str = "tiny"):
+    """The original BaseModel, shrunk unless size is 'full'. -> (model, model config)"""
     from lib.ganhead_model import BaseModel
     from lib.model.discriminator import StyleDiscriminator
     opt = root_cfg.model
     meta_info = types.SimpleNamespace(n_samples=N_SUBJECTS)
     with contextlib.redirect_stdout(io.StringIO()):     # it prints every network
         model = BaseModel(opt=opt, meta_info=meta_info, data_processor=None)
+    if size == "full":
+        return model.eval(), opt
     shrink_generator(model.generator, opt.dim_shape)
     for loss in (model.gan_loss, model.gan_loss_color):
         loss.discriminator = StyleDiscriminator(3, opt.img_res, ch_mul=DISC_CH_MUL,
@@ -579,7 +588,8 @@ def manifest(args, original, head_digests, opt, state, arrays, notes, stubbed) -
                      "'renderpeople', which the repository lacks (faceverse.yaml is its only "
                      "datamodule config); interpolations resolved before building (hydra 1.3's "
                      "instantiate detaches the deformer's node)",
-            "set": SMALL, "meta_info.n_samples": N_SUBJECTS,
+            "set": SMALL if args.size == "tiny" else FULL, "meta_info.n_samples": N_SUBJECTS,
+            "size": args.size,
             "model": OmegaConf.to_container(opt, resolve=True),
         },
         "shrink": {
@@ -592,7 +602,7 @@ def manifest(args, original, head_digests, opt, state, arrays, notes, stubbed) -
                                "ch_mul": DISC_CH_MUL, "ch_max": DISC_CH_MAX,
                                "note": "original: GANLoss builds StyleDiscriminator(3, img_res)"
                                        " (ch_mul 64, ch_max 512); rebuilt smaller"},
-        },
+        } if args.size == "tiny" else None,
         "randomize": {"rule": " ".join(randomize.__doc__.split()),
                       "disp_last": DISP_LAST, "lbs_last": LBS_LAST,
                       "blendshapes": BLENDSHAPES},
@@ -635,6 +645,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--original-commit", default=DEFAULT_COMMIT,
                     help="commit to record when --original is not a git checkout")
+    ap.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                    help="tiny: the committed fixture's small widths; full: the original's "
+                         "own sizes (for the GANHEAD_ORIGINAL test; not committed)")
     ap.add_argument("--full-checkpoint", type=Path,
                     help="also write the checkpoint with every FLAME buffer here")
     args = ap.parse_args(argv)
@@ -658,7 +671,7 @@ def main(argv=None) -> None:
         os.chdir(work)
         try:
             torch.manual_seed(args.seed)
-            model, opt = build_model(original_config(original))
+            model, opt = build_model(original_config(original, args.size), args.size)
             randomize(model, args.seed)
             torch.manual_seed(args.seed)
             with torch.no_grad():

@@ -72,6 +72,7 @@ class ScanDataModule(pl.LightningDataModule):
         that checkpoint's path (for the message)."""
         import numpy as np
 
+        from lib.dataset.faceverse_io import scan_space_params
         from lib.model.cache_file import params_digest, read_source
 
         if self.cache_dir is None:
@@ -88,7 +89,7 @@ class ScanDataModule(pl.LightningDataModule):
                 unrecorded += 1
                 continue
             with np.load(Path(self.processed_dir) / sid / "occupancy.npz") as occ:
-                params = params_digest(occ["flame_params"])
+                params = params_digest(scan_space_params(occ["flame_params"]))
             if record.get("params") != params:
                 stale.append(f"{sid} (FLAME parameters changed since)")
             elif geometry is not None and record.get("geometry") != geometry:

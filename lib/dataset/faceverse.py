@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lib.dataset.faceverse_io import scan_space_params
+
 
 class DataListError(ValueError):
     """The data list CSV is missing or malformed."""
@@ -125,7 +127,7 @@ class ScanOccupancyDataset(Dataset):
         return {
             "index": self.index_of(scan_id),
             "scan_id": scan_id,
-            "params": torch.from_numpy(occ["flame_params"].astype(np.float32).reshape(-1)),
+            "params": torch.from_numpy(scan_space_params(occ["flame_params"])),
             "pts_d": torch.from_numpy(pts[sel].astype(np.float32)),
             "occ_gt": torch.from_numpy(lab[sel].astype(np.float32).reshape(-1, 1)),
         }

@@ -27,6 +27,7 @@ __all__ = [
     "load_flame_params",
     "save_flame_params",
     "params_to_vector",
+    "scan_space_params",
     "scan_to_flame_space",
     "flame_to_scan_space",
     "N_POSE",
@@ -127,14 +128,25 @@ def save_flame_params(path, pose, betas, scale, transl) -> None:
 
 def params_to_vector(d: dict) -> np.ndarray:
     """dict from load_flame_params -> (169,) float32: scale 1, transl 3, pose 15, shape 100,
-    exp 50."""
+    exp 50, with scale 1 and translation 0: the scan is brought into FLAME space by the
+    file's scale and translation (scan_to_flame_space), so its FLAME needs neither; the
+    original's preprocessing writes the same 1, 0, 0, 0."""
     vec = np.concatenate([
-        np.asarray(d["scale"], dtype=np.float32).reshape(1),
-        np.asarray(d["transl"], dtype=np.float32).reshape(3),
+        np.ones(1, dtype=np.float32),
+        np.zeros(3, dtype=np.float32),
         np.asarray(d["pose"], dtype=np.float32).reshape(N_POSE),
         np.asarray(d["betas"], dtype=np.float32).reshape(N_SHAPE + N_EXP),
     ])
     return vec.astype(np.float32)
+
+
+def scan_space_params(vec) -> np.ndarray:
+    """A processed scan's (169,) parameter vector with scale 1 and translation 0: processed
+    scans live in FLAME space (params_to_vector); outputs written before that rule carried
+    FaceVerse's scale and translation here, which must not move the FLAME mesh."""
+    vec = np.array(vec, dtype=np.float32).reshape(-1)
+    vec[0], vec[1:4] = 1.0, 0.0
+    return vec
 
 
 def _mid_z(v: np.ndarray) -> float:

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lib.dataset.faceverse import read_data_list
+from lib.dataset.faceverse_io import scan_space_params
 
 __all__ = ["FineDataError", "ScanImageDataset", "load_png", "foreground_mask"]
 
@@ -230,7 +231,7 @@ class ScanImageDataset(Dataset):
         scan_dir = self.processed_dir / scan_id
 
         occ = _load_npz(scan_dir / "occupancy.npz", ("flame_params",), "rerun preprocess.py")
-        params = occ["flame_params"].astype(np.float32).reshape(-1)
+        params = scan_space_params(occ["flame_params"])
         pts, cmask, vparams = self._cache(scan_id, k)
         normal, rgb, mask = self._images(scan_id, k)
         if vparams.shape != params.shape:

@@ -83,7 +83,8 @@ class FLAMEServer(nn.Module):
 
     def forward(self, params: torch.Tensor) -> dict:
         """params [B, 169] or [B, 160] -> dict with
-        posed: verts [B,V,3], joints [B,J,3], tfs [B,J,4,4], pose_feature [B,P],
+        posed (scaled by scale, moved by transl): verts [B,V,3], joints [B,J,3], tfs [B,J,4,4],
+               pose_feature [B,P],
                pose [B,15], shape [B,S], exp [B,E], scale [B,1], transl [B,3];
         canonical: verts_c, joints_c, tfs_c, pose_feature_c, exp_c (zeros), pose_c [B,15];
         shape-neutral canonical: verts_c_neutral [B,V,3]."""
@@ -98,8 +99,15 @@ class FLAMEServer(nn.Module):
                          torch.cat([p["exp"], zeros_exp, zeros_exp]),
                          torch.cat([p["pose"], pose_c, pose_c]))
         posed, canon, neutral = (slice(0, B), slice(B, 2 * B), slice(2 * B, 3 * B))
+        # the parameters' scale s and translation t move the posed FLAME (x -> s x + t, as the
+        # original's server does; processed scans have s = 1, t = 0); canonical spaces never
+        s, t = p["scale"], p["transl"]
+        tfs = out.T[posed].clone()
+        tfs[:, :, :3, :] = tfs[:, :, :3, :] * s[:, None, :, None]
+        tfs[:, :, :3, 3] = tfs[:, :, :3, 3] + t[:, None, :]
         return {
-            "verts": out.vertices[posed], "joints": out.joints[posed], "tfs": out.T[posed],
+            "verts": out.vertices[posed] * s[:, None] + t[:, None],
+            "joints": out.joints[posed] * s[:, None] + t[:, None], "tfs": tfs,
             "pose_feature": out.pose_feature[posed], "pose": p["pose"], "shape": p["shape"],
             "exp": p["exp"], "scale": p["scale"], "transl": p["transl"],
             "verts_c": out.vertices[canon], "joints_c": out.joints[canon],

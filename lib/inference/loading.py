@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib.dataset.faceverse_io import scan_space_params
+
 __all__ = ["InferenceError", "load_model", "is_stage2", "require_stage2", "Subject",
            "resolve_subject", "subject_codes"]
 
@@ -136,7 +138,7 @@ def resolve_subject(model, subject, data_list=None, processed_dir=None,
         occ = Path(processed_dir) / name / "occupancy.npz"
         if occ.is_file():
             with np.load(occ) as data:
-                params = np.asarray(data["flame_params"], dtype=np.float32)
+                params = scan_space_params(data["flame_params"])
     return Subject(index=index, name=name, params=params)
 
 

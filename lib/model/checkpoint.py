@@ -25,7 +25,7 @@ import torch
 
 from lib.utils.checkpoint_io import CheckpointError, read_checkpoint
 
-__all__ = ["load_ganhead", "geometry_digest", "geometry_digest_of_state", "checkpoint_scan_ids",
+__all__ = ["load_ganhead", "read_project_checkpoint", "geometry_digest", "geometry_digest_of_state", "checkpoint_scan_ids",
            "GEOMETRY_PREFIXES"]
 
 # state-dict prefixes of the stage-1 modules (GANHead.stage_modules for stage 'coarse')
@@ -36,6 +36,26 @@ def _ganhead_arguments() -> set[str]:
     from lib.model.ganhead import GANHead
 
     return set(inspect.signature(GANHead.__init__).parameters) - {"self"}
+
+
+def read_project_checkpoint(path, map_location=None) -> dict:
+    """read_checkpoint, except that a checkpoint of the original GANHead code gets an error
+    saying how to convert it (tools/convert_original.py) instead of 'refused' or 'not a
+    checkpoint of this project'."""
+    from lib.model.original_checkpoint import conversion_hint
+
+    try:
+        checkpoint = read_checkpoint(path, map_location=map_location or "cpu")
+    except CheckpointError:
+        hint = conversion_hint(path)
+        if hint is not None:
+            raise CheckpointError(hint) from None
+        raise
+    if "hyper_parameters" not in checkpoint:
+        hint = conversion_hint(path)
+        if hint is not None:
+            raise CheckpointError(hint)
+    return checkpoint
 
 
 def load_ganhead(path, map_location=None, **overrides):
@@ -51,15 +71,14 @@ def load_ganhead(path, map_location=None, **overrides):
     from lib.model.builders import NetworkConfigError
     from lib.model.ganhead import GANHead
 
-    checkpoint = read_checkpoint(path, map_location=map_location or "cpu")
+    checkpoint = read_project_checkpoint(path, map_location=map_location or "cpu")
     hp = checkpoint.get("hyper_parameters")
     if not isinstance(hp, dict) or "flame_model" not in hp or not (
             "scan_ids" in hp or "n_subjects" in hp):
         have = sorted(checkpoint)[:8]
         raise CheckpointError(
             f"{path}: not a checkpoint of this project's train.py (no GANHead hyper-parameters; "
-            f"its keys: {have}); checkpoints of the original GANHead code cannot be loaded "
-            "yet (README: Differences from the original)")
+            f"its keys: {have})")
     unknown = sorted(set(hp) - _ganhead_arguments())
     if unknown:
         raise CheckpointError(f"{path}: hyper-parameters {unknown} are not GANHead arguments")

@@ -16,9 +16,9 @@ and the texture networks receive gradients):
   occupancy is kept;
 - both point sets are queried together at the shape-neutral point x_n = x_c + disp(x_c):
   geometry features (occupancy network, no gradient), normal network on cat(z_detail,
-  geometry features), texture network on cat(z_color, pose (15, global rotation zeroed so
-  that colour does not depend on the view) and expression (50), geometry features, normal
-  features);
+  geometry features), texture network on cat(z_color, the scan's own pose (15, not the
+  view's, so that colour does not depend on the view) and expression (50), geometry
+  features, normal features);
 - canonical normals are skinned with the inverse-transpose of sum_j w_j(x_c) tfs[j][:3, :3]
   (target transforms only: tfs of the view for pixels, of the scan for surface samples; w the
   LBS network at the shape-neutral point) and renormalized (lib/model/query.skin_normals);

@@ -110,11 +110,10 @@ def surface(model, xd: torch.Tensor, params: torch.Tensor, codes: dict) -> dict:
 
 # ---------------------------------------------------------------------------- building blocks
 def pose_exp_condition(smpl: dict) -> torch.Tensor:
-    """Texture condition from FLAMEServer outputs: pose [B, 15] with the global rotation
-    zeroed, then expression [B, 50] -> [B, 65]."""
-    pose = smpl["pose"].clone()
-    pose[:, :3] = 0.0
-    return torch.cat([pose, smpl["exp"]], dim=-1)
+    """Texture condition from FLAMEServer outputs: the full pose [B, 15] (global rotation
+    included, as the original's `thetas`), then expression [B, 50] -> [B, 65]. Stage 2 passes
+    the scan's own parameters, never a view's, so a rendered view does not change colours."""
+    return torch.cat([smpl["pose"], smpl["exp"]], dim=-1)
 
 
 @torch.no_grad()
