@@ -188,8 +188,12 @@ def test_discriminators(case):
     table: list = []
     imgs = torch.from_numpy(a["disc_images"])
     with torch.no_grad():
-        compare("normal critic", model.disc_normal(imgs), a["disc_logits"], table)
-        compare("colour critic", model.disc_color(imgs), a["disc_color_logits"], table)
+        # at full size the critics' logits (~0.03) come out of 14 convolutions over up to 512
+        # channels, summed in another order here: float32 rounding reaches ~2e-5 of them
+        tol = 1e-4 if a["disc_images"].shape[-1] > 64 else REL_TOL
+        compare("normal critic", model.disc_normal(imgs), a["disc_logits"], table, rel_tol=tol)
+        compare("colour critic", model.disc_color(imgs), a["disc_color_logits"], table,
+                rel_tol=tol)
 
 
 def test_skinning_fields_and_displacement(case):
