@@ -124,7 +124,7 @@ def _batch(model, data: dict, tmp_path: Path) -> dict:
 
 
 def test_masked_psnr_matches_definition():
-    from lib.model.fine_stage import masked_psnr
+    from lib.model.cache_render import masked_psnr
 
     g = torch.Generator().manual_seed(0)
     real = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1

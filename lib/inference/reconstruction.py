@@ -3,7 +3,8 @@
 Shape legend: R image size (the cache's and load_res), V views scored.
 
 For a (scan, view) pair the model's normal and colour images are rendered exactly as stage-2
-training renders them (from the precompute cache's canonical points, `render_and_losses`) and
+training renders them (from the precompute cache's canonical points,
+lib/model/cache_render.render_cache) and
 compared with the preprocessed renders over the mask where both show the head. Scoring the
 views held out of training (`datamodule.holdout_views`) measures how well the learned
 appearance generalizes to unseen viewpoints.
@@ -45,7 +46,7 @@ def score_views(model, dataset, scan_ids: list[str], views: list[int]) -> list[V
     fixed_view=True, views ⊇ `views` and repeat = len(dataset.views) (so every pair has an
     item); scan_ids: scans among dataset.items. Returns one ViewScore per (scan, view), scans
     outer."""
-    from lib.model.fine_stage import masked_psnr, render_and_losses
+    from lib.model.cache_render import masked_psnr, render_cache
 
     if not dataset.fixed_view or dataset.repeat < len(dataset.views):
         raise ValueError("score_views needs a ScanImageDataset with fixed_view=True and "
@@ -59,7 +60,14 @@ def score_views(model, dataset, scan_ids: list[str], views: list[int]) -> list[V
         for k in views:
             batch = default_collate([dataset[dataset.fixed_item(scan_id, k)]])
             batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
-            _, out = render_and_losses(model, batch, with_surface=False)
+            server = model.flame_server
+            cache_mask = batch["cache_mask"].bool()
+            r = render_cache(model, batch["cache_pts"], cache_mask, server(batch["params"]),
+                             server(batch["view_params"]), model.codes(batch["index"]))
+            R = cache_mask.shape[-1]
+            out = {"fake_rgb": r["rgb"], "fake_normal": r["normal"], "real_rgb": batch["rgb_img"],
+                   "real_normal": batch["normal_img"],
+                   "mask": cache_mask & batch["img_mask"].reshape(-1, R, R).bool()}
             images = {}
             for key in ("real_rgb", "fake_rgb", "real_normal", "fake_normal"):
                 img = out[key][0]

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from lib.model.discriminator import (LazyR1, d_logistic_loss, g_nonsaturating_loss,
                                       r1_penalty)
 from lib.model.losses import latent_reg
-from lib.model.query import (blend_transforms, pose_exp_condition, query_fine, skin_normals,
-                             surface_correspondences)
+from lib.model.cache_render import masked_psnr, render_cache
+from lib.model.query import blend_transforms, skin_normals, surface_correspondences
 
 _WHERE = "lib/model/fine_stage.py"
 _BATCH_KEYS = ("index", "params", "view_params", "normal_img", "rgb_img", "img_mask",
@@ -62,33 +62,6 @@ _BATCH_KEYS = ("index", "params", "view_params", "normal_img", "rgb_img", "img_m
 
 def _err(msg: str) -> ValueError:
     return ValueError(f"{_WHERE}: {msg}")
-
-
-# ---------------------------------------------------------------------------- packing
-def pack_points(points: torch.Tensor, mask: torch.Tensor):
-    """Pack the masked points of each item to the front.
-
-    points: [B, P, 3]; mask: [B, P] bool. Returns packed [B, L, 3] (L = max(1, most masked
-    points of an item); padding rows are 0) and index (b [T], p [T], pos [T]) with
-    packed[b, pos] = points[b, p] for the T masked entries.
-    """
-    B = points.shape[0]
-    b, p = mask.nonzero(as_tuple=True)
-    pos = (mask.long().cumsum(dim=1) - 1)[b, p]
-    L = max(1, int(mask.sum(dim=1).max())) if mask.numel() else 1
-    packed = points.new_zeros(B, L, 3).index_put((b, pos), points[b, p])
-    return packed, (b, p, pos)
-
-
-def scatter_image(values: torch.Tensor, index, res: int, background: float = 1.0
-                  ) -> torch.Tensor:
-    """Packed per-pixel values [B, L, 3] -> image [B, 3, res, res] (background elsewhere).
-
-    index: (b, p, pos) from pack_points of a [B, res * res] mask (p = row * res + col)."""
-    b, p, pos = index
-    B = values.shape[0]
-    img = values.new_full((B, res * res, 3), background).index_put((b, p), values[b, pos])
-    return img.reshape(B, res, res, 3).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -194,24 +167,16 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
         weight = cache_mask.to(cache_pts.dtype) * (n_pool / n_kept)[:, None, None]
     if tuple(batch["normal_img"].shape[-2:]) != (R, R):
         raise _err(f"cache resolution {R} != image size {tuple(batch['normal_img'].shape[-2:])}")
-    packed, index = pack_points(cache_pts.reshape(B, R * R, 3).to(z_shape.dtype),
-                                cache_mask.reshape(B, R * R))
-    L = packed.shape[1]
-    pts = packed
+    codes = {"z_shape": z_shape, "z_detail": z_detail, "z_color": z_color}
     with torch.no_grad():
         volume = model.generator(z_shape)  # one feature volume per item, shared below
+    xs = None
     if with_surface:  # the original searches these in evaluation mode
         xs, valid3d = surface_correspondences(model, batch["surface_points"], z_shape, smpl,
                                               eval_mode=True, volume=volume)
-        pts = torch.cat([packed, xs], dim=1)
-
-    normal_c, rgb = query_fine(model, pts, z_shape, smpl["shape"], z_detail, z_color,
-                               pose_exp_condition(smpl), volume)
-    with torch.no_grad():
-        w = model.deformer.lbs_net(pts, smpl["shape"])[0]  # [B, M, J]
-        rot_view = blend_transforms(w[:, :L], smpl_view["tfs"])
-    fake_normal = scatter_image(skin_normals(rot_view, normal_c[:, :L]), index, R)
-    fake_rgb = scatter_image(rgb[:, :L], index, R)
+    # pixels and surface samples in one network pass (lib/model/cache_render.py)
+    rendered = render_cache(model, cache_pts, cache_mask, smpl, smpl_view, codes, volume, xs)
+    fake_normal, fake_rgb = rendered["normal"], rendered["rgb"]
     real_normal, real_rgb = batch["normal_img"], batch["rgb_img"]
 
     terms = {
@@ -222,11 +187,11 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     }
     if with_surface:
         with torch.no_grad():
-            rot_scan = blend_transforms(w[:, L:], smpl["tfs"])
-        n_scan = skin_normals(rot_scan, normal_c[:, L:])
+            rot_scan = blend_transforms(rendered["extra_w"], smpl["tfs"])
+        n_scan = skin_normals(rot_scan, rendered["extra_normal_c"])
         terms["normal_3d"] = surface_normal_loss(n_scan, batch["surface_normals"], valid3d)
         terms["color_3d"] = hp.lambda_color * surface_color_loss(
-            rgb[:, L:], batch["surface_colors"], valid3d)
+            rendered["extra_rgb"], batch["surface_colors"], valid3d)
         terms["valid_3d"] = valid3d.float().mean()
     out = {"fake_normal": fake_normal, "fake_rgb": fake_rgb, "real_normal": real_normal,
            "real_rgb": real_rgb, "mask": cache_mask & img_mask}
@@ -368,16 +333,6 @@ def validation_step(model, batch: dict, batch_idx: int) -> torch.Tensor:
             save_png(path, img)
             log_picture(model, f"val/images_{batch_idx}_{i}", img)
     return terms["normal"]
-
-
-def masked_psnr(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """fake, real: [B, 3, R, R] in [-1, 1]; mask: [B, R, R] or [B, 1, R, R] bool. Returns [B]:
-    PSNR in dB of the [0, 1] images over each item's mask (mean square error of all its
-    masked pixels and channels)."""
-    m = mask.reshape(mask.shape[0], 1, *fake.shape[-2:]).to(fake.dtype)
-    err = (((fake - real) * 0.5) ** 2 * m).sum(dim=(1, 2, 3))
-    mse = err / (m.sum(dim=(1, 2, 3)) * fake.shape[1]).clamp_min(1.0)
-    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
 
 def comparison_picture(out: dict, i: int):
