@@ -413,3 +413,19 @@ def test_convert_tool_writes_a_loadable_checkpoint(converted, tmp_path, capsys):
     assert mod.main(args) == 1  # never over an existing file without --overwrite
     model = load_ganhead(out)
     assert model.scan_ids == converted[4]
+
+
+def test_a_checkpoint_of_the_earlier_architecture_is_named(converted, tmp_path):
+    """Checkpoints this project wrote before the original's architecture became the default
+    (skinning network under deformer.lbs_net.net, conditioned on z_shape) get a message that
+    says so, not a list of missing keys."""
+    from lib.model.checkpoint import load_ganhead
+    from lib.utils.checkpoint_io import CheckpointError
+
+    ckpt = torch.load(PATHS["converted"], weights_only=True)
+    ckpt["state_dict"] = {k.replace("deformer.lbs_net.lbs.net.", "deformer.lbs_net.net."): v
+                          for k, v in ckpt["state_dict"].items()}
+    path = tmp_path / "earlier.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="earlier version of this project"):
+        load_ganhead(path)

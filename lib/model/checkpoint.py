@@ -89,6 +89,11 @@ def load_ganhead(path, map_location=None, **overrides):
             raise CheckpointError(f"{path}: its scan_ids are a {type(ids).__name__}, not a list")
         for i in ids:
             validate_scan_id(str(i), f"{path}: stored", error=CheckpointError)
+    if any(k.startswith("deformer.lbs_net.net.") for k in checkpoint["state_dict"]):
+        raise CheckpointError(
+            f"{path}: written by an earlier version of this project, whose skinning network was "
+            "conditioned on z_shape (README: Differences from the original); the original's "
+            "architecture is the default now, so retrain (or keep the earlier version for it)")
     try:
         model = GANHead(**hp)
     except NetworkConfigError as err:
