@@ -207,8 +207,7 @@ def test_colour_sampling_known_texture():
     p = s["surface_points"].astype(np.float64)
     u_, v_ = (p[:, 0] + 1) / 2, (p[:, 1] + 1) / 2
     raw = np.stack([4 * (u_ * W - 0.5), 4 * (v_ * H - 0.5), np.full_like(u_, 100)], 1) / 255
-    expect = (raw - raw.min()) / (raw.max() - raw.min()) * 2 - 1
-    np.testing.assert_allclose(s["surface_colors"], expect, atol=1e-4)
+    np.testing.assert_allclose(s["surface_colors"], raw * 2 - 1, atol=1e-4)  # no stretching
     np.testing.assert_allclose(np.abs(s["surface_normals"][:, 2]), 1.0, atol=1e-6)
     # a uv exactly on a texel centre returns that texel
     c = texture_colors(tex, np.array([[(5 + 0.5) / W, 1 - (9 + 0.5) / H]]))
@@ -286,15 +285,16 @@ def front_texture(size=64):
     return tex
 
 
-def write_scan(root, name, z_shift, scale=1.3, transl_xy=(0.02, -0.01)):
+def write_scan(root, name, z_shift, scale=1.3, transl_xy=(0.02, -0.01), texture=None):
     """A textured sphere scan (open at the neck) in FaceVerse layout + its FLAME pickle;
-    in FLAME space it is the sphere (CENTER, RADIUS) with global pose 0."""
+    in FLAME space it is the sphere (CENTER, RADIUS) with global pose 0. texture: [H, W, 3]
+    uint8 (default `front_texture()`)."""
     v, f, uv = uv_sphere(RADIUS, 24, 48, CENTER, y_min=NECK_Y)
     v_scan, transl = flame_to_scan_space(v, scale, transl_xy, z_shift, z_offset=0.3)
     d = root / "scans" / name
     d.mkdir(parents=True, exist_ok=True)
     save_obj(d / f"{name}.obj", v_scan, f, uvs=uv, texture_name=f"{name}.png")
-    Image.fromarray(front_texture()).save(d / f"{name}.png")
+    Image.fromarray(front_texture() if texture is None else texture).save(d / f"{name}.png")
     rng = np.random.default_rng(sum(name.encode()))
     pose = np.zeros(15)
     pose[6] = 0.1                                      # jaw open a little
@@ -346,8 +346,8 @@ def test_outputs_geometry_and_renders(dataset, reference):
     p, n = surf["surface_points"], surf["surface_normals"]
     np.testing.assert_allclose(np.linalg.norm(p - CENTER, axis=1), RADIUS, atol=0.01)
     assert (np.sum(n * (p - CENTER), 1) > 0.95 * RADIUS).all()      # outward unit normals
-    c = surf["surface_colors"]
-    assert c.min() == -1 and c.max() == 1
+    c = surf["surface_colors"]   # raw texture colour * 2 - 1: red 220, blue 200, green <= 60
+    assert c.min() >= -1 and c.max() <= 220 / 127.5 - 1 + 1e-6 and c.max() > 200 / 127.5 - 1.01
 
     def img(k, kind):
         return np.asarray(Image.open(d / f"multi_view_{RES}" / f"{k:04d}_{kind}.png")) / 255.0
@@ -377,6 +377,68 @@ def test_outputs_geometry_and_renders(dataset, reference):
         assert red.sum() > 5 and sign * (x[red].mean()) > 0.3
 
 
+def smooth_texture(size=64):
+    """Colours in [0.1, 0.5] (far from a [0, 1] stretch of themselves): red grows with the
+    column, green with the row, blue constant 0.3. Smooth, so a half-pixel offset between a
+    sample and a pixel centre changes the colour by little."""
+    t = (np.arange(size) + 0.5) / size
+    tex = np.empty((size, size, 3))
+    tex[..., 0] = 0.1 + 0.4 * t[None, :]
+    tex[..., 1] = 0.1 + 0.4 * t[:, None]
+    tex[..., 2] = 0.3
+    return np.round(tex * 255).astype(np.uint8)
+
+
+def test_surface_and_render_colours_on_one_scale(dataset, tmp_path):
+    """The 3D colour targets (surface samples) and the 2D ones (the RGB renders, v / 127.5 - 1
+    as lib/dataset/fine.py reads them) agree where a sample is visible in view 0; the former
+    per-scan min/max stretch of the samples would not."""
+    import torch
+
+    from lib.dataset.preprocessing import load_scan
+    from lib.dataset.scan_render import view_transforms
+    from lib.flame import FLAMEServer
+    from lib.render.camera import project
+    from lib.render.rasterizer import rasterize
+
+    root = tmp_path / "smooth"
+    (root / "flame").mkdir(parents=True)
+    z_shift = make_flame_model(root / "generic_model.pkl")
+    write_scan(root, "g_s", z_shift, texture=smooth_texture())
+    out = root / "out"
+    assert preprocess.main(cli(root, out)) == 0
+    d = out / "g_s"
+    surf = np.load(d / "surface.npz")
+    params = np.load(d / "occupancy.npz")["flame_params"]
+    server = FLAMEServer(str(root / "generic_model.pkl"))
+    T = view_transforms(params, server, N_VIEWS)[0].double()            # view 0, [4, 4]
+    R, t = T[:3, :3], T[:3, 3]
+    p = torch.from_numpy(surf["surface_points"]).double() @ R.T + t     # [N, 3] view space
+    n = torch.from_numpy(surf["surface_normals"]).double() @ R.T
+    # visible: facing the camera (+z) and at the renderer's depth of the pixel it falls in
+    mesh, _ = load_scan(root / "scans" / "g_s" / "g_s.obj", root / "flame" / "g_s_flame.pkl",
+                        server.flame.z_shift)
+    vk = torch.from_numpy(mesh.verts) @ R.T + t
+    frags = rasterize(vk.float(), torch.as_tensor(mesh.faces, dtype=torch.long), RES)
+    pix = project(p, RES).round().long()                                # [N, 2] (col, row)
+    inside = ((pix >= 0) & (pix < RES)).all(1)
+    col, row = pix[:, 0].clamp(0, RES - 1), pix[:, 1].clamp(0, RES - 1)
+    zbuf = frags.zbuf[0].double()[row, col]
+    vis = inside & (n[:, 2] > 0.5) & frags.mask[0][row, col] & ((p[:, 2] - zbuf).abs() < 0.05)
+    assert vis.sum() > 200
+    rgb = np.asarray(Image.open(d / f"multi_view_{RES}" / "0000_rgb.png")).astype(np.float64)
+    target_2d = rgb[row[vis].numpy(), col[vis].numpy()] / 127.5 - 1.0  # [M, 3]
+    c = surf["surface_colors"].astype(np.float64)
+    err = np.abs(c[vis.numpy()] - target_2d).mean()
+    assert err < 0.05, err
+    # the raw scale itself: texture colour * 2 - 1 lies in [0.1, 0.5] * 2 - 1
+    assert c.min() > 2 * 0.1 - 1 - 0.01 and c.max() < 2 * 0.5 - 1 + 0.01
+    # the former per-scan stretch (min/max over all samples and channels to [-1, 1]) fails
+    unit = (c + 1) / 2
+    old = (unit - unit.min()) / (unit.max() - unit.min()) * 2 - 1
+    assert np.abs(old[vis.numpy()] - target_2d).mean() > 0.2
+
+
 def test_skip_if_done(dataset, reference, capsys):
     before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
     assert preprocess.main(cli(dataset, reference)) == 0
@@ -395,6 +457,28 @@ def test_resume_after_damage_is_identical(dataset, reference):
     (out / "g_c" / "occupancy.npz").write_bytes(b"PK\x03\x04 truncated")
     (out / "g_c" / ".occupancy.tmp-999.npz").write_bytes(b"half")   # a killed writer's temp
     assert preprocess.main(cli(dataset, out)) == 0
+    assert tree_digest(out) == tree_digest(reference)
+
+
+def test_outputs_with_stretched_colours_are_redone(dataset, reference, capsys):
+    """A scan processed before the colour scale was recorded (its record has no
+    `colour_scale`, its surface colours are stretched per scan) is redone by a rerun."""
+    import json
+    import shutil
+
+    out = dataset / "old_scale"
+    shutil.copytree(reference, out)
+    rec_path = out / "g_a" / "provenance.json"
+    rec = json.loads(rec_path.read_text())
+    assert rec["settings"].pop("colour_scale") == "raw"
+    rec_path.write_text(json.dumps(rec))
+    with np.load(out / "g_a" / "surface.npz") as z:
+        surf = dict(z)
+    c = surf["surface_colors"]
+    surf["surface_colors"] = ((c - c.min()) / (c.max() - c.min()) * 2 - 1).astype(np.float32)
+    np.savez(out / "g_a" / "surface.npz", **surf)
+    assert preprocess.main(cli(dataset, out)) == 0
+    assert "g_a: settings changed (colour_scale None -> raw); reprocessed" in capsys.readouterr().out
     assert tree_digest(out) == tree_digest(reference)
 
 

@@ -26,14 +26,18 @@ moved to FLAME space, with its fitted FLAME mesh (`FIT_LIMITS`):
 
 Provenance: `provenance.json` holds the sha256 of every source file (the OBJ, its .mtl files
 and the texture image that load_obj reads, the FLAME parameter pickle; `source_record`) and
-the settings (views, res, sample sizes, seed). On a rerun `process_scan` hashes the sources
+the settings (views, res, sample sizes, seed, the colour scale of the surface samples:
+`COLOUR_SCALE`, lib/dataset/scan_sampling.py). On a rerun `process_scan` hashes the sources
 again (streamed; milliseconds per scan, against seconds of processing) and compares:
 - sources or settings changed: the scan's outputs are removed and all of its parts redone;
   the result's message says what changed (e.g. `sources changed (flame params
   003_01_flame.pkl)`). The old record stays until the new one replaces it, so a run killed
-  in between redoes the scan again.
+  in between redoes the scan again. Records written before the colour scale was recorded
+  lack it (their surface colours were stretched per scan to [-1, 1]): that is a settings
+  change (`colour_scale None -> raw`), so such scans are redone.
 - no record but complete outputs (made before records existed, or by other code): kept as
-  they are, not overwritten, status 'kept'.
+  they are, not overwritten, status 'kept'. (Such outputs may hold surface colours stretched per
+  scan; delete the folder to have it redone on the raw scale.)
 - no record and incomplete outputs (a new scan, or a run killed before the record was
   written): the missing parts are made (the valid ones kept) and then the record.
 """
@@ -49,8 +53,8 @@ import numpy as np
 
 from lib.dataset.faceverse_io import (FlameParamsError, PARAM_DIM, load_flame_params,
                                       params_to_vector, scan_to_flame_space)
-from lib.dataset.scan_sampling import (SamplingError, occupancy_samples, surface_pieces,
-                                       surface_samples, texture_float)
+from lib.dataset.scan_sampling import (COLOUR_SCALE, SamplingError, occupancy_samples,
+                                       surface_pieces, surface_samples, texture_float)
 from lib.dataset.scan_render import render_views, save_views, view_paths, views_valid
 from lib.utils.atomic import atomic_path
 from lib.utils.mesh_io import MeshLoadError, load_obj, obj_source_files, save_npz
@@ -182,7 +186,8 @@ def file_sha256(path, chunk: int = 1 << 20) -> str | None:
 
 def run_settings(n_views: int, res: int, sizes: SampleSizes, seed: int) -> dict:
     """The settings a scan's outputs depend on, as recorded in its provenance record."""
-    return {"n_views": int(n_views), "res": int(res), "seed": int(seed), **asdict(sizes)}
+    return {"n_views": int(n_views), "res": int(res), "seed": int(seed), **asdict(sizes),
+            "colour_scale": COLOUR_SCALE}
 
 
 def source_record(obj_path, flame_pkl, settings: dict) -> dict:

@@ -7,7 +7,9 @@ View k of K: the scan (in FLAME space, posed by its parameters) is moved by
 `FLAMEServer.scan_view_transform(params, k, K)` = T_view[root] @ inverse(T_scan[root]), i.e.
 its global pose is replaced by (0, 2*pi*k/K, 0); the orthographic camera looks from +z.
 Normal images store (n + 1) / 2 of the rotated (world = view) unit normals, colour images the
-bilinearly sampled texture; the background is white. Files: `multi_view_<res>/{k:04d}_normal.png`
+bilinearly sampled texture colour c in [0, 1] as it is (8-bit v = 255 c, read back as
+v / 127.5 - 1 = c * 2 - 1: the scale of the surface samples' colours, `colour_targets` in
+lib/dataset/scan_sampling.py); the background is white. Files: `multi_view_<res>/{k:04d}_normal.png`
 and `{k:04d}_rgb.png`, 8-bit RGB.
 """
 from __future__ import annotations

@@ -9,7 +9,11 @@ Shape legend: V vertices, F faces, N samples, T texture coordinates, H/W texture
   region z > max_z/2, n_rest from elsewhere, each jittered by N(0, sigma) per coordinate,
   then n_uniform uniform in [-1, 1]^3; labels by generalized winding number.
 - `surface_samples`: area-weighted points with their face's unit normal and the texture
-  colour bilinearly sampled at the interpolated uv, normalized per scan to [-1, 1].
+  colour bilinearly sampled at the interpolated uv, on the colour-target scale.
+- `colour_targets` (COLOUR_SCALE 'raw'): a colour c in [0, 1] (as stored in the texture or
+  the vertex colours) becomes the target c * 2 - 1, with no per-scan stretching: the same
+  scale as the rendered RGB images (8-bit value v -> v / 127.5 - 1, lib/dataset/fine.py), so
+  the one texture network is trained toward the 2D and the 3D colour targets on one scale.
 - `surface_pieces`: the number of edge-connected pieces of a mesh (vertices at the same
   position welded first, so a file that splits vertices along uv seams is still one piece);
   preprocessing refuses scans that fall apart into very many pieces.
@@ -144,20 +148,23 @@ def texture_colors(texture, uv):
     return sample_texture(texture_float(texture), uv).double().numpy()
 
 
-def normalize_colors(colors):
-    """colors: [N, C] -> [N, C] float32: min/max over all samples and channels to [0, 1],
-    then to [-1, 1]. A constant colour maps to 0."""
-    c = np.asarray(colors, dtype=np.float64)
-    lo, hi = float(c.min()), float(c.max())
-    unit = (c - lo) / (hi - lo) if hi > lo else np.full_like(c, 0.5)
-    return (unit * 2.0 - 1.0).astype(np.float32)
+# The colour scale of the surface-sample targets, recorded in each scan's provenance
+# settings (lib/dataset/preprocessing.py): outputs made on another scale are redone.
+COLOUR_SCALE = "raw"
+
+
+def colour_targets(colors):
+    """colors: [N, C] in [0, 1] -> [N, C] float32 targets c * 2 - 1 in [-1, 1] (values
+    outside [0, 1] are clipped first)."""
+    c = np.clip(np.asarray(colors, dtype=np.float64), 0.0, 1.0)
+    return (c * 2.0 - 1.0).astype(np.float32)
 
 
 def surface_samples(verts, faces, uvs, face_uvs, texture, rng, n: int = 100000):
     """Coloured surface samples of a textured scan.
     verts: [V, 3]; faces: [F, 3]; uvs: [T, 2]; face_uvs: [F, 3]; texture: [H, W, 3] ->
     dict(surface_points [n,3], surface_normals [n,3] unit face normals,
-    surface_colors [n,3] in [-1,1]), all float32."""
+    surface_colors [n,3] = texture colour * 2 - 1 in [-1,1] (`colour_targets`)), all float32."""
     areas, normals = face_areas_normals(verts, faces)
     face, bary = sample_faces(areas, n, rng)
     pts = barycentric_points(verts, faces, face, bary)
@@ -165,4 +172,4 @@ def surface_samples(verts, faces, uvs, face_uvs, texture, rng, n: int = 100000):
     col = texture_colors(texture, uv)
     return {"surface_points": pts.astype(np.float32),
             "surface_normals": normals[face].astype(np.float32),
-            "surface_colors": normalize_colors(col[:, :3])}
+            "surface_colors": colour_targets(col[:, :3])}

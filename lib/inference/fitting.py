@@ -160,9 +160,9 @@ def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = Fa
     if is_stage2(model) and detail_steps > 0:
         colors = None
         if use_color:
-            from lib.dataset.scan_sampling import normalize_colors
+            from lib.dataset.scan_sampling import colour_targets
 
-            colors = torch.as_tensor(normalize_colors(samples["colors"])).to(ref)
+            colors = torch.as_tensor(colour_targets(samples["colors"])).to(ref)
         z_detail, z_color, detail_hist = fit_detail_color(
             model, params, z_shape, torch.as_tensor(pts_f).to(ref), torch.as_tensor(nrm_f).to(ref),
             colors, z_detail, z_color, detail_steps, detail_lr, batch, lambda_reg, seed=seed)

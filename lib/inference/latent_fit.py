@@ -13,7 +13,7 @@ FLAME file or `lib.inference.flame_fit`). Then, as in training but for the codes
 2. z_detail and z_color: the scan's surface samples are taken to canonical space once (with
    the fitted z_shape); the normal network's normals, skinned to the scan's pose, are pulled
    to the scan normals (1 - cos) and the texture network's colours to the scan's colours
-   (squared error, colours normalized per scan to [-1, 1] as in preprocessing; skipped for
+   (squared error, colours c in [0, 1] as c * 2 - 1 as in preprocessing; skipped for
    untextured scans) + lambda_reg * (mean(z_detail^2) + mean(z_color^2)).
 Codes start from the means of the learned embeddings.
 """
