@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -81,7 +80,7 @@ def main(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> list[str]:
     """Write this agent's share of the cache; returns the ids that failed."""
     from lib.dataset.faceverse import read_data_list
-    from lib.dataset.faceverse_io import scan_space_params
+    from lib.dataset.processed_layout import read_flame_params
     from lib.model.cache_file import cache_record, cache_status, write_cache
     from lib.model.checkpoint import geometry_digest
     from lib.model.correspondence import scan_correspondences
@@ -108,9 +107,7 @@ def run(cfg: DictConfig) -> list[str]:
     for scan_id in tqdm(mine, desc=f"precompute {rank + 1}/{tot}", unit="scan"):
         out = cache_dir / f"{scan_id}.npz"
         try:
-            occ_path = Path(dm.processed_dir) / scan_id / "occupancy.npz"
-            with np.load(occ_path) as occ:
-                params = torch.as_tensor(scan_space_params(occ["flame_params"]))
+            params = torch.as_tensor(read_flame_params(Path(dm.processed_dir) / scan_id))
             record = cache_record(geometry, params.numpy(), mesh_res, str(ckpt))
             status, why = cache_status(out, dm.n_views, dm.load_res, record)
             if status == "ok":

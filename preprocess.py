@@ -7,7 +7,9 @@ scan folders, so N instances cover each scan exactly once. Scans whose outputs a
 complete, valid and made from the current sources are skipped; a scan whose sources (OBJ,
 .mtl, texture, FLAME pickle) or settings changed since its provenance record was written is
 redone, with a line saying what changed; complete outputs without a record are kept as they
-are (lib/dataset/preprocessing.py). A bad scan prints one line naming it and the problem and
+are (lib/dataset/preprocessing.py); a folder holding the original GANHead's outputs is never
+touched: complete ones are listed as complete with a line saying they were kept as the
+original's output (lib/dataset/processed_layout.py). A bad scan prints one line naming it and the problem and
 the others go on; the run ends with a summary, the data list CSV (rebuilt from every complete
 scan in the output folder, so shards do not clobber each other's rows) and a non-zero exit
 status if any scan failed.
@@ -153,7 +155,7 @@ def run(args) -> int:
         raise UsageError(f"FLAME model {args.flame_model} not found (--flame_model)")
     server = FLAMEServer(args.flame_model).to(args.device)
     out_root = Path(args.output_folder)
-    counts = {"done": 0, "skipped": 0, "kept": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0, "kept": 0, "original": 0, "failed": 0}
     failures = []
     start = time.perf_counter()
     bar = tqdm(names, desc=f"preprocess shard {args.id}/{args.tot}", unit="scan",
@@ -180,14 +182,18 @@ def run(args) -> int:
             tqdm.write(f"FAILED {name}: {msg}", file=sys.stderr)
         elif status == "done" and msg:
             tqdm.write(f"{name}: {msg}; reprocessed")
+        elif status == "original":
+            tqdm.write(f"{name}: {msg}")
         bar.set_postfix(done=counts["done"], skipped=counts["skipped"], kept=counts["kept"],
-                        failed=counts["failed"])
+                        original=counts["original"], failed=counts["failed"])
     bar.close()
     summary = (f"shard {args.id}/{args.tot}: {len(names)} scans in "
                f"{time.perf_counter() - start:.1f} s: {counts['done']} processed, "
                f"{counts['skipped']} already complete, {counts['kept']} kept without a "
                f"provenance record, {counts['failed']} failed"
                f"{(' (' + ', '.join(failures) + ')') if failures else ''}")
+    if counts["original"]:
+        summary += f", {counts['original']} kept as the original GANHead's outputs"
     try:
         ids = write_data_list(out_root, args.data_list, args.views, args.res, sizes)
     except UsageError:

@@ -63,6 +63,13 @@ class ScanDataModule(pl.LightningDataModule):
                 f"{self.data_list}: {len(missing)} file(s) of its scans are missing under "
                 f"datamodule.processed_dir={root} (e.g. {missing[:3]}); run preprocess.py or "
                 "pass the data list and processed folder that belong together")
+        from lib.dataset.processed_layout import LayoutError, detect_layout
+
+        for sid in ids:  # either layout, this project's or the original GANHead's (headers only)
+            try:
+                detect_layout(root / sid)
+            except LayoutError as err:
+                raise DataListError(str(err)) from None
         return ids
 
     def check_cache(self, geometry: str | None, source: str | None) -> None:
@@ -70,9 +77,7 @@ class ScanDataModule(pl.LightningDataModule):
         the scan's current FLAME parameters. geometry: lib/model/checkpoint.geometry_digest of
         the weights the run starts or resumes from (None: nothing to compare with); source:
         that checkpoint's path (for the message)."""
-        import numpy as np
-
-        from lib.dataset.faceverse_io import scan_space_params
+        from lib.dataset.processed_layout import LayoutError, read_flame_params
         from lib.model.cache_file import params_digest, read_source
 
         if self.cache_dir is None:
@@ -88,8 +93,10 @@ class ScanDataModule(pl.LightningDataModule):
             if record is None:
                 unrecorded += 1
                 continue
-            with np.load(Path(self.processed_dir) / sid / "occupancy.npz") as occ:
-                params = params_digest(scan_space_params(occ["flame_params"]))
+            try:
+                params = params_digest(read_flame_params(Path(self.processed_dir) / sid))
+            except LayoutError as err:
+                raise DataListError(str(err)) from None
             if record.get("params") != params:
                 stale.append(f"{sid} (FLAME parameters changed since)")
             elif geometry is not None and record.get("geometry") != geometry:

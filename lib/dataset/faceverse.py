@@ -7,6 +7,9 @@ Each scan is one subject of the auto-decoder: its row in the data list is its in
 latent embeddings, so the order of the data list (sorted ids) must stay fixed between
 stage 1, precompute and stage 2.
 
+Processed scan folders are read in either layout, this project's or the original GANHead's
+(lib/dataset/processed_layout.py tells them apart by their files).
+
 Scan ids name folders (`<processed>/<id>/`), so every id is checked by `validate_scan_id`
 (also used by preprocess.py for the scan folder names): a single safe path part, i.e. not
 empty, not `.` or `..`, no leading dot, no `/` or `\\`, no whitespace or control characters.
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.dataset.faceverse_io import scan_space_params
+from lib.dataset.processed_layout import LayoutError, read_occupancy
 
 
 class DataListError(ValueError):
@@ -106,17 +109,16 @@ class ScanOccupancyDataset(Dataset):
     def index_of(self, scan_id: str) -> int:
         return self.ids.index(scan_id)
 
-    def _load(self, scan_id: str, name: str) -> dict[str, np.ndarray]:
-        path = self.processed_dir / scan_id / name
+    def _load(self, scan_id: str) -> dict[str, np.ndarray]:
+        """-> flame_params [K] float32, pts_d [N, 3], occ_gt [N, 1] of either layout."""
         try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as err:
-            raise DataListError(f"{path}: cannot read ({err}); rerun preprocess.py") from err
+            return read_occupancy(self.processed_dir / scan_id)
+        except LayoutError as err:
+            raise DataListError(str(err)) from None
 
     def __getitem__(self, i: int) -> dict:
         scan_id = self.items[i % len(self.items)]
-        occ = self._load(scan_id, "occupancy.npz")
+        occ = self._load(scan_id)
         pts, lab = occ["pts_d"], occ["occ_gt"]
         n_half = pts.shape[0] // 2  # first half near-surface, second half uniform
         # torch's generator: seeded by `seed` (pl.seed_everything, workers too), so runs repeat
@@ -127,7 +129,7 @@ class ScanOccupancyDataset(Dataset):
         return {
             "index": self.index_of(scan_id),
             "scan_id": scan_id,
-            "params": torch.from_numpy(scan_space_params(occ["flame_params"])),
+            "params": torch.from_numpy(occ["flame_params"]),
             "pts_d": torch.from_numpy(pts[sel].astype(np.float32)),
             "occ_gt": torch.from_numpy(lab[sel].astype(np.float32).reshape(-1, 1)),
         }

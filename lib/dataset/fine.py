@@ -3,7 +3,8 @@
 Shape legend: K = 169 FLAME parameter vector, H/W image rows/columns (= load_res),
 R cache resolution (must equal load_res), S surface samples per item, n_views views.
 
-Files read (all read-only), for a scan `<id>`:
+Files read (all read-only), for a scan `<id>` in either layout, this project's or the
+original GANHead's (lib/dataset/processed_layout.py tells them apart by their files):
     <processed_dir>/<id>/occupancy.npz              flame_params (K,)
     <processed_dir>/<id>/multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png  (res: view_res,
                                                     or load_res if present, else 256)
@@ -14,14 +15,16 @@ canonical point it shows (xyz) and a mask channel (> 0.5 = the canonical mesh co
 
 Image encoding: 8-bit PNG values v map to v / 127.5 - 1, so 0 -> -1 and 255 -> 1 exactly;
 normal images hold (n + 1) / 2, so the returned normal image is n itself (unnormalized after
-8-bit quantization). Background is white (1, 1, 1) in both images.
+8-bit quantization). Background is white (1, 1, 1) in both images (the original's RGBA
+renders: their stored RGB, alpha dropped as its data module's `convert('RGB')` does).
 
-Image mask (`img_mask`): a pixel is foreground when its RGB render is not pure white
-(255, 255, 255) OR its normal render is not pure white. A unit normal can never encode to
-pure white ((n + 1) / 2 = 1 needs n = (1, 1, 1)), so a white-textured scan pixel is still
-foreground; the renders have no anti-aliasing, so the background is exactly white. When the
-images are resized to load_res (bilinear), the mask is resized bilinearly and thresholded
-at 0.5.
+Image mask (`img_mask`): a pixel is foreground when it is foreground in its RGB render OR in
+its normal render; in a PNG with alpha (the original's) that is alpha > 127, in one without
+(ours) not pure white (255, 255, 255). A unit normal can never encode to pure white
+((n + 1) / 2 = 1 needs n = (1, 1, 1)), so a white-textured scan pixel is still foreground;
+the renders have no anti-aliasing, so the background is exactly white
+(processed_layout.read_view). When the images are resized to load_res (bilinear), the mask
+is resized bilinearly and thresholded at 0.5.
 
 Randomness: the view and the surface subset come from `np.random.default_rng()` (fresh OS
 entropy per item, so DataLoader workers differ) unless `seed` is given; with
@@ -40,9 +43,9 @@ import torch
 from torch.utils.data import Dataset
 
 from lib.dataset.faceverse import read_data_list
-from lib.dataset.faceverse_io import scan_space_params
+from lib.dataset.processed_layout import LayoutError, read_flame_params, read_view
 
-__all__ = ["FineDataError", "ScanImageDataset", "load_png", "foreground_mask"]
+__all__ = ["FineDataError", "ScanImageDataset"]
 
 _WHERE = "lib/dataset/fine.py"
 SURFACE_KEYS = ("surface_points", "surface_normals", "surface_colors")
@@ -50,26 +53,6 @@ SURFACE_KEYS = ("surface_points", "surface_normals", "surface_colors")
 
 class FineDataError(ValueError):
     """A stage-2 input file is missing or malformed (the message names the file)."""
-
-
-def load_png(path: Path) -> np.ndarray:
-    """Read an 8-bit image as RGB uint8 [H, W, 3]. Raises FineDataError naming the file when
-    it is missing or unreadable."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise FineDataError(f"{path}: render not found; rerun preprocess.py for this scan")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except OSError as err:
-        raise FineDataError(f"{path}: cannot read image ({err}); rerun preprocess.py") from err
-
-
-def foreground_mask(rgb: np.ndarray, normal: np.ndarray) -> np.ndarray:
-    """rgb, normal: uint8 [H, W, 3] renders on white. Returns bool [H, W]: True where either
-    image is not pure white (module docstring)."""
-    return (rgb != 255).any(axis=-1) | (normal != 255).any(axis=-1)
 
 
 def _resize_rgb(img: np.ndarray, res: int) -> np.ndarray:
@@ -208,13 +191,10 @@ class ScanImageDataset(Dataset):
 
     def _images(self, scan_id: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (normal uint8 [H, W, 3], rgb uint8 [H, W, 3], mask bool [H, W]) at load_res."""
-        d = self._view_dir(scan_id)
-        normal = load_png(d / f"{k:04d}_normal.png")
-        rgb = load_png(d / f"{k:04d}_rgb.png")
-        if normal.shape != rgb.shape:
-            raise FineDataError(f"{d}: view {k} normal {normal.shape} and rgb {rgb.shape} "
-                                "renders differ in size; rerun preprocess.py")
-        mask = foreground_mask(rgb, normal)
+        try:
+            normal, rgb, mask = read_view(self._view_dir(scan_id), k)
+        except LayoutError as err:
+            raise FineDataError(str(err)) from None
         if normal.shape[0] != self.load_res or normal.shape[1] != self.load_res:
             normal = _resize_rgb(normal, self.load_res)
             rgb = _resize_rgb(rgb, self.load_res)
@@ -230,8 +210,10 @@ class ScanImageDataset(Dataset):
             else self.views[int(rng.integers(0, len(self.views)))]
         scan_dir = self.processed_dir / scan_id
 
-        occ = _load_npz(scan_dir / "occupancy.npz", ("flame_params",), "rerun preprocess.py")
-        params = scan_space_params(occ["flame_params"])
+        try:
+            params = read_flame_params(scan_dir)
+        except LayoutError as err:
+            raise FineDataError(str(err)) from None
         pts, cmask, vparams = self._cache(scan_id, k)
         normal, rgb, mask = self._images(scan_id, k)
         if vparams.shape != params.shape:

@@ -40,6 +40,11 @@ again (streamed; milliseconds per scan, against seconds of processing) and compa
   scan; delete the folder to have it redone on the raw scale.)
 - no record and incomplete outputs (a new scan, or a run killed before the record was
   written): the missing parts are made (the valid ones kept) and then the record.
+
+Outputs of the original GANHead's preprocessing (lib/dataset/processed_layout.py tells them
+by their files) are never touched, whatever the settings: complete ones count as complete
+(status 'original'); an incomplete one is status 'failed' naming the first missing file
+(remove the folder to have it made by this project).
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ import numpy as np
 
 from lib.dataset.faceverse_io import (FlameParamsError, PARAM_DIM, load_flame_params,
                                       params_to_vector, scan_to_flame_space)
+from lib.dataset.processed_layout import ORIGINAL, layout_of, original_problem
 from lib.dataset.scan_sampling import (COLOUR_SCALE, SamplingError, occupancy_samples,
                                        surface_pieces, surface_samples, texture_float)
 from lib.dataset.scan_render import render_views, save_views, view_paths, views_valid
@@ -97,7 +103,8 @@ class SampleSizes:
 class ScanResult:
     """status: 'done' (outputs written; message says why when the sources or settings
     changed), 'skipped' (complete and made from the current sources), 'kept' (complete,
-    no provenance record; left as it is) or 'failed' (message: one line naming the file)."""
+    no provenance record; left as it is), 'original' (the original GANHead's complete
+    outputs; left as they are) or 'failed' (message: one line naming the file)."""
 
     name: str
     status: str
@@ -154,8 +161,12 @@ def is_complete(out_dir, n_views: int = 9, res: int = 256, sizes: SampleSizes = 
                 deep: bool = True) -> bool:
     """True when all outputs of a scan exist and are valid: npz keys, shapes and dtypes
     (deep: also finite values, fully decodable PNGs), PNGs of size res x res.
-    deep=False reads headers only (fast, for listing thousands of scans)."""
+    deep=False reads headers only (fast, for listing thousands of scans).
+    A folder holding the original GANHead's outputs is complete when those are (its own 9
+    views at 256 x 256, whatever n_views, res and sizes; lib/dataset/processed_layout.py)."""
     out_dir = Path(out_dir)
+    if layout_of(out_dir) == ORIGINAL:
+        return original_problem(out_dir, deep) is None
     return (_occupancy_valid(out_dir, sizes, deep) and _surface_valid(out_dir, sizes, deep)
             and views_valid(out_dir, n_views, res, deep))
 
@@ -328,6 +339,15 @@ def process_scan(scan_dir, flame_pkl, flame_server, out_dir, n_views: int = 9, r
     t = result.timings
     seed = scan_seed(name) if seed is None else int(seed)
     tic = time.perf_counter()
+    if layout_of(out_dir) == ORIGINAL:  # the original GANHead's outputs: never touched
+        bad = original_problem(out_dir, deep=True)
+        t["check"] = time.perf_counter() - tic
+        if bad is None:
+            return ScanResult(name, "original", "kept as the original GANHead's output "
+                              "(not reprocessed, not overwritten)", t)
+        return ScanResult(name, "failed", f"{bad}: missing or malformed in the original "
+                          f"GANHead's output in {out_dir}; not overwritten (remove the folder "
+                          "to have preprocess.py make this project's outputs)", t)
     old = read_provenance(out_dir)
     occ_ok = _occupancy_valid(out_dir, sizes, deep=True)
     surf_ok = _surface_valid(out_dir, sizes, deep=True)

@@ -10,7 +10,8 @@ P parameter-vector length (169).
 - `resolve_subject(...)`: a training subject by embedding row (`3`) or scan id (`'001_02'`,
   looked up in the scan ids the checkpoint stores; checkpoints written before ids were stored
   fall back to the data list of the run) -> its row, name and FLAME parameters (from
-  `<processed_dir>/<id>/occupancy.npz` when present).
+  `<processed_dir>/<id>/occupancy.npz` when present, in this project's or the original
+  GANHead's layout: lib/dataset/processed_layout.py).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.dataset.faceverse_io import scan_space_params
 
 __all__ = ["InferenceError", "load_model", "is_stage2", "require_stage2", "Subject",
            "resolve_subject", "subject_codes"]
@@ -135,10 +135,14 @@ def resolve_subject(model, subject, data_list=None, processed_dir=None,
         index, name = ids.index(text), text
     params = None
     if processed_dir is not None and ids is not None:  # ids are safe path parts (validated on load)
-        occ = Path(processed_dir) / name / "occupancy.npz"
-        if occ.is_file():
-            with np.load(occ) as data:
-                params = scan_space_params(data["flame_params"])
+        from lib.dataset.processed_layout import LayoutError, read_flame_params
+
+        scan_dir = Path(processed_dir) / name
+        if (scan_dir / "occupancy.npz").is_file():
+            try:
+                params = read_flame_params(scan_dir)
+            except LayoutError as err:
+                raise InferenceError(str(err)) from None
     return Subject(index=index, name=name, params=params)
 
 
