@@ -204,19 +204,17 @@ def test_skinning_fields_and_displacement(case):
     rows = a["blend_point_rows"]
     B, N = pts.shape[:2]
     with torch.no_grad():
-        # the original's query_weights: the LBS network at the given point (no warp)
-        w, pose_dirs, expr_dirs = model.deformer.lbs_net.lbs(pts)
-        compare("skinning weights", w, a["qw_weights"], table)
-        compare("pose blendshapes", pose_dirs.reshape(B * N, -1, 3)[rows], a["qw_posedirs"], table)
-        compare("expression blendshapes", expr_dirs.reshape(B * N, 3, -1)[rows],
-                a["qw_shapedirs"], table)
-        # its private query with the warp: the fields of a shaped point
-        w, pose_dirs, expr_dirs = model.deformer.lbs_net(pts, smpl["shape"])
-        compare("skinning weights (warped)", w, a["qw_warp_weights"], table)
-        compare("pose blendshapes (warped)", pose_dirs.reshape(B * N, -1, 3)[rows],
-                a["qw_warp_posedirs"], table)
-        compare("expression blendshapes (warped)", expr_dirs.reshape(B * N, 3, -1)[rows],
-                a["qw_warp_shapedirs"], table)
+        # the original's query_weights: the LBS network at the given point (no warp), and its
+        # private query with the warp: the fields of a shaped point
+        for label, fields, ref in (("", model.deformer.lbs_net.lbs(pts), "qw_"),
+                                   (" (warped)", model.deformer.lbs_net(pts, smpl["shape"]),
+                                    "qw_warp_")):
+            w, pose_dirs, expr_dirs = fields
+            compare("skinning weights" + label, w, a[ref + "weights"], table)
+            compare("pose blendshapes" + label, pose_dirs.reshape(B * N, -1, 3)[rows],
+                    a[ref + "posedirs"], table)
+            compare("expression blendshapes" + label, expr_dirs.reshape(B * N, 3, -1)[rows],
+                    a[ref + "shapedirs"], table)
         compare("shape-neutral point", pts + model.disp_net(pts, smpl["shape"]),
                 a["query_cano"], table)
 

@@ -43,7 +43,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lib.dataset.faceverse import read_data_list
-from lib.dataset.processed_layout import LayoutError, read_flame_params, read_view
+from lib.dataset.processed_layout import (LayoutError, load_npz_keys, read_flame_params,
+                                          read_view)
 
 __all__ = ["FineDataError", "ScanImageDataset"]
 
@@ -76,19 +77,9 @@ def _to_signed(img: np.ndarray) -> torch.Tensor:
 
 
 def _load_npz(path: Path, keys: tuple[str, ...], hint: str) -> dict[str, np.ndarray]:
-    """Read `keys` from an .npz (only those members are decompressed)."""
-    if not path.is_file():
-        raise FineDataError(f"{path}: not found; {hint}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in keys if k not in data.files]
-            if missing:
-                raise FineDataError(f"{path}: missing arrays {missing}; {hint}")
-            return {k: data[k] for k in keys}
-    except (OSError, ValueError) as err:
-        if isinstance(err, FineDataError):
-            raise
-        raise FineDataError(f"{path}: cannot read ({err}); {hint}") from err
+    """Read `keys` from an .npz (only those members are decompressed); FineDataError naming
+    the file otherwise."""
+    return load_npz_keys(path, keys, hint, error=FineDataError)
 
 
 class ScanImageDataset(Dataset):

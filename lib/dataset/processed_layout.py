@@ -48,7 +48,7 @@ from lib.dataset.faceverse_io import PARAM_DIM, scan_space_params
 from lib.utils.npz import npz_headers
 
 __all__ = ["PROJECT", "ORIGINAL", "LayoutError", "layout_of", "detect_layout",
-           "read_flame_params", "read_occupancy", "read_png", "read_view",
+           "load_npz_keys", "read_flame_params", "read_occupancy", "read_png", "read_view",
            "original_problem", "original_complete", "ORIGINAL_VIEWS", "ORIGINAL_RES"]
 
 PROJECT, ORIGINAL = "project", "original"
@@ -101,25 +101,30 @@ def detect_layout(scan_dir) -> str:
     return layout
 
 
-def _load_keys(path: Path, keys) -> dict[str, np.ndarray]:
+def load_npz_keys(path: Path, keys, hint: str = "rerun preprocess.py",
+                  error: type[Exception] = LayoutError) -> dict[str, np.ndarray]:
+    """Read `keys` from an .npz (only those members are decompressed). Raises `error` naming
+    the file (and `hint`) when it is missing, unreadable or lacks a key."""
+    if not path.is_file():
+        raise error(f"{path}: not found; {hint}")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in keys if k not in data.files]
             if missing:
-                raise LayoutError(f"{path}: missing arrays {missing}; rerun preprocess.py")
+                raise error(f"{path}: missing arrays {missing}; {hint}")
             return {k: data[k] for k in keys}
     except (OSError, ValueError) as err:
-        if isinstance(err, LayoutError):
+        if isinstance(err, error):
             raise
-        raise LayoutError(f"{path}: cannot read ({err}); rerun preprocess.py") from err
+        raise error(f"{path}: cannot read ({err}); {hint}") from err
 
 
 def read_flame_params(scan_dir) -> np.ndarray:
     """-> (K,) float32 FLAME parameter vector of a processed scan (either layout), with
     scale 1 and translation 0 (faceverse_io.scan_space_params). Raises LayoutError."""
     path = Path(scan_dir) / "occupancy.npz"
-    detect_layout(scan_dir)
-    p = _load_keys(path, ("flame_params",))["flame_params"]
+    detect_layout(scan_dir)  # flame_params alone would not tell a stray file apart
+    p = load_npz_keys(path, ("flame_params",))["flame_params"]
     if p.size != PARAM_DIM:
         raise LayoutError(f"{path}: flame_params has {p.size} values, expected {PARAM_DIM}; "
                           "rerun preprocess.py")
@@ -130,9 +135,8 @@ def read_occupancy(scan_dir) -> dict[str, np.ndarray]:
     """The stage-1 arrays of a processed scan (either layout): flame_params (K,) float32
     (read_flame_params), pts_d (N, 3) float32, occ_gt (N, 1) float32. Only these arrays are
     decompressed (the original's scan_verts etc. are not read). Raises LayoutError."""
-    path = Path(scan_dir) / "occupancy.npz"
-    detect_layout(scan_dir)
-    d = _load_keys(path, ("flame_params", "pts_d", "occ_gt"))
+    path = Path(scan_dir) / "occupancy.npz"  # the layout is checked once up front (datamodule.check)
+    d = load_npz_keys(path, ("flame_params", "pts_d", "occ_gt"))
     n = d["pts_d"].shape[0]
     if d["pts_d"].shape != (n, 3) or d["occ_gt"].size != n or d["flame_params"].size != PARAM_DIM:
         raise LayoutError(f"{path}: pts_d {d['pts_d'].shape}, occ_gt {d['occ_gt'].shape}, "

@@ -16,7 +16,6 @@ naming it.
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,14 +183,6 @@ def _implicit_rules(theirs: str, ours: str) -> list[tuple[re.Pattern, Callable[[
         (re.compile(rf"^{t}lin(\d+)\.weight$"), lambda m: f"{ours}layers.{m.group(1)}.weight"),
         (re.compile(rf"^{t}lin(\d+)\.bias$"), lambda m: f"{ours}layers.{m.group(1)}.bias"),
     ]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_data_list_ids(path) -> list[str]:
@@ -408,6 +399,7 @@ def convert_original(ckpt, flame_model, data_list, stage: str | None = None,
     """
     import pytorch_lightning as pl
 
+    from lib.dataset.preprocessing import file_sha256
     from lib.model.ganhead import GANHead
 
     ckpt, flame_model, data_list = Path(ckpt), Path(flame_model), Path(data_list)
@@ -482,7 +474,7 @@ def convert_original(ckpt, flame_model, data_list, stage: str | None = None,
         "global_step": int(src.get("global_step", 0) or 0),
         "pytorch-lightning_version": pl.__version__,
         "flame_fingerprint": model.flame_server.flame.fingerprint(),
-        "converted_from": {"path": str(ckpt), "sha256": _file_sha256(ckpt), "stage": found,
+        "converted_from": {"path": str(ckpt), "sha256": file_sha256(ckpt), "stage": found,
                            "data_list": str(data_list), "sizes": sizes},
     }
     return checkpoint, report
