@@ -17,8 +17,8 @@ import scipy.sparse as sp
 import torch
 
 from lib.flame import FLAME, FLAMEServer, FlameModelError, load_flame_model
-from lib.flame.lbs import (batch_rodrigues, deform_canonical, pose_to_feature, rigid_chain,
-                           skin_points, unskin_points)
+from lib.flame.lbs import (batch_rodrigues, deform_canonical, matrix_to_axis_angle,
+                           pose_to_feature, rigid_chain, skin_points, unskin_points)
 
 try:
     from flame_reference import reference_flame
@@ -240,13 +240,34 @@ def test_view_params_and_scan_transform(server):
     params = torch.cat([torch.ones(2, 1), torch.zeros(2, 3), pose, shape, exp], dim=1)
     k = 3
     vp = server.view_params(params, k)
-    assert torch.allclose(vp[:, 4:7], torch.tensor([0.0, 2 * math.pi * 3 / 9, 0.0]).expand(2, 3))
+    # the view's root rotation is the yaw composed with the fitted one (float64 reference)
+    yaw = 2 * math.pi * 3 / 9
+    R_yaw = torch.tensor([[math.cos(yaw), 0, math.sin(yaw)], [0, 1, 0],
+                          [-math.sin(yaw), 0, math.cos(yaw)]], dtype=torch.float64)
+    want = R_yaw @ batch_rodrigues(params[:, 4:7].double())
+    assert (batch_rodrigues(vp[:, 4:7].double()) - want).abs().max() < 1e-6
     assert torch.equal(vp[:, 7:], params[:, 7:]) and torch.equal(vp[:, :4], params[:, :4])
     T = server.scan_view_transform(params, k)
     scan = server(params)["verts"]
     view = server(vp)["verts"]
     moved = scan @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
     assert (moved - view).abs().max() < TOL
+    # the original's formula: the posed scan turned by the yaw about the root joint
+    j0 = server(params)["joints"][:, 0].double()                  # [B, 3]
+    turned = (scan.double() - j0[:, None]) @ R_yaw.T + j0[:, None]
+    assert (moved.double() - turned).abs().max() < TOL
+
+
+def test_matrix_to_axis_angle_inverts_rodrigues():
+    g = torch.Generator().manual_seed(3)
+    axis = torch.nn.functional.normalize(torch.randn(500, 3, generator=g, dtype=torch.float64), dim=-1)
+    angle = torch.rand(500, 1, generator=g, dtype=torch.float64) * (math.pi - 1e-3)
+    rv = torch.cat([axis * angle, torch.zeros(1, 3, dtype=torch.float64),
+                    torch.tensor([[1e-9, 0.0, 0.0], [0.0, 0.0, math.pi]], dtype=torch.float64)])
+    out = matrix_to_axis_angle(batch_rodrigues(rv))
+    assert (out[:-1] - rv[:-1]).abs().max() < 1e-9   # the same vector below pi
+    # at pi the axis sign is ambiguous: the rotation must agree
+    assert (batch_rodrigues(out) - batch_rodrigues(rv)).abs().max() < 1e-9
 
 
 # ----------------------------------------------------------------------------- loader

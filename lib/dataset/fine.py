@@ -96,7 +96,8 @@ class ScanImageDataset(Dataset):
     Item (dict):
         index: int, the scan's embedding row;  scan_id: str;  view: int k
         params: [K] float32 scan FLAME parameters
-        view_params: [K] float32 parameters of view k (global pose (0, 2 pi k / n_views, 0))
+        view_params: [K] float32 parameters of view k (FLAMEServer.view_params: yaw 2 pi k /
+            n_views composed with the fitted global rotation)
         normal_img, rgb_img: [3, H, W] float32 in [-1, 1];  img_mask: [1, H, W] bool
         cache_pts: [R, R, 3] float32 canonical points;  cache_mask: [R, R] bool
         surface_points, surface_normals, surface_colors: [S, 3] float32

@@ -5,7 +5,9 @@ Shape legend: V vertices, F faces, K views, H/W image rows/columns (res), T uv c
 
 View k of K: the scan (in FLAME space, posed by its parameters) is moved by
 `FLAMEServer.scan_view_transform(params, k, K)` = T_view[root] @ inverse(T_scan[root]), i.e.
-its global pose is replaced by (0, 2*pi*k/K, 0); the orthographic camera looks from +z.
+it is turned by the yaw 2*pi*k/K about its root joint, keeping its fitted head rotation (the
+view's global rotation is the yaw composed with the fitted one, as the original's views);
+the orthographic camera looks from +z.
 Normal images store (n + 1) / 2 of the rotated (world = view) unit normals, colour images the
 bilinearly sampled texture colour c in [0, 1] as it is (8-bit v = 255 c, read back as
 v / 127.5 - 1 = c * 2 - 1: the scale of the surface samples' colours, `colour_targets` in

@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "batch_rodrigues",
+    "matrix_to_axis_angle",
     "pose_to_feature",
     "rigid_chain",
     "skin_points",
@@ -53,6 +54,47 @@ def batch_rodrigues(rvec: torch.Tensor) -> torch.Tensor:
     K = K.reshape(*rvec.shape[:-1], 3, 3)
     eye = torch.eye(3, dtype=rvec.dtype, device=rvec.device).expand_as(K)
     return eye + a * K + b * (K @ K)
+
+
+def matrix_to_axis_angle(R: torch.Tensor) -> torch.Tensor:
+    """Rotation matrix to axis-angle (the inverse of batch_rodrigues for angles in [0, pi]).
+
+    R: [..., 3, 3] rotation matrices. Returns rvec [..., 3] with |rvec| in [0, pi].
+    Goes through the unit quaternion (w, v) taken from the largest of the four
+    candidate pivots (stable for every angle), with w >= 0, and rvec = 2 atan2(|v|, w) v / |v|
+    (2 v / w near zero angle).
+    """
+    m = R.reshape(-1, 3, 3)
+    tr = m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2]
+    d = torch.stack([tr, m[:, 0, 0], m[:, 1, 1], m[:, 2, 2]], dim=-1)  # pivot candidates
+    pivot = d.argmax(dim=-1)
+    q = torch.empty(m.shape[0], 4, dtype=R.dtype, device=R.device)
+    for i in range(4):
+        sel = pivot == i
+        if not sel.any():
+            continue
+        a = m[sel]
+        if i == 0:
+            s = torch.sqrt((1.0 + tr[sel]).clamp_min(1e-12)) * 2.0
+            qi = torch.stack([0.25 * s, (a[:, 2, 1] - a[:, 1, 2]) / s,
+                              (a[:, 0, 2] - a[:, 2, 0]) / s, (a[:, 1, 0] - a[:, 0, 1]) / s], -1)
+        else:
+            j, k = i % 3, (i + 1) % 3  # the cyclic successors of axis i - 1
+            ii = i - 1
+            s = torch.sqrt((1.0 + 2.0 * a[:, ii, ii] - tr[sel]).clamp_min(1e-12)) * 2.0
+            qi = torch.empty(a.shape[0], 4, dtype=R.dtype, device=R.device)
+            qi[:, 0] = (a[:, k, j] - a[:, j, k]) / s
+            qi[:, 1 + ii] = 0.25 * s
+            qi[:, 1 + j] = (a[:, j, ii] + a[:, ii, j]) / s
+            qi[:, 1 + k] = (a[:, k, ii] + a[:, ii, k]) / s
+        q[sel] = qi
+    q = q * torch.where(q[:, :1] < 0, -1.0, 1.0)  # w >= 0: angle in [0, pi]
+    w, v = q[:, 0], q[:, 1:]
+    n = v.norm(dim=-1)
+    small = n < 1e-7
+    scale = torch.where(small, 2.0 / w.clamp_min(1e-12),
+                        2.0 * torch.atan2(n, w) / torch.where(small, torch.ones_like(n), n))
+    return (v * scale[:, None]).reshape(*R.shape[:-2], 3)
 
 
 def pose_to_feature(rotmats: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .flame import FLAME, expand_pose
-from .lbs import rigid_inverse
+from .lbs import batch_rodrigues, matrix_to_axis_angle, rigid_inverse
 
 __all__ = ["FLAMEServer"]
 
@@ -118,22 +118,27 @@ class FLAMEServer(nn.Module):
 
     # ------------------------------------------------------------ multi-view
     def view_params(self, params: torch.Tensor, k, n_views: int = 9) -> torch.Tensor:
-        """Copy of params [B, 169 or 160] with the global pose set to (0, 2*pi*k/n_views, 0).
+        """Copy of params [B, 169 or 160] seen from view k: the global rotation R becomes
+        R_y(2*pi*k/n_views) @ R (the view's yaw composed with the fitted rotation, as the
+        original's views), every other entry unchanged.
 
-        k: int or tensor [B] of view indices. Returns [B, same length].
+        k: int or tensor [B] of view indices. Returns [B, same length]. A scan posed by params
+        is moved to view k by `scan_view_transform` (a yaw about the root joint).
         """
         self.split_params(params)  # validates the length
         out = params.clone()
         angle = torch.as_tensor(k, dtype=params.dtype, device=params.device) \
             * (2.0 * math.pi / n_views)
-        out[..., 4] = 0.0
-        out[..., 5] = angle
-        out[..., 6] = 0.0
+        yaw = torch.zeros(*params.shape[:-1], 3, dtype=params.dtype, device=params.device)
+        yaw[..., 1] = angle
+        root = batch_rodrigues(yaw) @ batch_rodrigues(params[..., 4:7])
+        out[..., 4:7] = matrix_to_axis_angle(root)
         return out
 
     def scan_view_transform(self, params: torch.Tensor, k, n_views: int = 9) -> torch.Tensor:
         """Rigid transform [B, 4, 4] moving a scan posed by params to view k:
-        T_view[root] @ inverse(T_scan[root]) in the scaled space."""
+        T_view[root] @ inverse(T_scan[root]) in the scaled space, i.e. the view's yaw about
+        the root joint (the original's view transform)."""
         ref = self.flame.v_template
         params = params.to(device=ref.device, dtype=ref.dtype)
         both = torch.cat([params, self.view_params(params, k, n_views)])
