@@ -4,12 +4,14 @@
     python precompute.py datamodule=synthetic +experiments=fine_cpu     # 128 x 128 cache
 
 For each training scan of this agent's share of one sorted list, and each of the 9 views, the
-canonical point shown by every pixel and a mask: `<datamodule.cache_dir>/<id>.npz` with
-`cache (9, R, R, 4)` float32 (R = datamodule.load_res, 256 by default) and `view_params
-(9, 169)`. Stage 2 reads the same `datamodule.cache_dir` and needs the same load_res, so run
+shape-neutral canonical point shown by every pixel and a mask (the original's cache content;
+`precompute.method`: search, the original's, or mesh; lib/model/correspondence.py):
+`<datamodule.cache_dir>/<id>.npz` with `cache (9, R, R, 4)` float32 (R = datamodule.load_res,
+256 by default) and `view_params (9, 169)`. Stage 2 also reads the original's cache files
+(`cache_img_dvr_pyrender/<id>.npy` and `<id>_pose.npy`: point `datamodule.cache_dir` there). Stage 2 reads the same `datamodule.cache_dir` and needs the same load_res, so run
 this with the overrides (experiment) of the stage-2 run. The stage-1 checkpoint is `ckpt`, by
 default `<output_dir_coarse>/checkpoints/last.ckpt` (outputs/coarse), loaded without running
-code from it. Each file records what it was made from (lib/model/cache_file.py: the stage-1
+code from it. Each file records what it was made from (lib/dataset/cache_file.py: the stage-1
 model's digest, the scan's FLAME parameters, mesh_res): finished scans with the same sources
 are skipped, so a killed run resumes, and files made from other sources are recomputed (a line
 says which source changed). Written atomically; the run ends with a summary and a non-zero
@@ -81,9 +83,9 @@ def run(cfg: DictConfig) -> list[str]:
     """Write this agent's share of the cache; returns the ids that failed."""
     from lib.dataset.faceverse import read_data_list
     from lib.dataset.processed_layout import read_flame_params
-    from lib.model.cache_file import cache_record, cache_status, write_cache
+    from lib.dataset.cache_file import cache_record, cache_status, find_cache, write_cache
     from lib.model.checkpoint import geometry_digest
-    from lib.model.correspondence import scan_correspondences
+    from lib.model.correspondence import METHODS, scan_correspondences
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dm = cfg.datamodule
@@ -97,18 +99,25 @@ def run(cfg: DictConfig) -> list[str]:
     rows = subject_rows(model, ids, dm.data_list)
     geometry = geometry_digest(model)
     mesh_res = int(cfg.precompute.mesh_res)
+    method = str(cfg.precompute.get("method", "search"))
+    if method not in METHODS:
+        raise PrecomputeError(f"precompute.method={method} must be one of {list(METHODS)}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     print(f"precompute: {len(mine)} scans (agent {rank}/{tot}), {dm.n_views} views at "
-          f"{dm.load_res}x{dm.load_res}, mesh_res {mesh_res}, on {device} -> {cache_dir}")
+          f"{dm.load_res}x{dm.load_res}, mesh_res {mesh_res}, method {method}, on {device} -> "
+          f"{cache_dir}")
 
-    done = skipped = unrecorded = redone = 0
+    done = skipped = unrecorded = original = redone = lost = hits = 0
     failed: list[str] = []
     t0 = time.time()
     for scan_id in tqdm(mine, desc=f"precompute {rank + 1}/{tot}", unit="scan"):
         out = cache_dir / f"{scan_id}.npz"
+        if not out.is_file() and find_cache(cache_dir, scan_id) is not None:
+            original += 1  # the original GANHead's cache of this scan: read as it is, kept
+            continue
         try:
             params = torch.as_tensor(read_flame_params(Path(dm.processed_dir) / scan_id))
-            record = cache_record(geometry, params.numpy(), mesh_res, str(ckpt))
+            record = cache_record(geometry, params.numpy(), mesh_res, str(ckpt), method)
             status, why = cache_status(out, dm.n_views, dm.load_res, record)
             if status == "ok":
                 skipped += 1
@@ -119,7 +128,10 @@ def run(cfg: DictConfig) -> list[str]:
             if status == "stale":
                 tqdm.write(f"precompute: {scan_id}: {out} was {why}; recomputing")
             res = scan_correspondences(model, rows[scan_id], params, n_views=dm.n_views,
-                                       res=dm.load_res, mesh_res=mesh_res)
+                                       res=dm.load_res, mesh_res=mesh_res, method=method)
+            n_hit, n_valid = int(res["n_hit"].sum()), int(res["n_valid"].sum())
+            lost += n_hit - n_valid
+            hits += n_hit
             write_cache(out, res["cache"].cpu().numpy(), res["view_params"].cpu().numpy(),
                         record)
             done += 1
@@ -129,9 +141,13 @@ def run(cfg: DictConfig) -> list[str]:
             failed.append(scan_id)
     kept = (f", {unrecorded} kept without a provenance record (delete them to recompute)"
             if unrecorded else "")
+    if original:
+        kept += f", {original} kept as the original GANHead's cache files"
+    searched = (f"; the search found no valid root for {lost} of {hits} surface pixels "
+                f"({100.0 * lost / hits:.2f}%, left out of the masks)" if hits else "")
     print(f"precompute: {done} written ({redone} of them stale), {skipped} already complete"
           f"{kept}, {len(failed)} failed of {len(mine)} in {time.time() - t0:.1f} s "
-          f"-> {cache_dir}")
+          f"-> {cache_dir}{searched}")
     return failed
 
 

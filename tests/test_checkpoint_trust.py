@@ -289,7 +289,7 @@ def test_subjects_resolve_through_the_checkpoint_ids(saved, tmp_path):
 
 
 def test_cache_status_records_sources(tmp_path):
-    from lib.model.cache_file import cache_record, cache_status, write_cache
+    from lib.dataset.cache_file import cache_record, cache_status, write_cache
     from lib.utils.mesh_io import save_npz
 
     params = np.arange(169, dtype=np.float32)

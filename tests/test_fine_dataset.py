@@ -223,3 +223,44 @@ def test_collate(tmp_path):
     assert batch["cache_mask"].shape == (2, R, R) and batch["cache_mask"].dtype == torch.bool
     assert batch["surface_points"].shape == (2, 64, 3)
     assert batch["view_params"].shape == (2, 169) and batch["view"].shape == (2,)
+
+
+def test_original_cache_files_read_as_ours(tmp_path):
+    """The original's cache (`<id>.npy` with points set to 1 outside the mask, float64
+    `<id>_pose.npy`) gives the same items as this project's `<id>.npz` of the same content."""
+    proc, lst, ours = _make(tmp_path)
+    orig = tmp_path / "cache_img_dvr_pyrender"
+    orig.mkdir()
+    for n, s in enumerate(IDS):
+        c = _cache(n).copy()
+        c[..., :3][c[..., 3] < 0.5] = 1.0  # the original's fill outside the mask
+        np.save(orig / f"{s}.npy", c)
+        np.save(orig / f"{s}_pose.npy", _view_params(n).astype(np.float64))
+    kw = {"n_views": N_VIEWS, "load_res": R, "surface_points": 16, "fixed_view": True}
+    a = ScanImageDataset(proc, lst, ours, **kw)
+    b = ScanImageDataset(proc, lst, orig, **kw)
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        m = x["cache_mask"]
+        assert torch.equal(m, y["cache_mask"]) and m.any()
+        assert torch.equal(x["cache_pts"][m], y["cache_pts"][m])
+        for key in ("view_params", "params", "normal_img", "rgb_img", "surface_points"):
+            assert torch.equal(x[key], y[key]), key
+    (orig / f"{IDS[0]}_pose.npy").unlink()  # neither layout complete: both files named
+    with pytest.raises(FineDataError, match=f"{IDS[0]}.npz.*{IDS[0]}_pose.npy"):
+        b[0]
+
+
+def test_datamodule_accepts_the_original_cache(tmp_path, capsys):
+    from lib.dataset.datamodule import ScanDataModule
+
+    proc, lst, _ = _make(tmp_path, with_cache=False)
+    orig = tmp_path / "cache_img_dvr_pyrender"
+    orig.mkdir()
+    for n, s in enumerate(IDS):
+        np.save(orig / f"{s}.npy", _cache(n))
+        np.save(orig / f"{s}_pose.npy", _view_params(n))
+    dm = ScanDataModule(processed_dir=str(proc), data_list=str(lst), stage="fine",
+                    cache_dir=str(orig), load_res=R, n_views=N_VIEWS)
+    dm.check_cache(geometry="digest", source="last.ckpt")
+    assert "3 cache file(s)" in capsys.readouterr().out

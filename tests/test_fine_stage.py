@@ -28,18 +28,24 @@ RES = 32
 # ---------------------------------------------------------------------------- analytic cache
 class SphereHead(nn.Module):
     """Just what the cache writer reads from a GANHead: a sphere occupancy (radius r, centre
-    c) in canonical space and skinning that follows the root bone only."""
+    c) in canonical space, skinning that follows the root bone only (searched by the real
+    deformer) and a constant displacement `shift` from the shaped to the shape-neutral space."""
 
-    def __init__(self, flame_path: Path, radius: float, center):
+    def __init__(self, flame_path: Path, radius: float, center, shift=(0.0, 0.0, 0.0)):
         super().__init__()
         from lib.flame import FLAMEServer
+        from lib.model.deformer import ForwardDeformer
 
         self.flame_server = FLAMEServer(str(flame_path))
         self.z_shapes = nn.Embedding(1, 4)
         self.register_buffer("bbox_min", torch.full((3,), -1.0))
         self.register_buffer("bbox_max", torch.full((3,), 1.0))
         self.radius, self.center = radius, torch.tensor(center)
-        self.deformer = SimpleNamespace(lbs_net=self._root_only)
+        self.shift = torch.tensor(shift)
+        self.deformer = ForwardDeformer(self._root_only, n_joints=5)
+
+    def disp_net(self, xc, betas):  # [B, N, 3] -> [B, N, 3]
+        return self.shift.to(xc).expand_as(xc)
 
     @staticmethod
     def _root_only(xc, z):  # [B, N, 3] -> w [B, N, 5], pose dirs [B, N, 36, 3], exp [B, N, 3, 50]
@@ -58,22 +64,27 @@ class SphereHead(nn.Module):
         return (self.radius - (x - self.center).norm(dim=-1))[..., None]
 
 
-def test_cache_of_sphere_head_with_root_skinning(head_model_path):
+@pytest.mark.parametrize("method", ["search", "mesh"])
+def test_cache_of_sphere_head_with_root_skinning(head_model_path, method):
+    from lib.flame.lbs import batch_rodrigues
     from lib.model.correspondence import scan_correspondences
 
-    r, c = 0.5, np.array([0.1, 0.05, -0.05])
-    model = SphereHead(head_model_path, r, c)
+    r, c, shift = 0.5, np.array([0.1, 0.05, -0.05]), np.array([0.02, -0.01, 0.03])
+    model = SphereHead(head_model_path, r, c, shift)
     params = torch.from_numpy(random_flame_params(np.random.default_rng(3), jaw=0.1))
     n_views = 9
-    out = scan_correspondences(model, 0, params, n_views=n_views, res=RES, mesh_res=64)
+    out = scan_correspondences(model, 0, params, n_views=n_views, res=RES, mesh_res=64,
+                               method=method)
     cache = out["cache"].numpy()
     assert cache.shape == (n_views, RES, RES, 4) and cache.dtype == np.float32
     j0 = model.flame_server(params[None])["joints_c"][0, 0].double().numpy()
+    R_fit = batch_rodrigues(params[4:7].double()).numpy()
     px = -1 + (np.arange(RES) + 0.5) * 2 / RES
     X, Y = np.meshgrid(px, -px)  # row i has y = 1 - (i + 0.5) 2 / res
     for k in range(n_views):
-        t = 2 * math.pi * k / n_views  # view k: the root turns by t about y through joint 0
-        R = np.array([[math.cos(t), 0, math.sin(t)], [0, 1, 0], [-math.sin(t), 0, math.cos(t)]])
+        t = 2 * math.pi * k / n_views  # view k: the yaw t after the fitted head rotation
+        R = np.array([[math.cos(t), 0, math.sin(t)], [0, 1, 0],
+                      [-math.sin(t), 0, math.cos(t)]]) @ R_fit
         ck = R @ (c - j0) + j0
         d2 = (X - ck[0]) ** 2 + (Y - ck[1]) ** 2
         mask = cache[k, ..., 3] > 0.5
@@ -81,13 +92,15 @@ def test_cache_of_sphere_head_with_root_skinning(head_model_path):
         assert mask[inside].all() and not mask[outside].any(), f"view {k}: wrong mask"
         assert (cache[k, ~mask, :3] == 0).all()
         # the visible (largest z) point of the deformed sphere, taken back to canonical space
+        # and then to the shape-neutral space by the displacement
         core = d2 < (r - 0.1) ** 2
         xd = np.stack([X, Y, ck[2] + np.sqrt(np.clip(r * r - d2, 0, None))], -1)[core]
-        xc_true = (xd - j0) @ R + j0  # R^T (xd - j0) + j0, row vectors
-        err = np.linalg.norm(cache[k, core, :3] - xc_true, axis=-1)
+        xn_true = (xd - j0) @ R + j0 + shift  # R^T (xd - j0) + j0, row vectors
+        err = np.linalg.norm(cache[k, core, :3] - xn_true, axis=-1)
         assert err.max() < 0.02, f"view {k}: canonical points off by {err.max():.3f}"
-        radial = np.linalg.norm(cache[k, mask, :3] - c, axis=-1)
+        radial = np.linalg.norm(cache[k, mask, :3] - shift - c, axis=-1)
         assert np.abs(radial - r).max() < 0.02
+    assert (out["n_valid"] <= out["n_hit"]).all() and out["n_valid"].sum() > 0
 
 
 # ---------------------------------------------------------------------------- in process

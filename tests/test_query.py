@@ -189,3 +189,49 @@ def test_surface_needs_a_stage2_model_and_batched_inputs(head_model_path, fine_m
         fine_model.surface(xd, params, {"z_shape": codes["z_shape"]})
     with pytest.raises(ValueError, match="params must be"):
         fine_model.occupancy(xd, params.expand(2, -1), codes)
+
+
+def test_render_cache_of_neutral_points_matches_the_shaped_queries(fine_model):
+    """The cache holds shape-neutral points x_n = x_c + disp(x_c, betas): rendering them gives,
+    per pixel, the normal and colour that the shaped-point path (query_fine at x_c, weights of
+    NeutralLBS at x_c) gives; and the surface samples (`extra`, shaped) agree likewise."""
+    from lib.model.cache_render import render_cache
+    from lib.model.query import (blend_transforms, pose_exp_condition, query_fine,
+                                 skin_normals)
+
+    params = torch.from_numpy(random_flame_params(np.random.default_rng(6), jaw=0.1))[None]
+    server = fine_model.flame_server
+    smpl = server(params)
+    smpl_view = server(server.view_params(params, 2))
+    codes = fine_model.codes(torch.tensor([1]))
+    R = 6
+    g = torch.Generator().manual_seed(4)
+    xc = (torch.rand(1, R * R, 3, generator=g) - 0.5) * 0.6       # shaped canonical points
+    extra = (torch.rand(1, 7, 3, generator=g) - 0.5) * 0.6
+    mask = torch.rand(1, R, R, generator=g) > 0.3
+    out_layer = fine_model.disp_net.layers[-1]
+    saved = out_layer.weight.detach().clone()
+    try:
+        with torch.no_grad():  # a non-trivial warp
+            out_layer.weight.copy_(torch.randn(saved.shape, generator=g) * 0.01)
+            xn = xc + fine_model.disp_net(xc, smpl["shape"])
+            assert (xn - xc).norm(dim=-1).mean() > 1e-3
+            got = render_cache(fine_model, xn.reshape(1, R, R, 3), mask, smpl, smpl_view, codes,
+                               extra=extra)
+            pts = torch.cat([xc, extra], dim=1)
+            n_c, rgb = query_fine(fine_model, pts, codes["z_shape"], smpl["shape"],
+                                  codes["z_detail"], codes["z_color"], pose_exp_condition(smpl))
+            w = fine_model.deformer.lbs_net(pts, smpl["shape"])[0]
+    finally:
+        with torch.no_grad():
+            out_layer.weight.copy_(saved)
+    L = R * R
+    n_d = skin_normals(blend_transforms(w[:, :L], smpl_view["tfs"]), n_c[:, :L])
+    m = mask.reshape(-1)
+    img_n = got["normal"][0].permute(1, 2, 0).reshape(-1, 3)
+    img_c = got["rgb"][0].permute(1, 2, 0).reshape(-1, 3)
+    torch.testing.assert_close(img_n[m], n_d[0, m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(img_c[m], rgb[0, :L][m], rtol=0, atol=1e-5)
+    assert (img_c[~m] == 1.0).all()
+    torch.testing.assert_close(got["extra_rgb"], rgb[:, L:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["extra_w"], w[:, L:], rtol=0, atol=1e-6)

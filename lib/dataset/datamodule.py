@@ -77,19 +77,25 @@ class ScanDataModule(pl.LightningDataModule):
         the scan's current FLAME parameters. geometry: lib/model/checkpoint.geometry_digest of
         the weights the run starts or resumes from (None: nothing to compare with); source:
         that checkpoint's path (for the message)."""
+        from lib.dataset.cache_file import (CACHE_CONTENT, RECORD_KEYS, find_cache,
+                                            params_digest, read_source)
         from lib.dataset.processed_layout import LayoutError, read_flame_params
-        from lib.model.cache_file import params_digest, read_source
 
         if self.cache_dir is None:
             raise DataListError("datamodule.cache_dir is not set; run precompute.py on the "
                                 "stage-1 checkpoint and pass its cache folder")
-        cache_dir, stale, unrecorded = Path(self.cache_dir), [], 0
+        cache_dir, stale, unrecorded, original = Path(self.cache_dir), [], 0, 0
         for sid in read_data_list(self.data_list):
-            path = cache_dir / f"{sid}.npz"
-            if not path.is_file():
-                raise DataListError(f"{path}: stage-2 cache not found; run precompute.py with the "
-                                    "stage-1 checkpoint and this run's datamodule options")
-            record = read_source(path)
+            found = find_cache(cache_dir, sid)
+            if found is None:
+                raise DataListError(f"{cache_dir / (sid + '.npz')}: stage-2 cache not found (nor "
+                                    f"the original's {sid}.npy with {sid}_pose.npy); run "
+                                    "precompute.py with the stage-1 checkpoint and this run's "
+                                    "datamodule options")
+            if found[0] == "original":
+                original += 1
+                continue
+            record = read_source(found[1])
             if record is None:
                 unrecorded += 1
                 continue
@@ -99,6 +105,8 @@ class ScanDataModule(pl.LightningDataModule):
                 raise DataListError(str(err)) from None
             if record.get("params") != params:
                 stale.append(f"{sid} (FLAME parameters changed since)")
+            elif record.get("content") != CACHE_CONTENT:
+                stale.append(f"{sid} ({RECORD_KEYS['content']})")
             elif geometry is not None and record.get("geometry") != geometry:
                 stale.append(f"{sid} (made by another stage-1 model: {record.get('checkpoint')})")
         if stale:
@@ -108,6 +116,9 @@ class ScanDataModule(pl.LightningDataModule):
         if unrecorded:
             print(f"[train] {unrecorded} cache file(s) in {cache_dir} record no sources (written "
                   "before caches did); used as they are")
+        if original:
+            print(f"[train] {original} cache file(s) in {cache_dir} are the original GANHead's "
+                  "(<id>.npy, <id>_pose.npy); used as they are")
 
     @property
     def n_subjects(self) -> int:

@@ -10,8 +10,9 @@ original GANHead's (lib/dataset/processed_layout.py tells them apart by their fi
                                                     or load_res if present, else 256)
     <processed_dir>/<id>/surface.npz                surface_points / _normals / _colors (M, 3)
     <cache_dir>/<id>.npz                            cache (n_views, R, R, 4), view_params (n_views, K)
+      or the original's <cache_dir>/<id>.npy with <id>_pose.npy (lib/dataset/cache_file.py)
 The cache is written by precompute.py from the stage-1 checkpoint: per view and pixel the
-canonical point it shows (xyz) and a mask channel (> 0.5 = the canonical mesh covers it).
+shape-neutral canonical point it shows (xyz) and a mask channel (> 0.5 = a correspondence).
 
 Image encoding: 8-bit PNG values v map to v / 127.5 - 1, so 0 -> -1 and 255 -> 1 exactly;
 normal images hold (n + 1) / 2, so the returned normal image is n itself (unnormalized after
@@ -43,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lib.dataset.faceverse import read_data_list
+from lib.dataset.cache_file import CacheFileError, read_cache
 from lib.dataset.processed_layout import (LayoutError, load_npz_keys, read_flame_params,
                                           read_view)
 
@@ -152,10 +154,11 @@ class ScanImageDataset(Dataset):
 
     def _cache(self, scan_id: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (points [R, R, 3], mask [R, R] bool, view_params [K]) of view k."""
-        path = self.cache_dir / f"{scan_id}.npz"
         hint = "run precompute.py (stage-1 checkpoint) to write the stage-2 cache"
-        data = _load_npz(path, ("cache", "view_params"), hint)
-        cache, vp = data["cache"], data["view_params"]
+        try:
+            cache, vp, path = read_cache(self.cache_dir, scan_id, hint)
+        except CacheFileError as err:
+            raise FineDataError(str(err)) from None
         if cache.ndim != 4 or cache.shape[0] != self.n_views or cache.shape[-1] != 4 \
                 or cache.shape[1] != cache.shape[2]:
             raise FineDataError(f"{path}: cache has shape {cache.shape}, expected "
@@ -209,7 +212,7 @@ class ScanImageDataset(Dataset):
         pts, cmask, vparams = self._cache(scan_id, k)
         normal, rgb, mask = self._images(scan_id, k)
         if vparams.shape != params.shape:
-            raise FineDataError(f"{self.cache_dir / (scan_id + '.npz')}: view_params width "
+            raise FineDataError(f"{self.cache_dir / scan_id}: cache view_params width "
                                 f"{vparams.shape[0]} != flame_params width {params.shape[0]} of "
                                 f"{scan_dir / 'occupancy.npz'}; rerun precompute.py")
 

@@ -1,5 +1,5 @@
-"""Stage-2 images rendered from the precompute cache: each pixel's canonical point (from
-precompute.py) is queried by the normal and texture networks, its normal skinned to the
+"""Stage-2 images rendered from the precompute cache: each pixel's shape-neutral canonical
+point (from precompute.py, or the original's `cache_img_dvr_pyrender` files) is queried by the normal and texture networks, its normal skinned to the
 view, and the results scattered back into images. Stage-2 training (lib/model/fine_stage.py)
 and the reconstruction scores of inference (lib/inference/reconstruction.py) render with
 `render_cache`, so what is scored is what was trained.
@@ -47,12 +47,13 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, smpl:
                  extra: torch.Tensor | None = None) -> dict:
     """Normal and colour images of cached canonical points.
 
-    cache_pts: [B, R, R, 3] shaped canonical point per pixel; cache_mask: [B, R, R] bool
-    (pixels to render); smpl: FLAMEServer outputs of the scan's own parameters (shape,
-    texture condition); smpl_view: of the view's parameters (normals are skinned with its
-    target transforms); codes: z_shape [B, Z] (no gradient), z_detail, z_color; volume: the
-    generator's volume for z_shape (computed when None); extra: [B, S, 3] shaped canonical
-    points queried in the same network pass (stage 2's surface samples).
+    cache_pts: [B, R, R, 3] shape-neutral canonical point per pixel (the cache's content, as
+    the original's); cache_mask: [B, R, R] bool (pixels to render); smpl: FLAMEServer outputs
+    of the scan's own parameters (shape, texture condition); smpl_view: of the view's
+    parameters (normals are skinned with its target transforms); codes: z_shape [B, Z] (no
+    gradient), z_detail, z_color; volume: the generator's volume for z_shape (computed when
+    None); extra: [B, S, 3] SHAPED canonical points (stage 2's surface samples, from the
+    deformer's search) queried in the same network pass after their move to the neutral space.
     Returns {"normal", "rgb": [B, 3, R, R], white outside the mask; with extra also
     "extra_normal_c", "extra_rgb": [B, S, 3] canonical normal and colour, "extra_w": [B, S, J]
     skinning weights (no gradient)}. Normals and colours keep their gradients to z_detail,
@@ -63,14 +64,19 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, smpl:
     packed, index = pack_points(cache_pts.reshape(B, R * R, 3).to(z_shape.dtype),
                                 cache_mask.reshape(B, R * R))
     L = packed.shape[1]
-    pts = packed if extra is None else torch.cat([packed, extra.to(packed.dtype)], dim=1)
+    if extra is None:
+        pts = packed
+    else:
+        with torch.no_grad():
+            extra = extra.to(packed.dtype)
+            pts = torch.cat([packed, extra + model.disp_net(extra, smpl["shape"])], dim=1)
     if volume is None:
         with torch.no_grad():
             volume = model.generator(z_shape)
     normal_c, rgb = query_fine(model, pts, z_shape, smpl["shape"], codes["z_detail"],
-                               codes["z_color"], pose_exp_condition(smpl), volume)
+                               codes["z_color"], pose_exp_condition(smpl), volume, neutral=True)
     with torch.no_grad():
-        w = model.deformer.lbs_net(pts, smpl["shape"])[0]  # [B, L + S, J]
+        w = model.deformer.lbs_net.lbs(pts)[0]  # [B, L + S, J]: neutral points, no warp
         rot_view = blend_transforms(w[:, :L], smpl_view["tfs"])
     out = {"normal": scatter_image(skin_normals(rot_view, normal_c[:, :L]), index, R),
            "rgb": scatter_image(rgb[:, :L], index, R)}

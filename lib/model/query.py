@@ -118,26 +118,28 @@ def pose_exp_condition(smpl: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def geometry_features(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tensor,
-                      volume: torch.Tensor | None = None):
-    """Frozen geometry at shaped canonical points. xc: [B, M, 3]; z_shape: [B, Z];
+                      volume: torch.Tensor | None = None, neutral: bool = False):
+    """Frozen geometry at canonical points. xc: [B, M, 3] shaped canonical points (neutral:
+    already shape-neutral, as the precompute cache holds them); z_shape: [B, Z];
     shape: [B, 100]; volume: the generator's [B, C, D, H, W] for z_shape (computed when None).
-    Returns x_n [B, M, 3] (shape-neutral points) and the occupancy network's last hidden
-    features [B, M, F_geo]."""
+    Returns x_n [B, M, 3] (shape-neutral points: xc + disp(xc, shape), or xc itself when
+    neutral) and the occupancy network's last hidden features [B, M, F_geo]."""
     volume = model.generator(z_shape) if volume is None else volume
-    xn = xc + model.disp_net(xc, shape)
+    xn = xc if neutral else xc + model.disp_net(xc, shape)
     feat = sample_volume(volume, xn, model.bbox_min, model.bbox_max)
     return xn, model.occ_network(xn, feat, return_features=True)[1]
 
 
 def query_fine(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tensor,
                z_detail: torch.Tensor, z_color: torch.Tensor, pose_exp: torch.Tensor,
-               volume: torch.Tensor | None = None):
-    """Canonical normals and colours at shaped canonical points.
+               volume: torch.Tensor | None = None, neutral: bool = False):
+    """Canonical normals and colours at canonical points.
 
-    xc: [B, M, 3]; z_shape: [B, Z]; shape: [B, 100]; z_detail: [B, D]; z_color: [B, C];
-    pose_exp: [B, 65]; volume as in geometry_features. Returns normal_c [B, M, 3] (unit,
-    canonical frame) and rgb [B, M, 3] (linear output, trained toward [-1, 1])."""
-    xn, gfeat = geometry_features(model, xc, z_shape, shape, volume)
+    xc: [B, M, 3] shaped canonical points (neutral: shape-neutral ones); z_shape: [B, Z];
+    shape: [B, 100]; z_detail: [B, D]; z_color: [B, C]; pose_exp: [B, 65]; volume as in
+    geometry_features. Returns normal_c [B, M, 3] (unit, canonical frame) and rgb [B, M, 3]
+    (linear output, trained toward [-1, 1])."""
+    xn, gfeat = geometry_features(model, xc, z_shape, shape, volume, neutral=neutral)
     M = xc.shape[1]
 
     def rows(z: torch.Tensor) -> torch.Tensor:  # [B, C] -> [B, M, C]
