@@ -41,8 +41,8 @@ Provenance: `provenance.json` holds the sha256 of every source file (the OBJ, it
 and the texture image that load_obj reads, the FLAME parameter pickle; `source_record`) and
 the settings (n_views, res, sample sizes, seed, the colour scale of the surface samples:
 `COLOUR_SCALE`, lib/dataset/scan_sampling.py, and the method: occ_sampling, colour_source,
-views). On a rerun `process_scan` hashes the sources
-again (streamed; milliseconds per scan, against seconds of processing) and compares:
+views). On a rerun `process_scan` hashes the sources again (streamed; milliseconds per scan,
+against seconds of processing) and compares:
 - sources or settings changed: the scan's outputs are removed and all of its parts redone;
   the result's message says what changed (e.g. `sources changed (flame params
   003_01_flame.pkl)`). The old record stays until the new one replaces it, so a run killed
@@ -54,7 +54,7 @@ again (streamed; milliseconds per scan, against seconds of processing) and compa
   yaw_after_fit)`.
 - no record but complete outputs (made before records existed, or by other code): kept as
   they are, not overwritten, status 'kept'. (Such outputs may hold surface colours stretched per
-  scan; delete the folder to have it redone on the raw scale.)
+  scan, yaw-only views or area/texture samples; delete the folder to have it redone.)
 - no record and incomplete outputs (a new scan, or a run killed before the record was
   written): the missing parts are made (the valid ones kept) and then the record.
 

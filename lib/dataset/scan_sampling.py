@@ -223,11 +223,12 @@ def vertex_colors(n_verts: int, faces, uvs, face_uvs, texture) -> np.ndarray:
     fu = np.asarray(face_uvs, dtype=np.int64).reshape(-1)
     if f.shape != fu.shape:
         raise SamplingError(f"face_uvs {np.shape(face_uvs)} must match faces {np.shape(faces)}")
-    pairs = np.unique(np.stack([f, fu], 1), axis=0)                # distinct (vertex, uv)
-    col = texture_colors(texture, np.asarray(uvs)[pairs[:, 1]])[:, :3]
-    out = np.zeros((int(n_verts), 3))
-    np.add.at(out, pairs[:, 0], col)
-    count = np.bincount(pairs[:, 0], minlength=int(n_verts))
+    n_uv = len(uvs)
+    pairs = np.unique(f * n_uv + fu)                               # distinct (vertex, uv)
+    vid, tid = pairs // n_uv, pairs % n_uv
+    col = texture_colors(texture, np.asarray(uvs)[tid])[:, :3]     # [P, 3]
+    count = np.bincount(vid, minlength=int(n_verts))
+    out = np.stack([np.bincount(vid, col[:, c], minlength=int(n_verts)) for c in range(3)], 1)
     return out / np.maximum(count, 1)[:, None]
 
 
