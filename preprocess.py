@@ -2,6 +2,12 @@
 
     python preprocess.py --tot 1 --id 0
 
+Method (lib/dataset/preprocessing.py): by default the original GANHead's, `--occ_sampling
+vertices` (near-surface occupancy points are jittered scan vertices) and `--colour_source
+vertices` (surface-sample colours and RGB renders from per-vertex colours); `--occ_sampling
+area` and `--colour_source texture` are this project's alternatives. Changing either redoes
+the scans processed with the other.
+
 Shards: `--tot N --id i` processes every N-th scan (from the i-th) of the sorted list of
 scan folders, so N instances cover each scan exactly once. Scans whose outputs are already
 complete, valid and made from the current sources are skipped; a scan whose sources (OBJ,
@@ -53,6 +59,13 @@ def parse_args(argv=None):
                    help="near-surface occupancy points (70%% face region, 30%% elsewhere)")
     p.add_argument("--n_uniform", type=int, default=100000)
     p.add_argument("--n_surface", type=int, default=100000)
+    p.add_argument("--occ_sampling", choices=("vertices", "area"), default="vertices",
+                   help="near-surface occupancy points: jittered scan vertices drawn with "
+                        "replacement (the original's) or jittered area-weighted surface points")
+    p.add_argument("--colour_source", choices=("vertices", "texture"), default="vertices",
+                   help="colours of the surface samples and RGB renders: per-vertex colours "
+                        "interpolated over the triangles (the original's) or the texture "
+                        "sampled at each point's uv")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if a.tot < 1 or not 0 <= a.id < a.tot:
@@ -140,7 +153,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from lib.dataset.faceverse import validate_scan_id
-    from lib.dataset.preprocessing import SampleSizes, process_scan, scan_paths
+    from lib.dataset.preprocessing import Method, SampleSizes, process_scan, scan_paths
     from lib.flame import FLAMEServer
 
     if args.threads > 0:
@@ -150,6 +163,7 @@ def run(args) -> int:
     n_face = int(round(args.n_near * 0.7))
     sizes = SampleSizes(n_face=n_face, n_rest=args.n_near - n_face, n_uniform=args.n_uniform,
                         n_surface=args.n_surface)
+    method = Method(occ_sampling=args.occ_sampling, colour_source=args.colour_source)
     names = shard(list_scans(args.scan_folder), args.tot, args.id)
     if not Path(args.flame_model).is_file():
         raise UsageError(f"FLAME model {args.flame_model} not found (--flame_model)")
@@ -169,7 +183,7 @@ def run(args) -> int:
         else:
             try:
                 r = process_scan(scan_dir, pkl, server, out_root / name, args.views, args.res,
-                                 sizes=sizes, device=args.device)
+                                 sizes=sizes, device=args.device, method=method)
                 status, msg = r.status, r.message
             except KeyboardInterrupt:
                 raise

@@ -214,10 +214,11 @@ def test_colour_sampling_known_texture():
     np.testing.assert_allclose(c[0] * 255, tex[9, 5], atol=1e-3)
 
 
-def test_occupancy_regions_and_labels():
+@pytest.mark.parametrize("sampling", ["vertices", "area"])
+def test_occupancy_regions_and_labels(sampling):
     v, f, _ = uv_sphere(radius=0.6, n_lat=32, n_lon=64, center=(0, 0, 0.1))
     pts, occ = occupancy_samples(v, f, np.random.default_rng(0), n_face=700, n_rest=300,
-                                 n_uniform=1000, sigma=0.0)
+                                 n_uniform=1000, sigma=0.0, sampling=sampling)
     assert pts.shape == (2000, 3) and occ.shape == (2000, 1) and pts.dtype == np.float32
     thr = 0.5 * v[:, 2].max()
     assert (pts[:700, 2] > thr).all() and (pts[700:1000, 2] <= thr).all()
@@ -226,8 +227,12 @@ def test_occupancy_regions_and_labels():
     r = np.linalg.norm(pts[1000:] - [0, 0, 0.1], axis=1)
     far = np.abs(r - 0.6) > 0.01
     np.testing.assert_array_equal(occ[1000:, 0][far], (r < 0.6)[far].astype(np.float32))
-    pts2, _ = occupancy_samples(v, f, np.random.default_rng(0), 700, 300, 1000, 0.0)
+    pts2, _ = occupancy_samples(v, f, np.random.default_rng(0), 700, 300, 1000, 0.0,
+                                sampling=sampling)
     np.testing.assert_array_equal(pts, pts2)
+    if sampling == "vertices":  # unjittered: the points are scan vertices
+        d = np.linalg.norm(pts[:1000, None].astype(np.float64) - v[None], axis=-1).min(1)
+        assert d.max() < 1e-6
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -335,6 +340,17 @@ def test_outputs_geometry_and_renders(dataset, reference):
     assert is_complete(d, N_VIEWS, RES, SIZES)
     occ = np.load(d / "occupancy.npz")
     assert str(occ["scan_name"]) == "g_a" and occ["flame_params"].shape == (169,)
+    # the original's arrays: float64 parameters (scale 1, translation 0), the FLAME-space scan
+    # (the analytic sphere) with its faces and vertex colours (the texture at each vertex's uv)
+    assert occ["flame_params"].dtype == np.float64
+    np.testing.assert_array_equal(occ["flame_params"][:4], [1, 0, 0, 0])
+    assert str(occ["layout"]) == "project"
+    sv, sf, sc = occ["scan_verts"], occ["scan_faces"], occ["scan_colors"]
+    assert sv.dtype == sc.dtype == np.float32 and sf.dtype == np.int64
+    np.testing.assert_allclose(np.linalg.norm(sv - CENTER, axis=1), RADIUS, atol=1e-5)
+    v_ref, f_ref, uv_ref = uv_sphere(RADIUS, 24, 48, CENTER, y_min=NECK_Y)
+    np.testing.assert_array_equal(sf, f_ref)
+    np.testing.assert_allclose(sc, texture_colors(front_texture(), uv_ref), atol=1e-6)
     pts, lab = occ["pts_d"], occ["occ_gt"][:, 0]
     # near-surface points: on the FLAME-space sphere up to the N(0, 0.01) jitter
     dist = np.linalg.norm(pts[:2000] - CENTER, axis=1) - RADIUS
@@ -389,10 +405,11 @@ def smooth_texture(size=64):
     return np.round(tex * 255).astype(np.uint8)
 
 
-def test_surface_and_render_colours_on_one_scale(dataset, tmp_path):
+@pytest.mark.parametrize("source", ["vertices", "texture"])
+def test_surface_and_render_colours_on_one_scale(dataset, tmp_path, source):
     """The 3D colour targets (surface samples) and the 2D ones (the RGB renders, v / 127.5 - 1
-    as lib/dataset/fine.py reads them) agree where a sample is visible in view 0; the former
-    per-scan min/max stretch of the samples would not."""
+    as lib/dataset/fine.py reads them) agree where a sample is visible in view 0, for either
+    colour source; the former per-scan min/max stretch of the samples would not."""
     import torch
 
     from lib.dataset.preprocessing import load_scan
@@ -406,7 +423,7 @@ def test_surface_and_render_colours_on_one_scale(dataset, tmp_path):
     z_shift = make_flame_model(root / "generic_model.pkl")
     write_scan(root, "g_s", z_shift, texture=smooth_texture())
     out = root / "out"
-    assert preprocess.main(cli(root, out)) == 0
+    assert preprocess.main(cli(root, out, "--colour_source", source)) == 0
     d = out / "g_s"
     surf = np.load(d / "surface.npz")
     params = np.load(d / "occupancy.npz")["flame_params"]
@@ -478,7 +495,63 @@ def test_outputs_with_stretched_colours_are_redone(dataset, reference, capsys):
     surf["surface_colors"] = ((c - c.min()) / (c.max() - c.min()) * 2 - 1).astype(np.float32)
     np.savez(out / "g_a" / "surface.npz", **surf)
     assert preprocess.main(cli(dataset, out)) == 0
-    assert "g_a: settings changed (colour_scale None -> raw); reprocessed" in capsys.readouterr().out
+    assert ("g_a: settings changed (colour_scale (not recorded) -> raw); reprocessed"
+            in capsys.readouterr().out)
+    assert tree_digest(out) == tree_digest(reference)
+
+
+def test_earlier_outputs_are_redone(dataset, reference, capsys):
+    """Outputs of an earlier version (yaw-only views, area samples, texture colours; a record
+    without those settings, occupancy.npz with the four arrays and float32 parameters) count
+    as complete but made with other settings: a rerun redoes them, saying what changed."""
+    import json
+    import shutil
+
+    out = dataset / "earlier"
+    shutil.copytree(reference, out)
+    for name in ("g_a", "g_b"):
+        rec_path = out / name / "provenance.json"
+        rec = json.loads(rec_path.read_text())
+        for k in ("occ_sampling", "colour_source", "views"):
+            del rec["settings"][k]
+        rec_path.write_text(json.dumps(rec))
+        with np.load(out / name / "occupancy.npz") as z:
+            np.savez(out / name / "occupancy.npz", flame_params=z["flame_params"].astype(np.float32),
+                     scan_name=z["scan_name"], pts_d=z["pts_d"], occ_gt=z["occ_gt"])
+        assert is_complete(out / name, N_VIEWS, RES, SIZES)   # the earlier arrays are valid
+    (out / "g_b" / "provenance.json").unlink()               # no record: kept as it is
+    kept = tree_digest(out / "g_b")
+    assert preprocess.main(cli(dataset, out)) == 0
+    text = capsys.readouterr().out
+    assert ("g_a: settings changed (colour_source (not recorded) -> vertices, occ_sampling "
+            "(not recorded) -> vertices, views (not recorded) -> yaw_after_fit); reprocessed"
+            in text)
+    assert "1 processed, 1 already complete, 1 kept without a provenance record" in text
+    assert tree_digest(out / "g_a") == tree_digest(reference / "g_a")
+    assert tree_digest(out / "g_b") == kept
+
+
+def test_switching_the_method_redoes_the_scans(dataset, reference, capsys):
+    """--occ_sampling area / --colour_source texture give other samples and renders, recorded
+    as such; switching back redoes them and restores the default outputs byte for byte."""
+    import json
+    import shutil
+
+    out = dataset / "switched"
+    shutil.copytree(reference, out)
+    extra = ("--occ_sampling", "area", "--colour_source", "texture")
+    assert preprocess.main(cli(dataset, out, *extra)) == 0
+    text = capsys.readouterr().out
+    assert ("g_a: settings changed (colour_source vertices -> texture, occ_sampling vertices "
+            "-> area); reprocessed") in text
+    rec = json.loads((out / "g_a" / "provenance.json").read_text())["settings"]
+    assert (rec["occ_sampling"], rec["colour_source"], rec["views"]) == \
+        ("area", "texture", "yaw_after_fit")
+    for name, kind in (("occupancy.npz", "pts_d"), ("surface.npz", "surface_colors")):
+        with np.load(out / "g_a" / name) as a, np.load(reference / "g_a" / name) as b:
+            assert not np.array_equal(a[kind], b[kind])
+    assert preprocess.main(cli(dataset, out)) == 0
+    assert "settings changed (colour_source texture -> vertices" in capsys.readouterr().out
     assert tree_digest(out) == tree_digest(reference)
 
 

@@ -68,6 +68,16 @@ def write_original_layout(ours: Path, dst: Path, res: int) -> None:
             Image.fromarray(_upsample(rgba, ORIG_RES), "RGBA").save(views / f"{k:04d}_{kind}.png")
 
 
+def assert_same_items(a: dict, b: dict) -> None:
+    """Two dataset items (or batches) are identical: keys, tensors (dtype and values), the rest."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if torch.is_tensor(a[key]):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
 def _write_cache(cache: Path, sid: str, res: int) -> None:
     rng = np.random.default_rng(sum(sid.encode()))
     c = rng.uniform(-1, 1, (ORIG_VIEWS, res, res, 4)).astype(np.float32)
@@ -132,13 +142,7 @@ def test_stage1_same_batches(layouts):
             for k in ("project", "original")}
     assert len(sets["project"]) == len(sets["original"]) == 4
     for i in range(4):
-        a, b = sets["project"][i], sets["original"][i]
-        assert a.keys() == b.keys()
-        for key in a:
-            if torch.is_tensor(a[key]):
-                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-            else:
-                assert a[key] == b[key], key
+        assert_same_items(sets["project"][i], sets["original"][i])
 
 
 def test_stage2_same_images_and_masks(layouts):
@@ -149,13 +153,8 @@ def test_stage2_same_images_and_masks(layouts):
                                 seed=0) for k in ("project", "original")}
     for i in range(0, len(sets["project"]), 5):
         a, b = sets["project"][i], sets["original"][i]
-        assert a.keys() == b.keys()
         assert a["img_mask"].any() and not a["img_mask"].all()
-        for key in a:
-            if torch.is_tensor(a[key]):
-                assert torch.equal(a[key], b[key]), key
-            else:
-                assert a[key] == b[key], key
+        assert_same_items(a, b)
     # at the renders' own 256 x 256: the same pictures; the mask from alpha = ours from white
     for k in (0, 4):
         got = [read_view(layouts[x] / "001_01" / "multi_view_256", k)

@@ -3,10 +3,23 @@
 Shape legend: V vertices, F faces, N points, K views, H/W image rows/columns (res).
 
 Per scan `<id>` the outputs in `<out_dir>` (= `<processed>/<id>/`) are
-    occupancy.npz   flame_params (169,) f32, scan_name str, pts_d (Nn+Nu, 3) f32, occ_gt (.., 1) f32
+    occupancy.npz   the original GANHead's arrays: flame_params (169,) f64 (scale 1,
+                    translation 0), scan_name str, pts_d (Nn+Nu, 3) f32, occ_gt (.., 1) f32,
+                    scan_verts (V, 3) f32 (the scan in FLAME space), scan_faces (F, 3) int64,
+                    scan_colors (V, 3) f32 (vertex colours in [0, 1]); and layout =
+                    'project' (lib/dataset/processed_layout.py)
     surface.npz     surface_points / surface_normals / surface_colors (Ns, 3) f32
     multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png   k = 0..K-1, res x res RGB
     provenance.json what the outputs were made from (written last, see below)
+Method (`Method`; preprocess.py flags; lib/dataset/scan_sampling.py, scan_render.py):
+    occ_sampling    'vertices' (default, the original's): near-surface points are jittered
+                    scan vertices; 'area': area-weighted surface points, jittered
+    colour_source   'vertices' (default, the original's): surface-sample colours and RGB
+                    renders from per-vertex colours; 'texture': from the texture at the uv
+    views           the view convention of the renders, 'yaw_after_fit' (fixed; the yaw
+                    composed with the fitted head rotation, as the original's)
+Outputs earlier than these settings (a record without them: yaw-only views, area samples,
+texture colours) count as made with other settings and are redone (see Provenance).
 Every file is written under a temporary name and renamed, and each of the three parts is
 validated and skipped when already valid, so a killed run is finished by a rerun. The
 sampling is seeded from the scan name (`scan_seed`), one stream per part, so a rerun (or a
@@ -26,18 +39,22 @@ moved to FLAME space, with its fitted FLAME mesh (`FIT_LIMITS`):
 
 Provenance: `provenance.json` holds the sha256 of every source file (the OBJ, its .mtl files
 and the texture image that load_obj reads, the FLAME parameter pickle; `source_record`) and
-the settings (views, res, sample sizes, seed, the colour scale of the surface samples:
-`COLOUR_SCALE`, lib/dataset/scan_sampling.py). On a rerun `process_scan` hashes the sources
-again (streamed; milliseconds per scan, against seconds of processing) and compares:
+the settings (n_views, res, sample sizes, seed, the colour scale of the surface samples:
+`COLOUR_SCALE`, lib/dataset/scan_sampling.py, and the method: occ_sampling, colour_source,
+views). On a rerun `process_scan` hashes the sources again (streamed; milliseconds per scan,
+against seconds of processing) and compares:
 - sources or settings changed: the scan's outputs are removed and all of its parts redone;
   the result's message says what changed (e.g. `sources changed (flame params
   003_01_flame.pkl)`). The old record stays until the new one replaces it, so a run killed
-  in between redoes the scan again. Records written before the colour scale was recorded
-  lack it (their surface colours were stretched per scan to [-1, 1]): that is a settings
-  change (`colour_scale None -> raw`), so such scans are redone.
+  in between redoes the scan again. A setting the old record lacks counts as changed
+  (`(not recorded)` in the message): records written before the colour scale was recorded
+  (surface colours stretched per scan to [-1, 1]) or before the method was (yaw-only views,
+  area samples, texture colours) are redone, e.g. `settings changed (colour_source (not
+  recorded) -> vertices, occ_sampling (not recorded) -> vertices, views (not recorded) ->
+  yaw_after_fit)`.
 - no record but complete outputs (made before records existed, or by other code): kept as
   they are, not overwritten, status 'kept'. (Such outputs may hold surface colours stretched per
-  scan; delete the folder to have it redone on the raw scale.)
+  scan, yaw-only views or area/texture samples; delete the folder to have it redone.)
 - no record and incomplete outputs (a new scan, or a run killed before the record was
   written): the missing parts are made (the valid ones kept) and then the record.
 
@@ -58,15 +75,17 @@ import numpy as np
 
 from lib.dataset.faceverse_io import (FlameParamsError, PARAM_DIM, load_flame_params,
                                       params_to_vector, scan_to_flame_space)
-from lib.dataset.processed_layout import ORIGINAL, layout_of, original_problem
-from lib.dataset.scan_sampling import (COLOUR_SCALE, SamplingError, occupancy_samples,
-                                       surface_pieces, surface_samples, texture_float)
-from lib.dataset.scan_render import render_views, save_views, view_paths, views_valid
+from lib.dataset.processed_layout import (LAYOUT_KEY, ORIGINAL, PROJECT, layout_of,
+                                          original_problem)
+from lib.dataset.scan_sampling import (COLOUR_SCALE, COLOUR_SOURCES, OCC_SAMPLING,
+                                       SamplingError, occupancy_samples, surface_pieces,
+                                       surface_samples, texture_float, vertex_colors)
+from lib.dataset.scan_render import VIEWS, render_views, save_views, view_paths, views_valid
 from lib.utils.atomic import atomic_path
 from lib.utils.mesh_io import MeshLoadError, load_obj, obj_source_files, save_npz
 from lib.utils.npz import npz_headers
 
-__all__ = ["SampleSizes", "ScanResult", "ScanError", "process_scan", "is_complete",
+__all__ = ["SampleSizes", "Method", "ScanResult", "ScanError", "process_scan", "is_complete",
            "scan_seed", "scan_paths", "render_views", "check_scan_fit", "source_record",
            "read_provenance", "provenance_changes", "PROVENANCE_NAME", "FIT_LIMITS"]
 
@@ -97,6 +116,22 @@ class SampleSizes:
     @property
     def n_occ(self) -> int:
         return self.n_face + self.n_rest + self.n_uniform
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the samples and renders are made (module docstring; the defaults are the original
+    GANHead's). occ_sampling: one of scan_sampling.OCC_SAMPLING; colour_source: one of
+    scan_sampling.COLOUR_SOURCES."""
+
+    occ_sampling: str = "vertices"
+    colour_source: str = "vertices"
+
+    def __post_init__(self):
+        for name, choices in (("occ_sampling", OCC_SAMPLING), ("colour_source", COLOUR_SOURCES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got "
+                                 f"{getattr(self, name)!r}")
 
 
 @dataclass
@@ -142,12 +177,22 @@ def _npz_shapes(path: Path, deep: bool) -> dict | None:
 
 
 def _occupancy_valid(out_dir: Path, sizes: SampleSizes, deep: bool) -> bool:
+    """The occupancy.npz of this project's layout, current (the scan_* arrays, flame_params
+    float64) or earlier (without them, flame_params float32), with the sizes' shapes."""
     s = _npz_shapes(out_dir / "occupancy.npz", deep)
     n = sizes.n_occ
-    return (s is not None and s.get("flame_params", ((),))[0] == (PARAM_DIM,)
+    if not (s is not None and s.get("flame_params", ((),))[0] == (PARAM_DIM,)
             and "scan_name" in s and s.get("pts_d", ((),))[0] == (n, 3)
             and s.get("occ_gt", ((),))[0] == (n, 1)
-            and all(s[k][1] == np.float32 for k in ("flame_params", "pts_d", "occ_gt")))
+            and s["flame_params"][1] in (np.float32, np.float64)
+            and all(s[k][1] == np.float32 for k in ("pts_d", "occ_gt"))):
+        return False
+    if LAYOUT_KEY not in s:  # an earlier output: the four arrays only
+        return layout_of(out_dir) == PROJECT
+    v, f, c = (s.get(k, ((), None)) for k in ("scan_verts", "scan_faces", "scan_colors"))
+    return (len(v[0]) == 2 and v[0][1] == 3 and v[1] == np.float32 and c == v
+            and len(f[0]) == 2 and f[0][1] == 3 and f[1] == np.int64
+            and layout_of(out_dir) == PROJECT)
 
 
 def _surface_valid(out_dir: Path, sizes: SampleSizes, deep: bool) -> bool:
@@ -195,10 +240,11 @@ def file_sha256(path, chunk: int = 1 << 20) -> str | None:
     return h.hexdigest()
 
 
-def run_settings(n_views: int, res: int, sizes: SampleSizes, seed: int) -> dict:
+def run_settings(n_views: int, res: int, sizes: SampleSizes, seed: int,
+                 method: Method = Method()) -> dict:
     """The settings a scan's outputs depend on, as recorded in its provenance record."""
     return {"n_views": int(n_views), "res": int(res), "seed": int(seed), **asdict(sizes),
-            "colour_scale": COLOUR_SCALE}
+            "colour_scale": COLOUR_SCALE, **asdict(method), "views": VIEWS}
 
 
 def source_record(obj_path, flame_pkl, settings: dict) -> dict:
@@ -251,8 +297,12 @@ def provenance_changes(old: dict, new: dict) -> str:
     if changed:
         parts.append(f"sources changed ({', '.join(changed)})")
     s_old, s_new = old["settings"], new["settings"]
-    diff = [f"{k} {s_old.get(k)} -> {s_new.get(k)}" for k in sorted(set(s_old) | set(s_new))
-            if s_old.get(k) != s_new.get(k)]
+
+    def show(s, k):
+        return s[k] if k in s else "(not recorded)"
+
+    diff = [f"{k} {show(s_old, k)} -> {show(s_new, k)}" for k in sorted(set(s_old) | set(s_new))
+            if s_old.get(k) != s_new.get(k) or (k in s_old) != (k in s_new)]
     if diff:
         parts.append(f"settings changed ({', '.join(diff)})")
     return "; ".join(parts)
@@ -321,12 +371,13 @@ def check_scan_fit(mesh, params, flame_server, obj_path, flame_pkl=None) -> None
 
 def process_scan(scan_dir, flame_pkl, flame_server, out_dir, n_views: int = 9, res: int = 256,
                  seed: int | None = None, sizes: SampleSizes = SampleSizes(),
-                 device=None) -> ScanResult:
+                 device=None, method: Method = Method()) -> ScanResult:
     """Preprocess one scan in FaceVerse layout (`<scan_dir>/<id>.obj` + mtl + texture).
 
     flame_pkl: `<id>_flame.pkl`; flame_server: lib.flame.FLAMEServer (z shift, fitted mesh,
     view transforms); out_dir: `<processed>/<id>`; seed: default `scan_seed(id)`; device:
-    torch device of the renders (default: the server's). Known problems with the inputs are
+    torch device of the renders (default: the server's); method: the sampling and colour
+    choices (`Method`, module docstring). Known problems with the inputs are
     returned as status 'failed' with a one-line message naming the file; unexpected
     exceptions propagate. Outputs made from other sources or settings than the recorded
     ones are redone (module docstring: Provenance). Returns ScanResult (timings: seconds
@@ -359,7 +410,7 @@ def process_scan(scan_dir, flame_pkl, flame_server, out_dir, n_views: int = 9, r
                           "existed, or by other code); kept as they are")
         return result
     tic = time.perf_counter()
-    record = source_record(obj_path, flame_pkl, run_settings(n_views, res, sizes, seed))
+    record = source_record(obj_path, flame_pkl, run_settings(n_views, res, sizes, seed, method))
     t["hash"] = time.perf_counter() - tic
     note = provenance_changes(old, record) if old is not None else ""
     if note:  # the outputs no longer match their sources: redo every part
@@ -373,23 +424,30 @@ def process_scan(scan_dir, flame_pkl, flame_server, out_dir, n_views: int = 9, r
         mesh, params = load_scan(obj_path, flame_pkl, flame_server.flame.z_shift)
         check_scan_fit(mesh, params, flame_server, obj_path, flame_pkl)
         mesh.texture = texture_float(mesh.texture).numpy()  # once, for samples and renders
+        vcol = vertex_colors(len(mesh.verts), mesh.faces, mesh.uvs, mesh.face_uvs, mesh.texture)
         t["load"] = time.perf_counter() - tic
         if not occ_ok:
             tic = time.perf_counter()
             pts, occ = occupancy_samples(mesh.verts, mesh.faces, np.random.default_rng([seed, 0]),
-                                         sizes.n_face, sizes.n_rest, sizes.n_uniform, sizes.sigma)
-            save_npz(out_dir / "occupancy.npz", flame_params=params, scan_name=np.str_(name),
-                     pts_d=pts, occ_gt=occ)
+                                         sizes.n_face, sizes.n_rest, sizes.n_uniform, sizes.sigma,
+                                         sampling=method.occ_sampling)
+            save_npz(out_dir / "occupancy.npz", flame_params=params.astype(np.float64),
+                     scan_name=np.str_(name), pts_d=pts, occ_gt=occ,
+                     scan_verts=mesh.verts.astype(np.float32),
+                     scan_faces=np.asarray(mesh.faces, dtype=np.int64),
+                     scan_colors=vcol.astype(np.float32), **{LAYOUT_KEY: np.str_(PROJECT)})
             t["labels"] = time.perf_counter() - tic
         if not surf_ok:
             tic = time.perf_counter()
             surf = surface_samples(mesh.verts, mesh.faces, mesh.uvs, mesh.face_uvs, mesh.texture,
-                                   np.random.default_rng([seed, 1]), sizes.n_surface)
+                                   np.random.default_rng([seed, 1]), sizes.n_surface,
+                                   colour_source=method.colour_source, vertex_colours=vcol)
             save_npz(out_dir / "surface.npz", **surf)
             t["surface"] = time.perf_counter() - tic
         if not views_ok:
             tic = time.perf_counter()
-            normal, rgb = render_views(mesh, params, flame_server, n_views, res, device=device)
+            normal, rgb = render_views(mesh, params, flame_server, n_views, res, device=device,
+                                       colour_source=method.colour_source, vertex_colours=vcol)
             save_views(out_dir, normal, rgb)
             t["render"] = time.perf_counter() - tic
     except (MeshLoadError, FlameParamsError, SamplingError, ScanError) as e:

@@ -8,7 +8,13 @@ A processed scan folder `<processed>/<id>/` is read as it is, whichever code wro
 layout is told by the files, never by an option:
 
 - 'project' (preprocess.py here; the only layout this project writes):
-      occupancy.npz   exactly flame_params (K,) f32, scan_name, pts_d (N, 3) f32, occ_gt (N, 1) f32
+      occupancy.npz   flame_params (K,) f64, scan_name, pts_d (N, 3) f32, occ_gt (N, 1) f32,
+                      the original's extra keys scan_verts (V, 3) f32 (the scan in FLAME
+                      space), scan_faces (F, 3) int64, scan_colors (V, 3) f32 (one colour in
+                      [0, 1] per vertex), and `layout` = 'project' (0-d unicode; the one key
+                      the original never writes, which tells the two layouts apart).
+                      Written before those were added (still read): exactly flame_params
+                      (K,) f32, scan_name, pts_d, occ_gt.
       surface.npz     surface_points / surface_normals / surface_colors (M, 3) f32
       multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png   RGB on a pure white background
       provenance.json
@@ -17,13 +23,14 @@ layout is told by the files, never by an option:
                       (200000, 3) f32, occ_gt (200000, 1) f32, and the extra keys scan_verts
                       (V, 3) f32, scan_faces (F, 3) int64, scan_colors (T, 3) f32 (one
                       colour per texture coordinate); scan_name a 0-d unicode array
-      surface.npz     the same three keys as ours, (100000, 3) f32, colours min-max
-                      normalized to [-1, 1] as ours are
+      surface.npz     the same three keys as ours, (100000, 3) f32, colours stretched per
+                      scan by their min and max to [-1, 1] (ours: c * 2 - 1, unstretched)
       multi_view_256/{k:04d}_normal.png, {k:04d}_rgb.png   k = 0..8, 256 x 256 RGBA (the
                       renderer's RGBA output: RGB background (1, 1, 1) = white, alpha 255 on
                       the mesh and 0 off it); no provenance record
-  Detection: occupancy.npz holds scan_verts, scan_faces and scan_colors. A folder whose
-  occupancy.npz is neither layout raises LayoutError naming the file and its keys.
+  Detection: occupancy.npz holds scan_verts, scan_faces and scan_colors and no `layout`
+  key. A folder whose occupancy.npz is neither layout raises LayoutError naming the file
+  and its keys.
 
 Both layouts carry the same surface.npz, so stage 2 reads it unchanged; nothing is derived
 from scan_verts / scan_colors / scan_faces (a folder without surface.npz is incomplete and
@@ -47,13 +54,15 @@ import numpy as np
 from lib.dataset.faceverse_io import PARAM_DIM, scan_space_params
 from lib.utils.npz import npz_headers
 
-__all__ = ["PROJECT", "ORIGINAL", "LayoutError", "layout_of", "detect_layout",
-           "load_npz_keys", "read_flame_params", "read_occupancy", "read_png", "read_view",
-           "original_problem", "original_complete", "ORIGINAL_VIEWS", "ORIGINAL_RES"]
+__all__ = ["PROJECT", "ORIGINAL", "LAYOUT_KEY", "OCC_KEYS", "ORIGINAL_EXTRA_KEYS", "LayoutError",
+           "layout_of", "detect_layout", "load_npz_keys", "read_flame_params", "read_occupancy",
+           "read_png", "read_view", "original_problem", "original_complete", "ORIGINAL_VIEWS",
+           "ORIGINAL_RES"]
 
 PROJECT, ORIGINAL = "project", "original"
 OCC_KEYS = ("flame_params", "scan_name", "pts_d", "occ_gt")
 ORIGINAL_EXTRA_KEYS = ("scan_verts", "scan_faces", "scan_colors")
+LAYOUT_KEY = "layout"  # in this project's occupancy.npz only, holding PROJECT
 SURFACE_KEYS = ("surface_points", "surface_normals", "surface_colors")
 ORIGINAL_VIEWS, ORIGINAL_RES = 9, 256  # the original always renders 9 views at 256 x 256
 
@@ -64,11 +73,11 @@ class LayoutError(ValueError):
 
 
 def _classify(keys) -> str | None:
-    keys = set(keys)
-    if set(OCC_KEYS) <= keys and set(ORIGINAL_EXTRA_KEYS) <= keys:
-        return ORIGINAL
-    if keys == set(OCC_KEYS):
+    keys, full = set(keys), set(OCC_KEYS) | set(ORIGINAL_EXTRA_KEYS)
+    if keys == set(OCC_KEYS) or keys == full | {LAYOUT_KEY}:
         return PROJECT
+    if full <= keys and LAYOUT_KEY not in keys:
+        return ORIGINAL
     return None
 
 
@@ -96,8 +105,9 @@ def detect_layout(scan_dir) -> str:
     if layout is None:
         raise LayoutError(
             f"{path}: keys {sorted(heads)} match neither this project's layout "
-            f"{sorted(OCC_KEYS)} nor the original GANHead's (those plus "
-            f"{list(ORIGINAL_EXTRA_KEYS)}); rerun preprocess.py")
+            f"({sorted(OCC_KEYS)}, optionally with {[*ORIGINAL_EXTRA_KEYS, LAYOUT_KEY]}) nor "
+            f"the original GANHead's (those plus {list(ORIGINAL_EXTRA_KEYS)}); rerun "
+            "preprocess.py")
     return layout
 
 

@@ -2,23 +2,41 @@
 
 Shape legend: V vertices, F faces, N samples, T texture coordinates, H/W texture image.
 
-- `sample_faces`: area-weighted uniform samples on a triangle mesh (face index + barycentrics).
-- `sample_region`: the same restricted exactly to the part of the surface where z > thr
-  (or z <= thr): faces touching the region are sampled, points outside it rejected.
 - `occupancy_samples`: DESIGN §3 `pts_d`/`occ_gt`: n_face near-surface points from the face
   region z > max_z/2, n_rest from elsewhere, each jittered by N(0, sigma) per coordinate,
-  then n_uniform uniform in [-1, 1]^3; labels by generalized winding number.
-- `surface_samples`: area-weighted points with their face's unit normal and the texture
-  colour bilinearly sampled at the interpolated uv, on the colour-target scale.
+  then n_uniform uniform in [-1, 1]^3; labels by generalized winding number. Where the
+  near-surface points come from (`OCC_SAMPLING`):
+  'vertices' (default, the original GANHead's): scan vertices drawn uniformly with
+      replacement (`vertex_region_samples`); the region is told per vertex (z > max_z / 2);
+      only vertices some face uses count (max_z too), while the original draws among all
+      vertices: a vertex no face uses is not on the surface (the FaceVerse scans have none).
+  'area': area-weighted points on the surface (`sample_region`), restricted exactly to the
+      part of the surface in the region: the sample density follows the area, not the
+      tessellation (the original's is denser where the scan's triangles are smaller).
+- `vertex_colors`: one colour per vertex, the texture looked up (`texture_colors`) at the
+  vertex's uv; a vertex with several uvs (on a uv seam) gets the mean over its distinct uvs.
+  The original looks up one colour per texture coordinate and uses it as the colour of the
+  vertex with the same index (right when the OBJ has one uv per vertex in vertex order, as
+  the FaceVerse scans do; then the two agree).
+- `surface_samples`: area-weighted points with their face's unit normal and a colour on the
+  colour-target scale, by `COLOUR_SOURCES`:
+  'vertices' (default, the original's): the barycentric interpolation of the face's
+      vertex colours (`vertex_colors`), as its renders colour the scan;
+  'texture': the texture bilinearly sampled at the interpolated uv (full texture detail
+      inside each triangle; the renders are then textured too).
 - `colour_targets` (COLOUR_SCALE 'raw'): a colour c in [0, 1] (as stored in the texture or
   the vertex colours) becomes the target c * 2 - 1, with no per-scan stretching: the same
   scale as the rendered RGB images (8-bit value v -> v / 127.5 - 1, lib/dataset/fine.py), so
   the one texture network is trained toward the 2D and the 3D colour targets on one scale.
+  (The original stretches each scan's surface colours to [-1, 1] by their min and max: a
+  defect, fixed here.)
 - `surface_pieces`: the number of edge-connected pieces of a mesh (vertices at the same
   position welded first, so a file that splits vertices along uv seams is still one piece);
   preprocessing refuses scans that fall apart into very many pieces.
 - `texture_colors`: bilinear texture lookup with the renderer's `sample_texture` (OBJ uv
   convention: u right, v up, texel centres at ((j + .5) / W, 1 - (i + .5) / H), clamped).
+  (The original rounds uv * size to an integer, rescales it by (size - 1) / size and samples
+  bilinearly at that texel position, which moves the lookup by up to one texel.)
 All randomness comes from the `rng` argument (numpy Generator): same rng state, same output.
 """
 from __future__ import annotations
@@ -116,16 +134,52 @@ def sample_region(verts, faces, areas, n: int, rng, thr: float, above: bool, max
     return np.concatenate(out)[:n]
 
 
-def occupancy_samples(verts, faces, rng, n_face: int = 70000, n_rest: int = 30000,
-                      n_uniform: int = 100000, sigma: float = 0.01, bound: float = 1.0):
-    """Occupancy training points of a scan in FLAME space (DESIGN §3).
-    verts: [V, 3]; faces: [F, 3] -> (pts_d [n_face + n_rest + n_uniform, 3] float32,
-    occ_gt [same, 1] float32, 1 = inside by generalized winding number)."""
+# The sources of the near-surface occupancy points and of the surface samples' colours
+# (module docstring); the first of each is the default. Recorded in each scan's provenance.
+OCC_SAMPLING = ("vertices", "area")
+COLOUR_SOURCES = ("vertices", "texture")
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def vertex_region_samples(verts, faces, n: int, rng, thr: float, above: bool):
+    """Scan vertices drawn uniformly with replacement among the vertices some face uses with
+    z > thr (above) or z <= thr. verts: [V, 3]; faces: [F, 3] -> points [n, 3] float64.
+    Falls back to all used vertices when the region holds none."""
     v = np.asarray(verts, dtype=np.float64)
-    areas, _ = face_areas_normals(v, faces)
-    thr = 0.5 * float(v[:, 2].max())
-    near = [sample_region(v, faces, areas, n_face, rng, thr, above=True),
-            sample_region(v, faces, areas, n_rest, rng, thr, above=False)]
+    used = np.unique(np.asarray(faces))
+    if len(used) == 0:
+        raise SamplingError("mesh has no faces: no surface vertices to sample")
+    z = v[used, 2]
+    cand = used[z > thr] if above else used[z <= thr]
+    if len(cand) == 0:
+        cand = used
+    return v[cand[rng.integers(0, len(cand), n)]]
+
+
+def occupancy_samples(verts, faces, rng, n_face: int = 70000, n_rest: int = 30000,
+                      n_uniform: int = 100000, sigma: float = 0.01, bound: float = 1.0,
+                      sampling: str = "vertices"):
+    """Occupancy training points of a scan in FLAME space (DESIGN §3, module docstring).
+    verts: [V, 3]; faces: [F, 3]; sampling: one of OCC_SAMPLING ->
+    (pts_d [n_face + n_rest + n_uniform, 3] float32: face region, rest, uniform;
+    occ_gt [same, 1] float32, 1 = inside by generalized winding number)."""
+    _check_choice("sampling", sampling, OCC_SAMPLING)
+    v = np.asarray(verts, dtype=np.float64)
+    used = np.unique(np.asarray(faces))
+    if len(used) == 0:
+        raise SamplingError("mesh has no faces to sample")
+    thr = 0.5 * float(v[used, 2].max())
+    if sampling == "vertices":
+        near = [vertex_region_samples(v, faces, n_face, rng, thr, above=True),
+                vertex_region_samples(v, faces, n_rest, rng, thr, above=False)]
+    else:
+        areas, _ = face_areas_normals(v, faces)
+        near = [sample_region(v, faces, areas, n_face, rng, thr, above=True),
+                sample_region(v, faces, areas, n_rest, rng, thr, above=False)]
     near = np.concatenate(near)
     near = near + rng.normal(0.0, sigma, size=near.shape)
     uni = rng.uniform(-bound, bound, size=(n_uniform, 3))
@@ -160,16 +214,44 @@ def colour_targets(colors):
     return (c * 2.0 - 1.0).astype(np.float32)
 
 
-def surface_samples(verts, faces, uvs, face_uvs, texture, rng, n: int = 100000):
-    """Coloured surface samples of a textured scan.
-    verts: [V, 3]; faces: [F, 3]; uvs: [T, 2]; face_uvs: [F, 3]; texture: [H, W, 3] ->
+def vertex_colors(n_verts: int, faces, uvs, face_uvs, texture) -> np.ndarray:
+    """One colour per vertex (module docstring): the texture at the vertex's uv, the mean
+    over its distinct uvs where it has several (uv seams); 0 for vertices no face uses.
+    n_verts: V; faces, face_uvs: [F, 3]; uvs: [T, 2]; texture: [H, W, 3] ->
+    [V, 3] float64 in [0, 1]."""
+    f = np.asarray(faces, dtype=np.int64).reshape(-1)
+    fu = np.asarray(face_uvs, dtype=np.int64).reshape(-1)
+    if f.shape != fu.shape:
+        raise SamplingError(f"face_uvs {np.shape(face_uvs)} must match faces {np.shape(faces)}")
+    n_uv = len(uvs)
+    pairs = np.unique(f * n_uv + fu)                               # distinct (vertex, uv)
+    vid, tid = pairs // n_uv, pairs % n_uv
+    col = texture_colors(texture, np.asarray(uvs)[tid])[:, :3]     # [P, 3]
+    count = np.bincount(vid, minlength=int(n_verts))
+    out = np.stack([np.bincount(vid, col[:, c], minlength=int(n_verts)) for c in range(3)], 1)
+    return out / np.maximum(count, 1)[:, None]
+
+
+def surface_samples(verts, faces, uvs, face_uvs, texture, rng, n: int = 100000,
+                    colour_source: str = "vertices", vertex_colours=None):
+    """Coloured surface samples of a textured scan (module docstring).
+    verts: [V, 3]; faces: [F, 3]; uvs: [T, 2]; face_uvs: [F, 3]; texture: [H, W, 3];
+    colour_source: one of COLOUR_SOURCES; vertex_colours: optional [V, 3] in [0, 1]
+    (`vertex_colors` of this mesh; computed when None) ->
     dict(surface_points [n,3], surface_normals [n,3] unit face normals,
-    surface_colors [n,3] = texture colour * 2 - 1 in [-1,1] (`colour_targets`)), all float32."""
+    surface_colors [n,3] = colour * 2 - 1 in [-1,1] (`colour_targets`)), all float32."""
+    _check_choice("colour_source", colour_source, COLOUR_SOURCES)
     areas, normals = face_areas_normals(verts, faces)
     face, bary = sample_faces(areas, n, rng)
     pts = barycentric_points(verts, faces, face, bary)
-    uv = np.einsum("nk,nkc->nc", bary, np.asarray(uvs, dtype=np.float64)[np.asarray(face_uvs)[face]])
-    col = texture_colors(texture, uv)
+    if colour_source == "vertices":
+        vc = vertex_colors(len(verts), faces, uvs, face_uvs, texture) if vertex_colours is None \
+            else np.asarray(vertex_colours, dtype=np.float64)
+        col = np.einsum("nk,nkc->nc", bary, vc[np.asarray(faces)[face]])
+    else:
+        uv = np.einsum("nk,nkc->nc", bary,
+                       np.asarray(uvs, dtype=np.float64)[np.asarray(face_uvs)[face]])
+        col = texture_colors(texture, uv)
     return {"surface_points": pts.astype(np.float32),
             "surface_normals": normals[face].astype(np.float32),
             "surface_colors": colour_targets(col[:, :3])}
