@@ -246,6 +246,14 @@ def test_original_cache_files_read_as_ours(tmp_path):
         assert torch.equal(x["cache_pts"][m], y["cache_pts"][m])
         for key in ("view_params", "params", "normal_img", "rgb_img", "surface_points"):
             assert torch.equal(x[key], y[key]), key
+    # tools/original_layout.py writes the same files from ours
+    from tools.original_layout import write_original_cache
+
+    tool = tmp_path / "tool"
+    write_original_cache(ours / f"{IDS[0]}.npz", tool, IDS[0])
+    np.testing.assert_array_equal(np.load(tool / f"{IDS[0]}.npy"), np.load(orig / f"{IDS[0]}.npy"))
+    np.testing.assert_array_equal(np.load(tool / f"{IDS[0]}_pose.npy"),
+                                  np.load(orig / f"{IDS[0]}_pose.npy").astype(np.float32))
     (orig / f"{IDS[0]}_pose.npy").unlink()  # neither layout complete: both files named
     with pytest.raises(FineDataError, match=f"{IDS[0]}.npz.*{IDS[0]}_pose.npy"):
         b[0]

@@ -2,8 +2,8 @@
 the same way: the stage-1 datasets and data module and the stage-2 dataset give identical
 items from both folders.
 
-The original's layout is written here from its documented formats (what its preprocess.py
-saves; lib/dataset/processed_layout.py): occupancy.npz by `np.savez` with scan_name,
+The original's layout is written by tools/original_layout.py from its documented formats (what
+its preprocess.py saves; lib/dataset/processed_layout.py): occupancy.npz by `np.savez` with scan_name,
 flame_params float64 (169,) with 1, 0, 0, 0 in [0:4], scan_colors, scan_verts, scan_faces,
 pts_d, occ_gt; surface.npz; multi_view_256/ with 9 RGBA PNG pairs whose alpha is the
 rasterizer's coverage of the view (255 on the mesh, 0 off it) and whose RGB is the picture
@@ -13,64 +13,19 @@ asks whether the readers treat both layouts alike, not whether two samplers agre
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import preprocess
 from lib.dataset.processed_layout import detect_layout, read_view
 from test_preprocess import cli, make_flame_model, write_scan
 from test_processed_layout import assert_same_items
+from tools.original_layout import write_original_scan
 
 N_VIEWS, RES, LOAD_RES = 9, 256, 64
 SID = "g_o"
-
-
-def view_coverage(scan: Path, model: Path, params: np.ndarray) -> np.ndarray:
-    """[9, RES, RES] bool: where the scan covers each view (the original's alpha), from the
-    scan mesh in FLAME space (scan_verts, scan_faces) and the view transforms."""
-    from lib.dataset.scan_render import view_transforms
-    from lib.flame import FLAMEServer
-    from lib.render.rasterizer import rasterize
-
-    with np.load(scan / "occupancy.npz") as z:
-        v = torch.from_numpy(z["scan_verts"]).float()
-        f = torch.from_numpy(z["scan_faces"]).long()
-    T = view_transforms(params, FLAMEServer(str(model)), N_VIEWS).float()
-    vk = v @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
-    return rasterize(vk, f, RES).mask.numpy()
-
-
-def write_original(ours: Path, dst: Path, model: Path) -> None:
-    """The scan processed into `ours` (this project's layout) in the original's layout."""
-    dst.mkdir(parents=True)
-    with np.load(ours / "occupancy.npz") as z:
-        occ = {k: z[k] for k in z.files}
-    params = occ["flame_params"].astype(np.float64)
-    params[0], params[1:4] = 1.0, 0.0
-    # the original's keys in the order its preprocess.py fills its dict; one colour per uv
-    # (the scan has one uv per vertex, in vertex order)
-    np.savez(dst / "occupancy.npz", scan_name=SID, flame_params=params,
-             scan_colors=occ["scan_colors"].astype(np.float32),
-             scan_verts=occ["scan_verts"].astype(np.float32),
-             scan_faces=occ["scan_faces"].astype(np.int64),
-             pts_d=occ["pts_d"].astype(np.float32), occ_gt=occ["occ_gt"].astype(np.float32))
-    with np.load(ours / "surface.npz") as z:
-        np.savez(dst / "surface.npz", surface_points=z["surface_points"],
-                 surface_normals=z["surface_normals"], surface_colors=z["surface_colors"])
-    cover = view_coverage(ours, model, params)
-    views = dst / f"multi_view_{RES}"
-    views.mkdir()
-    for k in range(N_VIEWS):
-        alpha = np.where(cover[k], 255, 0).astype(np.uint8)[..., None]
-        for kind in ("normal", "rgb"):
-            rgb = np.asarray(Image.open(ours / f"multi_view_{RES}" / f"{k:04d}_{kind}.png"))
-            assert rgb.shape == (RES, RES, 3)
-            Image.fromarray(np.concatenate([rgb, alpha], -1), "RGBA").save(
-                views / f"{k:04d}_{kind}.png")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +37,7 @@ def folders(tmp_path_factory):
     ours = root / "ours"
     assert preprocess.main(cli(root, ours, "--views", str(N_VIEWS), "--res", str(RES))) == 0
     orig = root / "original"
-    write_original(ours / SID, orig / SID, root / "generic_model.pkl")
+    write_original_scan(ours / SID, orig / SID, root / "generic_model.pkl")
     data_list = root / "ours.csv"
     cache = root / "cache"
     cache.mkdir()
