@@ -1,4 +1,4 @@
-"""Use a trained GANHead (Hydra 1.3): sample, control, reenact, fit (DESIGN §7).
+"""Use a trained GANHead (Hydra 1.3): sample, control, reenact, fit (docs/design.md, Inference).
 
     python test.py expname=fine +experiments=fine eval_mode=sample test.n_samples=8
     python test.py expname=fine +experiments=fine eval_mode=z_color subject=0 subject_b=3

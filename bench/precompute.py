@@ -6,7 +6,7 @@ the vertices, explicit deformation to the 9 views, rasterization at res x res.
 
 Shape legend: V mesh vertices, F mesh faces, R cache resolution.
 
-The model is built from the Hydra configs (`default`: the DESIGN networks, mesh_res 256,
+The model is built from the Hydra configs (`default`: the default networks, mesh_res 256,
 R 256; `cpu`: +experiments=fine_cpu, mesh_res 128, R 128) with the synthetic head model and
 untrained weights: the geometric init makes the occupancy a sphere of radius 0.6, a surface of
 about the area of a head, so extraction does comparable work to a trained model. Prints one

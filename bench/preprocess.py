@@ -5,8 +5,9 @@ Shape legend: V vertices, F faces, H/W render size, Ht/Wt texture size.
 Builds (in a temporary folder) a FaceVerse-layout scan: a noisy, bumpy sphere open at the
 neck with spherical uvs and a procedural texture, written through the inverse FaceVerse
 transform, its FLAME pickle, and a tiny model in FLAME's pickle layout (only the root joint
-matters for the view transforms). Then times each phase with the full DESIGN §3 sizes
-(200k occupancy points, 100k surface samples, 9 views x 2 images at 256^2), and the whole
+matters for the view transforms). Then times each phase with the full sizes
+(docs/design.md, Processed scan folder: 200k occupancy points, 100k surface samples, 9 views
+x 2 images at 256^2), and the whole
 `process_scan` on a fresh output folder.
 
     .venv/bin/python bench/preprocess.py [--faces 100000] [--tex 2048] [--threads 2] [--repeat 2]

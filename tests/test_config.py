@@ -65,7 +65,7 @@ def test_network_widths_are_derived_not_typed():
     tex = instantiate(cfg.model.tex_network, color_dim=cfg.model.dim_color,
                       pose_exp_dim=15 + cfg.model.n_exp, geometry_feature_dim=occ.feature_dim,
                       normal_feature_dim=norm.feature_dim)
-    # DESIGN §4: 229 = 256 - 27 (skip), normal cond 128 + 229, texture 129 + 485
+    # docs/design.md, Networks: 229 = 256 - 27 (skip), normal cond 128 + 229, texture 129 + 485
     assert occ.feature_dim == 229
     assert norm.cond_dim == 128 + 229
     assert tex.cond_dim == 64 + 65 + 229 + 256

@@ -191,7 +191,8 @@ def head_model_pictures(model_path: Path, out: Path, res: int = 256) -> Path:
 
 
 def scan_pictures(data: Path, out: Path, max_scans: int = 6, res: int = 256) -> Path:
-    """Front and side renders of a few synthetic scans, in FLAME space (DESIGN §3)."""
+    """Front and side renders of a few synthetic scans, in FLAME space (docs/design.md, Scans
+    in FLAME space)."""
     from lib.dataset.faceverse_io import load_flame_params, scan_to_flame_space
     from lib.flame import FLAME
     from lib.render.images import add_label, make_grid, save_png

@@ -1,4 +1,4 @@
-"""Generate the synthetic stand-in for FLAME + FaceVerse (DESIGN §10).
+"""Generate the synthetic stand-in for FLAME + FaceVerse (docs/design.md, Synthetic stand-ins).
 
     python tools/make_synthetic.py --out data/synthetic --identities 4 --expressions 3 --seed 0
 

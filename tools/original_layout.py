@@ -2,7 +2,7 @@
 
     python tools/original_layout.py --processed data/demo/processed --data_list \
         data/demo/data_list.csv --flame_model data/demo/flame/generic_model.pkl \
-        --out /tmp/original_layout [--cache outputs/demo/coarse/cache_128]
+        --out data/demo/original_layout [--cache outputs/demo/coarse/cache_128]
 
 For each scan of the data list, `<out>/processed/<id>/` gets what the original's
 preprocess.py saves (lib/dataset/processed_layout.py documents both layouts):

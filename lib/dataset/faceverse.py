@@ -1,4 +1,5 @@
-"""Training data: preprocessed FaceVerse-layout scans (DESIGN §3) as torch datasets.
+"""Training data: preprocessed FaceVerse-layout scans (docs/design.md, Processed scan
+folder) as torch datasets.
 
 Shape legend: N sampled points per scan, M surface samples, H/W image size, K = 169
 FLAME parameter vector (scale 1, transl 3, pose 15, shape 100, exp 50).

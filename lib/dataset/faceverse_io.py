@@ -1,4 +1,5 @@
-"""FaceVerse FLAME-fit parameter files and the scan <-> FLAME-space transform (DESIGN §3).
+"""FaceVerse FLAME-fit parameter files and the scan <-> FLAME-space transform (docs/design.md,
+Scans in FLAME space).
 
 A FaceVerse parameter pickle ``<id>_flame.pkl`` holds float32 numpy arrays
 
@@ -154,7 +155,7 @@ def _mid_z(v: np.ndarray) -> float:
 
 
 def scan_to_flame_space(v, scale, transl, z_shift) -> np.ndarray:
-    """FaceVerse scan vertices -> FLAME space (DESIGN §3).
+    """FaceVerse scan vertices -> FLAME space (docs/design.md, Scans in FLAME space).
 
     v: (N, 3) scan vertices; scale: scalar; transl: (3,); z_shift: the model's z shift.
     Returns (N, 3) in v's float dtype (float64 for non-float input).

@@ -1,4 +1,5 @@
-"""Per-scan preprocessing (DESIGN §3): occupancy samples, surface samples, multi-view renders.
+"""Per-scan preprocessing: occupancy samples, surface samples, multi-view renders
+(docs/design.md, Processed scan folder).
 
 Shape legend: V vertices, F faces, N points, K views, H/W image rows/columns (res).
 
@@ -105,7 +106,7 @@ class ScanError(ValueError):
 
 @dataclass(frozen=True)
 class SampleSizes:
-    """Numbers of samples per scan (DESIGN §3 defaults; smaller ones for tests)."""
+    """Numbers of samples per scan (the original's defaults; smaller ones for tests)."""
 
     n_face: int = 70000      # near-surface points from the face region z > max_z / 2
     n_rest: int = 30000      # near-surface points elsewhere

@@ -1,5 +1,5 @@
-"""Multi-view normal and colour renders of a textured scan (DESIGN §3), with the project's
-one renderer (lib/render) and camera.
+"""Multi-view normal and colour renders of a textured scan (docs/design.md, Camera and
+views), with the project's one renderer (lib/render) and camera.
 
 Shape legend: V vertices, F faces, K views, H/W image rows/columns (res), T uv coordinates.
 

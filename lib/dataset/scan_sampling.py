@@ -2,8 +2,9 @@
 
 Shape legend: V vertices, F faces, N samples, T texture coordinates, H/W texture image.
 
-- `occupancy_samples`: DESIGN §3 `pts_d`/`occ_gt`: n_face near-surface points from the face
-  region z > max_z/2, n_rest from elsewhere, each jittered by N(0, sigma) per coordinate,
+- `occupancy_samples`: `pts_d`/`occ_gt` of occupancy.npz (docs/design.md, Processed scan
+  folder): n_face near-surface points from the face region z > max_z/2, n_rest from
+  elsewhere, each jittered by N(0, sigma) per coordinate,
   then n_uniform uniform in [-1, 1]^3; labels by generalized winding number. Where the
   near-surface points come from (`OCC_SAMPLING`):
   'vertices' (default, the original GANHead's): scan vertices drawn uniformly with
@@ -163,7 +164,7 @@ def vertex_region_samples(verts, faces, n: int, rng, thr: float, above: bool):
 def occupancy_samples(verts, faces, rng, n_face: int = 70000, n_rest: int = 30000,
                       n_uniform: int = 100000, sigma: float = 0.01, bound: float = 1.0,
                       sampling: str = "vertices"):
-    """Occupancy training points of a scan in FLAME space (DESIGN §3, module docstring).
+    """Occupancy training points of a scan in FLAME space (module docstring).
     verts: [V, 3]; faces: [F, 3]; sampling: one of OCC_SAMPLING ->
     (pts_d [n_face + n_rest + n_uniform, 3] float32: face region, rest, uniform;
     occ_gt [same, 1] float32, 1 = inside by generalized winding number)."""

@@ -190,7 +190,7 @@ def pose_offsets(pose_dirs: torch.Tensor, pose_feature: torch.Tensor) -> torch.T
 
 def deform_canonical(xc, w, expr_dirs, pose_dirs, exp, pose_feature, tfs,
                      exp_c, pose_feature_c, tfs_c) -> torch.Tensor:
-    """Map canonical points to a target pose/expression (DESIGN section 2).
+    """Map canonical points to a target pose/expression (docs/design.md, Forward skinning).
 
     xc: [B, N, 3] canonical points (scaled FLAME space); w: [B, N, J] skinning weights;
     expr_dirs: [B, N, 3, K] (or [N, 3, K]) expression bases; pose_dirs: [B, N, P, 3]

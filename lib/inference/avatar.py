@@ -1,5 +1,6 @@
 """An avatar of a trained GANHead: its canonical mesh, extracted once, and everything needed to
-pose and render it explicitly (DESIGN §7: extract once, deform per frame).
+pose and render it explicitly (docs/design.md, Inference: extract once, deform per
+frame).
 
 Shape legend: B frames (batch), V mesh vertices, F faces, J joints, Z/D/C widths of z_shape,
 z_detail and z_color, S FLAME shape components (100), E expression components (50),

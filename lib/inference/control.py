@@ -1,5 +1,5 @@
-"""Disentangled control: vary one factor of an avatar while holding the others (DESIGN §7,
-eval_mode = interp, z_shape, z_detail, z_color, betas, thetas).
+"""Disentangled control: vary one factor of an avatar while holding the others
+(docs/design.md, Inference; eval_mode = interp, z_shape, z_detail, z_color, betas, thetas).
 
 Shape legend: T steps, Z/D/C code widths, S FLAME shape components, E expression components,
 V vertices, H/W image rows/columns.

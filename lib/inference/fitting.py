@@ -1,4 +1,4 @@
-"""Raw scan fitting, end to end (DESIGN §7, eval_mode=fit).
+"""Raw scan fitting, end to end (docs/design.md, Inference; eval_mode=fit).
 
 Shape legend: V vertices, F faces, N samples, P parameter-vector length (169), H/W image.
 

@@ -1,5 +1,5 @@
-"""Reenactment: an avatar driven by a FLAME parameter sequence (DESIGN §3, §7,
-eval_mode=reenact).
+"""Reenactment: an avatar driven by a FLAME parameter sequence (docs/design.md,
+Inference and Motion sequences; eval_mode=reenact).
 
 Shape legend: T frames, B frames of one batch, V avatar vertices, Vf FLAME vertices,
 S shape components, E expression components, P parameter-vector length (169),

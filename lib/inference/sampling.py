@@ -1,4 +1,4 @@
-"""New avatars from the learned latent spaces (DESIGN §7, eval_mode=sample).
+"""New avatars from the learned latent spaces (docs/design.md, Inference; eval_mode=sample).
 
 Shape legend: S training subjects, K dimensions of one code (Z, D or C), N samples,
 T frames/steps, B frames, V vertices, H/W image rows/columns.

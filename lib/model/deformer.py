@@ -16,8 +16,8 @@ Arguments shared by the methods:
         'exp' [B, K], optional 'exp_c' [B, K] (zeros when absent), and 'verts' [B, V, 3]
         (posed vertices, only to skip far points). A leading dim of 1 is broadcast to B.
 
-forward deformation (DESIGN section 2), with w, E, Pd the LBS fields of the shaped canonical
-point x_c (lbs_net(x_c, betas)):
+forward deformation (docs/design.md, Forward skinning), with w, E, Pd the LBS fields of the
+shaped canonical point x_c (lbs_net(x_c, betas)):
     x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c + E exp + Pd^T pose_feature
     x_d = (sum_j w_j tfs[j]) x_r
 The inverse is found per point by Broyden's method from I rigid initializations; gradients reach

@@ -2,7 +2,8 @@
 
 Once the canonical mesh of an avatar is extracted, every vertex carries the learned
 skinning weights and blendshape bases of the LBS network, so any FLAME frame deforms it with
-one network pass (DESIGN §2): used by validation pictures, precompute and reenactment.
+one network pass (docs/design.md, Forward skinning): used by validation pictures, precompute
+and reenactment.
 
 Shape legend: B batch (frames), V mesh vertices, J joints, K expression components,
 P pose-feature size.

@@ -1,5 +1,5 @@
 """Stage 2 (fine) of GANHead: normal and texture networks trained from renders and surface
-samples, optionally with adversarial losses (DESIGN §4, §6). Functions take the GANHead
+samples, optionally with adversarial losses (docs/design.md, Stage 2). Functions take the GANHead
 module and a ScanImageDataset batch; lib/model/ganhead.py dispatches to them when
 `hparams.stage == 'fine'`.
 

@@ -1,5 +1,5 @@
 """The GANHead LightningModule: auto-decoded latents, generator, implicit networks, learned
-deformer and the stage-1 (coarse) training loop (DESIGN §1, §4-§6).
+deformer and the stage-1 (coarse) training loop (docs/design.md, Stage 1).
 
 Shape legend: B batch, N points per scan, I initializations (5), J joints (5),
 V FLAME vertices, Z latent width.
@@ -102,7 +102,7 @@ class GANHead(pl.LightningModule):
         fast_args = {k: dcfg.pop(k) for k in ("grid_res", "exact_steps") if k in dcfg}
         if mode == "exact":
             self.deformer = ForwardDeformer(lbs_net, n_joints=n_joints, **dcfg)
-        elif mode == "fast":  # baked skinning grids for the search, exact polish (issue 8)
+        elif mode == "fast":  # baked skinning grids for the search, exact polish
             from lib.model.fast_deformer import FastForwardDeformer
 
             self.deformer = FastForwardDeformer(lbs_net, n_joints=n_joints, bbox_min=bbox_min,

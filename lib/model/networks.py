@@ -14,7 +14,7 @@ and `tail_layer=3` reads the output of the third hidden layer.
 Skip connection: the layer before a skip layer outputs `width - E` channels, and the
 skip layer sees `cat([h, embed(x)]) / sqrt(2)`, so its input width is `width` again.
 With width 256, depth 4, skip 4 and multires 4 the last hidden layer is the one before
-the skip, hence `feature_dim = 256 - 27 = 229` (the geometry features of DESIGN §4).
+the skip, hence `feature_dim = 256 - 27 = 229` (the geometry features; docs/design.md, Networks).
 A layer's input is ordered [previous output | encoding (skip layers) | condition
 (cond layers)]; layer 0 sees [encoding | condition].
 
@@ -367,8 +367,9 @@ def build_texture_network(color_dim: int = 64, pose_exp_dim: int = 65, geometry_
 def build_head_networks(volume_feature_dim: int = 64, detail_dim: int = 128,
                         color_dim: int = 64, n_shape: int = 100, n_exp: int = 50, n_pose: int = 15,
                         n_joints: int = 5, pose_feature_dim: int = 36, geometry_bias: float = 1.0) -> nn.ModuleDict:
-    """All five networks with the default architecture of DESIGN §4 and every derived width
-    taken from the built networks: keys geometry, lbs, displacement, normal, texture."""
+    """All five networks with the default architecture (docs/design.md, Networks) and every
+    derived width taken from the built networks: keys geometry, lbs, displacement, normal,
+    texture."""
     geometry = build_geometry_network(feature_dim=volume_feature_dim, bias=geometry_bias)
     normal = build_normal_network(detail_dim=detail_dim, geometry_feature_dim=geometry.feature_dim)
     texture = build_texture_network(color_dim=color_dim, pose_exp_dim=n_pose + n_exp,

@@ -2,7 +2,7 @@
 
 Shape legend: H/W image rows/columns (H = W = res), N points, ... any leading dims.
 
-Convention (fixed for the whole project, see /tmp/ganhead_interfaces.md):
+Convention (fixed for the whole project; docs/design.md, Camera and views):
 - the camera looks along -z; the visible surface at a pixel is the hit with the LARGEST z;
 - the image covers the square [-1, 1]^2 of the xy plane, x to the right, y up;
 - pixel (row i, col j) has its centre at x = -1 + (j + 0.5) * 2 / res,

@@ -1,5 +1,5 @@
 """Synthetic head model in FLAME 2020's pickle layout, so that everything runs and is
-tested without the licensed FLAME file (DESIGN §10).
+tested without the licensed FLAME file (docs/design.md, Synthetic stand-ins).
 
 Shape legend: V vertices (its own count, never 5023), F faces, J = 5 joints (root, neck,
 jaw, left eye, right eye), K = 400 shape components (300 identity + 100 expression),

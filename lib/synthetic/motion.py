@@ -1,4 +1,5 @@
-"""Synthetic talking-like FLAME motion sequences and their file formats (DESIGN §3, §10).
+"""Synthetic talking-like FLAME motion sequences and their file formats (docs/design.md,
+Motion sequences).
 
 A motion is a dict of numpy float32 arrays
 

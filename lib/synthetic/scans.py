@@ -1,4 +1,5 @@
-"""Synthetic textured head scans in FaceVerse's layout and convention (DESIGN §3, §10).
+"""Synthetic textured head scans in FaceVerse's layout and convention (docs/design.md,
+Synthetic stand-ins).
 
 Shape legend: V model vertices, F faces, N points, T uv coordinates, H/W texture image.
 
@@ -64,7 +65,8 @@ class ScanMesh:
 class HeadContext:
     """A FLAME-format head model with its region labels, ready to pose.
 
-    flame: a lib.flame.FLAME; labels: dict name -> (V,) bool (DESIGN's region names).
+    flame: a lib.flame.FLAME; labels: dict name -> (V,) bool (the region names of
+    lib/synthetic/head_model.region_labels).
     """
 
     def __init__(self, flame, labels: dict):

@@ -1,5 +1,5 @@
 """Hierarchical iso-surface extraction of an occupancy network (replaces libmise and
-`marching_cubes_lewiner`; DESIGN §6 and §9).
+`marching_cubes_lewiner`; docs/design.md, Differences from the original).
 
 Shape legend: N query points, R grid resolution (cells per axis; R + 1 grid points per
 axis), V vertices, F faces.

@@ -1,5 +1,5 @@
 """Nearest neighbours in plain torch (replaces pytorch3d `knn_points` and kaolin
-`sided_distance`; DESIGN §9).
+`sided_distance`; docs/design.md, Differences from the original).
 
 Shape legend: B batch, N query points, V reference points.
 """
