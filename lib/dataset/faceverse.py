@@ -1,7 +1,7 @@
 """Training data: preprocessed FaceVerse-layout scans (docs/design.md, Processed scan
 folder) as torch datasets.
 
-Shape legend: N sampled points per scan, M surface samples, H/W image size, K = 169
+Shape legend: N sampled points per scan, M surface samples, H/W image size, P = 169
 FLAME parameter vector (scale 1, transl 3, pose 15, shape 100, exp 50).
 
 Each scan is one subject of the auto-decoder: its row in the data list is its index into the
@@ -86,7 +86,7 @@ class ScanOccupancyDataset(Dataset):
 
     Item:
         index: int, the scan's embedding row
-        params: [K] float32 FLAME parameter vector
+        params: [P] float32 FLAME parameter vector
         pts_d: [N_surface + N_uniform, 3] deformed-space points (near-surface, then uniform)
         occ_gt: [N_surface + N_uniform, 1] 1 inside, 0 outside
     """
@@ -111,7 +111,7 @@ class ScanOccupancyDataset(Dataset):
         return self.ids.index(scan_id)
 
     def _load(self, scan_id: str) -> dict[str, np.ndarray]:
-        """-> flame_params [K] float32, pts_d [N, 3], occ_gt [N, 1] of either layout."""
+        """-> flame_params [P] float32, pts_d [N, 3], occ_gt [N, 1] of either layout."""
         try:
             return read_occupancy(self.processed_dir / scan_id)
         except LayoutError as err:

@@ -1,15 +1,16 @@
 """Stage-2 (fine) training items: one view of a scan with its renders, cache and surface samples.
 
-Shape legend: K = 169 FLAME parameter vector, H/W image rows/columns (= load_res),
-R cache resolution (must equal load_res), S surface samples per item, n_views views.
+Shape legend: P = 169 FLAME parameter vector, H/W image rows/columns (= load_res),
+R cache resolution (must equal load_res), M surface samples (per item:
+surface_points), n_views views.
 
 Files read (all read-only), for a scan `<id>` in either layout, this project's or the
 original GANHead's (lib/dataset/processed_layout.py tells them apart by their files):
-    <processed_dir>/<id>/occupancy.npz              flame_params (K,)
+    <processed_dir>/<id>/occupancy.npz              flame_params (P,)
     <processed_dir>/<id>/multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png  (res: view_res,
                                                     or load_res if present, else 256)
     <processed_dir>/<id>/surface.npz                surface_points / _normals / _colors (M, 3)
-    <cache_dir>/<id>.npz                            cache (n_views, R, R, 4), view_params (n_views, K)
+    <cache_dir>/<id>.npz                            cache (n_views, R, R, 4), view_params (n_views, P)
       or the original's <cache_dir>/<id>.npy with <id>_pose.npy (lib/dataset/cache_file.py)
 The cache is written by precompute.py from the stage-1 checkpoint: per view and pixel the
 shape-neutral canonical point it shows (xyz) and a mask channel (> 0.5 = a correspondence).
@@ -89,7 +90,7 @@ class ScanImageDataset(Dataset):
 
     Arguments: processed_dir (preprocess.py output), data_list (CSV; its sorted ids give the
     embedding rows), cache_dir (precompute.py output), n_views, load_res (image size H = W,
-    must equal the cache's R), surface_points (S), repeat, subset (use only the first
+    must equal the cache's R), surface_points (M), repeat, subset (use only the first
     `subset` scans; embedding rows still count every scan), fixed_view (validation), seed,
     view_res (the renders' folder is multi_view_<view_res>; None: multi_view_<load_res> if
     present, else multi_view_256, whose images are then resized to load_res), views (the view
@@ -97,12 +98,12 @@ class ScanImageDataset(Dataset):
 
     Item (dict):
         index: int, the scan's embedding row;  scan_id: str;  view: int k
-        params: [K] float32 scan FLAME parameters
-        view_params: [K] float32 parameters of view k (FLAMEServer.view_params: yaw 2 pi k /
+        params: [P] float32 scan FLAME parameters
+        view_params: [P] float32 parameters of view k (FLAMEServer.view_params: yaw 2 pi k /
             n_views composed with the fitted global rotation)
         normal_img, rgb_img: [3, H, W] float32 in [-1, 1];  img_mask: [1, H, W] bool
         cache_pts: [R, R, 3] float32 canonical points;  cache_mask: [R, R] bool
-        surface_points, surface_normals, surface_colors: [S, 3] float32
+        surface_points, surface_normals, surface_colors: [M, 3] float32
     """
 
     def __init__(self, processed_dir: str | os.PathLike, data_list: str | os.PathLike,
@@ -153,7 +154,7 @@ class ScanImageDataset(Dataset):
         return np.random.default_rng()
 
     def _cache(self, scan_id: str, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> (points [R, R, 3], mask [R, R] bool, view_params [K]) of view k."""
+        """-> (points [R, R, 3], mask [R, R] bool, view_params [P]) of view k."""
         hint = "run precompute.py (stage-1 checkpoint) to write the stage-2 cache"
         try:
             cache, vp, path = read_cache(self.cache_dir, scan_id, hint)

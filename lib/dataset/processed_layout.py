@@ -1,6 +1,6 @@
 """Processed scan folders in either layout: this project's or the original GANHead's.
 
-Shape legend: K = 169 FLAME parameter vector, N occupancy samples (near-surface half, then
+Shape legend: P = 169 FLAME parameter vector, N occupancy samples (near-surface half, then
 uniform half), M surface samples, V/F/T scan vertices/faces/texture coordinates, H/W image
 rows/columns.
 
@@ -8,18 +8,18 @@ A processed scan folder `<processed>/<id>/` is read as it is, whichever code wro
 layout is told by the files, never by an option:
 
 - 'project' (preprocess.py here; the only layout this project writes):
-      occupancy.npz   flame_params (K,) f64, scan_name, pts_d (N, 3) f32, occ_gt (N, 1) f32,
+      occupancy.npz   flame_params (P,) f64, scan_name, pts_d (N, 3) f32, occ_gt (N, 1) f32,
                       the original's extra keys scan_verts (V, 3) f32 (the scan in FLAME
                       space), scan_faces (F, 3) int64, scan_colors (V, 3) f32 (one colour in
                       [0, 1] per vertex), and `layout` = 'project' (0-d unicode; the one key
                       the original never writes, which tells the two layouts apart).
                       Written before those were added (still read): exactly flame_params
-                      (K,) f32, scan_name, pts_d, occ_gt.
+                      (P,) f32, scan_name, pts_d, occ_gt.
       surface.npz     surface_points / surface_normals / surface_colors (M, 3) f32
       multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png   RGB on a pure white background
       provenance.json
 - 'original' (the original GANHead's preprocess.py, `np.savez`, uncompressed):
-      occupancy.npz   flame_params (K,) f64 (entries 0:4 = 1, 0, 0, 0), scan_name, pts_d
+      occupancy.npz   flame_params (P,) f64 (entries 0:4 = 1, 0, 0, 0), scan_name, pts_d
                       (200000, 3) f32, occ_gt (200000, 1) f32, and the extra keys scan_verts
                       (V, 3) f32, scan_faces (F, 3) int64, scan_colors (T, 3) f32 (one
                       colour per texture coordinate); scan_name a 0-d unicode array
@@ -130,7 +130,7 @@ def load_npz_keys(path: Path, keys, hint: str = "rerun preprocess.py",
 
 
 def read_flame_params(scan_dir) -> np.ndarray:
-    """-> (K,) float32 FLAME parameter vector of a processed scan (either layout), with
+    """-> (P,) float32 FLAME parameter vector of a processed scan (either layout), with
     scale 1 and translation 0 (faceverse_io.scan_space_params). Raises LayoutError."""
     path = Path(scan_dir) / "occupancy.npz"
     detect_layout(scan_dir)  # flame_params alone would not tell a stray file apart
@@ -142,7 +142,7 @@ def read_flame_params(scan_dir) -> np.ndarray:
 
 
 def read_occupancy(scan_dir) -> dict[str, np.ndarray]:
-    """The stage-1 arrays of a processed scan (either layout): flame_params (K,) float32
+    """The stage-1 arrays of a processed scan (either layout): flame_params (P,) float32
     (read_flame_params), pts_d (N, 3) float32, occ_gt (N, 1) float32. Only these arrays are
     decompressed (the original's scan_verts etc. are not read). Raises LayoutError."""
     path = Path(scan_dir) / "occupancy.npz"  # the layout is checked once up front (datamodule.check)

@@ -1,7 +1,7 @@
 """FLAME layer in the project's scaled, z-centred head space.
 
-Shape legend: B batch, V vertices, F faces, J joints (5), P pose feature (36),
-S identity components (n_shape, default 100), E expression components (n_exp, default 50).
+Shape legend: B batch, V vertices, F faces, J joints (5), Q pose feature (36),
+S identity components (n_shape, default 100), X expression components (n_exp, default 50).
 
 FLAME works in meters; every output here lives in the scaled space
 ``x_s = 6 * x + (0, 0, z_shift)`` where ``z_shift = -(zmin + zmax) / 2`` of the scaled
@@ -33,7 +33,7 @@ class FlameOutput:
     """FLAME results in the scaled space.
 
     vertices [B, V, 3]; joints [B, J, 3] posed joints; T [B, J, 4, 4] rest->posed bone
-    transforms; weights [V, J] skinning weights; pose_feature [B, P].
+    transforms; weights [V, J] skinning weights; pose_feature [B, Q].
     """
 
     vertices: torch.Tensor
@@ -63,9 +63,9 @@ class FLAME(nn.Module):
     n_exp: expression components used (taken from shapedirs[..., 300:300+n_exp]).
 
     Buffers (float32 unless noted, FLAME units = meters; not saved in state_dicts):
-        v_template [V, 3], shapedirs [V, 3, S], expdirs [V, 3, E], posedirs [V, 3, P],
+        v_template [V, 3], shapedirs [V, 3, S], expdirs [V, 3, X], posedirs [V, 3, Q],
         J_regressor [J, V] (dense), lbs_weights [V, J], faces [F, 3] long;
-        scaled for the deformer (x6): expdirs_scaled [V, 3, E], posedirs_scaled [V, P, 3].
+        scaled for the deformer (x6): expdirs_scaled [V, 3, X], posedirs_scaled [V, Q, 3].
     Attributes: scale_factor (6.0), z_shift (float), parents (list, root -1), n_shape, n_exp.
     """
 
@@ -156,21 +156,21 @@ class FLAME(nn.Module):
     def shaped_template(self, shape_params, expression_params) -> torch.Tensor:
         """Template + identity + expression offsets in meters.
 
-        shape_params [B, S], expression_params [B, E] -> [B, V, 3].
+        shape_params [B, S], expression_params [B, X] -> [B, V, 3].
         """
         shape_params, expression_params, _ = self._prepare(shape_params, expression_params)
         return (self.v_template + blend_offsets(self.shapedirs, shape_params)
                 + blend_offsets(self.expdirs, expression_params))
 
     def rest_joints(self, shape_params, expression_params) -> torch.Tensor:
-        """Rest joints J_regressor @ shaped template, scaled space. [B,S],[B,E] -> [B, J, 3]."""
+        """Rest joints J_regressor @ shaped template, scaled space. [B,S],[B,X] -> [B, J, 3]."""
         v = self.shaped_template(shape_params, expression_params)
         return self.to_scaled(torch.einsum("jv,bvc->bjc", self.J_regressor, v))
 
     def rest_vertices(self, shape_params, expression_params, pose_feature) -> torch.Tensor:
         """Unposed vertices with pose correctives, scaled space (input of skinning).
 
-        shape_params [B, S], expression_params [B, E], pose_feature [B, P] -> [B, V, 3].
+        shape_params [B, S], expression_params [B, X], pose_feature [B, Q] -> [B, V, 3].
         """
         v = self.shaped_template(shape_params, expression_params)
         v = v + pose_offsets(self.posedirs.transpose(1, 2), pose_feature.to(v))
@@ -187,14 +187,14 @@ class FLAME(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, shape_params, expression_params, pose_params) -> FlameOutput:
-        """shape_params [B, S], expression_params [B, E], pose_params [B, 15] or [B, 6]
+        """shape_params [B, S], expression_params [B, X], pose_params [B, 15] or [B, 6]
         -> FlameOutput (vertices [B,V,3], joints [B,J,3], T [B,J,4,4], weights [V,J],
-        pose_feature [B,P]), all in the scaled space."""
+        pose_feature [B,Q]), all in the scaled space."""
         shape_params, expression_params, pose = self._prepare(
             shape_params, expression_params, pose_params)
         B = shape_params.shape[0]
         rotmats = batch_rodrigues(pose.reshape(B, N_JOINTS, 3))  # [B, J, 3, 3]
-        pose_feature = pose_to_feature(rotmats)  # [B, P]
+        pose_feature = pose_to_feature(rotmats)  # [B, Q]
         v_shaped = (self.v_template + blend_offsets(self.shapedirs, shape_params)
                     + blend_offsets(self.expdirs, expression_params))
         joints_rest = torch.einsum("jv,bvc->bjc", self.J_regressor, v_shaped)

@@ -1,15 +1,15 @@
 """Linear blend skinning primitives (pure torch, batched, device/dtype follow the inputs).
 
 Shape legend:
-    B batch, N points (or V vertices), J joints (5 for FLAME), K expression components,
-    P pose-feature size ((J-1)*9 = 36 for FLAME).
+    B batch, N points (or V vertices), J joints (5 for FLAME), X expression components,
+    Q pose-feature size ((J-1)*9 = 36 for FLAME).
 
 Conventions:
     * A transform ``tfs[b, j]`` is a 4x4 matrix mapping a *rest* point to its posed position
       under bone j alone (global bone transform with the rest joint location removed).
     * Pose correctives: ``offset[n, c] = sum_p pose_feature[p] * pose_dirs[n, p, c]`` with
-      per-point ``pose_dirs [N, P, 3]`` (FLAME's ``posedirs [V, 3, P]`` transposed).
-    * Expression offsets: ``offset[n, c] = sum_k E[n, c, k] * coeffs[k]``, ``E [N, 3, K]``.
+      per-point ``pose_dirs [N, Q, 3]`` (FLAME's ``posedirs [V, 3, Q]`` transposed).
+    * Expression offsets: ``offset[n, c] = sum_k E[n, c, k] * coeffs[k]``, ``E [N, 3, X]``.
 """
 from __future__ import annotations
 
@@ -171,7 +171,8 @@ def unskin_points(x: torch.Tensor, w: torch.Tensor, tfs: torch.Tensor) -> torch.
 def blend_offsets(E: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """Linear blendshape offsets sum_k E[..., c, k] * coeffs[b, k].
 
-    E: [B, N, 3, K] or shared [N, 3, K]; coeffs: [B, K]. Returns [B, N, 3].
+    E: [B, N, 3, X] or shared [N, 3, X]; coeffs: [B, X] (X expression or S shape components).
+    Returns [B, N, 3].
     """
     if E.dim() == 3:
         return torch.einsum("nck,bk->bnc", E, coeffs)
@@ -181,7 +182,7 @@ def blend_offsets(E: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
 def pose_offsets(pose_dirs: torch.Tensor, pose_feature: torch.Tensor) -> torch.Tensor:
     """Pose correctives pose_feature @ pose_dirs per point.
 
-    pose_dirs: [B, N, P, 3] or shared [N, P, 3]; pose_feature: [B, P]. Returns [B, N, 3].
+    pose_dirs: [B, N, Q, 3] or shared [N, Q, 3]; pose_feature: [B, Q]. Returns [B, N, 3].
     """
     if pose_dirs.dim() == 3:
         return torch.einsum("npc,bp->bnc", pose_dirs, pose_feature)
@@ -193,9 +194,9 @@ def deform_canonical(xc, w, expr_dirs, pose_dirs, exp, pose_feature, tfs,
     """Map canonical points to a target pose/expression (docs/design.md, Forward skinning).
 
     xc: [B, N, 3] canonical points (scaled FLAME space); w: [B, N, J] skinning weights;
-    expr_dirs: [B, N, 3, K] (or [N, 3, K]) expression bases; pose_dirs: [B, N, P, 3]
-    (or [N, P, 3]) pose-corrective bases, both already in the scaled space (FLAME x6);
-    exp / exp_c: [B, K] target / canonical expression; pose_feature / pose_feature_c: [B, P];
+    expr_dirs: [B, N, 3, X] (or [N, 3, X]) expression bases; pose_dirs: [B, N, Q, 3]
+    (or [N, Q, 3]) pose-corrective bases, both already in the scaled space (FLAME x6);
+    exp / exp_c: [B, X] target / canonical expression; pose_feature / pose_feature_c: [B, Q];
     tfs / tfs_c: [B, J, 4, 4] target / canonical joint transforms (scaled space).
     Returns xd: [B, N, 3].
 

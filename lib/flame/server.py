@@ -1,8 +1,8 @@
 """FLAME parameter server: per-frame parameter vectors -> posed and canonical FLAME outputs.
 
-Shape legend: B batch, V vertices, J joints (5), P pose feature (36), S identity
-components (100), E expression components (50), D parameter-vector length
-(169 = scale 1 + transl 3 + pose 15 + shape S + exp E, or 160 with a 6-d pose).
+Shape legend: B batch, V vertices, J joints (5), Q pose feature (36), S identity
+components (100), X expression components (50), P parameter-vector length
+(169 = scale 1 + transl 3 + pose 15 + shape S + exp X, or 160 with a 6-d pose).
 
 Canonical space: the subject's shape, expression 0, pose 0 except the jaw's x-rotation
 ``canonical_jaw`` (0.2 rad). Shape-neutral canonical space: additionally shape 0.
@@ -43,7 +43,7 @@ class FLAMEServer(nn.Module):
     # ------------------------------------------------------------ parameters
     def split_params(self, params: torch.Tensor) -> dict:
         """params [B, 169] or [B, 160] -> dict(scale [B,1], transl [B,3], pose [B,15],
-        shape [B,S], exp [B,E]). A 160-vector's 6-d pose gets zero neck and eyes."""
+        shape [B,S], exp [B,X]). A 160-vector's 6-d pose gets zero neck and eyes."""
         if params.dim() == 1:
             params = params[None]
         length = params.shape[-1]
@@ -71,7 +71,7 @@ class FLAMEServer(nn.Module):
     # ------------------------------------------------------------ evaluation
     def canonical(self, shape: torch.Tensor) -> dict:
         """Canonical-space FLAME for shapes [B, S] -> dict(verts_c [B,V,3], joints_c [B,J,3],
-        tfs_c [B,J,4,4], pose_feature_c [B,P], exp_c [B,E] zeros, pose_c [B,15])."""
+        tfs_c [B,J,4,4], pose_feature_c [B,Q], exp_c [B,X] zeros, pose_c [B,15])."""
         ref = self.flame.v_template
         shape = shape.to(device=ref.device, dtype=ref.dtype)
         B = shape.shape[0]
@@ -84,8 +84,8 @@ class FLAMEServer(nn.Module):
     def forward(self, params: torch.Tensor) -> dict:
         """params [B, 169] or [B, 160] -> dict with
         posed (scaled by scale, moved by transl): verts [B,V,3], joints [B,J,3], tfs [B,J,4,4],
-               pose_feature [B,P],
-               pose [B,15], shape [B,S], exp [B,E], scale [B,1], transl [B,3];
+               pose_feature [B,Q],
+               pose [B,15], shape [B,S], exp [B,X], scale [B,1], transl [B,3];
         canonical: verts_c, joints_c, tfs_c, pose_feature_c, exp_c (zeros), pose_c [B,15];
         shape-neutral canonical: verts_c_neutral [B,V,3]."""
         ref = self.flame.v_template

@@ -3,7 +3,7 @@ pose and render it explicitly (docs/design.md, Inference: extract once, deform p
 frame).
 
 Shape legend: B frames (batch), V mesh vertices, F faces, J joints, Z/D/C widths of z_shape,
-z_detail and z_color, S FLAME shape components (100), E expression components (50),
+z_detail and z_color, S FLAME shape components (100), X expression components (50),
 P parameter-vector length (169), H/W image rows/columns (H = W = res).
 
 An `Avatar` holds the latent codes (z_shape [1, Z], z_detail [1, D], z_color [1, C]) and the
@@ -41,7 +41,7 @@ __all__ = ["Avatar", "make_params", "yaw_pose", "side_by_side"]
 
 def make_params(betas: torch.Tensor, pose: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     """Parameter vectors [B, P] (scale 1, translation 0) from betas [1 or B, S], pose [B, 15]
-    and exp [B, E]."""
+    and exp [B, X]."""
     B = pose.shape[0]
     head = pose.new_zeros(B, 4)
     head[:, 0] = 1.0
@@ -130,7 +130,7 @@ class Avatar:
 
     @property
     def fields(self):
-        """Learned fields at the vertices: (w [V, J], pose_dirs [V, 36, 3], expr_dirs [V, 3, E])."""
+        """Learned fields at the vertices: (w [V, J], pose_dirs [V, 36, 3], expr_dirs [V, 3, X])."""
         if self._fields is None:
             self._fields = mesh_fields(self.verts_c, self.model.deformer.lbs_net, self.betas)
         return self._fields
@@ -159,7 +159,7 @@ class Avatar:
     # ------------------------------------------------------------------ posing
     def params(self, pose: torch.Tensor, exp: torch.Tensor | None = None) -> torch.Tensor:
         """Parameter vectors [B, P] of this avatar's shape for poses [B, 15] and expressions
-        [B, E] (zeros when None)."""
+        [B, X] (zeros when None)."""
         pose = pose.to(self.betas)
         if exp is None:
             exp = pose.new_zeros(pose.shape[0], self.model.flame_server.n_exp)

@@ -1,7 +1,7 @@
 """Disentangled control: vary one factor of an avatar while holding the others
 (docs/design.md, Inference; eval_mode = interp, z_shape, z_detail, z_color, betas, thetas).
 
-Shape legend: T steps, Z/D/C code widths, S FLAME shape components, E expression components,
+Shape legend: T steps, Z/D/C code widths, S FLAME shape components, X expression components,
 V vertices, H/W image rows/columns.
 
 Between avatar A and avatar B (two training subjects, or a subject and a sample):

@@ -1,7 +1,7 @@
 """FLAME fit of a raw scan in arbitrary units, position and (a few candidate) orientations,
 without landmarks (eval_mode=fit when no FLAME parameters are given).
 
-Shape legend: N scan samples, V FLAME vertices, S shape components, E expression components,
+Shape legend: N scan samples, V FLAME vertices, S shape components, X expression components,
 P parameter-vector length (169).
 
 Unknowns: a similarity taking the scan into FLAME space, x_f = s * x @ R0.T + t (R0 one of

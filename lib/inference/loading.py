@@ -1,7 +1,7 @@
 """Loading a trained GANHead for inference and naming the avatars it knows.
 
-Shape legend: S training subjects (embedding rows), Z/D/C widths of z_shape, z_detail, z_color,
-P parameter-vector length (169).
+Shape legend: n_subjects training subjects (embedding rows), Z/D/C widths of z_shape,
+z_detail, z_color, P parameter-vector length (169).
 
 - `load_model(path, flame_model, device)`: a GANHead checkpoint (stage 1 or 2) in eval mode
   with every parameter frozen; a missing or unreadable file raises `InferenceError`.

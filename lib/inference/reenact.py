@@ -2,7 +2,7 @@
 Inference and Motion sequences; eval_mode=reenact).
 
 Shape legend: T frames, B frames of one batch, V avatar vertices, Vf FLAME vertices,
-S shape components, E expression components, P parameter-vector length (169),
+S shape components, X expression components, P parameter-vector length (169),
 H/W image rows/columns.
 
 The canonical mesh is extracted once (Avatar.mesh); every frame is then one explicit LBS pass

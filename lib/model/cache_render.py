@@ -4,7 +4,7 @@ view, and the results scattered back into images. Stage-2 training (lib/model/fi
 and the reconstruction scores of inference (lib/inference/reconstruction.py) render with
 `render_cache`, so what is scored is what was trained.
 
-Shape legend: B batch, R image size, L most cached pixels of an item, S extra canonical
+Shape legend: B batch, R image size, L most cached pixels of an item, M extra canonical
 points, J joints, P the FLAME parameter vector (169).
 """
 from __future__ import annotations
@@ -52,10 +52,10 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, smpl:
     of the scan's own parameters (shape, texture condition); smpl_view: of the view's
     parameters (normals are skinned with its target transforms); codes: z_shape [B, Z] (no
     gradient), z_detail, z_color; volume: the generator's volume for z_shape (computed when
-    None); extra: [B, S, 3] SHAPED canonical points (stage 2's surface samples, from the
+    None); extra: [B, M, 3] SHAPED canonical points (stage 2's surface samples, from the
     deformer's search) queried in the same network pass after their move to the neutral space.
     Returns {"normal", "rgb": [B, 3, R, R], white outside the mask; with extra also
-    "extra_normal_c", "extra_rgb": [B, S, 3] canonical normal and colour, "extra_w": [B, S, J]
+    "extra_normal_c", "extra_rgb": [B, M, 3] canonical normal and colour, "extra_w": [B, M, J]
     skinning weights (no gradient)}. Normals and colours keep their gradients to z_detail,
     z_color and the normal / texture networks.
     """
@@ -76,7 +76,7 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, smpl:
     normal_c, rgb = query_fine(model, pts, z_shape, smpl["shape"], codes["z_detail"],
                                codes["z_color"], pose_exp_condition(smpl), volume, neutral=True)
     with torch.no_grad():
-        w = model.deformer.lbs_net.lbs(pts)[0]  # [B, L + S, J]: neutral points, no warp
+        w = model.deformer.lbs_net.lbs(pts)[0]  # [B, L + M, J]: neutral points, no warp
         rot_view = blend_transforms(w[:, :L], smpl_view["tfs"])
     out = {"normal": scatter_image(skin_normals(rot_view, normal_c[:, :L]), index, R),
            "rgb": scatter_image(rgb[:, :L], index, R)}

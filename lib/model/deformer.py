@@ -2,7 +2,7 @@
 
 Shape legend:
     B batch, N points, I initializations (bones used to start the search, 5 by default),
-    J joints (5), K expression components (50), P pose-feature size (36), S FLAME shape
+    J joints (5), X expression components (50), Q pose-feature size (36), S FLAME shape
     parameters (betas, 100), V FLAME vertices, A points flattened across the batch (each
     carries a batch index).
 
@@ -12,8 +12,8 @@ Arguments shared by the methods:
         shape-neutral point x_c + disp(x_c, betas)) and of the shape-neutral mapping of
         occupancy; other keys are passed through to occ_fn.
     smpl_out: the FLAME server's dict; used keys: 'tfs' [B, J, 4, 4] target joint transforms,
-        'tfs_c' [B, J, 4, 4] canonical ones, 'pose_feature' [B, P], 'pose_feature_c' [B, P],
-        'exp' [B, K], optional 'exp_c' [B, K] (zeros when absent), and 'verts' [B, V, 3]
+        'tfs_c' [B, J, 4, 4] canonical ones, 'pose_feature' [B, Q], 'pose_feature_c' [B, Q],
+        'exp' [B, X], optional 'exp_c' [B, X] (zeros when absent), and 'verts' [B, V, 3]
         (posed vertices, only to skip far points). A leading dim of 1 is broadcast to B.
 
 forward deformation (docs/design.md, Forward skinning), with w, E, Pd the LBS fields of the
@@ -76,8 +76,8 @@ def adjugate3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def lbs_deform(xc, w, expr_dirs, pose_dirs, tfs, tfs_c, exp, exp_c, pose_feature, pose_feature_c):
     """Deform canonical points with given LBS fields (leading dims '...' broadcast).
 
-    xc: [..., 3]; w: [..., J]; expr_dirs: [..., 3, K]; pose_dirs: [..., P, 3];
-    tfs, tfs_c: [..., J, 4, 4]; exp, exp_c: [..., K]; pose_feature, pose_feature_c: [..., P].
+    xc: [..., 3]; w: [..., J]; expr_dirs: [..., 3, X]; pose_dirs: [..., Q, 3];
+    tfs, tfs_c: [..., J, 4, 4]; exp, exp_c: [..., X]; pose_feature, pose_feature_c: [..., Q].
     Returns xd: [..., 3].
     """
     offset = (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1) \
@@ -109,8 +109,8 @@ class ForwardDeformer(nn.Module):
     """Correspondence search x_d -> x_c through learned LBS fields.
 
     Args:
-        lbs_net: callable ``(xc [B, N, 3], betas [B, S]) -> (w [B, N, J], pose_dirs [B, N, P, 3],
-            expr_dirs [B, N, 3, K])`` (GANHead: lib/model/neutral_lbs.NeutralLBS); registered as
+        lbs_net: callable ``(xc [B, N, 3], betas [B, S]) -> (w [B, N, J], pose_dirs [B, N, Q, 3],
+            expr_dirs [B, N, 3, X])`` (GANHead: lib/model/neutral_lbs.NeutralLBS); registered as
             a submodule when it is an nn.Module.
         n_joints: J.
         max_steps, cvg_thresh, dvg_thresh: Broyden settings (see lib/model/broyden.py).
@@ -174,7 +174,7 @@ class ForwardDeformer(nn.Module):
         return betas
 
     def _fields(self, xc: torch.Tensor, betas: torch.Tensor):
-        """LBS fields at xc [B, N, 3] with betas [B, S] -> w [B,N,J], pose_dirs [B,N,P,3], expr_dirs [B,N,3,K]."""
+        """LBS fields at xc [B, N, 3] with betas [B, S] -> w [B,N,J], pose_dirs [B,N,Q,3], expr_dirs [B,N,3,X]."""
         w, pose_dirs, expr_dirs = self.lbs_net(xc, betas)
         if w.shape[-1] != self.n_joints or w.shape[:2] != xc.shape[:2]:
             raise _err(f"lbs_net returned weights {tuple(w.shape)} for points {tuple(xc.shape)}")
@@ -246,7 +246,7 @@ class ForwardDeformer(nn.Module):
 
         xd: [B, N, 3]; point_mask: optional [B, N]. Returns xd0 [B, N, 3], betas [B, S], sm (the
         detached FLAME dict), x_init [B*N, I, 3], xc [B*N, I, 3] (a copy of x_init),
-        valid [B*N, I] False, diff [B*N, I] inf, pts [P] flat indices of the points to solve.
+        valid [B*N, I] False, diff [B*N, I] inf, pts [A] flat indices of the points to solve.
         """
         B, N, _ = xd.shape
         I = self.n_init

@@ -5,8 +5,8 @@ skinning weights and blendshape bases of the LBS network, so any FLAME frame def
 one network pass (docs/design.md, Forward skinning): used by validation pictures, precompute
 and reenactment.
 
-Shape legend: B batch (frames), V mesh vertices, J joints, K expression components,
-P pose-feature size.
+Shape legend: B batch (frames), V mesh vertices, J joints, X expression components,
+Q pose-feature size.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def mesh_fields(verts_c: torch.Tensor, lbs_net, betas: torch.Tensor, chunk: int 
     """Learned fields at the (shaped) canonical mesh vertices, in chunks.
 
     verts_c: [V, 3]; lbs_net: the deformer's (xc, betas) -> fields; betas: [1, 100].
-    Returns: w [V, J], pose_dirs [V, P, 3], expr_dirs [V, 3, K].
+    Returns: w [V, J], pose_dirs [V, Q, 3], expr_dirs [V, 3, X].
     """
     ws, ps, es = [], [], []
     for start in range(0, verts_c.shape[0], chunk):
@@ -47,8 +47,8 @@ def deform_mesh(verts_c: torch.Tensor, fields: tuple[torch.Tensor, torch.Tensor,
                 smpl_out: dict) -> torch.Tensor:
     """Deform canonical mesh vertices to every frame of `smpl_out` (FLAMEServer outputs).
 
-    verts_c: [V, 3]; fields: (w [V, J], pose_dirs [V, P, 3], expr_dirs [V, 3, K]).
-    smpl_out: 'tfs' [B, J, 4, 4], 'pose_feature' [B, P], 'exp' [B, K] and the canonical
+    verts_c: [V, 3]; fields: (w [V, J], pose_dirs [V, Q, 3], expr_dirs [V, 3, X]).
+    smpl_out: 'tfs' [B, J, 4, 4], 'pose_feature' [B, Q], 'exp' [B, X] and the canonical
     'tfs_c', 'pose_feature_c', 'exp_c'.
     Returns: verts_d [B, V, 3].
     """

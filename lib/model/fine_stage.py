@@ -4,22 +4,23 @@ module and a ScanImageDataset batch; lib/model/ganhead.py dispatches to them whe
 `hparams.stage == 'fine'`.
 
 Shape legend: B batch, R image rows = columns (load_res), L most masked pixels of an item,
-S surface samples per item, M = L + S points queried per item, I deformer inits, J joints,
-F feature widths, H/W = R.
+M surface samples per item, L + M points queried per item, I deformer inits, J joints,
+Ch feature widths, H/W = R.
 
 Pipeline of one item (geometry and skinning are frozen; only z_detail, z_color, the normal
 and the texture networks receive gradients):
-- pixels: the cache gives, per pixel of the item's view, the shaped canonical point x_c it
-  shows (and a mask); the masked pixels are packed per item into [B, L, 3];
+- pixels: the cache gives, per pixel of the item's view, the shape-neutral canonical point
+  x_n it shows (and a mask); the masked pixels are packed per item into [B, L, 3];
 - surface: the scan's surface samples (posed by the scan's parameters) are mapped to x_c by
   the deformer (search without gradients); among valid inits the one with the highest
   occupancy is kept;
-- both point sets are queried together at the shape-neutral point x_n = x_c + disp(x_c):
+- both point sets are queried together at their shape-neutral points (the surface samples'
+  x_n = x_c + disp(x_c)):
   geometry features (occupancy network, no gradient), normal network on cat(z_detail,
   geometry features), texture network on cat(z_color, the scan's own pose (15, not the
   view's, so that colour does not depend on the view) and expression (50), geometry
   features, normal features);
-- canonical normals are skinned with the inverse-transpose of sum_j w_j(x_c) tfs[j][:3, :3]
+- canonical normals are skinned with the inverse-transpose of sum_j w_j(x_n) tfs[j][:3, :3]
   (target transforms only: tfs of the view for pixels, of the scan for surface samples; w the
   LBS network at the shape-neutral point) and renormalized (lib/model/query.skin_normals);
 - images: the pixel values scattered into [B, 3, R, R], white (+1) outside the cache mask.
@@ -82,22 +83,22 @@ def photo_loss(fake: torch.Tensor, real: torch.Tensor,
 def surface_color_loss(rgb: torch.Tensor, rgb_gt: torch.Tensor, valid: torch.Tensor
                        ) -> torch.Tensor:
     """The original's 3D colour loss: squared error summed over the 3 channels, averaged over
-    the surface samples (here those with a valid correspondence). rgb, rgb_gt: [B, S, 3];
-    valid: [B, S] bool. Returns a scalar."""
+    the surface samples (here those with a valid correspondence). rgb, rgb_gt: [B, M, 3];
+    valid: [B, M] bool. Returns a scalar."""
     return masked_mean(((rgb - rgb_gt) ** 2).sum(dim=-1), valid)
 
 
 def surface_normal_loss(normal: torch.Tensor, normal_gt: torch.Tensor, valid: torch.Tensor
                         ) -> torch.Tensor:
     """The original's 3D normal loss: mean of 1 - cos(n, n_gt) over the surface samples (here
-    those with a valid correspondence). normal: [B, S, 3] unit; normal_gt: [B, S, 3];
-    valid: [B, S] bool. Returns a scalar."""
+    those with a valid correspondence). normal: [B, M, 3] unit; normal_gt: [B, M, 3];
+    valid: [B, M] bool. Returns a scalar."""
     cos = (normal * F.normalize(normal_gt, dim=-1, eps=1e-6)).sum(-1)
     return masked_mean(1.0 - cos, valid)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """values: [B, S]; mask: [B, S] bool -> mean over the masked entries (0 when none)."""
+    """values: [B, M]; mask: [B, M] bool -> mean over the masked entries (0 when none)."""
     m = mask.to(values.dtype)
     return (values * m).sum() / m.sum().clamp_min(1.0)
 
@@ -138,7 +139,7 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
 
     batch: ScanImageDataset items collated (index [B], params / view_params [B, 169],
     normal_img / rgb_img [B, 3, R, R], img_mask [B, 1, R, R], cache_pts [B, R, R, 3],
-    cache_mask [B, R, R], surface_* [B, S, 3]).
+    cache_mask [B, R, R], surface_* [B, M, 3]).
     pixels: render only this many random pixels of each item's photo mask (opt-in
     photo_pixels); the photo losses then weight them by n_pool / n_sampled per item.
     Returns (terms, out): terms maps loss names to weighted scalars (normal, rgb,

@@ -1,7 +1,7 @@
 """Stage-1 losses: occupancy, FLAME prior, bone bootstrapping, deshape, latents.
 
 Shape legend: B batch, N points, M prior points, V FLAME vertices, J joints (5),
-K expression components (50), P pose-feature size (36), T bone points per bone.
+X expression components (50), Q pose-feature size (36), per_bone points per bone.
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ def flame_prior_loss(xc: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
     0.2 for the weights in the original). An empty set gives zeros.
 
     xc: [B, M, 3] points where the fields were evaluated; mask: [B, M] bool (points that may
-    count); w: [B, M, J]; pose_dirs: [B, M, P, 3]; expr_dirs: [B, M, 3, K] (fields at xc);
+    count); w: [B, M, J]; pose_dirs: [B, M, Q, 3]; expr_dirs: [B, M, 3, X] (fields at xc);
     verts_c: [B, V, 3] canonical FLAME vertices in the space of xc; flame_w: [V, J];
-    flame_pose_dirs: [V, P, 3]; flame_expr_dirs: [V, 3, K] (scaled space).
+    flame_pose_dirs: [V, Q, 3]; flame_expr_dirs: [V, 3, X] (scaled space).
     Returns: dict of scalars 'w', 'pose', 'exp' and the count 'n'.
     """
     dist, idx = nearest_neighbor(xc.detach(), verts_c.detach())
@@ -71,7 +71,7 @@ def bone_points(joints: torch.Tensor, parents: list[int], per_bone: int = 5,
     for p, j in bones(parents):
         noise = torch.randn(B, per_bone, generator=generator, dtype=joints.dtype,
                             device="cpu" if generator is not None else joints.device)
-        t = (base + sigma * noise.to(joints.device)).clamp(0.0, 1.0)     # [B, T]
+        t = (base + sigma * noise.to(joints.device)).clamp(0.0, 1.0)     # [B, per_bone]
         a, b = joints[:, p], joints[:, j]                                   # [B, 3]
         segs.append(a[:, None] + t[..., None] * (b - a)[:, None])
     return torch.cat(segs, dim=1)

@@ -1,7 +1,7 @@
 """Implicit MLPs of GANHead: occupancy, skinning/blendshapes, displacement, normal, texture.
 
 Shape legend: B batch, N points, C conditioning channels, E positional-encoding width,
-F feature width (`ImplicitNetwork.feature_dim`), J joints, P pose-feature size (36),
+F feature width (`ImplicitNetwork.feature_dim`), J joints, Q pose-feature size (36),
 X expression count (50).
 
 Layer numbering used by every argument below: an `ImplicitNetwork` of depth `depth` has
@@ -283,10 +283,10 @@ class LBSNetwork(nn.Module):
     at x_c + disp(x_c, betas)).
 
     The main head gives J skinning logits; a zero-initialized head on hidden layer
-    `tail_layer` gives P*3 pose-corrective and 3*X expression coefficients per point.
+    `tail_layer` gives Q*3 pose-corrective and 3*X expression coefficients per point.
 
     Args:
-        n_joints: J (5); pose_feature_dim: P (36); n_exp: X (50).
+        n_joints: J (5); pose_feature_dim: Q (36); n_exp: X (50).
         width, depth, multires, skip_layer, tail_layer: ImplicitNetwork args.
         softmax_scale: weights = softmax(softmax_scale * logits) (20).
     """
@@ -303,12 +303,12 @@ class LBSNetwork(nn.Module):
 
     @property
     def blendshape_dim(self) -> int:
-        """P * 3 + 3 * X (258 by default)."""
+        """Q * 3 + 3 * X (258 by default)."""
         return self.pose_feature_dim * 3 + 3 * self.n_exp
 
     def forward(self, xn: torch.Tensor, return_logits: bool = False):
         """Args: xn [B, N, 3] shape-neutral canonical points.
-        Returns: w [B, N, J] (rows sum to 1), pose_dirs [B, N, P, 3] (offset = pose_feature @
+        Returns: w [B, N, J] (rows sum to 1), pose_dirs [B, N, Q, 3] (offset = pose_feature @
         pose_dirs), expr_dirs [B, N, 3, X] (offset = expr_dirs @ exp); plus logits [B, N, J]
         when `return_logits`."""
         res = self.net.forward_all(xn)

@@ -1,7 +1,7 @@
 """Skinning fields of the shaped canonical space, read in the shape-neutral space (as the original).
 
 Shape legend: B batch, N points, S FLAME shape parameters (betas, 100), J joints (5),
-P pose-feature size (36), X expression components (50), A points flattened across the batch.
+Q pose-feature size (36), X expression components (50), A points flattened across the batch.
 
 The LBS network (lib/model/networks.LBSNetwork) is unconditioned: one skinning-weight and
 blendshape field shared by every subject, defined in the shape-neutral canonical space. A
@@ -13,7 +13,7 @@ queries to the neutral space:
 
 `NeutralLBS(lbs, disp_net)` is that composition with the deformer's `lbs_net` signature
 (lib/model/deformer.py): `(xc [B, N, 3], betas [B, S]) -> (w [B, N, J], pose_dirs
-[B, N, P, 3], expr_dirs [B, N, 3, X])`. Gradients of everything computed from the fields,
+[B, N, Q, 3], expr_dirs [B, N, 3, X])`. Gradients of everything computed from the fields,
 the deformer's implicit correction included, reach both networks.
 
 Ownership: the LBS network is a submodule (state_dict keys `lbs.*`); the displacement network
@@ -55,13 +55,13 @@ class NeutralLBS(nn.Module):
 
     def forward(self, xc: torch.Tensor, betas: torch.Tensor, return_logits: bool = False):
         """xc [B, N, 3] shaped canonical points, betas [B, S] (or [B, N, S]) -> w [B, N, J],
-        pose_dirs [B, N, P, 3], expr_dirs [B, N, 3, X] (and logits [B, N, J] with return_logits):
+        pose_dirs [B, N, Q, 3], expr_dirs [B, N, 3, X] (and logits [B, N, J] with return_logits):
         the LBS network's fields at x_c + disp(x_c, betas)."""
         return self.lbs(self.warp(xc, betas), return_logits=return_logits)
 
     def folded(self, betas: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor):
         """Both networks frozen for one search (lib/model/folded_lbs.py): betas [B, S], pose-
-        feature change d_pose [B, P], expression change d_exp [B, X] -> a callable
+        feature change d_pose [B, Q], expression change d_exp [B, X] -> a callable
         (x [A, 3], bidx [A]) -> (w [A, J], blendshape offset [A, 3]); differentiable when built
         with grad enabled."""
         from lib.model.folded_lbs import FoldedLBS

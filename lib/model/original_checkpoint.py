@@ -1,7 +1,7 @@
 """Checkpoints of the original GANHead code, read safely and converted to this project's.
 
-Shape legend: V FLAME vertices, P pose-feature size (36), S identity components used (100),
-X expression components used (50), R latent rows (training scans).
+Shape legend: V FLAME vertices, Q pose-feature size (36), S identity components used (100),
+X expression components used (50), n_subjects latent rows (training scans).
 
 The original saves PyTorch Lightning 1.3 checkpoints: a `state_dict` and Lightning's
 bookkeeping, no `hyper_parameters`; its latent rows follow its data list's order; it holds
@@ -101,13 +101,13 @@ def _flame_reference(flame_model, n_shape: int, n_exp: int) -> dict[str, np.ndar
     vt = np.asarray(m["v_template"], dtype=np.float64) * s
     vt[:, 2] -= (vt[:, 2].min() + vt[:, 2].max()) / 2.0
     V = vt.shape[0]
-    posedirs = np.asarray(m["posedirs"], dtype=np.float64)                     # [V, 3, P]
+    posedirs = np.asarray(m["posedirs"], dtype=np.float64)                     # [V, 3, Q]
     jreg = m["J_regressor"]                                                    # may be sparse
     return {
         "v_template": vt,
         "shapedirs": np.concatenate([m["shapedirs"][..., :n_shape],                 # [V, 3, S+X]
                                      m["shapedirs"][..., 300:300 + n_exp]], axis=-1) * s,
-        "posedirs": posedirs.reshape(V * 3, -1).T * s,                         # [P, 3 V]
+        "posedirs": posedirs.reshape(V * 3, -1).T * s,                         # [Q, 3 V]
         "J_regressor": np.asarray(jreg.toarray() if hasattr(jreg, "toarray") else jreg,
                                   dtype=np.float64),
         "lbs_weights": np.asarray(m["weights"], dtype=np.float64),
