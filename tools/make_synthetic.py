@@ -263,8 +263,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "data" / "synthetic")
-    ap.add_argument("--identities", type=int, default=4)
-    ap.add_argument("--expressions", type=int, default=3)
+    ap.add_argument("--identities", type=int, default=48, help="training persons")
+    ap.add_argument("--expressions", type=int, default=2, help="scans per training person")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--faces", type=int, default=60000, help="approximate faces per scan")
     ap.add_argument("--frames", type=int, default=150, help="motion sequence length")
