@@ -202,3 +202,31 @@ def test_new_hair_styles_put_hair_where_designed(styled):
     assert (low[:, 2] < 0.5 * (neck[:, 2].min() + neck[:, 2].max())).mean() > 0.9  # behind
     # receding: less hair volume than the same person with long hair, none at the brow
     assert len(far["receding"][0]) < len(lo)
+
+
+# ----------------------------------------------------------------------------- diversity
+def test_diversity_by_hand():
+    from lib.utils.diversity import chamfer_l1, cross_chamfer, diversity, mesh_points, nearest
+
+    a = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    b = np.array([[0.0, 0.0, 1.0]])
+    c = np.array([[0.0, 0.0, 3.0]])
+    ab = 0.5 * ((1.0 + np.sqrt(2.0)) / 2 + 1.0)
+    ac = 0.5 * ((3.0 + np.sqrt(10.0)) / 2 + 3.0)
+    assert chamfer_l1(a, b) == pytest.approx(ab) and chamfer_l1(b, a) == pytest.approx(ab)
+    d = diversity([a, b, c])
+    assert d["meshes"] == 3 and d["mean"] == pytest.approx((ab + ac + 2.0) / 3)
+    assert d["min"] == pytest.approx(ab) and d["max"] == pytest.approx(ac)
+    np.testing.assert_allclose(cross_chamfer([b, c], [a]), [[ab], [ac]])
+    assert nearest([c], [a, b])["mean"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        diversity([a])
+    # area-uniform samples of a unit cube's surface, cut at y = 0.75: the top face (area 1)
+    # and a quarter of the four sides (area 1): half of the 6-unit area is 1/3 of the samples
+    import trimesh
+
+    box = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    full = mesh_points(box.vertices + 0.5, box.faces, 30000, seed=1)
+    cut = mesh_points(box.vertices + 0.5, box.faces, 30000, seed=1, min_y=0.75)
+    assert cut[:, 1].min() >= 0.75 and len(full) == 30000
+    assert abs(len(cut) / len(full) - 2.0 / 6.0) < 0.015

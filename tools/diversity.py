@@ -11,7 +11,8 @@
 Every set is cut at one common height (the highest lowest point of all meshes, unless
 --min-y is given), so open scans and closed avatars cover the same part of the head; the
 result per set is lib.utils.diversity.diversity (mean, std, min, max over all pairs) and,
-with both sets, the ratio of the sampled avatars' mean to the training persons'.
+with both sets, the ratio of the sampled avatars' mean to the training persons' and every
+mesh's distance to its nearest training scan (near 0: copies of training persons).
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def file_meshes(patterns: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]
 
 def main(argv=None) -> dict:
     from lib.utils.atomic import atomic_path
-    from lib.utils.diversity import diversity, mesh_points
+    from lib.utils.diversity import diversity, mesh_points, nearest
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,16 +91,18 @@ def main(argv=None) -> dict:
     min_y = args.min_y
     if min_y is None:
         min_y = max(float(v[:, 1].min()) for meshes in sets.values() for v, _ in meshes.values())
-    result = {"min_y": min_y, "points": args.points}
+    result, pts = {"min_y": min_y, "points": args.points}, {}
     for name, meshes in sets.items():
-        pts = [mesh_points(v, f, args.points, seed=k, min_y=min_y)
-               for k, (v, f) in enumerate(meshes.values())]
-        result[name] = {**diversity(pts), "items": list(meshes)}
-        print(f"[diversity] {name}: {len(pts)} meshes, mean pairwise Chamfer-L1 "
+        pts[name] = [mesh_points(v, f, args.points, seed=k, min_y=min_y)
+                     for k, (v, f) in enumerate(meshes.values())]
+        result[name] = {**diversity(pts[name]), "items": list(meshes)}
+        print(f"[diversity] {name}: {len(pts[name])} meshes, mean pairwise Chamfer-L1 "
               f"{result[name]['mean']:.5f} (std {result[name]['std']:.5f})")
     if len(sets) == 2:
         result["ratio"] = result["meshes"]["mean"] / result["training"]["mean"]
-        print(f"[diversity] meshes / training: {result['ratio']:.3f}")
+        result["nearest_training"] = nearest(pts["meshes"], pts["training"])
+        print(f"[diversity] meshes / training: {result['ratio']:.3f}; a mesh's nearest "
+              f"training scan: {result['nearest_training']['mean']:.5f} on average")
     if args.json is not None:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(result, indent=2))

@@ -249,7 +249,8 @@ def preview(out: Path, plan: list[dict], path: Path, res: int = 160, ncols: int 
                 torch.as_tensor(mesh.texture, dtype=torch.float32) / 255.0, res)
         img = torch.cat([render_texture(verts, *args)[0], render_texture(side, *args)[0]], 1)
         person = item["person"]
-        label = (f"{'OOD ' if item['ood'] else ''}{item['id']} {person['style']['hair']} "
+        kind = "OOD " if item["ood"] else "held " if item["root"].name == "heldout" else ""
+        label = (f"{kind}{item['id']} {person['style']['hair']} "
                  f"r{leading_radius(person['shape']):.2f}")
         tiles.append(add_label(img.numpy(), label))
     save_png(path, make_grid(tiles, ncols=min(ncols, len(tiles))))

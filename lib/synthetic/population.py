@@ -132,7 +132,7 @@ def draw_person(seed: int, person: int, population: Population = Population(),
     k = int(min(tone, len(SKIN_TONES) - 2))
     skin = SKIN_TONES[k] + (tone - k) * (SKIN_TONES[k + 1] - SKIN_TONES[k])
     natural = _jitter(rng, HAIR_COLORS[rng.integers(len(HAIR_COLORS))], 0.08)
-    grey = np.clip((age - 0.55) / 0.35, 0.0, 1.0) * rng.uniform(0.5, 1.0)
+    grey = np.clip((age - 0.65) / 0.3, 0.0, 1.0) * rng.uniform(0.5, 1.0)
     natural = natural + grey * (GREY - natural)
     # OOD: dyed scalp hair; brows and beard keep the natural colour
     hair_color = _jitter(rng, DYED_COLORS[rng.integers(len(DYED_COLORS))], 0.08) if ood \

@@ -7,14 +7,16 @@ below a height `min_y` are dropped, so that meshes cut at different heights (sca
 the neck, extracted avatars closed below it) are compared over the same part of the head.
 With d(x, Y) the distance from x to the nearest sample of Y, the Chamfer-L1 distance of two
 sets is (mean_x d(x, B) + mean_y d(y, A)) / 2, as in the fit metrics; a set's diversity is
-its mean over all M (M - 1) / 2 pairs.
+its mean over all M (M - 1) / 2 pairs; a sample's novelty is its distance to the nearest
+training mesh.
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["mesh_points", "chamfer_l1", "pairwise_chamfer", "diversity"]
+__all__ = ["mesh_points", "chamfer_l1", "cross_chamfer", "pairwise_chamfer", "nearest",
+           "diversity"]
 
 
 def mesh_points(verts, faces, n: int, seed: int = 0, min_y: float | None = None) -> np.ndarray:
@@ -36,17 +38,33 @@ def chamfer_l1(a: np.ndarray, b: np.ndarray) -> float:
     return 0.5 * float(cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean())
 
 
+def cross_chamfer(sets_a: list[np.ndarray], sets_b: list[np.ndarray] | None = None
+                  ) -> np.ndarray:
+    """[Ma, Mb] chamfer_l1 between every point set of sets_a and of sets_b; without sets_b,
+    the symmetric [Ma, Ma] matrix within sets_a (zero diagonal, each pair computed once)."""
+    same = sets_b is None
+    sets_b = sets_a if same else sets_b
+    trees_a, trees_b = [cKDTree(p) for p in sets_a], [cKDTree(p) for p in sets_b]
+    out = np.zeros((len(sets_a), len(sets_b)))
+    for i, a in enumerate(sets_a):
+        for j in range(i + 1 if same else 0, len(sets_b)):
+            out[i, j] = 0.5 * float(trees_b[j].query(a)[0].mean()
+                                    + trees_a[i].query(sets_b[j])[0].mean())
+            if same:
+                out[j, i] = out[i, j]
+    return out
+
+
 def pairwise_chamfer(point_sets: list[np.ndarray]) -> np.ndarray:
     """[M, M] symmetric matrix of chamfer_l1 between every two point sets (zero diagonal)."""
-    m = len(point_sets)
-    trees = [cKDTree(p) for p in point_sets]
-    out = np.zeros((m, m))
-    for i in range(m):
-        for j in range(i + 1, m):
-            d = 0.5 * float(trees[j].query(point_sets[i])[0].mean()
-                            + trees[i].query(point_sets[j])[0].mean())
-            out[i, j] = out[j, i] = d
-    return out
+    return cross_chamfer(point_sets)
+
+
+def nearest(queries: list[np.ndarray], references: list[np.ndarray]) -> dict:
+    """For every query point set, the chamfer_l1 to its nearest reference set (how far
+    sampled avatars are from the closest training person): mean, min and max over queries."""
+    d = cross_chamfer(queries, references).min(1)
+    return {"mean": float(d.mean()), "min": float(d.min()), "max": float(d.max())}
 
 
 def diversity(point_sets: list[np.ndarray]) -> dict:
