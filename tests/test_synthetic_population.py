@@ -111,8 +111,13 @@ def test_persons_are_a_function_of_seed_and_number():
 KW = {"faces": 3000, "frames": 5, "texture_size": 32, "progress": False}
 
 
-def test_identities_scale_and_ood_written_apart(tmp_path):
+def test_identities_scale_and_ood_written_apart(tmp_path, head_model_path):
+    import shutil
+
     ms = _tool("make_synthetic")
+    for run in ("a", "b"):  # the session's head model (a present model is kept)
+        (tmp_path / run / "flame").mkdir(parents=True)
+        shutil.copy(head_model_path, tmp_path / run / "flame" / "generic_model.pkl")
     a = ms.generate(tmp_path / "a", identities=3, expressions=1, seed=2, ood=2,
                     ood_expressions=2, **KW)
     assert a["made"] == 7

@@ -287,7 +287,7 @@ def main(argv=None) -> dict:
                     help="hair style kept out of the training persons; every OOD person "
                          "wears it")
     ap.add_argument("--preview", type=Path, default=None,
-                    help="write a PNG of every person's first scan (front view)")
+                    help="write a PNG of every person's first scan (front and side views)")
     args = ap.parse_args(argv)
     for name in ("holdout", "ood"):
         if getattr(args, name) < 0:
