@@ -247,11 +247,10 @@ def make_scan(head, shape, exp, pose, style: dict, rng: np.random.Generator,
     head: model path, FLAME module (with `model_path`) or HeadContext; shape: (100,),
     exp: (50,), pose: (15,); style: dict (see `lib.synthetic.population.draw_person`): hair
     in HAIR_STYLES, skin, hair_color, iris colours; optional: brow_color (brows and beard,
-    default hair_color), int seed for the person's
-    hair/skin/texture noise (without it `rng` draws them), hair_scale (hair length factor,
-    1), wrinkles (forehead wrinkle depth factor, 1), beard (0 none .. 1 full, 0); rng: numpy
-    Generator; target_faces: approximate face count; texture_size: texture edge in pixels.
-    Returns a ScanMesh in FLAME space.
+    default hair_color), int seed for the person's hair/skin/texture noise (without it `rng`
+    draws them), hair_scale (hair length factor, 1), wrinkles (forehead wrinkle depth
+    factor, 1), beard (0 none .. 1 full, 0); rng: numpy Generator; target_faces: approximate
+    face count; texture_size: texture edge in pixels. Returns a ScanMesh in FLAME space.
     """
     ctx = _as_context(head)
     if style.get("hair") not in HAIR_STYLES:
