@@ -354,7 +354,8 @@ def test_cli_scan_files_reproduce_exactly(synth, head, tmp_path):
     from lib.synthetic.scans import HeadContext, make_scan, write_scan
 
     ctx = HeadContext.from_path(head["path"])
-    person, sp_ = ms.person_params(3, 1), ms.scan_params(3, 1, 1)
+    person = ms.person_params(3, 1)
+    sp_ = ms.scan_params(3, 1, 1, person["expressiveness"])
     scan = make_scan(ctx, person["shape"], sp_["exp"], sp_["pose"], person["style"],
                      np.random.default_rng(sp_["rng_seed"]), target_faces=30000, texture_size=256)
     write_scan(tmp_path, "001_01", scan, sp_["scale"], sp_["transl_xy"], sp_["z_offset"],

@@ -30,6 +30,7 @@ import torch
 import trimesh
 from PIL import Image
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
 from ..dataset.faceverse_io import flame_to_scan_space, save_flame_params
@@ -40,7 +41,7 @@ from .texture import HAIR_COLORS, IRIS_COLORS, SKIN_TONES, ValueNoise, bake_text
 
 __all__ = ["ScanMesh", "HeadContext", "make_style", "make_scan", "write_scan", "STYLE_ORDER"]
 
-STYLE_ORDER = ("bald", "short", "medium", "thick", "bun")
+STYLE_ORDER = tuple(HAIR_STYLES)  # every hair style, in a fixed order
 FACES_PER_AREA = 3.0  # marching-cubes faces per (area / voxel^2), measured
 
 
@@ -102,7 +103,8 @@ def _as_context(head) -> HeadContext:
 
 
 def make_style(index: int, rng: np.random.Generator) -> dict:
-    """Per-person look, cycling hair styles and colours with the person index.
+    """A look that cycles hair styles and colours with the index (for tests that want every
+    style; the generator draws persons with `lib.synthetic.population`).
 
     Returns dict(hair str, skin (3,), hair_color (3,), iris (3,)).
     """
@@ -245,10 +247,12 @@ def make_scan(head, shape, exp, pose, style: dict, rng: np.random.Generator,
     """Build one synthetic scan of the head model posed by (shape, exp, pose).
 
     head: model path, FLAME module (with `model_path`) or HeadContext; shape: (100,),
-    exp: (50,), pose: (15,); style: dict from make_style (hair in HAIR_STYLES, skin,
-    hair_color, iris colours, optional int seed for the person's hair/skin/texture noise;
-    without it `rng` draws them); rng: numpy Generator; target_faces: approximate face
-    count; texture_size: texture edge in pixels. Returns a ScanMesh in FLAME space.
+    exp: (50,), pose: (15,); style: dict (see `lib.synthetic.population.draw_person`): hair
+    in HAIR_STYLES, skin, hair_color, iris colours; optional: brow_color (brows and beard,
+    default hair_color), int seed for the person's hair/skin/texture noise (without it `rng`
+    draws them), hair_scale (hair length factor, 1), wrinkles (forehead wrinkle depth
+    factor, 1), beard (0 none .. 1 full, 0); rng: numpy Generator; target_faces: approximate
+    face count; texture_size: texture edge in pixels. Returns a ScanMesh in FLAME space.
     """
     ctx = _as_context(head)
     if style.get("hair") not in HAIR_STYLES:
@@ -271,14 +275,20 @@ def make_scan(head, shape, exp, pose, style: dict, rng: np.random.Generator,
     # per-person randomness (hair, skin detail, texture) comes from style["seed"] when given,
     # so one person's scans differ only by expression and pose
     prng = np.random.default_rng(style["seed"]) if "seed" in style else rng
-    hair = HairVolume(style["hair"], centre, radius, prng, bun_anchor=fr["anchor"])
+    hair = HairVolume(style["hair"], centre, radius, prng, bun_anchor=fr["anchor"],
+                      scale=float(style.get("hair_scale", 1.0)))
     # hair starts one model edge inside the scalp, so no hair lies over a non-scalp vertex
+    # (except where a long style extends it over the ears and the neck)
     edges = v[skin_faces] - v[np.roll(skin_faces, 1, axis=1)]
     edge = float(np.median(np.linalg.norm(edges, axis=2)))
     wv = scalp_weights(v, lab["scalp"] > 0.5, HAIR_STYLES[style["hair"]]["ramp"] * radius,
-                       margin=1.5 * edge)
+                       margin=1.5 * edge) * hair.coverage(v)
+    if hair.p["long"] > 0 and (lab["face"] > 0.5).any():
+        face_dist, _ = cKDTree(v[lab["face"] > 0.5]).query(v)
+        wv = np.maximum(wv, hair.extension(v, face_dist))
     noise = ValueNoise(prng)
-    bump_amp, wrinkle_amp = 0.006 * radius, 0.007 * radius
+    bump_amp = 0.006 * radius
+    wrinkle_amp = 0.007 * radius * float(style.get("wrinkles", 1.0))
     skin = MeshDistance(v, skin_faces)
     eyes = [MeshDistance(v, f) for f in eye_faces]
 
@@ -312,10 +322,13 @@ def make_scan(head, shape, exp, pose, style: dict, rng: np.random.Generator,
         pts.append(hair.surface_samples(pts[0], ns, _interp(wv, skin_faces, fs, bs), 0.6 * h))
     # a grid edge crossing the surface has both ends within 1.46 h + the largest displacement
     # from the sampled surfaces (per axis) of a sample: dilating that far makes the band exact
-    shift = max(bump_amp + wrinkle_amp, 0.1 * hair.bun_radius)
+    shift = max(bump_amp + wrinkle_amp, hair.max_shift)
     reach = int(np.ceil(1.46 + shift / h))
     margin = hair.max_thickness + (reach + 2) * h
     lo, hi = v[np.unique(skin_faces)].min(0) - margin, v[np.unique(skin_faces)].max(0) + margin
+    if hair.bounds() is not None:
+        blo, bhi = hair.bounds()
+        lo, hi = np.minimum(lo, blo - (reach + 2) * h), np.maximum(hi, bhi + (reach + 2) * h)
     lo[1] = fr["y_cut"] - 3 * h
     sv, sf = _extract(field_fn, np.concatenate(pts), lo, hi, h, reach)
     sv, sf = _main_component(*clip_below(sv, sf, fr["y_cut"]))
@@ -331,19 +344,27 @@ def make_scan(head, shape, exp, pose, style: dict, rng: np.random.Generator,
             better = np.abs(de) < best[near]
             sel = near[better]
             gface[sel], b[sel], best[sel] = e.f[fe[better]], be[better], np.abs(de[better])
-    names = ["brows", "lips", "eyes", "nose", "face", "mouth", "hair", "cheek"]
+    names = ["brows", "lips", "eyes", "nose", "face", "mouth", "hair", "cheek", "beard"]
     cols = [np.einsum("nk,nk->n", b, lab[k][gface]) if k in lab else np.zeros(len(sv))
             for k in names[:6]]
-    cols.append(_interp(wv, skin.f, fi, b_skin))
+    # hair: the hair weight under the vertex, or the vertex stands well off the skin (a bun
+    # or ponytail over skin without hair weight), unless an eyeball is the closer surface
+    off_skin = np.clip((d_skin - 0.02 * radius) / (0.03 * radius), 0.0, 1.0)
+    off_skin[best < np.abs(d_skin)] = 0.0
+    cols.append(np.maximum(_interp(wv, skin.f, fi, b_skin), off_skin))
     eye_c = (out.joints[0, 3:5].double().numpy() - t0) @ R0  # joints 3, 4: left (+x), right
     if len(eyes) >= 2:  # eyeball centres, matched to the joints by side
         eye_c = np.array(sorted((e.centre for e in eyes[:2]), key=lambda c: -c[0]))
     gaze = np.einsum("ij,njk,k->ni", R0.T, T[3:5, :3, :3], np.array([0.0, 0.0, 1.0]))
     dc = np.linalg.norm(sv[:, None] - (eye_c + [0.0, -0.32 * radius, 0.0])[None], axis=2)
     cols.append(cols[4] * np.exp(-(dc.min(1) / (0.22 * radius)) ** 2))
+    # beard: the face below the nose (0.45 R under the eyes), off the lips
+    below = np.clip((eye_c[:, 1].mean() - 0.45 * radius - sv[:, 1]) / (0.15 * radius), 0, 1)
+    cols.append(cols[4] * below * (1.0 - np.clip(cols[1] + cols[5], 0.0, 1.0)))
     table = np.concatenate([sv, np.stack(cols, 1)], 1)
     look = {"skin": style["skin"], "hair": style["hair_color"], "iris": style["iris"],
-            "bald": style["hair"] == "bald"}
+            "bald": style["hair"] == "bald", "beard": float(style.get("beard", 0.0)),
+            "brow": style.get("brow_color", style["hair_color"])}
     eyes_info = {"centres": eye_c, "gaze": gaze}
     tex_noise = ValueNoise(prng)
 

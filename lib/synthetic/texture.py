@@ -187,8 +187,10 @@ def paint_colors(p: np.ndarray, attrs: dict, look: dict, eyes: dict, noise: Valu
 
     p: (M, 3) points in the head frame; attrs: soft labels (M,) in [0, 1] — 'brows', 'lips',
     'eyes', 'nose', 'face', 'hair' (hair coverage), 'cheek' (cheek weight) and optionally
-    'mouth' (inside of the mouth); look: dict with
-    'skin' (3,), 'hair' (3,), 'iris' (3,) colours and 'bald' bool; eyes: dict with 'centres'
+    'mouth' (inside of the mouth) and 'beard' (where a beard grows); look: dict with
+    'skin' (3,), 'hair' (3,), 'iris' (3,) colours, 'bald' bool and optionally 'brow' (3,)
+    (brow and beard colour, default 'hair') and 'beard' (0 none .. 1 full); eyes: dict with
+    'centres'
     (2, 3), 'gaze' (2, 3) unit directions; head_radius: scalar setting the noise scales;
     centre: (3,) head centre (hair strands radiate from the crown above it).
     Returns (M, 3) float64 colours in [0, 1].
@@ -207,7 +209,8 @@ def paint_colors(p: np.ndarray, attrs: dict, look: dict, eyes: dict, noise: Valu
            lambda m: lip_col * np.array([0.55, 0.35, 0.38]))  # inside of the mouth
 
     hair_col = np.asarray(look["hair"], dtype=np.float64)
-    brow_col = np.minimum(hair_col, skin * 0.45) * 0.8 + 0.2 * hair_col
+    body_col = np.asarray(look.get("brow", hair_col), dtype=np.float64)  # brows and beard
+    brow_col = np.minimum(body_col, skin * 0.45) * 0.8 + 0.2 * body_col
 
     def brow_fn(m):
         streak = noise(q[m] * np.array([60.0, 12.0, 12.0]) + 3.0)
@@ -224,6 +227,13 @@ def paint_colors(p: np.ndarray, attrs: dict, look: dict, eyes: dict, noise: Valu
         strands = noise(np.stack([25.0 * np.cos(phi), 25.0 * np.sin(phi), 2.0 * theta], 1), 2)
         shade = 1.0 + 0.9 * strands + 0.3 * noise(q[m] * 6.0 + 21.0)
         return np.clip(hair_col * shade[:, None], 0.0, 1.0)
+
+    beard = float(look.get("beard", 0.0)) * attrs.get("beard", np.zeros(len(p)))
+    if beard.any():  # stubble to full beard, patchy at low strength
+        patches = np.clip(0.6 + 0.6 * noise(q * 8.0 + 31.0), 0.0, 1.0)
+        _blend(col, np.clip(beard * patches, 0.0, 1.0),
+               lambda m: np.clip(body_col * (1.0 + 0.7 * noise(q[m] * 45.0 + 7.0))[:, None],
+                                 0.0, 1.0))
 
     hair = attrs["hair"] * (0.15 if look.get("bald", False) else 1.0)
     _blend(col, _smoothstep(0.05, 0.6, hair), hair_fn)

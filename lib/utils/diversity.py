@@ -1,0 +1,78 @@
+"""How different the heads of a set are: mean pairwise Chamfer-L1 distance.
+
+Shape legend: M meshes, V vertices, F faces, N points per mesh.
+
+Every mesh is sampled uniformly by area (`lib.inference.metrics.sample_surface`); samples
+below a height `min_y` are dropped, so that meshes cut at different heights (scans open at
+the neck, extracted avatars closed below it) are compared over the same part of the head.
+With d(x, Y) the distance from x to the nearest sample of Y, the Chamfer-L1 distance of two
+sets is (mean_x d(x, B) + mean_y d(y, A)) / 2, as in the fit metrics; a set's diversity is
+its mean over all M (M - 1) / 2 pairs; a sample's novelty is its distance to the nearest
+training mesh.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+__all__ = ["mesh_points", "chamfer_l1", "cross_chamfer", "pairwise_chamfer", "nearest",
+           "diversity"]
+
+
+def mesh_points(verts, faces, n: int, seed: int = 0, min_y: float | None = None) -> np.ndarray:
+    """Area-uniform samples of a mesh (verts [V, 3], faces [F, 3]) at or above min_y:
+    -> [<= n, 3] float64."""
+    from lib.inference.metrics import sample_surface
+
+    pts = sample_surface(np.asarray(verts, dtype=np.float32), np.asarray(faces), n, seed)[0]
+    pts = pts.double().numpy()
+    if min_y is not None:
+        pts = pts[pts[:, 1] >= min_y]
+    if len(pts) == 0:
+        raise ValueError(f"mesh_points: no surface at or above y = {min_y}")
+    return pts
+
+
+def chamfer_l1(a: np.ndarray, b: np.ndarray) -> float:
+    """Symmetric Chamfer-L1 of point sets a [N, 3], b [K, 3] (module docstring)."""
+    return 0.5 * float(cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean())
+
+
+def cross_chamfer(sets_a: list[np.ndarray], sets_b: list[np.ndarray] | None = None
+                  ) -> np.ndarray:
+    """[Ma, Mb] chamfer_l1 between every point set of sets_a and of sets_b; without sets_b,
+    the symmetric [Ma, Ma] matrix within sets_a (zero diagonal, each pair computed once)."""
+    same = sets_b is None
+    sets_b = sets_a if same else sets_b
+    trees_a, trees_b = [cKDTree(p) for p in sets_a], [cKDTree(p) for p in sets_b]
+    out = np.zeros((len(sets_a), len(sets_b)))
+    for i, a in enumerate(sets_a):
+        for j in range(i + 1 if same else 0, len(sets_b)):
+            out[i, j] = 0.5 * float(trees_b[j].query(a)[0].mean()
+                                    + trees_a[i].query(sets_b[j])[0].mean())
+            if same:
+                out[j, i] = out[i, j]
+    return out
+
+
+def pairwise_chamfer(point_sets: list[np.ndarray]) -> np.ndarray:
+    """[M, M] symmetric matrix of chamfer_l1 between every two point sets (zero diagonal)."""
+    return cross_chamfer(point_sets)
+
+
+def nearest(queries: list[np.ndarray], references: list[np.ndarray]) -> dict:
+    """For every query point set, the chamfer_l1 to its nearest reference set (how far
+    sampled avatars are from the closest training person): mean, min and max over queries."""
+    d = cross_chamfer(queries, references).min(1)
+    return {"mean": float(d.mean()), "min": float(d.min()), "max": float(d.max())}
+
+
+def diversity(point_sets: list[np.ndarray]) -> dict:
+    """Mean, std, min and max of the pairwise Chamfer-L1 over the M (M - 1) / 2 pairs of
+    point sets (M >= 2), and M."""
+    if len(point_sets) < 2:
+        raise ValueError(f"diversity: need at least 2 meshes, got {len(point_sets)}")
+    d = pairwise_chamfer(point_sets)
+    pairs = d[np.triu_indices(len(point_sets), 1)]
+    return {"meshes": len(point_sets), "mean": float(pairs.mean()), "std": float(pairs.std()),
+            "min": float(pairs.min()), "max": float(pairs.max())}
