@@ -1,13 +1,14 @@
 # GANHead: one-step set-up, tests and the demo pipeline.
 #   make demo   runs the main job (synthetic data -> pictures under outputs/demo/)
-#   make test   passes the tests
+#   make test   passes the tests (the full suite, what CI runs)
+#   make test-fast  the edit loop: every test not marked slow (end-to-end runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo clean-demo
+.PHONY: setup test test-fast demo clean-demo
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): requirements.txt setup.py
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
 	$(PY) tools/demo.py --out outputs/demo --data data/demo

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--scan_folder", default="data/faceverse/faceverse_dataset/")
     p.add_argument("--flame_folder", default="data/faceverse/flame_params/")
     p.add_argument("--output_folder", default="data/faceverse/faceverse_processed/")
-    p.add_argument("--flame_model", default="lib/flame/flame_model/generic_model.pkl")
+    p.add_argument("--flame_model", default="data/flame/generic_model.pkl",
+                   help="FLAME model (the same default as configs/datamodule/faceverse.yaml)")
     p.add_argument("--data_list", default="data/faceverse/data_list.csv")
     p.add_argument("--views", type=int, default=9)
     p.add_argument("--res", type=int, default=256)

@@ -421,4 +421,3 @@ class ForwardDeformer(nn.Module):
             occ = occ.index_put((b, m), val[b, pos].to(xc.dtype))
         return occ.reshape(B, n, I).amax(dim=2, keepdim=True)
 
-    _occ_of_valid = occupancy_of_valid  # former private name, kept for callers

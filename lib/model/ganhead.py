@@ -71,7 +71,6 @@ class GANHead(pl.LightningModule):
             raise ValueError("GANHead needs scan_ids (or n_subjects >= 1)")
         kwargs = {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(kwargs)
-        hp = self.hparams
         self.automatic_optimization = False
 
         self.flame_server = FLAMEServer(flame_model, n_shape=n_shape, n_exp=n_exp)

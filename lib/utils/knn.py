@@ -59,11 +59,3 @@ def _nearest_brute(x: torch.Tensor, y: torch.Tensor, chunk: int
                                                         device=x.device)
     return torch.cat(dists, 1), torch.cat(idxs, 1)
 
-
-def distance_to_subset(x: torch.Tensor, y: torch.Tensor, stride: int = 10, chunk: int = 4096
-                       ) -> torch.Tensor:
-    """Distance from every query to a 1-in-`stride` subset of the references.
-
-    x: [B, N, 3]; y: [B, V, 3]. Returns: [B, N].
-    """
-    return nearest_neighbor(x, y[:, ::stride], chunk=chunk)[0]
