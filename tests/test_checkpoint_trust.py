@@ -74,6 +74,7 @@ def _data_overrides(data: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- 1: no code runs
+@pytest.mark.slow
 def test_pickled_payload_is_refused_and_never_runs(saved, tiny_dataset, tmp_path):
     from lib.model.checkpoint import load_ganhead
     from lib.utils.checkpoint_io import AtomicCheckpointIO, CheckpointError, read_checkpoint
@@ -126,6 +127,7 @@ def test_target_in_hyper_parameters_is_refused(saved, tmp_path, where):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_target_payload_through_test_py(saved, tiny_dataset, tmp_path):
     marker = tmp_path / "pwned"
     ckpt = torch.load(saved["ckpt"], weights_only=True)
@@ -202,6 +204,7 @@ def test_flame_fingerprint_covers_the_joint_regressor(saved, head_model_path, tm
 
 
 # ---------------------------------------------------------------------------- 2: no overwrite
+@pytest.mark.slow
 def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):
     out = tmp_path / "coarse"
     (out / "checkpoints").mkdir(parents=True)
@@ -237,6 +240,7 @@ def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):
     assert "output_dir" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_missing_scan_files_found_before_training(tiny_dataset, tmp_path):
     data_list = tmp_path / "list.csv"
     data_list.write_text("id,dataset\n001_01,synthetic\n404_01,synthetic\n")
@@ -251,6 +255,7 @@ def test_missing_scan_files_found_before_training(tiny_dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------- 3: provenance
+@pytest.mark.slow
 def test_resume_and_starting_path_match_rows_by_scan_id(saved, head_model_path, tiny_dataset,
                                                         tmp_path):
     import train

@@ -649,6 +649,7 @@ def test_bad_scans_reported_and_others_processed(dataset, tmp_path, capsys):
 
 @pytest.mark.skipif(not (ROOT / "tools" / "make_synthetic.py").is_file(),
                     reason="synthetic generator not present")
+@pytest.mark.slow
 def test_synthetic_generator_scan(tmp_path):
     """A small scan of the project's synthetic generator (FaceVerse layout, hair, open neck)
     goes through: complete outputs, balanced near-surface labels, a head in every view."""

@@ -259,6 +259,7 @@ def _check_on_model(head, verts, shape, exp, pose):
     return far.mean()
 
 
+@pytest.mark.slow
 @needs_head
 def test_cli_layout_and_idempotence(synth):
     ids = ["001_01", "001_02"]
@@ -406,6 +407,7 @@ def test_texture_regions_differ_as_designed(head, hair_scan):
     assert (lum[eye] > 0.75).mean() > 0.2 and (lum[eye] < 0.15).any()
 
 
+@pytest.mark.slow
 @needs_head
 def test_holdout_persons_written_apart(tmp_path):
     """--holdout persons go under heldout/ (not where preprocessing looks) and are the very

@@ -111,6 +111,7 @@ def test_persons_are_a_function_of_seed_and_number():
 KW = {"faces": 3000, "frames": 5, "texture_size": 32, "progress": False}
 
 
+@pytest.mark.slow
 def test_identities_scale_and_ood_written_apart(tmp_path, head_model_path):
     import shutil
 
