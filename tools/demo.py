@@ -4,12 +4,14 @@ Each phase prints one progress line with its time and is resumable: a phase whos
 exist (and are newer than what they were made from) is reused, so a second `make demo`
 finishes in a fraction of the time; a killed training run resumes from its last checkpoint.
 
-Phases: synthetic data (head model, FaceVerse-format scans, a held-out person, a motion
-sequence), pictures of the head model and the scans, preprocessing, stage 1 (`cpu`
-experiment), precompute and stage 2 (`fine_cpu`), then test.py: sampled avatars, a
-reenactment with the motion sequence and a fit of the held-out scan; finally the training
-scans beside the model's renders (a view trained on and a held-out one), loss plots and
-`<out>/index.html`, a gallery of all of it that opens from disk.
+Phases: synthetic data (head model, FaceVerse-format scans of a population of persons, a
+held-out person, out-of-distribution persons, a motion sequence, a picture of every person),
+pictures of the head model and the scans, preprocessing, stage 1 (`cpu` experiment),
+precompute and stage 2 (`fine_cpu`), then test.py: sampled avatars and their diversity against
+the training persons (tools/diversity.py), a reenactment with the motion sequence and fits of
+the held-out scan and of an out-of-distribution scan; finally the training scans beside the
+model's renders (a view trained on and a held-out one), loss plots and `<out>/index.html`, a
+gallery of all of it that opens from disk.
 Everything is written under `<out>/` (data under `--data`).
 """
 from __future__ import annotations
@@ -66,9 +68,26 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"[demo] step failed (exit {res.returncode}): {' '.join(cmd)}")
 
 
-def make_data(data: Path, identities: int, expressions: int, holdout: int, seed: int) -> None:
-    run(["tools/make_synthetic.py", "--out", str(data), "--identities", str(identities),
-         "--expressions", str(expressions), "--holdout", str(holdout), "--seed", str(seed)])
+def make_data(data: Path, args, preview: Path) -> None:
+    """A population of synthetic persons (tools/make_synthetic.py), the held-out and the
+    out-of-distribution persons, and a preview picture of every person."""
+    run(["tools/make_synthetic.py", "--out", str(data), "--identities", str(args.identities),
+         "--expressions", str(args.expressions), "--holdout", str(args.holdout),
+         "--ood", str(args.ood), "--faces", str(args.faces), "--texture-size",
+         str(args.texture_size), "--seed", str(args.seed), "--preview", str(preview)])
+
+
+def diversity(data: Path, out: Path) -> dict:
+    """Mean pairwise Chamfer-L1 among the sampled avatars against that among the training
+    persons (tools/diversity.py) -> its JSON result."""
+    import json
+
+    path = out / "diversity.json"
+    meshes = sorted((out / "fine" / "sample").glob("sample_*/canonical.ply"))
+    if not is_fresh(path, *meshes):
+        run(["tools/diversity.py", "--scans", str(data), "--meshes", *map(str, meshes),
+             "--json", str(path)])
+    return json.loads(path.read_text())
 
 
 def preprocess(data: Path) -> None:
@@ -114,9 +133,11 @@ def test_mode(mode: str, data: Path, out: Path, ckpt: Path, extra: list[str]) ->
     return folder
 
 
-def reconstructions(data: Path, out: Path, ckpt: Path, views: list[int]) -> tuple[Path, dict]:
-    """The first scan of every training person, real renders beside the model's, at the given
-    views (a trained one and held-out ones). Returns the picture and the mean PSNR per view."""
+def reconstructions(data: Path, out: Path, ckpt: Path, views: list[int],
+                    max_persons: int = 8) -> tuple[Path, dict]:
+    """The first scan of the first max_persons training persons, real renders beside the
+    model's, at the given views (a trained one and held-out ones). Returns the picture and the
+    mean PSNR per view."""
     import json
 
     from lib.dataset.fine import ScanImageDataset
@@ -135,7 +156,7 @@ def reconstructions(data: Path, out: Path, ckpt: Path, views: list[int]) -> tupl
     ds = ScanImageDataset(data / "processed", data / "data_list.csv", out / "coarse" /
                           f"cache_{res}", load_res=res, repeat=len(views), fixed_view=True,
                           surface_points=16, views=views)
-    firsts = [sid for sid in ds.items if sid.endswith("_01")]
+    firsts = [sid for sid in ds.items if sid.endswith("_01")][:max_persons]
     scores = score_views(model, ds, firsts, views)
     save_png(path, comparison_grid(scores))
     psnr = {f"view {k}": {"rgb": float(np.mean([s.psnr_rgb for s in scores if s.view == k])),
@@ -244,7 +265,7 @@ def phase_times(out: Path) -> dict[str, float]:
 
 
 def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
-            held: list[int]) -> Path:
+            held: list[int], div: dict, fits: dict) -> Path:
     """<out>/index.html: every picture and video of the run, the fit's metrics and the times."""
     import json
 
@@ -259,12 +280,18 @@ def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
             plots.append({"path": plot_losses(logs, out / f"losses_{stage}.png", title),
                           "caption": f"{title}: losses against the training step", "wide": True})
     samples = sorted((fine / "sample").glob("sample_*/turntable.mp4"))
-    metrics = json.loads((fine / "fit" / "metrics.json").read_text())
-    rows = {}
-    for key in ("chamfer_l1", "chamfer_l2", "normal_consistency", "fscore_1pct", "fscore_2pct"):
-        if key in metrics.get("fit", {}):
-            rows[key] = (f"fit {metrics['fit'][key]:.4g}  |  FLAME only "
-                         f"{metrics['flame_only'][key]:.4g}")
+    fit_tables = {}
+    for name, (sid, folder) in fits.items():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        fit_tables[name] = {
+            key: (f"fit {metrics['fit'][key]:.4g}  |  FLAME only {metrics['flame_only'][key]:.4g}")
+            for key in ("chamfer_l1", "chamfer_l2", "normal_consistency", "fscore_1pct",
+                        "fscore_2pct") if key in metrics.get("fit", {})}
+    div_rows = {"training persons": f"{div['training']['mean']:.4f} (std "
+                                    f"{div['training']['std']:.4f}, {div['training']['meshes']} meshes)",
+                "sampled avatars": f"{div['meshes']['mean']:.4f} (std {div['meshes']['std']:.4f}, "
+                                   f"{div['meshes']['meshes']} meshes)",
+                "samples / training": f"{div['ratio']:.3f}"}
     reen = json.loads((fine / "reenact" / "summary.json").read_text())
     fps = {k: v for k, v in reen.items() if isinstance(v, (int, float))}
     psnr_rows = {f"{k} ({'held out' if int(k.split()[1]) in held else 'trained'})":
@@ -272,9 +299,13 @@ def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
     sections = [
         {"title": "Synthetic data",
          "text": "The built-in stand-in for FLAME and FaceVerse: a FLAME-format head model "
-                 "(identity, expression, jaw, eyes) and textured scans of a few persons.",
+                 "(identity, expression, jaw, eyes) and textured scans of a population of "
+                 "persons (shapes, hair styles, ages, colours), plus held-out and "
+                 "out-of-distribution persons never trained on.",
          "items": [{"path": pics["head_model"], "caption": "head model: identity, jaw, eyes, "
                                                            "expressions (front | side)"},
+                   {"path": pics["population"], "caption": "every person's first scan "
+                                                           "(front | side)", "wide": True},
                    {"path": pics["scans"], "caption": "training scans (front | side)"}]},
         {"title": "Training", "items": plots},
         {"title": "Reconstructions",
@@ -288,7 +319,9 @@ def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
          "text": "New avatars: z_shape, z_detail and z_color each drawn from a Gaussian fitted "
                  "to the learned codes; turntables of colour and normals.",
          "items": [{"path": fine / "sample" / "samples.png", "caption": "front views",
-                    "wide": True}]
+                    "wide": True},
+                   {"kind": "table", "data": div_rows,
+                    "caption": "diversity: mean pairwise Chamfer-L1 (tools/diversity.py)"}]
          + [{"path": p, "caption": p.parent.name + " turntable"} for p in samples]},
         {"title": "Reenactment",
          "text": "A training subject driven by the synthetic FLAME motion sequence, beside the "
@@ -296,12 +329,16 @@ def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
          "items": [{"path": fine / "reenact" / "reenact.mp4", "caption": "RGB | normals | FLAME"},
                    {"path": fine / "reenact" / "frames.png", "caption": "a few frames"},
                    {"kind": "table", "data": fps, "caption": "timing"}]},
-        {"title": "Fitting a held-out scan",
-         "text": "A person never seen in training: FLAME fitted to the scan, then z_shape, "
-                 "z_detail and z_color optimized with the networks frozen.",
-         "items": [{"path": fine / "fit" / "compare.png", "wide": True,
-                    "caption": "scan | scan normals | FLAME only | fit | fit normals"},
-                   {"kind": "table", "data": rows, "caption": "fit vs FLAME-only baseline"}]},
+        *[{"title": f"Fitting a {name} scan ({sid})",
+           "text": "A person never seen in training: FLAME fitted to the scan, then z_shape, "
+                   "z_detail and z_color optimized with the networks frozen."
+                   + (" Out of distribution: a hair style and shapes the training persons do "
+                      "not have." if name != "held-out" else ""),
+           "items": [{"path": folder / "compare.png", "wide": True,
+                      "caption": "scan | scan normals | FLAME only | fit | fit normals"},
+                     {"kind": "table", "data": fit_tables[name],
+                      "caption": "fit vs FLAME-only baseline"}]}
+          for name, (sid, folder) in fits.items()],
         {"title": "Run",
          "items": [{"kind": "table",
                     "caption": "seconds per phase when it last did its work (a rerun reuses "
@@ -318,11 +355,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
-    ap.add_argument("--identities", type=int, default=4)
-    ap.add_argument("--expressions", type=int, default=3)
+    ap.add_argument("--identities", type=int, default=16, help="training persons")
+    ap.add_argument("--expressions", type=int, default=2)
     ap.add_argument("--holdout", type=int, default=1, help="held-out persons (fit)")
-    ap.add_argument("--epochs", type=int, default=30, help="stage-1 epochs (cpu experiment)")
-    ap.add_argument("--epochs2", type=int, default=15, help="stage-2 epochs (fine_cpu)")
+    ap.add_argument("--ood", type=int, default=2, help="out-of-distribution persons")
+    ap.add_argument("--faces", type=int, default=30000, help="approximate faces per scan")
+    ap.add_argument("--texture-size", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=8, help="sampled avatars")
+    ap.add_argument("--epochs", type=int, default=12, help="stage-1 epochs (cpu experiment)")
+    ap.add_argument("--epochs2", type=int, default=6, help="stage-2 epochs (fine_cpu)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +372,8 @@ def main(argv=None) -> None:
     data, out = args.data, args.out
 
     with phase("synthetic data"):
-        make_data(data, args.identities, args.expressions, args.holdout, args.seed)
+        pics["population"] = out / "population.png"
+        make_data(data, args, pics["population"])
     model_path = data / "flame" / "generic_model.pkl"
     with phase("head model pictures"):
         pics["head_model"] = out / "head_model.png"
@@ -352,7 +394,10 @@ def main(argv=None) -> None:
         fine = train("fine", data, out, args.epochs2, [f"starting_path={coarse}"])
     small = ["test.res=192", "test.mesh_res=128"]
     with phase("test.py sample"):
-        test_mode("sample", data, out, fine, [*small, "test.n_samples=4", "test.n_frames=24"])
+        test_mode("sample", data, out, fine,
+                  [*small, f"test.n_samples={args.samples}", "test.n_frames=24"])
+    with phase("sampling diversity"):
+        div = diversity(data, out)
     with phase("test.py reenact"):
         test_mode("reenact", data, out, fine,
                   [*small, "subject=001_01", f"motion={data / 'motion' / 'flame_params.json'}",
@@ -361,10 +406,25 @@ def main(argv=None) -> None:
     if not held_scans:
         raise SystemExit(f"[demo] no held-out scan under {data / 'heldout'} (--holdout 0?)")
     scan = held_scans[0]
-    with phase("test.py fit (held-out scan)"):
-        test_mode("fit", data, out, fine,
-                  [*small, f"scan={scan}",
-                   f"flame={data / 'heldout' / 'flame_params' / (scan.stem + '_flame.pkl')}"])
+    fits = {}
+    for name, root in (("held-out", data / "heldout"), ("out-of-distribution", data / "ood")):
+        scans = sorted((root / "faceverse_dataset").glob("*/*.obj"))
+        if not scans:
+            continue
+        scan = scans[0]
+        folder = out / "fine" if name == "held-out" else out / "ood"
+        with phase(f"test.py fit ({name} scan)"):
+            if name == "held-out":
+                test_mode("fit", data, out, fine, [*small, f"scan={scan}",
+                          f"flame={root / 'flame_params' / (scan.stem + '_flame.pkl')}"])
+            elif not is_fresh(folder / "fit" / "summary.json", fine):
+                run(["test.py", "expname=fine", *data_overrides(data, out),
+                     "+experiments=fine_cpu", f"output_dir={folder}", f"ckpt={fine}",
+                     "eval_mode=fit", *small, f"scan={scan}",
+                     f"flame={root / 'flame_params' / (scan.stem + '_flame.pkl')}"])
+        fits[name] = (scan.parent.name, folder / "fit")
+    if "held-out" not in fits:
+        raise SystemExit(f"[demo] no held-out scan under {data / 'heldout'} (--holdout 0?)")
     from omegaconf import OmegaConf
 
     held = [int(k) for k in OmegaConf.load(out / "fine" / "config.yaml").datamodule.holdout_views]
@@ -372,11 +432,11 @@ def main(argv=None) -> None:
     with phase("reconstructions"):
         pics["recon"], psnr = reconstructions(data, out, fine, views)
     with phase("gallery"):
-        page = gallery(out, data, pics, psnr, views, held)
+        page = gallery(out, data, pics, psnr, views, held, div, fits)
 
     print(f"[demo] finished in {time.time() - t0:.1f} s; wrote:")
     for p in [*pics.values(), coarse, fine, out / "fine" / "sample", out / "fine" / "reenact",
-              out / "fine" / "fit", page]:
+              *[f for _, f in fits.values()], page]:
         print(f"  {p}")
     print(f"[demo] open {page} in a browser")
 
