@@ -112,7 +112,8 @@ def run(cfg: DictConfig) -> list[str]:
     t0 = time.time()
     for scan_id in tqdm(mine, desc=f"precompute {rank + 1}/{tot}", unit="scan"):
         out = cache_dir / f"{scan_id}.npz"
-        if not out.is_file() and find_cache(cache_dir, scan_id) is not None:
+        found = find_cache(cache_dir, scan_id)  # this project's <id>.npz first
+        if found is not None and found[0] == "original":
             original += 1  # the original GANHead's cache of this scan: read as it is, kept
             continue
         try:

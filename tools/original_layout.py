@@ -40,7 +40,7 @@ def view_coverage(scan_dir: Path, flame_model, params: np.ndarray) -> np.ndarray
     FLAME space) covers each view: the alpha of the original's renders."""
     import torch
 
-    from lib.dataset.scan_render import view_transforms
+    from lib.dataset.scan_render import view_transforms, view_vertices
     from lib.flame import FLAMEServer
     from lib.render.rasterizer import rasterize
 
@@ -49,8 +49,7 @@ def view_coverage(scan_dir: Path, flame_model, params: np.ndarray) -> np.ndarray
         f = torch.from_numpy(z["scan_faces"]).long()
     server = flame_model if isinstance(flame_model, FLAMEServer) else FLAMEServer(str(flame_model))
     T = view_transforms(params, server, N_VIEWS).float()
-    vk = v @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
-    return rasterize(vk, f, RES).mask.numpy()
+    return rasterize(view_vertices(v, T), f, RES).mask.numpy()
 
 
 def write_original_scan(ours: Path, dst: Path, flame_model, scan_id: str | None = None) -> None:

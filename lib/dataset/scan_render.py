@@ -81,6 +81,11 @@ def view_transforms(params, flame_server, n_views: int) -> torch.Tensor:
         return flame_server.scan_view_transform(p, k, n_views)
 
 
+def view_vertices(verts: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """verts [V, 3] moved by each view's rigid transform T [K, 4, 4] -> [K, V, 3]."""
+    return verts @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+
+
 @torch.no_grad()
 def render_views(mesh, params, flame_server, n_views: int = 9, res: int = 256, device=None,
                  colour_source: str = "vertices", vertex_colours=None):
@@ -99,7 +104,7 @@ def render_views(mesh, params, flame_server, n_views: int = 9, res: int = 256, d
     T = T.to(dev, torch.float32)
     v = torch.as_tensor(mesh.verts, dtype=torch.float32, device=dev)
     faces = torch.as_tensor(mesh.faces, dtype=torch.long, device=dev)
-    vk = v @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]        # [K, V, 3]
+    vk = view_vertices(v, T)                                          # [K, V, 3]
     frags = rasterize(vk, faces, res)
     normal = render_normals(vk, faces, res, frags=frags)              # [K, H, W, 3] in [0,1]
     if colour_source == "vertices":
