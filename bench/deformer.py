@@ -40,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lib, not an installed one
 
+from lib.flame.frames import FlameFrames  # noqa: E402
 from lib.model.deformer import ForwardDeformer  # noqa: E402
 from lib.model.fast_deformer import FastForwardDeformer  # noqa: E402
 
@@ -125,7 +126,7 @@ def named_rotvecs(B, g):
 
 
 def make_inputs(B, N, device, seed=0, poses="named"):
-    """xd [B, N, 3] (8/9 in a shell of radius ~0.5, 1/9 uniform in [-1,1]^3), cond, smpl_out."""
+    """xd [B, N, 3] (8/9 in a shell of radius ~0.5, 1/9 uniform in [-1,1]^3), cond, flame_out."""
     g = torch.Generator().manual_seed(seed)
     if poses == "named":
         rv = named_rotvecs(B, g)
@@ -136,17 +137,16 @@ def make_inputs(B, N, device, seed=0, poses="named"):
     rv_c = torch.zeros(B, 5, 3)
     rv_c[:, 2, 0] = 0.2
     R_c = rot(rv_c)
-    smpl_out = dict(tfs=transforms(R), tfs_c=transforms(R_c),
-                    pose_feature=(R[:, 1:] - torch.eye(3)).reshape(B, -1),
-                    pose_feature_c=(R_c[:, 1:] - torch.eye(3)).reshape(B, -1),
-                    exp=torch.randn(B, 50, generator=g) * 0.5, exp_c=torch.zeros(B, 50))
+    flame_out = FlameFrames(tfs=transforms(R), tfs_c=transforms(R_c),
+                            pose_feature=(R[:, 1:] - torch.eye(3)).reshape(B, -1),
+                            pose_feature_c=(R_c[:, 1:] - torch.eye(3)).reshape(B, -1),
+                            exp=torch.randn(B, 50, generator=g) * 0.5, exp_c=torch.zeros(B, 50))
     cond = dict(z_shape=torch.randn(B, 256, generator=g) * 0.1, shape=torch.randn(B, 100, generator=g) * 0.5)
     n_surf = N * 8 // 9  # 2000 "near-surface" (inside a ball) + 250 uniform per item at N=2250
     ball = nn.functional.normalize(torch.randn(B, n_surf, 3, generator=g), dim=-1)
     ball = ball * (0.5 + 0.1 * torch.randn(B, n_surf, 1, generator=g))
     xd = torch.cat([ball, torch.rand(B, N - n_surf, 3, generator=g) * 2 - 1], 1)
-    to = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-    return xd.to(device), to(cond), to(smpl_out)
+    return xd.to(device), {k: v.to(device) for k, v in cond.items()}, flame_out.to(device)
 
 
 def set_blendshapes(lbs, std, seed=0):
@@ -159,18 +159,18 @@ def set_blendshapes(lbs, std, seed=0):
         tail.weight.copy_(torch.randn(tail.weight.shape, generator=g) * std)
 
 
-def offsets_size(lbs_net, cond, smpl_out, n=2000):
+def offsets_size(lbs_net, cond, flame_out, n=2000):
     """Mean norm of the expression + pose-corrective offset at random canonical points."""
     B = cond["shape"].shape[0]
     x = torch.rand(B, n, 3, device=cond["shape"].device) * 2 - 1
     with torch.no_grad():
         _, pd, ed = lbs_net(x, cond["shape"])
-        o = (ed * (smpl_out["exp"] - smpl_out["exp_c"])[:, None, None]).sum(-1)
-        o = o + (pd * (smpl_out["pose_feature"] - smpl_out["pose_feature_c"])[:, None, :, None]).sum(-2)
+        o = (ed * (flame_out.exp - flame_out.exp_c)[:, None, None]).sum(-1)
+        o = o + (pd * (flame_out.pose_feature - flame_out.pose_feature_c)[:, None, :, None]).sum(-2)
     return float(o.norm(dim=-1).mean())
 
 
-def reference_error(ref, xc, valid, xd, cond, smpl_out):
+def reference_error(ref, xc, valid, xd, cond, flame_out):
     """Distance of each valid correspondence to the root found by refining it in float64.
 
     ref: a float64 ForwardDeformer (tight cvg_thresh). xc [B, N, I, 3], valid [B, N, I].
@@ -181,8 +181,8 @@ def reference_error(ref, xc, valid, xd, cond, smpl_out):
         return float("nan"), float("nan"), 0
     x0 = xc.detach()[b, n, i].double()
     with torch.no_grad():
-        sm = {k: v.double() for k, v in ref._smpl(smpl_out, B, xd.double()).items()}
-        out = ref._solve_exact(x0, b, xd.detach()[b, n].double(), cond["shape"].double(), sm, eval_mode=False)
+        fl = ref._checked_flame(flame_out, B, xd.double()).to(torch.float64)
+        out = ref._solve_exact(x0, b, xd.detach()[b, n].double(), cond["shape"].double(), fl, eval_mode=False)
     err = (out["result"] - x0).norm(dim=-1)
     return float(err.mean()), float(err.max()), int((~out["valid_ids"]).sum())
 
@@ -259,7 +259,7 @@ def main():
     torch.manual_seed(args.seed)
     lbs_net, lbs, disp_net = build_networks(args.disp, seed=args.seed)
     lbs_net = lbs_net.to(device)  # moves the referenced displacement network too
-    xd, cond, smpl_out = make_inputs(args.batch, args.points, device, seed=args.seed, poses=args.poses)
+    xd, cond, flame_out = make_inputs(args.batch, args.points, device, seed=args.seed, poses=args.poses)
     n_pts = xd.shape[0] * xd.shape[1]
     if args.fit_steps > 0:
         t0 = time.perf_counter()
@@ -282,11 +282,11 @@ def main():
     print(f"networks: LBS at x + disp(x, betas) (lib/model/neutral_lbs.py), mean |disp| {disp_mean:.3f}; "
           f"device {device}, torch threads {torch.get_num_threads()}; {args.batch} x "
           f"{args.points} = {n_pts} points, {fast.n_init} inits, max_steps {args.max_steps}, poses {args.poses}, "
-          f"mean offset {offsets_size(lbs_net, cond, smpl_out):.3f}")
+          f"mean offset {offsets_size(lbs_net, cond, flame_out):.3f}")
     print(f"fast: grid {fast.grid_res} (LBS evaluations per item) refined to {fast.lookup_res}, "
           f"exact_steps {fast.exact_steps}, box {tuple(fast.bbox_min.tolist())}..{tuple(fast.bbox_max.tolist())}")
     for d in modes.values():  # warm-up (first-call allocations)
-        d(xd[:, :64], cond, smpl_out, eval_mode=False)
+        d(xd[:, :64], cond, flame_out, eval_mode=False)
 
     print(f"\n{'phase':<6s} {'mode':<6s} {'pts/s':>10s} {'wall s':>8s} {'cpu s':>7s} {'LBS/pt':>7s} "
           f"{'valid inits':>12s} {'pts w/ root':>12s} {'err mean':>10s} {'err max':>10s}  steps")
@@ -295,8 +295,8 @@ def main():
         def run(d, eval_mode=eval_mode, grad=grad):
             with torch.set_grad_enabled(grad):
                 if grad:
-                    return d(xd, cond, smpl_out, eval_mode=eval_mode, return_info=True)
-                return d.search(xd, cond, smpl_out, eval_mode=eval_mode, return_info=True)
+                    return d(xd, cond, flame_out, eval_mode=eval_mode, return_info=True)
+                return d.search(xd, cond, flame_out, eval_mode=eval_mode, return_info=True)
         wall, cpu, out, evals = {n: float("inf") for n in modes}, {n: float("inf") for n in modes}, {}, {}
         for _ in range(max(1, args.repeats)):  # modes interleaved, so that both see the same machine load
             for name, d in modes.items():
@@ -305,7 +305,7 @@ def main():
                 wall[name], cpu[name], evals[name] = min(wall[name], t), min(cpu[name], c), counted.count
         for name in modes:
             xc, valid, info = out[name]
-            err = reference_error(ref, xc, valid, xd, cond, smpl_out)
+            err = reference_error(ref, xc, valid, xd, cond, flame_out)
             print(f"{phase:<6s} {name:<6s} {n_pts / wall[name]:10.0f} {wall[name]:8.3f} {cpu[name]:7.2f} "
                   f"{evals[name] / n_pts:7.1f} {valid.float().mean():12.5f} {valid.any(-1).float().mean():12.5f} "
                   f"{err[0]:10.2e} {err[1]:10.2e}  {steps_text(info)}"
@@ -330,7 +330,7 @@ def main():
         occ = {}
         for name, d in modes.items():
             with torch.no_grad():
-                t, _, occ[name] = timed_once(lambda d=d: d.query_occupancy(xd, cond, smpl_out, occ_fn,
+                t, _, occ[name] = timed_once(lambda d=d: d.query_occupancy(xd, cond, flame_out, occ_fn,
                                                                            disp_net=disp_net, eval_mode=True), sync)
             print(f"eval {name:<5s} query_occupancy (+disp net) {n_pts / t:10.0f} pts/s {t:8.3f} s  "
                   f"inside {(occ[name] > 0).float().mean():.4f}")

@@ -45,7 +45,7 @@ def make_batch(server, batch_size: int, n_points: int, n_subjects: int, seed: in
     params[:, 10] = 0.2  # jaw open
     params[:, 19:29] = 0.7 * torch.randn(batch_size, 10, generator=g)
     with torch.no_grad():
-        verts = server(params)["verts"]
+        verts = server(params).verts
     idx = torch.randint(0, verts.shape[1], (batch_size, n_points), generator=g)
     pts = torch.gather(verts, 1, idx[..., None].expand(-1, -1, 3))
     pts = pts + 0.02 * torch.randn(pts.shape, generator=g)
@@ -66,10 +66,10 @@ def make_fine_batch(server, batch_size: int, res: int, n_surface: int, n_subject
     view_params = server.view_params(params, views, 9)
     with torch.no_grad():
         out, out_v = server(params), server(view_params)
-        frags = rasterize(out_v["verts"], server.flame.faces, res)
-        cache = interpolate(frags, server.flame.faces, out["verts_c"])
-    idx = torch.randint(0, out["verts"].shape[1], (batch_size, n_surface), generator=g)
-    surf = torch.gather(out["verts"], 1, idx[..., None].expand(-1, -1, 3))
+        frags = rasterize(out_v.verts, server.flame.faces, res)
+        cache = interpolate(frags, server.flame.faces, out.verts_c)
+    idx = torch.randint(0, out.verts.shape[1], (batch_size, n_surface), generator=g)
+    surf = torch.gather(out.verts, 1, idx[..., None].expand(-1, -1, 3))
     mask = frags.mask
     return {"index": torch.arange(batch_size) % n_subjects, "params": params,
             "view_params": view_params,

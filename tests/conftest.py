@@ -53,7 +53,7 @@ def make_processed_dataset(root: Path, model_path: Path, n_subjects: int = 2,
         sid = f"{s + 1:03d}_01"
         params = random_flame_params(rng, jaw=0.1 * s)
         with torch.no_grad():
-            verts = server(torch.from_numpy(params)[None])["verts"][0].numpy()
+            verts = server(torch.from_numpy(params)[None]).verts[0].numpy()
         idx = rng.integers(0, len(verts), n_surface)
         near = verts[idx] + rng.normal(0, 0.02, (n_surface, 3))
         uni = rng.uniform(-1, 1, (n_uniform, 3))
@@ -105,7 +105,7 @@ def add_fine_data(processed: Path, model_path: Path, res: int = 32, n_views: int
         with np.load(scan / "occupancy.npz") as occ:
             params = occ["flame_params"]
         with torch.no_grad():
-            verts = server(torch.from_numpy(params)[None])["verts"][0]
+            verts = server(torch.from_numpy(params)[None]).verts[0]
         v, f = verts.numpy(), faces.numpy()
         areas, normals = face_areas_normals(v, f)
         face, bary = sample_faces(areas, n_surface, rng)

@@ -11,11 +11,13 @@ network at x_c + disp(x_c, betas)) are tested on small real networks against the
 computed by hand and finite differences.
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
+from lib.flame.frames import FlameFrames
 from lib.model.broyden import broyden
 from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer, inv3, lbs_deform
 from lib.model.networks import LBSNetwork, build_displacement_network
@@ -78,7 +80,7 @@ class Field(nn.Module):
         return w, pd, ed
 
 
-def make_smpl(B, max_deg=35.0, seed=1, dtype=torch.float32):
+def make_flame(B, max_deg=35.0, seed=1, dtype=torch.float32):
     """Random target pose (rotations up to max_deg per joint) and the canonical one (jaw 0.2)."""
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
@@ -89,23 +91,24 @@ def make_smpl(B, max_deg=35.0, seed=1, dtype=torch.float32):
     rv_c[:, 2, 0] = 0.2
     rot_c = rodrigues(rv_c)
     eye = torch.eye(3, dtype=f64)
-    out = dict(tfs=chain(rot, joints, torch.randn(B, 3, generator=g, dtype=f64) * 0.05),
-               tfs_c=chain(rot_c, joints, torch.zeros(B, 3, dtype=f64)),
-               pose_feature=(rot[:, 1:] - eye).reshape(B, -1), pose_feature_c=(rot_c[:, 1:] - eye).reshape(B, -1),
-               exp=torch.randn(B, K_EXP, generator=g, dtype=f64), exp_c=torch.zeros(B, K_EXP, dtype=f64))
-    return {k: v.to(dtype) for k, v in out.items()}
+    out = FlameFrames(tfs=chain(rot, joints, torch.randn(B, 3, generator=g, dtype=f64) * 0.05),
+                      tfs_c=chain(rot_c, joints, torch.zeros(B, 3, dtype=f64)),
+                      pose_feature=(rot[:, 1:] - eye).reshape(B, -1),
+                      pose_feature_c=(rot_c[:, 1:] - eye).reshape(B, -1),
+                      exp=torch.randn(B, K_EXP, generator=g, dtype=f64), exp_c=torch.zeros(B, K_EXP, dtype=f64))
+    return out.to(dtype)
 
 
 def setup_problem(B=2, N=300, dtype=torch.float32, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     field = Field(dtype=dtype)
     cond = dict(shape=torch.randn(B, N_BETAS, generator=g).to(dtype))
-    sm = make_smpl(B, dtype=dtype, seed=seed + 1)
+    fl = make_flame(B, dtype=dtype, seed=seed + 1)
     d = ForwardDeformer(field, **kw)
     xc_true = (torch.rand(B, N, 3, generator=g) * 1.6 - 0.8).to(dtype)
     with torch.no_grad():
-        xd = d.forward_deform(xc_true, cond, sm)
-    return d, field, cond, sm, xc_true, xd
+        xd = d.forward_deform(xc_true, cond, fl)
+    return d, field, cond, fl, xc_true, xd
 
 
 def recovered(xc, valid, xc_true, tol=1e-4):
@@ -160,32 +163,32 @@ def test_broyden_linear_system_exact_jacobian_and_max_steps():
 
 # ---------------------------------------------------------------------------------- forward deformation
 def test_forward_deform_matches_pointwise_reference():
-    d, field, cond, sm, xc, _ = setup_problem(B=2, N=20, dtype=torch.float64)
-    sm["exp_c"] = torch.randn(2, K_EXP, dtype=torch.float64)  # non-zero canonical expression
-    xd = d.forward_deform(xc, cond, sm)
+    d, field, cond, fl, xc, _ = setup_problem(B=2, N=20, dtype=torch.float64)
+    fl.exp_c = torch.randn(2, K_EXP, dtype=torch.float64)  # non-zero canonical expression
+    xd = d.forward_deform(xc, cond, fl)
     w, pd, ed = field(xc, cond["shape"])
     for b in range(2):
         for n in range(20):
-            Ac = sum(w[b, n, j] * sm["tfs_c"][b, j] for j in range(5))
-            Ad = sum(w[b, n, j] * sm["tfs"][b, j] for j in range(5))
+            Ac = sum(w[b, n, j] * fl.tfs_c[b, j] for j in range(5))
+            Ad = sum(w[b, n, j] * fl.tfs[b, j] for j in range(5))
             xr = torch.linalg.solve(Ac, torch.cat([xc[b, n], xc.new_ones(1)]))[:3]
-            xr = xr - pd[b, n].T @ sm["pose_feature_c"][b] - ed[b, n] @ sm["exp_c"][b]
-            xr = xr + ed[b, n] @ sm["exp"][b] + pd[b, n].T @ sm["pose_feature"][b]
+            xr = xr - pd[b, n].T @ fl.pose_feature_c[b] - ed[b, n] @ fl.exp_c[b]
+            xr = xr + ed[b, n] @ fl.exp[b] + pd[b, n].T @ fl.pose_feature[b]
             ref = (Ad @ torch.cat([xr, xr.new_ones(1)]))[:3]
             assert torch.allclose(xd[b, n], ref, atol=1e-12)
-    same = dict(sm, tfs=sm["tfs_c"], pose_feature=sm["pose_feature_c"], exp=sm["exp_c"])
+    same = replace(fl, tfs=fl.tfs_c, pose_feature=fl.pose_feature_c, exp=fl.exp_c)
     assert torch.allclose(d.forward_deform(xc, cond, same), xc, atol=1e-12)  # canonical -> canonical
 
 
 def test_forward_deform_agrees_with_flame_lbs():
     from lib.flame import lbs
 
-    d, field, cond, sm, xc, _ = setup_problem(B=2, N=30, dtype=torch.float64)
-    sm["exp_c"] = torch.randn(2, K_EXP, dtype=torch.float64)
+    d, field, cond, fl, xc, _ = setup_problem(B=2, N=30, dtype=torch.float64)
+    fl.exp_c = torch.randn(2, K_EXP, dtype=torch.float64)
     w, pd, ed = field(xc, cond["shape"])
-    ref = lbs.deform_canonical(xc, w, ed, pd, sm["exp"], sm["pose_feature"], sm["tfs"],
-                               sm["exp_c"], sm["pose_feature_c"], sm["tfs_c"])
-    assert torch.allclose(d.forward_deform(xc, cond, sm), ref, atol=1e-10)
+    ref = lbs.deform_canonical(xc, w, ed, pd, fl.exp, fl.pose_feature, fl.tfs,
+                               fl.exp_c, fl.pose_feature_c, fl.tfs_c)
+    assert torch.allclose(d.forward_deform(xc, cond, fl), ref, atol=1e-10)
 
 
 @pytest.mark.parametrize("bone", [1, 2])
@@ -197,16 +200,16 @@ def test_rigid_init_is_exact_for_one_hot_weights(bone):
             w[..., bone] = 1
             return w, xc.new_zeros(B, N, 36, 3), xc.new_zeros(B, N, 3, K_EXP)
 
-    sm = make_smpl(2)
+    fl = make_flame(2)
     d = ForwardDeformer(Rigid())
     xc = torch.rand(2, 50, 3) - 0.5
     cond = dict(shape=torch.zeros(2, N_BETAS))
-    xd = d.forward_deform(xc, cond, sm)
-    init = d.init_points(xd, sm)
+    xd = d.forward_deform(xc, cond, fl)
+    init = d.init_points(xd, fl)
     assert init.shape == (2, 50, 5, 3)
     assert torch.allclose(init[:, :, bone], xc, atol=1e-5)
     for eval_mode in (False, True):
-        out, valid, info = d.search(xd, cond, sm, eval_mode=eval_mode, return_info=True)
+        out, valid, info = d.search(xd, cond, fl, eval_mode=eval_mode, return_info=True)
         assert valid.all()
         assert torch.allclose(out, xc[:, :, None].expand_as(out), atol=1e-5)
         # the exact Jacobian init solves a rigid field in one step; the evaluation-mode init
@@ -218,53 +221,53 @@ def test_rigid_init_is_exact_for_one_hot_weights(bone):
 # ---------------------------------------------------------------------------------- search
 @pytest.mark.parametrize("eval_mode", [False, True])
 def test_round_trip_recovers_canonical_points(eval_mode):
-    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=400)
+    d, _, cond, fl, xc_true, xd = setup_problem(B=2, N=400)
     with torch.no_grad():
-        xc, valid, info = d(xd, cond, sm, eval_mode=eval_mode, return_info=True)
+        xc, valid, info = d(xd, cond, fl, eval_mode=eval_mode, return_info=True)
     assert xc.shape == (2, 400, 5, 3) and valid.shape == (2, 400, 5)
     assert recovered(xc, valid, xc_true).float().mean() >= 0.99
     assert (info["diff"][valid] < 1e-5).all() and 0 < info["n_steps"] <= 50
     # every valid root really maps onto x_d
-    xd_back = d.forward_deform(xc.reshape(2, -1, 3), cond, sm).reshape(2, 400, 5, 3)
+    xd_back = d.forward_deform(xc.reshape(2, -1, 3), cond, fl).reshape(2, 400, 5, 3)
     err = (xd_back - xd[:, :, None]).norm(dim=-1)
     assert (err[valid] < 2e-5).all()
 
 
 def test_chunking_matches_single_chunk():
-    d, _, cond, sm, _, xd = setup_problem(B=2, N=150)
+    d, _, cond, fl, _, xd = setup_problem(B=2, N=150)
     with torch.no_grad():
-        xc1, v1 = d.search(xd, cond, sm)
+        xc1, v1 = d.search(xd, cond, fl)
         d.chunk_size = 37  # chunks straddle batch items
-        xc2, v2 = d.search(xd, cond, sm)
+        xc2, v2 = d.search(xd, cond, fl)
     assert (v1 == v2).float().mean() > 0.995
     both = v1 & v2
     assert torch.allclose(xc1[both], xc2[both], atol=1e-5)
 
 
 def test_point_mask_skips_points():
-    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=60)
+    d, _, cond, fl, xc_true, xd = setup_problem(B=2, N=60)
     mask = torch.rand(2, 60, generator=torch.Generator().manual_seed(3)) < 0.5
     with torch.no_grad():
-        xc, valid = d(xd, cond, sm, point_mask=mask)
+        xc, valid = d(xd, cond, fl, point_mask=mask)
     assert not valid[~mask].any()
     assert recovered(xc, valid, xc_true)[mask].float().mean() >= 0.99
 
 
 # ---------------------------------------------------------------------------------- implicit gradient
 def test_implicit_gradient_matches_finite_differences():
-    d, field, cond, sm, _, _ = setup_problem(B=2, N=3, dtype=torch.float64, max_steps=100, cvg_thresh=1e-13)
+    d, field, cond, fl, _, _ = setup_problem(B=2, N=3, dtype=torch.float64, max_steps=100, cvg_thresh=1e-13)
     g = torch.Generator().manual_seed(5)
     xc_true = torch.rand(2, 3, 3, generator=g, dtype=torch.float64) * 1.2 - 0.6
-    xd0 = d.forward_deform(xc_true, cond, sm).detach()
+    xd0 = d.forward_deform(xc_true, cond, fl).detach()
     with torch.no_grad():
-        _, mask0 = d(xd0, cond, sm)
+        _, mask0 = d(xd0, cond, fl)
     assert mask0.any(-1).all()
 
     def fn(theta, xd):
         field.expr_scale = theta[3]  # a parameter of the field
-        tfs = sm["tfs"].clone()
+        tfs = fl.tfs.clone()
         tfs[:, 2, :3, 3] = tfs[:, 2, :3, 3] + theta[:3]  # jaw bone translation
-        xc, valid = d(xd, cond, dict(sm, tfs=tfs))
+        xc, valid = d(xd, cond, replace(fl, tfs=tfs))
         return torch.where(mask0[..., None], xc, torch.zeros_like(xc))
 
     theta = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, requires_grad=True)
@@ -285,17 +288,17 @@ class ShiftedField(Field):
 
 
 def test_implicit_gradient_reaches_lbs_parameters():
-    d, _, cond, sm, xc_true, xd = setup_problem(B=1, N=20)
+    d, _, cond, fl, xc_true, xd = setup_problem(B=1, N=20)
     field = ShiftedField()
     d.lbs_net = field
-    xc, valid = d(xd, cond, sm)
+    xc, valid = d(xd, cond, fl)
     xc[valid].sum().backward()
     assert field.shift.grad is not None and field.shift.grad.abs().sum() > 0
     with torch.no_grad():
-        xc_ng, _ = d(xd, cond, sm)
+        xc_ng, _ = d(xd, cond, fl)
     assert torch.equal(xc.detach()[valid], xc_ng[valid])  # the correction keeps the value
     field.shift.grad = None  # occupancy of deformed points is differentiable w.r.t. the LBS field
-    occ = d.query_occupancy(xd, cond, sm, lambda x, c: 10.0 * (0.5 - x.norm(dim=-1, keepdim=True)))
+    occ = d.query_occupancy(xd, cond, fl, lambda x, c: 10.0 * (0.5 - x.norm(dim=-1, keepdim=True)))
     occ[occ > SKIPPED_LOGIT].sum().backward()
     assert field.shift.grad is not None and field.shift.grad.abs().sum() > 0
 
@@ -322,7 +325,7 @@ def test_fields_are_the_unconditioned_lbs_network_at_the_shape_neutral_point():
     g = torch.Generator().manual_seed(0)
     xc = torch.rand(2, 30, 3, generator=g, dtype=f64) * 1.6 - 0.8
     betas = torch.randn(2, N_BETAS, generator=g, dtype=f64)
-    sm = make_smpl(2, dtype=f64)
+    fl = make_flame(2, dtype=f64)
     # by hand: the displacement network on (x_c, betas), then the LBS network alone at x_n
     xn = xc + disp(xc, betas)
     assert (xn - xc).norm(dim=-1).mean() > 1e-2  # the warp matters here
@@ -331,10 +334,9 @@ def test_fields_are_the_unconditioned_lbs_network_at_the_shape_neutral_point():
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-14)
     assert ed_ref.abs().max() > 1e-3 and pd_ref.abs().max() > 1e-3
     assert (d._fields(xc, betas.flip(0))[0] - w_ref).abs().max() > 1e-3  # each item's betas count
-    xd = d.forward_deform(xc, {"shape": betas}, sm)
-    t = {k: (v[:, None] if k.startswith("tfs") else v[:, None, :]) for k, v in sm.items()}
-    ref = lbs_deform(xc, w_ref, ed_ref, pd_ref, t["tfs"], t["tfs_c"], t["exp"], t["exp_c"],
-                     t["pose_feature"], t["pose_feature_c"])
+    xd = d.forward_deform(xc, {"shape": betas}, fl)
+    ref = lbs_deform(xc, w_ref, ed_ref, pd_ref, fl.tfs[:, None], fl.tfs_c[:, None], fl.exp[:, None],
+                     fl.exp_c[:, None], fl.pose_feature[:, None], fl.pose_feature_c[:, None])
     torch.testing.assert_close(xd, ref, rtol=0, atol=1e-13)
     # the displacement network is referenced, not owned: its parameters are not the deformer's
     assert all(k.startswith("lbs_net.lbs.net.") for k in d.state_dict())
@@ -352,10 +354,10 @@ def test_eval_mode_jacobian_init_is_the_inverse_blended_target_transform():
     x0 = torch.rand(40, 3, generator=g, dtype=f64) - 0.5
     bidx = torch.randint(0, 2, (40,), generator=g)
     betas = torch.randn(2, N_BETAS, generator=g, dtype=f64)
-    sm = d._smpl(make_smpl(2, dtype=f64), 2, x0)
+    fl = d._checked_flame(make_flame(2, dtype=f64), 2, x0)
     w = lbs(x0[:, None] + disp(x0[:, None], betas[bidx]))[0][:, 0]                   # [A, J]
-    A = sum(w[:, j, None, None] * sm["tfs"][bidx, j, :3, :3] for j in range(5))
-    got = d._init_J_inv(x0, bidx, betas, sm, eval_mode=True)
+    A = sum(w[:, j, None, None] * fl.tfs[bidx, j, :3, :3] for j in range(5))
+    got = d._init_J_inv(x0, bidx, betas, fl, eval_mode=True)
     torch.testing.assert_close(got, torch.linalg.inv(A), rtol=1e-10, atol=1e-12)
 
 
@@ -368,10 +370,10 @@ def test_implicit_gradient_reaches_the_displacement_network_finite_differences()
     g = torch.Generator().manual_seed(7)
     xc_true = torch.rand(2, 3, 3, generator=g, dtype=f64) * 1.2 - 0.6
     cond = {"shape": torch.randn(2, N_BETAS, generator=g, dtype=f64)}
-    sm = make_smpl(2, dtype=f64, seed=2)
+    fl = make_flame(2, dtype=f64, seed=2)
     with torch.no_grad():
-        xd = d.forward_deform(xc_true, cond, sm)
-    xc, valid = d(xd, cond, sm)
+        xd = d.forward_deform(xc_true, cond, fl)
+    xc, valid = d(xd, cond, fl)
     assert valid.any(-1).all()
     weight = torch.randn(xc.shape, generator=g, dtype=f64)
 
@@ -392,9 +394,9 @@ def test_implicit_gradient_reaches_the_displacement_network_finite_differences()
         p = named[name]
         with torch.no_grad():
             p[idx] += eps
-            xp, vp = d(xd, cond, sm)
+            xp, vp = d(xd, cond, fl)
             p[idx] -= 2 * eps
-            xm, vm = d(xd, cond, sm)
+            xm, vm = d(xd, cond, fl)
             p[idx] += eps
         assert torch.equal(vp, valid) and torch.equal(vm, valid)
         fd = float(loss_of(xp) - loss_of(xm)) / (2 * eps)
@@ -404,21 +406,21 @@ def test_implicit_gradient_reaches_the_displacement_network_finite_differences()
 
 # ---------------------------------------------------------------------------------- occupancy
 def test_query_occupancy_sphere_and_skipping():
-    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=200)
+    d, _, cond, fl, xc_true, xd = setup_problem(B=2, N=200)
     shift = torch.tensor([0.02, -0.01, 0.03])
     disp_net = lambda x, shape: shift.expand_as(x) + 0 * shape[:, None, :1]  # noqa: E731
     sphere = lambda x, c: (10.0 * (0.5 - x.norm(dim=-1, keepdim=True)))  # noqa: E731
     with torch.no_grad():
-        occ = d.query_occupancy(xd, cond, sm, sphere, disp_net=disp_net)
+        occ = d.query_occupancy(xd, cond, fl, sphere, disp_net=disp_net)
     assert occ.shape == (2, 200, 1)
     truth = sphere(xc_true + shift, cond)
-    ok = recovered(*d(xd, cond, sm), xc_true)
+    ok = recovered(*d(xd, cond, fl), xc_true)
     # the true root is valid; other valid roots can only raise the max
     assert (occ[ok] >= truth[ok] - 1e-3).all()
     assert ((occ - truth).abs()[ok] < 1e-3).float().mean() > 0.97
     # far-point skipping: "vertices" only near half of the points
     verts = xd[:, :100].repeat_interleave(10, dim=1)  # every 10th vertex is one of the first 100 points
-    occ_skip = d.query_occupancy(xd, cond, dict(sm, verts=verts), sphere, disp_net=disp_net, skip_far=True)
+    occ_skip = d.query_occupancy(xd, cond, replace(fl, verts=verts), sphere, disp_net=disp_net, skip_far=True)
     near = torch.cdist(xd, xd[:, :100]).amin(-1) <= 0.11
     assert (occ_skip[~near] == SKIPPED_LOGIT).all()
     assert torch.allclose(occ_skip[near], occ[near], atol=1e-4)
@@ -432,27 +434,27 @@ def test_inv3_and_errors():
     assert ok.all() and torch.allclose(inv, torch.linalg.inv(m), atol=1e-8)
     sing = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.0, 1.0, 0.0]])
     assert not inv3(sing)[1]
-    d, _, cond, sm, _, xd = setup_problem(B=2, N=5)
+    d, _, cond, fl, _, xd = setup_problem(B=2, N=5)
     with pytest.raises(ValueError, match="deformer.py.*tfs_c"):
-        d.search(xd, cond, {k: v for k, v in sm.items() if k != "tfs_c"})
+        d.search(xd, cond, replace(fl, tfs_c=None))
     with pytest.raises(ValueError, match="lacks 'shape'"):
-        d.search(xd, {}, sm)
+        d.search(xd, {}, fl)
     with pytest.raises(ValueError, match=r"cond\['shape'\] must be"):
-        d.search(xd, {"shape": cond["shape"][:1]}, sm)
+        d.search(xd, {"shape": cond["shape"][:1]}, fl)
     with pytest.raises(ValueError, match="init_bones"):
         ForwardDeformer(Field(), init_bones=(0, 7))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
-    d, _, cond, sm, xc_true, xd = setup_problem(B=2, N=300)
+    d, _, cond, fl, xc_true, xd = setup_problem(B=2, N=300)
     with torch.no_grad():
-        xc, valid = d(xd, cond, sm, eval_mode=True)
+        xc, valid = d(xd, cond, fl, eval_mode=True)
     dev = torch.device("cuda")
     dg = d.to(dev)
     with torch.no_grad():
         xc_g, valid_g = dg(xd.to(dev), {k: v.to(dev) for k, v in cond.items()},
-                           {k: v.to(dev) for k, v in sm.items()}, eval_mode=True)
+                           fl.to(dev), eval_mode=True)
     assert (valid_g.cpu() == valid).float().mean() > 0.99
     both = valid & valid_g.cpu()
     assert torch.allclose(xc_g.cpu()[both], xc[both], atol=1e-4)

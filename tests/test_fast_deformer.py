@@ -20,12 +20,14 @@ float32 at the default settings, 1e-3 of the largest entry (measured about 1e-5)
 """
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from lib.flame.frames import FlameFrames
 from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer
 from lib.model.fast_deformer import BakedGrid, FastForwardDeformer, spline_matrix
 from lib.model.networks import ImplicitNetwork, LBSNetwork, build_displacement_network
@@ -51,7 +53,7 @@ def chain(rot):
 
 
 def make_problem(N=300, seed=0, dtype=torch.float32):
-    """cond, smpl_out and deformed points xd [4, N, 3] for the four named poses."""
+    """cond, flame_out and deformed points xd [4, N, 3] for the four named poses."""
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
     rv = torch.zeros(4, 5, 3, dtype=f64)
@@ -63,16 +65,15 @@ def make_problem(N=300, seed=0, dtype=torch.float32):
     rv_c[:, 2, 0] = 0.2
     R, R_c = rodrigues(rv), rodrigues(rv_c)
     eye = torch.eye(3, dtype=f64)
-    sm = dict(tfs=chain(R), tfs_c=chain(R_c), pose_feature=(R[:, 1:] - eye).reshape(4, -1),
-              pose_feature_c=(R_c[:, 1:] - eye).reshape(4, -1),
-              exp=torch.randn(4, 50, generator=g, dtype=f64) * 0.5, exp_c=torch.zeros(4, 50, dtype=f64))
+    fl = FlameFrames(tfs=chain(R), tfs_c=chain(R_c), pose_feature=(R[:, 1:] - eye).reshape(4, -1),
+                     pose_feature_c=(R_c[:, 1:] - eye).reshape(4, -1),
+                     exp=torch.randn(4, 50, generator=g, dtype=f64) * 0.5, exp_c=torch.zeros(4, 50, dtype=f64))
     cond = dict(shape=torch.randn(4, 100, generator=g, dtype=f64) * 0.5)
     n_ball = N * 8 // 9
     ball = nn.functional.normalize(torch.randn(4, n_ball, 3, generator=g, dtype=f64), dim=-1)
     ball = ball * (0.5 + 0.1 * torch.randn(4, n_ball, 1, generator=g, dtype=f64))
     xd = torch.cat([ball, torch.rand(4, N - n_ball, 3, generator=g, dtype=f64) * 2 - 1], 1)
-    to = lambda d: {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
-    return xd.to(dtype), to(cond), to(sm)
+    return xd.to(dtype), {k: v.to(dtype) for k, v in cond.items()}, fl.to(dtype)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,11 +118,11 @@ def net(one_thread):
     return fields
 
 
-def residual(d, xc, xd, cond, sm):
+def residual(d, xc, xd, cond, fl):
     """|forward_deform(xc) - xd| per init: xc [B, N, I, 3], xd [B, N, 3] -> [B, N, I]."""
     B, N, I, _ = xc.shape
     with torch.no_grad():
-        back = d.forward_deform(xc.reshape(B, N * I, 3), cond, sm).reshape(B, N, I, 3)
+        back = d.forward_deform(xc.reshape(B, N * I, 3), cond, fl).reshape(B, N, I, 3)
     return (back - xd[:, :, None]).norm(dim=-1)
 
 
@@ -179,16 +180,16 @@ def test_baked_grid_is_exact_on_trilinear_fields_inside_and_outside():
 
 # ---------------------------------------------------------------------------------- bake
 def test_bake_samples_forward_deform_on_the_lattice(net):
-    xd, cond, sm = make_problem(N=9)
+    xd, cond, fl = make_problem(N=9)
     fd = FastForwardDeformer(net, grid_res=(5, 6, 7), bbox_min=(-0.9, -1.0, -0.8), bbox_max=(1.0, 0.9, 0.7),
                              upsample=3)
     with torch.no_grad():
-        grid = fd.bake(cond["shape"], fd._smpl(sm, 4, xd))
+        grid = fd.bake(cond["shape"], fd._checked_flame(fl, 4, xd))
         lo, hi = fd.bbox_min, fd.bbox_max
         axes = [torch.linspace(float(lo[i]), float(hi[i]), n) for i, n in ((2, 5), (1, 6), (0, 7))]
         zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
         nodes = torch.stack([xx, yy, zz], -1).reshape(1, -1, 3).expand(4, -1, -1)
-        truth = fd.forward_deform(nodes.contiguous(), cond, sm)               # [4, 210, 3]
+        truth = fd.forward_deform(nodes.contiguous(), cond, fl)               # [4, 210, 3]
     assert fd.lookup_res == (13, 16, 19)
     lattice = grid.flat.reshape(3, 4, 13, 16, 19)[:, :, ::3, ::3, ::3]       # the network's nodes
     assert torch.allclose(lattice.permute(1, 2, 3, 4, 0).reshape(4, -1, 3), truth, atol=1e-5)
@@ -201,8 +202,8 @@ def test_bake_samples_forward_deform_on_the_lattice(net):
         f12 = FastForwardDeformer(net, grid_res=(12, 12, 12), bbox_min=tuple(lo.tolist()),
                                   bbox_max=tuple(hi.tolist()), upsample=up)
         with torch.no_grad():
-            g12 = f12.bake(cond["shape"], f12._smpl(sm, 4, xd))
-            exact = f12.forward_deform(p, cond, sm).reshape(-1, 3)
+            g12 = f12.bake(cond["shape"], f12._checked_flame(fl, 4, xd))
+            exact = f12.forward_deform(p, cond, fl).reshape(-1, 3)
         errs.append((g12(p.reshape(-1, 3).t().contiguous(), slot)[0].t() - exact).norm(dim=-1).median())
     assert errs[0] < 0.5 * errs[1] and errs[0] < 1e-3
 
@@ -210,23 +211,23 @@ def test_bake_samples_forward_deform_on_the_lattice(net):
 # ---------------------------------------------------------------------------------- fast vs exact
 @pytest.mark.parametrize("eval_mode", [False, True])
 def test_fast_matches_exact_on_four_named_poses(net, eval_mode):
-    xd, cond, sm = make_problem(N=300)
+    xd, cond, fl = make_problem(N=300)
     exact, fast = ForwardDeformer(net), FastForwardDeformer(net)
     with torch.no_grad():
-        xe, ve = exact(xd, cond, sm, eval_mode=eval_mode)
-        xf, vf, info = fast(xd, cond, sm, eval_mode=eval_mode, return_info=True)
+        xe, ve = exact(xd, cond, fl, eval_mode=eval_mode)
+        xf, vf, info = fast(xd, cond, fl, eval_mode=eval_mode, return_info=True)
     assert xf.shape == (4, 300, 5, 3) and vf.shape == (4, 300, 5)
     assert_agree(xe, ve, xf, vf)
     assert torch.equal(ve.any(-1), vf.any(-1))
     # validity means the same as in the exact search: the networks' residual is below cvg_thresh
-    assert (residual(exact, xf, xd, cond, sm)[vf] < 1.2e-5).all()
+    assert (residual(exact, xf, xd, cond, fl)[vf] < 1.2e-5).all()
     assert (info["diff"][vf] < 1e-5).all()
     # inits of one point that found the same root were polished once
     assert info["n_solved"] == 4 * 300 * 5 and info["n_polished"] < 0.5 * info["n_solved"]
     # each item used its own betas and pose: swapping two items' conditioning changes the roots
     swap = [1, 0, 2, 3]
     with torch.no_grad():
-        xs, vs = fast(xd, {k: v[swap] for k, v in cond.items()}, {k: v[swap] for k, v in sm.items()})
+        xs, vs = fast(xd, {k: v[swap] for k, v in cond.items()}, fl.index(torch.tensor(swap)))
     both = vs[:2] & vf[:2]
     assert (xs[:2] - xf[:2]).norm(dim=-1)[both].median() > 1e-2
 
@@ -234,12 +235,12 @@ def test_fast_matches_exact_on_four_named_poses(net, eval_mode):
 def test_gradients_match_exact_float64(net):
     """Implicit-differentiation gradients (LBS parameters and x_d) of fast and exact correspondences."""
     net64 = copy.deepcopy(net).double()
-    xd, cond, sm = make_problem(N=12, dtype=torch.float64)
+    xd, cond, fl = make_problem(N=12, dtype=torch.float64)
     kw = dict(cvg_thresh=1e-11, max_steps=60)
     runs = []
     for d in (ForwardDeformer(net64, **kw), FastForwardDeformer(net64, exact_steps=3, **kw)):
         x = xd.clone().requires_grad_(True)
-        runs.append((x,) + tuple(d(x, cond, sm, return_info=True)))
+        runs.append((x,) + tuple(d(x, cond, fl, return_info=True)))
     (x_e, xe, ve, _), (x_f, xf, vf, info) = runs
     both = ve & vf
     assert info["n_polished"] > 0 and both.float().mean() > 0.95 and (xe - xf).norm(dim=-1)[both].max() < 1e-9
@@ -259,10 +260,10 @@ def test_gradients_match_exact_float64(net):
 
 
 def test_gradients_match_exact_float32_default_settings(net):
-    xd, cond, sm = make_problem(N=100)
+    xd, cond, fl = make_problem(N=100)
     res = []
     for d in (ForwardDeformer(net), FastForwardDeformer(net)):
-        xc, valid = d(xd, cond, sm)
+        xc, valid = d(xd, cond, fl)
         res.append((xc, valid))
     both = res[0][1] & res[1][1]
     grads = []
@@ -280,28 +281,28 @@ def test_gradients_match_exact_float32_default_settings(net):
 
 # ---------------------------------------------------------------------------------- failures, box, masks
 def test_polish_failures_are_invalid_or_solved_by_the_fallback(net):
-    xd, cond, sm = make_problem(N=200)
+    xd, cond, fl = make_problem(N=200)
     exact = ForwardDeformer(net)
     coarse = dict(grid_res=(3, 3, 3), upsample=1, exact_steps=1)
     with torch.no_grad():
-        xe, ve = exact(xd, cond, sm)
-        xn, vn, info_n = FastForwardDeformer(net, fallback=False, **coarse)(xd, cond, sm, return_info=True)
-        xf, vf, info_f = FastForwardDeformer(net, fallback=True, **coarse)(xd, cond, sm, return_info=True)
+        xe, ve = exact(xd, cond, fl)
+        xn, vn, info_n = FastForwardDeformer(net, fallback=False, **coarse)(xd, cond, fl, return_info=True)
+        xf, vf, info_f = FastForwardDeformer(net, fallback=True, **coarse)(xd, cond, fl, return_info=True)
     # a 3^3 lattice is far too coarse for one polishing step: many inits stay unconverged and are invalid
     assert vn.float().mean() < ve.float().mean() - 0.05 and info_n["n_fallback"] == info_n["n_further"] == 0
-    assert (residual(exact, xn, xd, cond, sm)[vn] < 1.2e-5).all()
+    assert (residual(exact, xn, xd, cond, fl)[vn] < 1.2e-5).all()
     assert torch.isinf(info_n["diff"][~vn]).sum() + (info_n["diff"][~vn] >= 1e-5).sum() == (~vn).sum()
     # with the fallback they are polished further: same answers as the exact mode
     assert info_f["n_further"] > 0
     assert_agree(xe, ve, xf, vf)
-    assert (residual(exact, xf, xd, cond, sm)[vf] < 1.2e-5).all()
+    assert (residual(exact, xf, xd, cond, fl)[vf] < 1.2e-5).all()
 
 
 class NoSharedInits(FastForwardDeformer):
     """Every init bone searched on the grid, even where its rigid map equals another's."""
 
-    def _same_inits(self, sm, tol=1e-6):
-        B, I = sm["tfs"].shape[0], self.n_init
+    def _same_inits(self, fl, tol=1e-6):
+        B, I = fl.tfs.shape[0], self.n_init
         return torch.arange(I).expand(B, I)
 
 
@@ -315,54 +316,54 @@ class GridFailsOnOddPoints(NoSharedInits):
 
 
 def test_points_without_a_grid_root_get_the_exact_search(net):
-    xd, cond, sm = make_problem(N=60)
+    xd, cond, fl = make_problem(N=60)
     exact = ForwardDeformer(net)
     with torch.no_grad():
-        xe, ve = exact(xd, cond, sm)
-        xn, vn, info_n = GridFailsOnOddPoints(net, fallback=False)(xd, cond, sm, return_info=True)
-        xf, vf, info_f = GridFailsOnOddPoints(net)(xd, cond, sm, return_info=True)
+        xe, ve = exact(xd, cond, fl)
+        xn, vn, info_n = GridFailsOnOddPoints(net, fallback=False)(xd, cond, fl, return_info=True)
+        xf, vf, info_f = GridFailsOnOddPoints(net)(xd, cond, fl, return_info=True)
     odd = torch.arange(4 * 60).reshape(4, 60) % 2 == 1
     assert not vn[odd].any() and vn[~odd].any(-1).all() and info_n["n_fallback"] == 0
     assert info_f["n_fallback"] == odd.sum() * 5 and torch.equal(vf.any(-1), ve.any(-1))
     assert_agree(xe, ve, xf, vf)
-    assert (residual(exact, xf, xd, cond, sm)[vf] < 1.2e-5).all()
+    assert (residual(exact, xf, xd, cond, fl)[vf] < 1.2e-5).all()
 
 
 def test_roots_outside_the_grid_box(net):
     """Canonical roots outside a small box: the boundary cells are extrapolated, the networks decide."""
-    xd, cond, sm = make_problem(N=200)
+    xd, cond, fl = make_problem(N=200)
     box = dict(bbox_min=(-0.4, -0.4, -0.4), bbox_max=(0.4, 0.4, 0.4))
     exact = ForwardDeformer(net)
     with torch.no_grad():
-        xe, ve = exact(xd, cond, sm)
+        xe, ve = exact(xd, cond, fl)
         outside = (xe.abs() > 0.4).any(-1) & ve
         assert outside.float().mean() > 0.3
-        xn, vn = FastForwardDeformer(net, fallback=False, **box)(xd, cond, sm)
-        xf, vf = FastForwardDeformer(net, **box)(xd, cond, sm)
-    assert (residual(exact, xn, xd, cond, sm)[vn] < 1.2e-5).all()
+        xn, vn = FastForwardDeformer(net, fallback=False, **box)(xd, cond, fl)
+        xf, vf = FastForwardDeformer(net, **box)(xd, cond, fl)
+    assert (residual(exact, xn, xd, cond, fl)[vn] < 1.2e-5).all()
     assert (vn & outside).sum() > 0.5 * outside.sum()  # most are found from the extrapolated grid alone
     assert_agree(xe, ve, xf, vf)
 
 
 def test_point_mask_chunking_and_skipped_occupancy(net):
-    xd, cond, sm = make_problem(N=120)
+    xd, cond, fl = make_problem(N=120)
     mask = torch.rand(4, 120, generator=torch.Generator().manual_seed(4)) < 0.6
     fast = FastForwardDeformer(net)
     with torch.no_grad():
-        xf, vf = fast(xd, cond, sm, point_mask=mask)
+        xf, vf = fast(xd, cond, fl, point_mask=mask)
         assert not vf[~mask].any() and vf[mask].any(-1).float().mean() > 0.99
         fast.chunk_size = 77  # chunks straddle batch items; the bake is chunked too
-        xc, vc = fast(xd, cond, sm, point_mask=mask)
+        xc, vc = fast(xd, cond, fl, point_mask=mask)
         assert torch.equal(vc, vf) and torch.allclose(xc[vf], xf[vf], atol=1e-6)
         only_item_2 = torch.zeros_like(mask)
         only_item_2[2] = True
-        x2, v2 = fast(xd, cond, sm, point_mask=only_item_2)  # bakes item 2 only
-        x1, v1 = fast(xd[2:3], {k: v[2:3] for k, v in cond.items()}, {k: v[2:3] for k, v in sm.items()})
+        x2, v2 = fast(xd, cond, fl, point_mask=only_item_2)  # bakes item 2 only
+        x1, v1 = fast(xd[2:3], {k: v[2:3] for k, v in cond.items()}, fl.index(2))
         assert not v2[[0, 1, 3]].any() and torch.equal(v2[2], v1[0])
         assert torch.allclose(x2[2][v2[2]], x1[0][v1[0]], atol=1e-6)
         sphere = lambda x, c: 10.0 * (0.5 - x.norm(dim=-1, keepdim=True))  # noqa: E731
-        occ_e = ForwardDeformer(net).query_occupancy(xd, cond, sm, sphere)
-        occ_f = FastForwardDeformer(net).query_occupancy(xd, cond, sm, sphere)
+        occ_e = ForwardDeformer(net).query_occupancy(xd, cond, fl, sphere)
+        occ_f = FastForwardDeformer(net).query_occupancy(xd, cond, fl, sphere)
     found = occ_e > SKIPPED_LOGIT
     assert torch.equal(found, occ_f > SKIPPED_LOGIT)
     assert (occ_e - occ_f)[found].abs().max() < 1e-3
@@ -370,10 +371,10 @@ def test_point_mask_chunking_and_skipped_occupancy(net):
 
 def test_deduplicated_correction_equals_the_parent_one(net):
     """Merged inits share one correction: same values and gradients as the row-by-row one."""
-    xd, cond, sm = make_problem(N=40)
+    xd, cond, fl = make_problem(N=40)
     fast = FastForwardDeformer(net)
     with torch.no_grad():
-        xc, valid = fast.search(xd, cond, sm)
+        xc, valid = fast.search(xd, cond, fl)
     B, N, I = valid.shape
     v = valid.reshape(-1).nonzero().squeeze(1)
     assert v.numel() > xc.reshape(-1, 3)[v].unique(dim=0).shape[0]  # there are duplicates
@@ -382,7 +383,7 @@ def test_deduplicated_correction_equals_the_parent_one(net):
         for p in all_params(net):
             p.grad = None
         x = xd.clone().requires_grad_(True)
-        s = fast._smpl(sm, B, x)
+        s = fast._checked_flame(fl, B, x)
         corr = fn(fast, xc.reshape(-1, 3)[v], v // (N * I), x.reshape(-1, 3)[v // I], cond["shape"], s)
         (corr * torch.linspace(-1, 1, corr.numel()).reshape(corr.shape)).sum().backward()
         out.append((corr.detach(), x.grad, [p.grad for p in all_params(net) if p.grad is not None]))
@@ -403,23 +404,23 @@ def test_state_dict_and_argument_errors(net):
                dict(upsample=0), dict(exact_steps=0)):
         with pytest.raises(ValueError, match="fast_deformer.py"):
             FastForwardDeformer(net, **kw)
-    xd, cond, sm = make_problem(N=5)
+    xd, cond, fl = make_problem(N=5)
     with pytest.raises(ValueError, match="xd must be"):
-        fast.search(xd[0], cond, sm)
+        fast.search(xd[0], cond, fl)
     with pytest.raises(ValueError, match="point_mask"):
-        fast.search(xd, cond, sm, point_mask=torch.ones(4, 3, dtype=torch.bool))
+        fast.search(xd, cond, fl, point_mask=torch.ones(4, 3, dtype=torch.bool))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(net):
-    xd, cond, sm = make_problem(N=200)
+    xd, cond, fl = make_problem(N=200)
     fast = FastForwardDeformer(net)
     with torch.no_grad():
-        xc, valid = fast(xd, cond, sm, eval_mode=True)
+        xc, valid = fast(xd, cond, fl, eval_mode=True)
     dev = torch.device("cuda")
     fg = copy.deepcopy(fast).to(dev)
     with torch.no_grad():
-        xg, vg = fg(xd.to(dev), {k: v.to(dev) for k, v in cond.items()}, {k: v.to(dev) for k, v in sm.items()},
+        xg, vg = fg(xd.to(dev), {k: v.to(dev) for k, v in cond.items()}, fl.to(dev),
                     eval_mode=True)
     assert_agree(xc, valid, xg.cpu(), vg.cpu())
 
@@ -435,12 +436,12 @@ def _perturbed(fields, std):
 
 def _float64_points(n, seed):
     """A float64 problem (make_problem with n points per item) and n random canonical points per
-    item, flattened: xd, cond, sm, x [B * n, 3] in [-1, 1]^3, bidx [B * n]."""
-    xd, cond, sm = make_problem(N=n, dtype=torch.float64)
+    item, flattened: xd, cond, fl, x [B * n, 3] in [-1, 1]^3, bidx [B * n]."""
+    xd, cond, fl = make_problem(N=n, dtype=torch.float64)
     B = xd.shape[0]
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(B * n, 3, generator=g, dtype=torch.float64) * 2 - 1
-    return xd, cond, sm, x, torch.randint(0, B, (B * n,), generator=g)
+    return xd, cond, fl, x, torch.randint(0, B, (B * n,), generator=g)
 
 
 @pytest.mark.parametrize("variant", ["default", "encoded_skip"])
@@ -457,16 +458,16 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
         disp = ImplicitNetwork(d_in=3, d_out=3, width=48, depth=3, skip_layer=2, multires=2, cond_dim=100,
                                cond_layers=(0, 2))
         fields = _perturbed(NeutralLBS(LBSNetwork(multires=4, skip_layer=2), disp).double(), 0.05)
-    xd, cond, sm, x, bidx = _float64_points(60, seed=5)
+    xd, cond, fl, x, bidx = _float64_points(60, seed=5)
     with torch.no_grad():
         w_ref, pd, ed = fields(x[:, None], cond["shape"][bidx])
-        fold = fields.folded(cond["shape"], sm["pose_feature"] - sm["pose_feature_c"], sm["exp"] - sm["exp_c"])
+        fold = fields.folded(cond["shape"], fl.pose_feature - fl.pose_feature_c, fl.exp - fl.exp_c)
         w, offset = fold(x, bidx)
-        off_ref = ((ed[:, 0] * (sm["exp"] - sm["exp_c"])[bidx][:, None, :]).sum(-1)
-                   + (pd[:, 0] * (sm["pose_feature"] - sm["pose_feature_c"])[bidx][:, :, None]).sum(-2))
-        xd_ref = lbs_deform(x, w_ref[:, 0], ed[:, 0], pd[:, 0], sm["tfs"][bidx], sm["tfs_c"][bidx], sm["exp"][bidx],
-                            sm["exp_c"][bidx], sm["pose_feature"][bidx], sm["pose_feature_c"][bidx])
-        xd_fold = skin_offset(x, w, offset, sm["tfs"][bidx], sm["tfs_c"][bidx])
+        off_ref = ((ed[:, 0] * (fl.exp - fl.exp_c)[bidx][:, None, :]).sum(-1)
+                   + (pd[:, 0] * (fl.pose_feature - fl.pose_feature_c)[bidx][:, :, None]).sum(-2))
+        xd_ref = lbs_deform(x, w_ref[:, 0], ed[:, 0], pd[:, 0], fl.tfs[bidx], fl.tfs_c[bidx], fl.exp[bidx],
+                            fl.exp_c[bidx], fl.pose_feature[bidx], fl.pose_feature_c[bidx])
+        xd_fold = skin_offset(x, w, offset, fl.tfs[bidx], fl.tfs_c[bidx])
     assert off_ref.abs().max() > 1e-3  # the blendshapes matter here
     dx = fields.disp_net(x[:, None], cond["shape"][bidx])
     assert dx.norm(dim=-1).mean() > 3e-3  # and so does the warp
@@ -480,17 +481,19 @@ def test_folded_deformation_keeps_the_plain_gradients_float64(net):
     path) give the plain forward deformation's values and its gradients with respect to the
     networks' parameters, betas, the joint transforms, the expression and x."""
     fields = _perturbed(copy.deepcopy(net).double(), 0.02)
-    xd, cond, sm, x0, bidx = _float64_points(40, seed=6)
+    xd, cond, fl, x0, bidx = _float64_points(40, seed=6)
     B = xd.shape[0]
     weight = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
 
     def grads(folded):
         d = FastForwardDeformer(fields, folded=folded)
         betas = cond["shape"].clone().requires_grad_(True)
-        smg = {k: v.clone().requires_grad_(k in ("tfs", "tfs_c", "exp")) for k, v in d._smpl(sm, B, xd).items()}
+        checked = d._checked_flame(fl, B, xd)
+        flg = replace(checked, tfs=checked.tfs.clone().requires_grad_(True),
+                      tfs_c=checked.tfs_c.clone().requires_grad_(True), exp=checked.exp.clone().requires_grad_(True))
         x = x0.clone().requires_grad_(True)
-        out = d.folded_deform(betas, smg)(x, bidx)
-        leaves = [x, betas, smg["tfs"], smg["tfs_c"], smg["exp"]] + all_params(fields)
+        out = d.folded_deform(betas, flg)(x, bidx)
+        leaves = [x, betas, flg.tfs, flg.tfs_c, flg.exp] + all_params(fields)
         return out.detach(), torch.autograd.grad((out * weight).sum(), leaves, allow_unused=True)
 
     val_p, grad_p = grads(False)
@@ -533,24 +536,24 @@ def test_folded_skinning_matches_skin_offset_also_where_singular():
 
 
 def test_folded_search_equals_the_plain_search(net):
-    xd, cond, sm = make_problem(N=200)
+    xd, cond, fl = make_problem(N=200)
     plain = FastForwardDeformer(net, folded=False)
     fast = FastForwardDeformer(net)
-    xp, vp = plain.search(xd, cond, sm)
-    xf, vf = fast.search(xd, cond, sm)
+    xp, vp = plain.search(xd, cond, fl)
+    xf, vf = fast.search(xd, cond, fl)
     assert (vp != vf).float().mean() < 0.002
     assert (xp - xf).norm(dim=-1)[vp & vf].max() < 1e-5
 
 
 def test_inits_with_equal_rigid_maps_are_searched_once(net):
-    xd, cond, sm = make_problem(N=200)
-    rep = FastForwardDeformer(net)._same_inits(sm)
+    xd, cond, fl = make_problem(N=200)
+    rep = FastForwardDeformer(net)._same_inits(fl)
     # items 0-2 keep their eyes at rest: eye inits (3, 4) start where the neck's (1) does; item 0
     # does not turn the neck either, so the neck's start is the root's; item 3 moves every joint
     assert rep.tolist() == [[0, 0, 2, 0, 0], [0, 1, 2, 1, 1], [0, 1, 2, 1, 1], [0, 1, 2, 3, 4]]
     with torch.no_grad():
-        xs, vs, info = FastForwardDeformer(net).search(xd, cond, sm, return_info=True)
-        xa, va = NoSharedInits(net).search(xd, cond, sm)
+        xs, vs, info = FastForwardDeformer(net).search(xd, cond, fl, return_info=True)
+        xa, va = NoSharedInits(net).search(xd, cond, fl)
     assert (vs != va).float().mean() < 0.002
     assert (xs - xa).norm(dim=-1)[vs & va].max() < 1e-5
 
@@ -562,9 +565,9 @@ def test_occupancy_once_per_distinct_root_same_values_and_gradients(net):
     torch.manual_seed(4)
     occ_net = nn.Sequential(nn.Linear(3, 32), nn.Softplus(beta=10), nn.Linear(32, 1)).double()
     net = copy.deepcopy(net).double()
-    xd, cond, sm = make_problem(N=150, dtype=torch.float64)
+    xd, cond, fl = make_problem(N=150, dtype=torch.float64)
     fast = FastForwardDeformer(net)
-    xc, valid = fast(xd, cond, sm)  # with the implicit-differentiation graph
+    xc, valid = fast(xd, cond, fl)  # with the implicit-differentiation graph
     rep = fast.repeated_roots(xc, valid)
     assert rep.any() and not (rep & ~valid).any()
     calls = []

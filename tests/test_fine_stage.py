@@ -77,7 +77,7 @@ def test_cache_of_sphere_head_with_root_skinning(head_model_path, method):
                                method=method)
     cache = out["cache"].numpy()
     assert cache.shape == (n_views, RES, RES, 4) and cache.dtype == np.float32
-    j0 = model.flame_server(params[None])["joints_c"][0, 0].double().numpy()
+    j0 = model.flame_server(params[None]).joints_c[0, 0].double().numpy()
     R_fit = batch_rodrigues(params[4:7].double()).numpy()
     px = -1 + (np.arange(RES) + 0.5) * 2 / RES
     X, Y = np.meshgrid(px, -px)  # row i has y = 1 - (i + 0.5) 2 / res

@@ -16,7 +16,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from lib.flame import FLAME, FLAMEServer, FlameModelError, load_flame_model
+from lib.flame import FLAME, FLAMEServer, FlameFrames, FlameModelError, load_flame_model
 from lib.flame.lbs import (batch_rodrigues, deform_canonical, matrix_to_axis_angle,
                            pose_to_feature, rigid_chain, skin_points, unskin_points)
 
@@ -195,13 +195,13 @@ def test_deform_canonical_identity_and_flame_vertices(server, flame):
     w = flame.lbs_weights.expand(B, -1, -1)
     E = flame.expdirs_scaled
     P = flame.posedirs_scaled
-    same = deform_canonical(out["verts_c"], w, E, P, out["exp_c"], out["pose_feature_c"],
-                            out["tfs_c"], out["exp_c"], out["pose_feature_c"], out["tfs_c"])
-    assert torch.allclose(same, out["verts_c"], atol=1e-6)
-    xd = deform_canonical(out["verts_c"], w, E.expand(B, -1, -1, -1), P.expand(B, -1, -1, -1),
-                          out["exp"], out["pose_feature"], out["tfs"],
-                          out["exp_c"], out["pose_feature_c"], out["tfs_c"])
-    assert (xd - out["verts"]).abs().max() < TOL
+    same = deform_canonical(out.verts_c, w, E, P, out.exp_c, out.pose_feature_c,
+                            out.tfs_c, out.exp_c, out.pose_feature_c, out.tfs_c)
+    assert torch.allclose(same, out.verts_c, atol=1e-6)
+    xd = deform_canonical(out.verts_c, w, E.expand(B, -1, -1, -1), P.expand(B, -1, -1, -1),
+                          out.exp, out.pose_feature, out.tfs,
+                          out.exp_c, out.pose_feature_c, out.tfs_c)
+    assert (xd - out.verts).abs().max() < TOL
 
 
 # ----------------------------------------------------------------------------- server
@@ -216,23 +216,71 @@ def test_server_canonical_and_param_lengths(server, flame):
     p160 = torch.cat([head, pose6, shape, exp], dim=1)
     a, b = server(p169), server(p160)
     for key in ("verts", "joints", "tfs", "pose_feature", "verts_c", "verts_c_neutral", "pose"):
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+        assert torch.allclose(getattr(a, key), getattr(b, key), atol=1e-6), key
     parts = server.split_params(p160)
     assert parts["scale"].shape == (2, 1) and parts["transl"].shape == (2, 3)
     assert torch.equal(parts["shape"], shape) and torch.equal(parts["exp"], exp)
     expect_c = torch.zeros(2, 15)
     expect_c[:, 6] = 0.2
-    assert torch.equal(a["pose_c"], expect_c) and torch.equal(a["exp_c"], torch.zeros(2, 50))
+    assert torch.equal(a.pose_c, expect_c) and torch.equal(a.exp_c, torch.zeros(2, 50))
     ref_c = flame(shape, torch.zeros(2, 50), expect_c)
-    assert torch.allclose(a["verts_c"], ref_c.vertices, atol=1e-6)
-    assert torch.allclose(a["tfs_c"], ref_c.T, atol=1e-6)
+    assert torch.allclose(a.verts_c, ref_c.vertices, atol=1e-6)
+    assert torch.allclose(a.tfs_c, ref_c.T, atol=1e-6)
     neutral = flame(torch.zeros(2, 100), torch.zeros(2, 50), expect_c)
-    assert torch.allclose(a["verts_c_neutral"], neutral.vertices, atol=1e-6)
+    assert torch.allclose(a.verts_c_neutral, neutral.vertices, atol=1e-6)
     can = server.canonical(shape)
-    assert torch.allclose(can["verts_c"], a["verts_c"], atol=1e-6)
+    assert torch.allclose(can.verts_c, a.verts_c, atol=1e-6)
     for bad in (168, 170, 10):
         with pytest.raises(ValueError, match=str(bad)):
             server.split_params(torch.zeros(2, bad))
+
+
+def test_flame_frames_methods_match_the_plain_tensors(server):
+    """index / detach / to / expand / require of the server's FlameFrames, against the server
+    evaluated on the selected parameter rows and against plain tensor operations."""
+    shape, exp, pose = random_params(3, seed=19)
+    head = torch.cat([torch.rand(3, 1) + 0.5, torch.randn(3, 3)], dim=1)
+    params = torch.cat([head, pose, shape, exp], dim=1).requires_grad_(True)
+    out = server(params)
+    names = ["verts", "joints", "tfs", "pose_feature", "pose", "shape", "exp", "scale", "transl",
+             "verts_c", "joints_c", "tfs_c", "pose_feature_c", "exp_c", "pose_c", "verts_c_neutral"]
+    assert out.present() == names and out.batch_size == 3
+    can = server.canonical(shape)
+    assert set(can.present()) == {"verts_c", "joints_c", "tfs_c", "pose_feature_c", "exp_c",
+                                  "pose_c", "shape"} and can.verts is None
+    # index: rows repeat and reorder as the server evaluated on those rows; an int keeps B = 1
+    idx = torch.tensor([2, 0, 2])
+    for sub, rows in ((out.index(idx), params[idx]), (out.index(1), params[1:2]),
+                      (out.index(torch.tensor([True, False, True])), params[[0, 2]])):
+        ref = server(rows)
+        assert sub.present() == names and sub.batch_size == rows.shape[0]
+        for name in names:
+            assert torch.allclose(getattr(sub, name), getattr(ref, name), atol=1e-6), name
+    assert can.index(slice(0, 2)).verts is None  # absent fields stay absent
+    # detach: same values, no graph; the original keeps its graph
+    assert out.verts.requires_grad
+    det = out.detach()
+    for name in names:
+        assert not getattr(det, name).requires_grad and torch.equal(getattr(det, name), getattr(out, name))
+    # to: every field cast
+    f64 = det.to(torch.float64)
+    for name in names:
+        v = getattr(f64, name)
+        assert v.dtype == torch.float64 and torch.equal(v, getattr(det, name).double()), name
+    # expand: a batch of 1 broadcasts; another size than B (or 1) is an error naming the field
+    one = det.index(0).expand(4)
+    assert one.tfs.shape == (4, 5, 4, 4) and torch.equal(one.tfs[3], det.tfs[0])
+    assert torch.equal(det.expand(3).verts, det.verts)
+    with pytest.raises(ValueError, match="'verts' has batch 3, expected 2"):
+        det.expand(2, where="here")
+    # require / check
+    assert can.require("verts_c", "tfs_c") is can
+    with pytest.raises(ValueError, match=r"here: the FLAME outputs lack \['verts', 'tfs'\]"):
+        can.require("verts", "tfs", "tfs_c", where="here")
+    with pytest.raises(TypeError, match="here: expected the FLAME server's FlameFrames.*dict"):
+        FlameFrames.check({"tfs": det.tfs}, "here")
+    with pytest.raises(ValueError, match="no tensor"):
+        FlameFrames().batch_size
 
 
 def test_view_params_and_scan_transform(server):
@@ -248,12 +296,12 @@ def test_view_params_and_scan_transform(server):
     assert (batch_rodrigues(vp[:, 4:7].double()) - want).abs().max() < 1e-6
     assert torch.equal(vp[:, 7:], params[:, 7:]) and torch.equal(vp[:, :4], params[:, :4])
     T = server.scan_view_transform(params, k)
-    scan = server(params)["verts"]
-    view = server(vp)["verts"]
+    scan = server(params).verts
+    view = server(vp).verts
     moved = scan @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
     assert (moved - view).abs().max() < TOL
     # the original's formula: the posed scan turned by the yaw about the root joint
-    j0 = server(params)["joints"][:, 0].double()                  # [B, 3]
+    j0 = server(params).joints[:, 0].double()                     # [B, 3]
     turned = (scan.double() - j0[:, None]) @ R_yaw.T + j0[:, None]
     assert (moved.double() - turned).abs().max() < TOL
 
@@ -351,4 +399,4 @@ def test_cuda_forward_parity(model_file):
     server = FLAMEServer(path).to("cuda")
     params = torch.cat([torch.ones(4, 1), torch.zeros(4, 3), pose, shape, exp], dim=1).cuda()
     res = server(params)
-    assert res["verts_c"].is_cuda and res["tfs"].device.type == "cuda"
+    assert res.verts_c.is_cuda and res.tfs.device.type == "cuda"

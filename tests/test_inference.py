@@ -306,7 +306,7 @@ def test_reenact_mouth_follows_the_jaw(trained, tmp_path):
         params = np.repeat(occ["flame_params"][None], 2, 0)
     params[:, 4:19] = pose[:2]
     with torch.no_grad():
-        flame = FLAMEServer(str(trained["data"]["flame"]))(torch.from_numpy(params))["verts"]
+        flame = FLAMEServer(str(trained["data"]["flame"]))(torch.from_numpy(params)).verts
     f_move = flame[1] - flame[0]
     dist, idx = (t[0] for t in nearest_neighbor(v[0][None], flame[:1]))
     near = dist < 0.06
@@ -331,7 +331,7 @@ def _heldout_scan(trained, path: Path) -> dict:
     server = FLAMEServer(str(trained["data"]["flame"]))
     params = random_flame_params(np.random.default_rng(11), jaw=0.15)
     with torch.no_grad():
-        v = server(torch.from_numpy(params)[None])["verts"][0].double().numpy()
+        v = server(torch.from_numpy(params)[None]).verts[0].double().numpy()
     raw = (v * [1.0, -1.0, -1.0]) * 0.2 + [3.0, -1.0, 5.0]
     colors = (head_colors(server.flame.v_template.numpy()) * 255).astype(np.uint8)
     trimesh.Trimesh(raw, server.flame.faces.numpy(), vertex_colors=colors,
@@ -379,7 +379,7 @@ def test_geometry_fit_with_given_flame_parameters_on_stage1(trained, tmp_path):
     server = FLAMEServer(str(trained["data"]["flame"]))
     params = random_flame_params(np.random.default_rng(12), jaw=0.1)
     with torch.no_grad():
-        v = server(torch.from_numpy(params)[None])["verts"][0].double().numpy()
+        v = server(torch.from_numpy(params)[None]).verts[0].double().numpy()
     raw, transl = flame_to_scan_space(v, 1.2, [0.03, -0.02], server.flame.z_shift, 0.1)
     save_obj(tmp_path / "scan.obj", raw, server.flame.faces.numpy())  # untextured
     save_flame_params(tmp_path / "scan_flame.pkl", params[4:19], params[19:169], 1.2, transl)

@@ -128,8 +128,8 @@ def test_stage1_terms_of_a_tiny_model(head_model_path, tmp_path, monkeypatch):
         model.z_shapes.weight.normal_(0.0, 0.3)
     params = torch.from_numpy(np.stack([random_flame_params(np.random.default_rng(i), 0.1)
                                         for i in range(2)]))
-    smpl = model.flame_server(params)
-    pts_d = smpl["verts"][:, ::20] + 0.02 * torch.randn(2, smpl["verts"][:, ::20].shape[1], 3)
+    flame_out = model.flame_server(params)
+    pts_d = flame_out.verts[:, ::20] + 0.02 * torch.randn(2, flame_out.verts[:, ::20].shape[1], 3)
     batch = {"index": torch.tensor([0, 1]), "params": params, "pts_d": pts_d,
              "occ_gt": (torch.rand(2, pts_d.shape[1], 1) > 0.5).float()}
     # bone points replaced by the joints themselves, to check where occupancy is evaluated
@@ -142,8 +142,8 @@ def test_stage1_terms_of_a_tiny_model(head_model_path, tmp_path, monkeypatch):
     torch.testing.assert_close(terms["reg_lbs"], 1e-3 * (z ** 2).mean())  # twice in total
 
     # bootstrapping on the shape-NEUTRAL joints (shape 0), evaluated there directly
-    neutral = model.flame_server.canonical(torch.zeros(1, 100))["joints_c"].expand(2, -1, -1)
-    shaped = smpl["joints_c"]
+    neutral = model.flame_server.canonical(torch.zeros(1, 100)).joints_c.expand(2, -1, -1)
+    shaped = flame_out.joints_c
     assert (neutral - shaped).abs().max() > 1e-3  # the test can tell them apart
     with torch.no_grad():
         occ = model.occupancy_fn(model.generator(z))(neutral)
@@ -162,15 +162,15 @@ def test_stage1_selected_correspondence_is_the_max_occupancy_init(head_model_pat
     torch.manual_seed(0)
     model = _coarse_model(head_model_path, tmp_path)
     params = torch.from_numpy(random_flame_params(np.random.default_rng(5), 0.1))[None]
-    smpl = model.flame_server(params)
-    pts_d = smpl["verts"][:, ::40]
+    flame_out = model.flame_server(params)
+    pts_d = flame_out.verts[:, ::40]
     z = model.z_shapes.weight[:1]
     with torch.no_grad():
-        out = model.deformed_occupancy(pts_d, z, smpl)
+        out = model.deformed_occupancy(pts_d, z, flame_out)
         xc = out["xc"]
         B, N, I, _ = xc.shape
         safe = torch.where(out["valid"][..., None], xc, torch.zeros_like(xc))
-        occ = model.canonical_occupancy(safe.reshape(1, N * I, 3), z, smpl["shape"])
+        occ = model.canonical_occupancy(safe.reshape(1, N * I, 3), z, flame_out.shape)
         occ = occ.reshape(1, N, I).masked_fill(~out["valid"], -1000.0)
     found = out["valid"].any(-1)
     assert found.float().mean() > 0.5

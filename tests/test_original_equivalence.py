@@ -156,12 +156,12 @@ def test_flame_matches(case):
     model, a, _, _, _ = case
     table: list = []
     params = torch.from_numpy(a["flame_params"])
-    smpl = model.flame_server(params)
-    compare("flame tfs", smpl["tfs"], a["flame_tfs"], table)
-    compare("flame verts", smpl["verts"][:, a["flame_vert_ids"]], a["flame_verts"], table)
-    compare("flame pose feature", smpl["pose_feature"], a["flame_pose_feature"], table)
-    compare("flame canonical tfs", smpl["tfs_c"], a["flame_tfs_cano"], table)
-    compare("flame canonical verts", smpl["verts_c"][:, a["flame_vert_ids"]],
+    flame_out = model.flame_server(params)
+    compare("flame tfs", flame_out.tfs, a["flame_tfs"], table)
+    compare("flame verts", flame_out.verts[:, a["flame_vert_ids"]], a["flame_verts"], table)
+    compare("flame pose feature", flame_out.pose_feature, a["flame_pose_feature"], table)
+    compare("flame canonical tfs", flame_out.tfs_c, a["flame_tfs_cano"], table)
+    compare("flame canonical verts", flame_out.verts_c[:, a["flame_vert_ids"]],
             a["flame_verts_cano"], table)
 
 
@@ -200,14 +200,14 @@ def test_skinning_fields_and_displacement(case):
     model, a, _, _, _ = case
     table: list = []
     pts = torch.from_numpy(a["pts_c"])
-    smpl = model.flame_server(torch.from_numpy(a["flame_params"]))
+    flame_out = model.flame_server(torch.from_numpy(a["flame_params"]))
     rows = a["blend_point_rows"]
     B, N = pts.shape[:2]
     with torch.no_grad():
         # the original's query_weights: the LBS network at the given point (no warp), and its
         # private query with the warp: the fields of a shaped point
         for label, fields, ref in (("", model.deformer.lbs_net.lbs(pts), "qw_"),
-                                   (" (warped)", model.deformer.lbs_net(pts, smpl["shape"]),
+                                   (" (warped)", model.deformer.lbs_net(pts, flame_out.shape),
                                     "qw_warp_")):
             w, pose_dirs, expr_dirs = fields
             compare("skinning weights" + label, w, a[ref + "weights"], table)
@@ -215,7 +215,7 @@ def test_skinning_fields_and_displacement(case):
                     a[ref + "posedirs"], table)
             compare("expression blendshapes" + label, expr_dirs.reshape(B * N, 3, -1)[rows],
                     a[ref + "shapedirs"], table)
-        compare("shape-neutral point", pts + model.disp_net(pts, smpl["shape"]),
+        compare("shape-neutral point", pts + model.disp_net(pts, flame_out.shape),
                 a["query_cano"], table)
 
 
@@ -227,10 +227,10 @@ def test_correspondences_of_deformed_points(case):
     table: list = []
     params = torch.from_numpy(a["flame_params"])
     xd = torch.from_numpy(a["pts_d"])
-    smpl = model.flame_server(params)
+    flame_out = model.flame_server(params)
     with torch.no_grad():
-        xc, valid = model.deformer(xd, {"shape": smpl["shape"]}, smpl, eval_mode=True)
-        xn = xc + model.disp_net(xc.flatten(1, 2), smpl["shape"]).reshape(xc.shape)
+        xc, valid = model.deformer(xd, {"shape": flame_out.shape}, flame_out, eval_mode=True)
+        xn = xc + model.disp_net(xc.flatten(1, 2), flame_out.shape).reshape(xc.shape)
     theirs = a["def_valid_ids"]
     agree = float((valid.numpy() == theirs).mean())
     assert agree >= 0.995, f"converged inits agree on {agree:.4f} only"
@@ -271,7 +271,7 @@ def test_networks_at_the_originals_roots(case):
     table: list = []
     params = torch.from_numpy(a["flame_params"])
     codes = model.codes(torch.from_numpy(a["subject_index"]))
-    smpl = model.flame_server(params)
+    flame_out = model.flame_server(params)
     found = a["fwd_valid_mask"][..., 0]
     xn = torch.from_numpy(a["fwd_pts_c"])
     M = xn.shape[1]
@@ -282,10 +282,10 @@ def test_networks_at_the_originals_roots(case):
         normal_c, nfeat = model.norm_network(
             xn, torch.cat([codes["z_detail"][:, None].expand(-1, M, -1), gfeat], -1),
             return_features=True)
-        cond = torch.cat([codes["z_color"], pose_exp_condition(smpl)], -1)
+        cond = torch.cat([codes["z_color"], pose_exp_condition(flame_out)], -1)
         rgb = model.tex_network(xn, torch.cat([cond[:, None].expand(-1, M, -1), gfeat, nfeat], -1))
         w = model.deformer.lbs_net.lbs(xn)[0]
-        normal = skin_normals(blend_transforms(w, smpl["tfs"]), normal_c)
+        normal = skin_normals(blend_transforms(w, flame_out.tfs), normal_c)
     compare("occupancy at the original's roots", occ, a["fwd_occ"], table, mask=found)
     compare("weights at the original's roots", w, a["fwd_weights"], table, mask=found)
     compare("normals at the original's roots", normal, a["fwd_norm"], table, mask=found)

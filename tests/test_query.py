@@ -28,7 +28,7 @@ def _posed_points(model, params: torch.Tensor, n: int = 150, seed: int = 0) -> t
     """[1, n, 3] points on and near the posed head-model surface of params [1, P]."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        verts = model.flame_server(params)["verts"][0]
+        verts = model.flame_server(params).verts[0]
     pick = torch.randperm(verts.shape[0], generator=gen)[:n]
     return (verts[pick] + 0.003 * torch.randn(n, 3, generator=gen))[None]
 
@@ -69,10 +69,10 @@ def test_occupancy_and_surface_correspondences(fine_model):
     valid = out["valid"][0]
     assert valid.float().mean() > 0.9  # points on the head model's surface are found
     # the found canonical points map back onto the queried points
-    smpl = fine_model.flame_server(params)
+    flame_out = fine_model.flame_server(params)
     with torch.no_grad():
         back = fine_model.deformer.forward_deform(
-            out["xc"], {"z_shape": codes["z_shape"], "shape": smpl["shape"]}, smpl)
+            out["xc"], {"z_shape": codes["z_shape"], "shape": flame_out.shape}, flame_out)
     assert (back[0, valid] - xd[0, valid]).norm(dim=-1).max() < 1e-3
     normals = out["normal"][0, valid]
     torch.testing.assert_close(normals.norm(dim=-1), torch.ones(len(normals)), atol=1e-4,
@@ -80,7 +80,7 @@ def test_occupancy_and_surface_correspondences(fine_model):
     assert torch.all(out["normal"][0, ~valid] == 0) and torch.all(out["color"][0, ~valid] == 0)
     # the surface point kept is the valid root of highest occupancy: never below the max
     with torch.no_grad():
-        at_xc = fine_model.canonical_occupancy(out["xc"], codes["z_shape"], smpl["shape"])
+        at_xc = fine_model.canonical_occupancy(out["xc"], codes["z_shape"], flame_out.shape)
     torch.testing.assert_close(at_xc[0, valid, 0], logits[0, valid], rtol=1e-4, atol=1e-4)
 
 
@@ -89,8 +89,8 @@ def test_a_global_rotation_moves_everything_rigidly(fine_model):
     turned = params.clone()
     turned[0, 4:7] = torch.tensor([0.2, -0.5, 0.1])  # the global rotation (axis-angle)
     with torch.no_grad():
-        v0 = fine_model.flame_server(params)["verts"][0].double().numpy()
-        v1 = fine_model.flame_server(turned)["verts"][0].double().numpy()
+        v0 = fine_model.flame_server(params).verts[0].double().numpy()
+        v1 = fine_model.flame_server(turned).verts[0].double().numpy()
     r, t = _rigid(v0, v1)
     assert np.abs(v0 @ r.T + t - v1).max() < 1e-5  # the head model moved rigidly
     xd = _posed_points(fine_model, params, seed=1)
@@ -111,9 +111,9 @@ def test_a_global_rotation_moves_everything_rigidly(fine_model):
     from lib.model.query import pose_exp_condition, query_fine
 
     with torch.no_grad():
-        smpl_b = fine_model.flame_server(turned)
-        _, rgb = query_fine(fine_model, a["xc"], codes["z_shape"], smpl_b["shape"],
-                            codes["z_detail"], codes["z_color"], pose_exp_condition(smpl_b))
+        flame_b = fine_model.flame_server(turned)
+        _, rgb = query_fine(fine_model, a["xc"], codes["z_shape"], flame_b.shape,
+                            codes["z_detail"], codes["z_color"], pose_exp_condition(flame_b))
     torch.testing.assert_close(b["color"][0, both], rgb[0, both], rtol=0, atol=2e-3)
 
 
@@ -160,17 +160,17 @@ def test_surface_normals_skin_with_the_neutral_point_weights_and_target_transfor
             out_layer.weight.copy_(torch.randn(saved.shape, generator=torch.Generator().manual_seed(0))
                                    * 0.01)
             out = fine_model.surface(xd, params, codes)
-            smpl = fine_model.flame_server(params)
+            flame_out = fine_model.flame_server(params)
             xc, valid = out["xc"], out["valid"][0]
-            xn = xc + fine_model.disp_net(xc, smpl["shape"])
+            xn = xc + fine_model.disp_net(xc, flame_out.shape)
             assert (xn - xc)[0, valid].norm(dim=-1).mean() > 1e-3
             w = fine_model.deformer.lbs_net.lbs(xn)[0][0].double()                     # [N, J]
-            normal_c, _ = query_fine(fine_model, xc, codes["z_shape"], smpl["shape"],
-                                     codes["z_detail"], codes["z_color"], pose_exp_condition(smpl))
+            normal_c, _ = query_fine(fine_model, xc, codes["z_shape"], flame_out.shape,
+                                     codes["z_detail"], codes["z_color"], pose_exp_condition(flame_out))
     finally:
         with torch.no_grad():
             out_layer.weight.copy_(saved)
-    A = torch.einsum("nj,jrc->nrc", w, smpl["tfs"][0, :, :3, :3].double())
+    A = torch.einsum("nj,jrc->nrc", w, flame_out.tfs[0, :, :3, :3].double())
     n = (torch.linalg.inv(A).transpose(-1, -2) @ normal_c[0].double()[..., None])[..., 0]
     n = n / n.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(out["normal"][0, valid].double(), n[valid], rtol=0, atol=1e-5)
@@ -201,8 +201,8 @@ def test_render_cache_of_neutral_points_matches_the_shaped_queries(fine_model):
 
     params = torch.from_numpy(random_flame_params(np.random.default_rng(6), jaw=0.1))[None]
     server = fine_model.flame_server
-    smpl = server(params)
-    smpl_view = server(server.view_params(params, 2))
+    flame_out = server(params)
+    flame_view = server(server.view_params(params, 2))
     codes = fine_model.codes(torch.tensor([1]))
     R = 6
     g = torch.Generator().manual_seed(4)
@@ -214,19 +214,19 @@ def test_render_cache_of_neutral_points_matches_the_shaped_queries(fine_model):
     try:
         with torch.no_grad():  # a non-trivial warp
             out_layer.weight.copy_(torch.randn(saved.shape, generator=g) * 0.01)
-            xn = xc + fine_model.disp_net(xc, smpl["shape"])
+            xn = xc + fine_model.disp_net(xc, flame_out.shape)
             assert (xn - xc).norm(dim=-1).mean() > 1e-3
-            got = render_cache(fine_model, xn.reshape(1, R, R, 3), mask, smpl, smpl_view, codes,
+            got = render_cache(fine_model, xn.reshape(1, R, R, 3), mask, flame_out, flame_view, codes,
                                extra=extra)
             pts = torch.cat([xc, extra], dim=1)
-            n_c, rgb = query_fine(fine_model, pts, codes["z_shape"], smpl["shape"],
-                                  codes["z_detail"], codes["z_color"], pose_exp_condition(smpl))
-            w = fine_model.deformer.lbs_net(pts, smpl["shape"])[0]
+            n_c, rgb = query_fine(fine_model, pts, codes["z_shape"], flame_out.shape,
+                                  codes["z_detail"], codes["z_color"], pose_exp_condition(flame_out))
+            w = fine_model.deformer.lbs_net(pts, flame_out.shape)[0]
     finally:
         with torch.no_grad():
             out_layer.weight.copy_(saved)
     L = R * R
-    n_d = skin_normals(blend_transforms(w[:, :L], smpl_view["tfs"]), n_c[:, :L])
+    n_d = skin_normals(blend_transforms(w[:, :L], flame_view.tfs), n_c[:, :L])
     m = mask.reshape(-1)
     img_n = got["normal"][0].permute(1, 2, 0).reshape(-1, 3)
     img_c = got["rgb"][0].permute(1, 2, 0).reshape(-1, 3)

@@ -50,17 +50,17 @@ def test_search_recovers_canonical_model_vertices(head_model_path, eval_mode):
     params[0, 4 + 1] = math.radians(30)  # head turned 30 degrees (global y)
     params[0, 4 + 6] = 0.3  # jaw open
     with torch.no_grad():
-        smpl = server(params)
-    fields = NearestVertexFields(smpl["verts_c"][0], flame.weights, flame.posedirs_scaled,
+        flame_out = server(params)
+    fields = NearestVertexFields(flame_out.verts_c[0], flame.weights, flame.posedirs_scaled,
                                  flame.expdirs_scaled)
     deformer = ForwardDeformer(fields, n_joints=len(flame.parents), max_steps=50)
     # every second vertex keeps the test fast; all regions (jaw, eyes, neck) are covered
-    sel = torch.arange(0, smpl["verts"].shape[1], 2)
-    xd = smpl["verts"][:, sel]
-    truth = smpl["verts_c"][:, sel]
-    cond = {"shape": smpl["shape"]}
+    sel = torch.arange(0, flame_out.verts.shape[1], 2)
+    xd = flame_out.verts[:, sel]
+    truth = flame_out.verts_c[:, sel]
+    cond = {"shape": flame_out.shape}
     with torch.no_grad():
-        xc, valid = deformer(xd, cond, smpl, eval_mode=eval_mode)
+        xc, valid = deformer(xd, cond, flame_out, eval_mode=eval_mode)
     err = (xc - truth[:, :, None]).norm(dim=-1)  # [1, N, I]
     err = torch.where(valid, err, torch.full_like(err, float("inf")))
     recovered = (err.min(dim=-1).values < 1e-4).float().mean().item()

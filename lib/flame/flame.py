@@ -30,7 +30,8 @@ SCALE_FACTOR = 6.0
 
 @dataclass
 class FlameOutput:
-    """FLAME results in the scaled space.
+    """FLAME layer results in the scaled space (FLAMEServer turns them into the FlameFrames
+    of lib/flame/frames.py, which the rest of the project reads).
 
     vertices [B, V, 3]; joints [B, J, 3] posed joints; T [B, J, 4, 4] rest->posed bone
     transforms; weights [V, J] skinning weights; pose_feature [B, Q].

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .flame import FLAME, expand_pose
+from .frames import FlameFrames
 from .lbs import batch_rodrigues, matrix_to_axis_angle, rigid_inverse
 
 __all__ = ["FLAMEServer"]
@@ -69,20 +70,22 @@ class FLAMEServer(nn.Module):
         return pose
 
     # ------------------------------------------------------------ evaluation
-    def canonical(self, shape: torch.Tensor) -> dict:
-        """Canonical-space FLAME for shapes [B, S] -> dict(verts_c [B,V,3], joints_c [B,J,3],
-        tfs_c [B,J,4,4], pose_feature_c [B,Q], exp_c [B,X] zeros, pose_c [B,15])."""
+    def canonical(self, shape: torch.Tensor) -> FlameFrames:
+        """Canonical-space FLAME for shapes [B, S] -> FlameFrames with verts_c [B,V,3],
+        joints_c [B,J,3], tfs_c [B,J,4,4], pose_feature_c [B,Q], exp_c [B,X] zeros,
+        pose_c [B,15] and shape [B,S] (the other fields None)."""
         ref = self.flame.v_template
         shape = shape.to(device=ref.device, dtype=ref.dtype)
         B = shape.shape[0]
         exp_c = torch.zeros(B, self.n_exp, dtype=ref.dtype, device=ref.device)
         pose_c = self.canonical_pose(B, ref)
         out = self.flame(shape, exp_c, pose_c)
-        return {"verts_c": out.vertices, "joints_c": out.joints, "tfs_c": out.T,
-                "pose_feature_c": out.pose_feature, "exp_c": exp_c, "pose_c": pose_c}
+        return FlameFrames(verts_c=out.vertices, joints_c=out.joints, tfs_c=out.T,
+                           pose_feature_c=out.pose_feature, exp_c=exp_c, pose_c=pose_c,
+                           shape=shape)
 
-    def forward(self, params: torch.Tensor) -> dict:
-        """params [B, 169] or [B, 160] -> dict with
+    def forward(self, params: torch.Tensor) -> FlameFrames:
+        """params [B, 169] or [B, 160] -> FlameFrames (lib/flame/frames.py) with every field:
         posed (scaled by scale, moved by transl): verts [B,V,3], joints [B,J,3], tfs [B,J,4,4],
                pose_feature [B,Q],
                pose [B,15], shape [B,S], exp [B,X], scale [B,1], transl [B,3];
@@ -105,16 +108,16 @@ class FLAMEServer(nn.Module):
         tfs = out.T[posed].clone()
         tfs[:, :, :3, :] = tfs[:, :, :3, :] * s[:, None, :, None]
         tfs[:, :, :3, 3] = tfs[:, :, :3, 3] + t[:, None, :]
-        return {
-            "verts": out.vertices[posed] * s[:, None] + t[:, None],
-            "joints": out.joints[posed] * s[:, None] + t[:, None], "tfs": tfs,
-            "pose_feature": out.pose_feature[posed], "pose": p["pose"], "shape": p["shape"],
-            "exp": p["exp"], "scale": p["scale"], "transl": p["transl"],
-            "verts_c": out.vertices[canon], "joints_c": out.joints[canon],
-            "tfs_c": out.T[canon], "pose_feature_c": out.pose_feature[canon],
-            "exp_c": zeros_exp, "pose_c": pose_c,
-            "verts_c_neutral": out.vertices[neutral],
-        }
+        return FlameFrames(
+            verts=out.vertices[posed] * s[:, None] + t[:, None],
+            joints=out.joints[posed] * s[:, None] + t[:, None], tfs=tfs,
+            pose_feature=out.pose_feature[posed], pose=p["pose"], shape=p["shape"],
+            exp=p["exp"], scale=p["scale"], transl=p["transl"],
+            verts_c=out.vertices[canon], joints_c=out.joints[canon],
+            tfs_c=out.T[canon], pose_feature_c=out.pose_feature[canon],
+            exp_c=zeros_exp, pose_c=pose_c,
+            verts_c_neutral=out.vertices[neutral],
+        )
 
     # ------------------------------------------------------------ multi-view
     def view_params(self, params: torch.Tensor, k, n_views: int = 9) -> torch.Tensor:

@@ -176,13 +176,13 @@ class Avatar:
         shape_slice = slice(params.shape[-1] - server.n_exp - server.n_shape,
                             params.shape[-1] - server.n_exp)
         params[:, shape_slice] = self.betas
-        smpl = server(params)
-        verts = deform_mesh(self.verts_c, self.fields, smpl)
+        flame_out = server(params)
+        verts = deform_mesh(self.verts_c, self.fields, flame_out)
         if not self.has_color:
             return verts, vertex_normals(verts, self.faces)
         normals_c = self.surface()[0]
         B = verts.shape[0]
-        blend = blend_transforms(self.fields[0][None].expand(B, -1, -1), smpl["tfs"])
+        blend = blend_transforms(self.fields[0][None].expand(B, -1, -1), flame_out.tfs)
         return verts, skin_normals(blend, normals_c[None].expand(B, -1, -1))
 
     # ------------------------------------------------------------------ pictures

@@ -173,7 +173,7 @@ def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = Fa
     scan_v = torch.as_tensor(verts_f).to(ref)
     size = head_size(verts_f)
     with torch.no_grad():
-        flame_v = server(params)["verts"][0]
+        flame_v = server(params).verts[0]
     fit_v, fit_n = _posed(fitted, params)
     start_v, _ = _posed(start, params)
     faces_scan = torch.as_tensor(scan.faces, device=ref.device)

@@ -95,9 +95,9 @@ def fit_detail_color(model, params: torch.Tensor, z_shape: torch.Tensor, pts: to
     samples with a canonical correspondence)."""
     server = model.flame_server
     with torch.no_grad():
-        smpl = server(params)
+        flame_out = server(params)
         volume = model.generator(z_shape)
-        xc, valid = surface_correspondences(model, pts[None], z_shape, smpl, eval_mode=True,
+        xc, valid = surface_correspondences(model, pts[None], z_shape, flame_out, eval_mode=True,
                                             volume=volume)
         keep = valid[0]
         if not bool(keep.any()):
@@ -106,9 +106,9 @@ def fit_detail_color(model, params: torch.Tensor, z_shape: torch.Tensor, pts: to
         xc = xc[0, keep]
         n_gt = F.normalize(normals[keep], dim=-1)
         c_gt = None if colors is None else colors[keep]
-        w = model.deformer.lbs_net(xc[None], smpl["shape"])[0]
-        rot = blend_transforms(w, smpl["tfs"])[0]  # [M, 3, 3]
-        pose_exp = pose_exp_condition(smpl)
+        w = model.deformer.lbs_net(xc[None], flame_out.shape)[0]
+        rot = blend_transforms(w, flame_out.tfs)[0]  # [M, 3, 3]
+        pose_exp = pose_exp_condition(flame_out)
     zd = z_detail.detach().clone().requires_grad_(True)
     zc = z_color.detach().clone().requires_grad_(c_gt is not None)
     opt = torch.optim.Adam([zd, zc] if c_gt is not None else [zd], lr=lr)
@@ -117,7 +117,7 @@ def fit_detail_color(model, params: torch.Tensor, z_shape: torch.Tensor, pts: to
     M = xc.shape[0]
     for _ in tqdm(range(steps), desc="fit z_detail/z_color", unit="step"):
         idx = torch.randint(0, M, (min(batch, M),), generator=gen).to(xc.device)
-        normal_c, rgb = query_fine(model, xc[idx][None], z_shape, smpl["shape"], zd, zc,
+        normal_c, rgb = query_fine(model, xc[idx][None], z_shape, flame_out.shape, zd, zc,
                                    pose_exp, volume)
         n = skin_normals(rot[idx][None], normal_c)[0]
         loss_n = (1.0 - (n * n_gt[idx]).sum(-1)).mean()

@@ -91,7 +91,7 @@ def run_reenact(model, avatar: Avatar, motion: dict, out_dir, res: int = 256,
         t_deform += t2 - t1
         t_render += t3 - t2
         with torch.no_grad():
-            drive = server(make_params(drive_shape, pose, exp))["verts"]
+            drive = server(make_params(drive_shape, pose, exp)).verts
             flame_img = render_shaded(drive, server.flame.faces, res)
         for i in range(verts.shape[0]):
             frames.append(np.concatenate([rgb[i].cpu().numpy(), nrm[i].cpu().numpy(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from lib.flame.frames import FlameFrames
 from lib.model.query import (blend_transforms, pose_exp_condition, query_fine, skin_normals)
 
 __all__ = ["pack_points", "scatter_image", "render_cache", "masked_psnr"]
@@ -42,14 +43,14 @@ def scatter_image(values: torch.Tensor, index, res: int, background: float = 1.0
     return img.reshape(B, res, res, 3).permute(0, 3, 1, 2)
 
 
-def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, smpl: dict,
-                 smpl_view: dict, codes: dict, volume: torch.Tensor | None = None,
+def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, flame_out: FlameFrames,
+                 flame_view: FlameFrames, codes: dict, volume: torch.Tensor | None = None,
                  extra: torch.Tensor | None = None) -> dict:
     """Normal and colour images of cached canonical points.
 
     cache_pts: [B, R, R, 3] shape-neutral canonical point per pixel (the cache's content, as
-    the original's); cache_mask: [B, R, R] bool (pixels to render); smpl: FLAMEServer outputs
-    of the scan's own parameters (shape, texture condition); smpl_view: of the view's
+    the original's); cache_mask: [B, R, R] bool (pixels to render); flame_out: the FLAME server's
+    outputs of the scan's own parameters (shape, texture condition); flame_view: of the view's
     parameters (normals are skinned with its target transforms); codes: z_shape [B, Z] (no
     gradient), z_detail, z_color; volume: the generator's volume for z_shape (computed when
     None); extra: [B, M, 3] SHAPED canonical points (stage 2's surface samples, from the
@@ -69,15 +70,15 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, smpl:
     else:
         with torch.no_grad():
             extra = extra.to(packed.dtype)
-            pts = torch.cat([packed, extra + model.disp_net(extra, smpl["shape"])], dim=1)
+            pts = torch.cat([packed, extra + model.disp_net(extra, flame_out.shape)], dim=1)
     if volume is None:
         with torch.no_grad():
             volume = model.generator(z_shape)
-    normal_c, rgb = query_fine(model, pts, z_shape, smpl["shape"], codes["z_detail"],
-                               codes["z_color"], pose_exp_condition(smpl), volume, neutral=True)
+    normal_c, rgb = query_fine(model, pts, z_shape, flame_out.shape, codes["z_detail"],
+                               codes["z_color"], pose_exp_condition(flame_out), volume, neutral=True)
     with torch.no_grad():
         w = model.deformer.lbs_net.lbs(pts)[0]  # [B, L + M, J]: neutral points, no warp
-        rot_view = blend_transforms(w[:, :L], smpl_view["tfs"])
+        rot_view = blend_transforms(w[:, :L], flame_view.tfs)
     out = {"normal": scatter_image(skin_normals(rot_view, normal_c[:, :L]), index, R),
            "rgb": scatter_image(rgb[:, :L], index, R)}
     if extra is not None:

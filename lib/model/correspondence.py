@@ -55,13 +55,13 @@ def scan_correspondences(model, index: int, params: torch.Tensor, n_views: int =
     idx = torch.tensor([index], device=device)
     z_shape = model.codes(idx)["z_shape"]
     server = model.flame_server
-    smpl = server(params)
-    betas = smpl["shape"]
+    flame_out = server(params)
+    betas = flame_out.shape
     mesh = extract_canonical_mesh(model, z_shape, betas, res_final=mesh_res)
     fields = mesh_fields(mesh.verts, model.deformer.lbs_net, betas)
     view_params = torch.cat([server.view_params(params, k, n_views) for k in range(n_views)])
-    smpl_views = server(view_params)
-    verts_d = deform_mesh(mesh.verts, fields, smpl_views)  # [K, V, 3]
+    flame_views = server(view_params)
+    verts_d = deform_mesh(mesh.verts, fields, flame_views)  # [K, V, 3]
     frags = rasterize(verts_d, mesh.faces, res)
     hit = frags.mask  # [K, R, R] bool
     if method == "mesh":
@@ -75,11 +75,10 @@ def scan_correspondences(model, index: int, params: torch.Tensor, n_views: int =
         for k in range(n_views):
             pix = hit[k].nonzero(as_tuple=True)
             pts = xd[k][pix]  # [M, 3]
-            smpl_k = {key: (v[k:k + 1] if torch.is_tensor(v) and v.shape[:1] == (n_views,)
-                            else v) for key, v in smpl_views.items()}
+            flame_k = flame_views.index(k)
             for s in range(0, pts.shape[0], chunk):
                 xs, ok = surface_correspondences(model, pts[None, s:s + chunk], z_shape,
-                                                 smpl_k, eval_mode=True, volume=volume)
+                                                 flame_k, eval_mode=True, volume=volume)
                 rows = tuple(p[s:s + chunk] for p in pix)
                 xc[k][rows] = xs[0]
                 valid[k][rows] = ok[0]

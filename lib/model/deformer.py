@@ -11,10 +11,11 @@ Arguments shared by the methods:
         fields (lib/model/neutral_lbs.py evaluates the unconditioned skinning network at the
         shape-neutral point x_c + disp(x_c, betas)) and of the shape-neutral mapping of
         occupancy; other keys are passed through to occ_fn.
-    smpl_out: the FLAME server's dict; used keys: 'tfs' [B, J, 4, 4] target joint transforms,
-        'tfs_c' [B, J, 4, 4] canonical ones, 'pose_feature' [B, Q], 'pose_feature_c' [B, Q],
-        'exp' [B, X], optional 'exp_c' [B, X] (zeros when absent), and 'verts' [B, V, 3]
-        (posed vertices, only to skip far points). A leading dim of 1 is broadcast to B.
+    flame_out: the FLAME server's FlameFrames (lib/flame/frames.py); fields read: tfs
+        [B, J, 4, 4] target joint transforms, tfs_c [B, J, 4, 4] canonical ones, pose_feature
+        [B, Q], pose_feature_c [B, Q], exp [B, X], optional exp_c [B, X] (zeros when None), and
+        verts [B, V, 3] (posed vertices, only to skip far points). A leading dim of 1 is
+        broadcast to B.
 
 forward deformation (docs/design.md, Forward skinning), with w, E, Pd the LBS fields of the
 shaped canonical point x_c (lbs_net(x_c, betas)):
@@ -30,6 +31,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from lib.flame.frames import FlameFrames
 from lib.model.broyden import broyden
 
 __all__ = ["ForwardDeformer", "lbs_deform", "skin_offset", "inv3", "adjugate3", "SKIPPED_LOGIT"]
@@ -102,7 +104,7 @@ def _matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (m * v[..., None, :]).sum(-1)
 
 
-_SMPL_KEYS = ("tfs", "tfs_c", "pose_feature", "pose_feature_c", "exp")
+_DEFORM_FIELDS = ("tfs", "tfs_c", "pose_feature", "pose_feature_c", "exp")  # exp_c: zeros when None
 
 
 class ForwardDeformer(nn.Module):
@@ -142,25 +144,19 @@ class ForwardDeformer(nn.Module):
         return int(self.init_bones.numel())
 
     # ------------------------------------------------------------------ inputs and fields
-    def _smpl(self, smpl_out: Dict[str, torch.Tensor], B: int, ref: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Checked copy of the used smpl_out entries, cast to ref's dtype, leading dim B."""
-        missing = [k for k in _SMPL_KEYS if k not in smpl_out]
-        if missing:
-            raise _err(f"smpl_out lacks {missing} (has {sorted(smpl_out)})")
-        out = {}
-        for k in _SMPL_KEYS + ("exp_c",):
-            if k == "exp_c" and k not in smpl_out:
-                v = torch.zeros_like(out["exp"])
-            else:
-                v = smpl_out[k].to(dtype=ref.dtype)
-            if v.shape[0] == 1 and B > 1:
-                v = v.expand(B, *v.shape[1:])
-            if v.shape[0] != B:
-                raise _err(f"smpl_out['{k}'] has batch {v.shape[0]}, expected {B}")
-            out[k] = v
-        for k in ("tfs", "tfs_c"):
-            if tuple(out[k].shape[1:]) != (self.n_joints, 4, 4):
-                raise _err(f"smpl_out['{k}'] must be [B, {self.n_joints}, 4, 4], got {tuple(out[k].shape)}")
+    def _checked_flame(self, flame_out: FlameFrames, B: int, ref: torch.Tensor) -> FlameFrames:
+        """The fields of flame_out that the deformation reads (tfs, tfs_c, pose_feature,
+        pose_feature_c, exp, exp_c; exp_c zeros when None), checked, cast to ref's dtype, with
+        leading dim B; the other fields None."""
+        where = "lib/model/deformer.py"
+        f = FlameFrames.check(flame_out, where).require(*_DEFORM_FIELDS, where=where)
+        out = FlameFrames(tfs=f.tfs, tfs_c=f.tfs_c, pose_feature=f.pose_feature,
+                          pose_feature_c=f.pose_feature_c, exp=f.exp,
+                          exp_c=torch.zeros_like(f.exp) if f.exp_c is None else f.exp_c)
+        out = out.to(dtype=ref.dtype).expand(B, where=where)
+        for name, tfs in (("tfs", out.tfs), ("tfs_c", out.tfs_c)):
+            if tuple(tfs.shape[1:]) != (self.n_joints, 4, 4):
+                raise _err(f"FLAME output '{name}' must be [B, {self.n_joints}, 4, 4], got {tuple(tfs.shape)}")
         return out
 
     @staticmethod
@@ -180,36 +176,38 @@ class ForwardDeformer(nn.Module):
             raise _err(f"lbs_net returned weights {tuple(w.shape)} for points {tuple(xc.shape)}")
         return w, pose_dirs, expr_dirs
 
-    def _deform_flat(self, xc: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor, sm) -> torch.Tensor:
-        """Forward deformation of flattened points: xc [A, 3], bidx [A] -> xd [A, 3].
+    def _deform_flat(self, xc: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor,
+                     fl: FlameFrames) -> torch.Tensor:
+        """Forward deformation of flattened points: xc [A, 3], bidx [A] -> xd [A, 3]; fl as
+        returned by _checked_flame.
 
         Each point is its own batch item for the LBS network (betas gathered per point)."""
         w, pd, ed = self._fields(xc[:, None, :], betas[bidx])
-        g = {k: v[bidx] for k, v in sm.items()}
-        return lbs_deform(xc, w[:, 0], ed[:, 0], pd[:, 0], g["tfs"], g["tfs_c"], g["exp"], g["exp_c"],
-                          g["pose_feature"], g["pose_feature_c"])
+        g = fl.index(bidx)
+        return lbs_deform(xc, w[:, 0], ed[:, 0], pd[:, 0], g.tfs, g.tfs_c, g.exp, g.exp_c,
+                          g.pose_feature, g.pose_feature_c)
 
     def forward_deform(self, xc: torch.Tensor, cond: Dict[str, torch.Tensor],
-                       smpl_out: Dict[str, torch.Tensor]) -> torch.Tensor:
+                       flame_out: FlameFrames) -> torch.Tensor:
         """Deform canonical points to the target pose/expression. xc: [B, N, 3] -> xd: [B, N, 3]."""
         B = xc.shape[0]
-        return self._deform_items(xc, self._betas(cond, B), self._smpl(smpl_out, B, xc))
+        return self._deform_items(xc, self._betas(cond, B), self._checked_flame(flame_out, B, xc))
 
-    def _deform_items(self, xc: torch.Tensor, betas: torch.Tensor, sm: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """forward_deform on checked inputs: xc [B, N, 3], betas [B, S], sm as returned by _smpl -> xd [B, N, 3]."""
+    def _deform_items(self, xc: torch.Tensor, betas: torch.Tensor, fl: FlameFrames) -> torch.Tensor:
+        """forward_deform on checked inputs: xc [B, N, 3], betas [B, S], fl as returned by
+        _checked_flame -> xd [B, N, 3]."""
         w, pd, ed = self._fields(xc, betas)
-        t = {k: (v[:, None] if k.startswith("tfs") else v[:, None, :]) for k, v in sm.items()}
-        return lbs_deform(xc, w, ed, pd, t["tfs"], t["tfs_c"], t["exp"], t["exp_c"],
-                          t["pose_feature"], t["pose_feature_c"])
+        return lbs_deform(xc, w, ed, pd, fl.tfs[:, None], fl.tfs_c[:, None], fl.exp[:, None],
+                          fl.exp_c[:, None], fl.pose_feature[:, None], fl.pose_feature_c[:, None])
 
     # ------------------------------------------------------------------ initialization
-    def init_maps(self, sm: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Rigid map of each init bone, tfs_c[j] @ inv(tfs[j]): sm (_smpl's dict) -> [B, I, 4, 4]."""
-        return sm["tfs_c"][:, self.init_bones] @ torch.linalg.inv(sm["tfs"][:, self.init_bones])
+    def init_maps(self, fl: FlameFrames) -> torch.Tensor:
+        """Rigid map of each init bone, tfs_c[j] @ inv(tfs[j]): fl (_checked_flame's) -> [B, I, 4, 4]."""
+        return fl.tfs_c[:, self.init_bones] @ torch.linalg.inv(fl.tfs[:, self.init_bones])
 
-    def init_points(self, xd: torch.Tensor, smpl_out: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def init_points(self, xd: torch.Tensor, flame_out: FlameFrames) -> torch.Tensor:
         """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d. xd [B,N,3] -> [B,N,I,3]."""
-        T = self.init_maps(self._smpl(smpl_out, xd.shape[0], xd))                       # [B, I, 4, 4]
+        T = self.init_maps(self._checked_flame(flame_out, xd.shape[0], xd))             # [B, I, 4, 4]
         return torch.einsum("birc,bnc->bnir", T[:, :, :3, :3], xd) + T[:, None, :, :3, 3]
 
     @staticmethod
@@ -221,7 +219,8 @@ class ForwardDeformer(nn.Module):
             rows.append(gk)
         return torch.stack(rows, dim=1)
 
-    def _init_J_inv(self, x0: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor, sm, eval_mode: bool):
+    def _init_J_inv(self, x0: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor, fl: FlameFrames,
+                    eval_mode: bool):
         """Initial inverse Jacobians at x0 [A, 3] -> [A, 3, 3] (identity where singular).
 
         eval_mode: the inverse of the blended target transform (sum_j w_j tfs[j])[:3, :3], w the
@@ -230,30 +229,30 @@ class ForwardDeformer(nn.Module):
         if eval_mode:
             with torch.no_grad():
                 w = self._fields(x0[:, None, :], betas[bidx])[0][:, 0]  # [A, J]
-                J = torch.einsum("aj,ajrc->arc", w, sm["tfs"][bidx][..., :3, :3])
+                J = torch.einsum("aj,ajrc->arc", w, fl.tfs[bidx][..., :3, :3])
         else:  # exact Jacobian of the forward deformation by autograd
             with torch.enable_grad():
                 x = x0.detach().requires_grad_(True)
-                f = self._deform_flat(x, bidx, betas.detach(), {k: v.detach() for k, v in sm.items()})
+                f = self._deform_flat(x, bidx, betas.detach(), fl.detach())
                 J = self._jacobian(f, x, keep_graph=False)
         J_inv, ok = inv3(J.detach())
         eye = torch.eye(3, dtype=x0.dtype, device=x0.device).expand_as(J_inv)
         return torch.where(ok[:, None, None], J_inv, eye)
 
     # ------------------------------------------------------------------ search
-    def _search_setup(self, xd, cond, smpl_out, point_mask):
+    def _search_setup(self, xd, cond, flame_out, point_mask):
         """Detached inputs and the empty result buffers shared by every search mode.
 
-        xd: [B, N, 3]; point_mask: optional [B, N]. Returns xd0 [B, N, 3], betas [B, S], sm (the
-        detached FLAME dict), x_init [B*N, I, 3], xc [B*N, I, 3] (a copy of x_init),
+        xd: [B, N, 3]; point_mask: optional [B, N]. Returns xd0 [B, N, 3], betas [B, S], fl (the
+        detached _checked_flame), x_init [B*N, I, 3], xc [B*N, I, 3] (a copy of x_init),
         valid [B*N, I] False, diff [B*N, I] inf, pts [A] flat indices of the points to solve.
         """
         B, N, _ = xd.shape
         I = self.n_init
         xd0 = xd.detach()
         betas = self._betas(cond, B).detach().to(xd.dtype)
-        sm = {k: v.detach() for k, v in self._smpl(smpl_out, B, xd0).items()}
-        x_init = self.init_points(xd0, sm).reshape(B * N, I, 3)
+        fl = self._checked_flame(flame_out, B, xd0).detach()
+        x_init = self.init_points(xd0, fl).reshape(B * N, I, 3)
         valid = torch.zeros(B * N, I, dtype=torch.bool, device=xd.device)
         diff = torch.full((B * N, I), float("inf"), dtype=xd.dtype, device=xd.device)
         if point_mask is None:
@@ -262,9 +261,9 @@ class ForwardDeformer(nn.Module):
             if tuple(point_mask.shape) != (B, N):
                 raise _err(f"point_mask must be [{B}, {N}], got {tuple(point_mask.shape)}")
             pts = point_mask.reshape(-1).nonzero().squeeze(1)
-        return xd0, betas, sm, x_init, x_init.clone(), valid, diff, pts
+        return xd0, betas, fl, x_init, x_init.clone(), valid, diff, pts
 
-    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
         """Roots of forward_deform(x_c) = x_d from every init, without gradients.
 
@@ -277,7 +276,7 @@ class ForwardDeformer(nn.Module):
         B, N, _ = xd.shape
         I = self.n_init
         with torch.no_grad():
-            xd0, betas, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
+            xd0, betas, fl, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, flame_out,
                                                                           point_mask)
             xd_flat = xd0.reshape(B * N, 3)
             n_steps = 0
@@ -285,7 +284,7 @@ class ForwardDeformer(nn.Module):
                 p = pts[s:s + self.chunk_size]                      # [c]
                 bidx = (p // N).repeat_interleave(I)                # [c*I]
                 target = xd_flat[p].repeat_interleave(I, dim=0)     # [c*I, 3]
-                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, betas, sm, eval_mode)
+                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, betas, fl, eval_mode)
                 xc[p] = out["result"].reshape(-1, I, 3)
                 valid[p] = out["valid_ids"].reshape(-1, I)
                 diff[p] = out["diff"].reshape(-1, I)
@@ -295,7 +294,8 @@ class ForwardDeformer(nn.Module):
             return xc, valid, dict(diff=diff.reshape(B, N, I), n_steps=n_steps)
         return xc, valid
 
-    def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, betas: torch.Tensor, sm,
+    def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, betas: torch.Tensor,
+                     fl: FlameFrames,
                      eval_mode: bool, max_steps: Optional[int] = None, J_inv: Optional[torch.Tensor] = None,
                      deform: Optional[Callable] = None):
         """Broyden through the networks from x0 [A, 3] (batch items bidx [A], targets x_d [A, 3]).
@@ -304,10 +304,10 @@ class ForwardDeformer(nn.Module):
         self.max_steps; deform: (x [A', 3], bidx [A']) -> x_d [A', 3], the forward deformation
         (default: the plain networks, _deform_flat). Returns broyden's dict (result [A, 3],
         diff [A], valid_ids [A], n_steps)."""
-        J0 = self._init_J_inv(x0, bidx, betas, sm, eval_mode) if J_inv is None else J_inv
+        J0 = self._init_J_inv(x0, bidx, betas, fl, eval_mode) if J_inv is None else J_inv
         if deform is None:
             def deform(x, b):
-                return self._deform_flat(x, b, betas, sm)
+                return self._deform_flat(x, b, betas, fl)
 
         def residual(x, mask):
             return deform(x, bidx[mask]) - target[mask]
@@ -315,21 +315,21 @@ class ForwardDeformer(nn.Module):
         steps = self.max_steps if max_steps is None else int(max_steps)
         return broyden(residual, x0, J0, steps, self.cvg_thresh, self.dvg_thresh)
 
-    def _implicit_correction(self, xc_star, bidx, target, betas, sm) -> torch.Tensor:
+    def _implicit_correction(self, xc_star, bidx, target, betas, fl: FlameFrames) -> torch.Tensor:
         """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d, J = dr/dx_c at x_c*.
 
-        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, betas, smpl_out and x_d.
+        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, betas, the FLAME outputs and x_d.
         xc_star [A, 3], bidx [A], target (x_d, may carry a graph) [A, 3] -> [A, 3].
         """
         with torch.enable_grad():
             x = xc_star.detach().requires_grad_(True)
-            f = self._deform_flat(x, bidx, betas, sm)
+            f = self._deform_flat(x, bidx, betas, fl)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
         r = f - target
         return x.detach() - (J_inv @ (r - r.detach())[..., None])[..., 0]
 
-    def forward(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+    def forward(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
                 eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
         """Canonical correspondences of deformed points.
 
@@ -337,15 +337,15 @@ class ForwardDeformer(nn.Module):
         search. Returns xc [B, N, I, 3], valid_ids [B, N, I] (and the info dict with return_info).
         When grad mode is on, valid entries of xc carry the implicit-differentiation graph.
         """
-        xc, valid, info = self.search(xd, cond, smpl_out, eval_mode, point_mask, return_info=True)
+        xc, valid, info = self.search(xd, cond, flame_out, eval_mode, point_mask, return_info=True)
         if torch.is_grad_enabled():
             B, N, I = valid.shape
             v = valid.reshape(-1).nonzero().squeeze(1)  # flat indices into B*N*I
             if v.numel() > 0:
-                sm = self._smpl(smpl_out, B, xd)
+                fl = self._checked_flame(flame_out, B, xd)
                 target = xd.reshape(B * N, 3)[v // I]
                 corr = self._implicit_correction(xc.reshape(-1, 3)[v], v // (N * I), target,
-                                                 self._betas(cond, B).to(xd.dtype), sm)
+                                                 self._betas(cond, B).to(xd.dtype), fl)
                 xc = xc.reshape(-1, 3).index_put((v,), corr).reshape(B, N, I, 3)
         return (xc, valid, info) if return_info else (xc, valid)
 
@@ -370,26 +370,27 @@ class ForwardDeformer(nn.Module):
             out.append(torch.cdist(xd[:, s:s + self.chunk_size], sub).amin(dim=-1) <= self.skip_thresh)
         return torch.cat(out, dim=1)
 
-    def query_occupancy(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+    def query_occupancy(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
                         occ_fn: Callable, disp_net: Optional[Callable] = None, eval_mode: bool = False,
                         skip_far: bool = False) -> torch.Tensor:
         """Occupancy logits of deformed points: max over valid inits of occ_fn at the neutral x_c.
 
         xd: [B, N, 3]; occ_fn: (x [B, M, 3], cond) -> logits [B, M, 1] (or [B, M]); disp_net as in
         to_neutral (uses cond['shape']), None to skip the neutral mapping; skip_far: points farther
-        than skip_thresh from smpl_out['verts'] are not searched (inference).
+        than skip_thresh from flame_out.verts are not searched (inference).
         Returns occ [B, N, 1]; SKIPPED_LOGIT (-1000) where no init is valid or the point was skipped.
         Only valid correspondences are sent to disp_net / occ_fn (packed per batch item).
         """
         B, N, _ = xd.shape
-        if skip_far and "verts" not in smpl_out:
-            raise _err(f"skip_far needs smpl_out['verts'] [B, V, 3] (has {sorted(smpl_out)})")
-        near = self.near_mask(xd, smpl_out["verts"]) if skip_far else None
+        if skip_far:
+            FlameFrames.check(flame_out, "lib/model/deformer.py skip_far").require(
+                "verts", where="lib/model/deformer.py skip_far (posed vertices [B, V, 3])")
+        near = self.near_mask(xd, flame_out.verts) if skip_far else None
         step = max(1, self.chunk_size // B)
         outs = []
         for s in range(0, N, step):
             sl = slice(s, s + step)
-            xc, valid = self.forward(xd[:, sl], cond, smpl_out, eval_mode,
+            xc, valid = self.forward(xd[:, sl], cond, flame_out, eval_mode,
                                      None if near is None else near[:, sl])
             outs.append(self.occupancy_of_valid(xc, valid, cond, occ_fn, disp_net))
         return torch.cat(outs, dim=1)

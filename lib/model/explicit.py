@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from lib.flame.frames import FlameFrames
 from lib.flame.lbs import deform_canonical
 
 # One colour per joint for pictures coloured by skinning weights:
@@ -44,23 +45,25 @@ def mesh_fields(verts_c: torch.Tensor, lbs_net, betas: torch.Tensor, chunk: int 
 
 @torch.no_grad()
 def deform_mesh(verts_c: torch.Tensor, fields: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                smpl_out: dict) -> torch.Tensor:
-    """Deform canonical mesh vertices to every frame of `smpl_out` (FLAMEServer outputs).
+                flame_out: FlameFrames) -> torch.Tensor:
+    """Deform canonical mesh vertices to every frame of `flame_out` (the FLAME server's).
 
     verts_c: [V, 3]; fields: (w [V, J], pose_dirs [V, Q, 3], expr_dirs [V, 3, X]).
-    smpl_out: 'tfs' [B, J, 4, 4], 'pose_feature' [B, Q], 'exp' [B, X] and the canonical
-    'tfs_c', 'pose_feature_c', 'exp_c'.
+    flame_out: FlameFrames with tfs [B, J, 4, 4], pose_feature [B, Q], exp [B, X] and the
+    canonical tfs_c, pose_feature_c, exp_c.
     Returns: verts_d [B, V, 3].
     """
     w, pose_dirs, expr_dirs = fields
-    B = smpl_out["tfs"].shape[0]
+    FlameFrames.check(flame_out, "deform_mesh").require(
+        "tfs", "pose_feature", "exp", "tfs_c", "pose_feature_c", "exp_c", where="deform_mesh")
+    B = flame_out.tfs.shape[0]
 
     def rep(t: torch.Tensor) -> torch.Tensor:
         return t[None].expand(B, *t.shape)
 
     return deform_canonical(rep(verts_c), rep(w), rep(expr_dirs), rep(pose_dirs),
-                            smpl_out["exp"], smpl_out["pose_feature"], smpl_out["tfs"],
-                            smpl_out["exp_c"], smpl_out["pose_feature_c"], smpl_out["tfs_c"])
+                            flame_out.exp, flame_out.pose_feature, flame_out.tfs,
+                            flame_out.exp_c, flame_out.pose_feature_c, flame_out.tfs_c)
 
 
 def weight_colors(w: torch.Tensor) -> torch.Tensor:

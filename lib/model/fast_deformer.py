@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from scipy.interpolate import CubicSpline
 
+from lib.flame.frames import FlameFrames
 from lib.model.deformer import ForwardDeformer, adjugate3, inv3
 from lib.model.folded_lbs import FoldedSkinning
 
@@ -212,33 +213,32 @@ class FastForwardDeformer(ForwardDeformer):
         return tuple((n - 1) * self.upsample + 1 for n in self.grid_res)
 
     # ------------------------------------------------------------------ bake
-    def folded_deform(self, betas: torch.Tensor, sm: Dict[str, torch.Tensor]):
-        """The forward deformation of K items: betas [K, S], sm (_smpl's dict, leading dim K) ->
+    def folded_deform(self, betas: torch.Tensor, fl: FlameFrames):
+        """The forward deformation of K items: betas [K, S], fl (_checked_flame's, leading dim K) ->
         callable (x [A, 3], slot [A] in 0..K-1) -> x_d [A, 3]. Folded (lib/model/folded_lbs.py)
         when enabled and lbs_net supports it, else the plain networks. Called under no_grad it
         holds no graph (the search); with grad enabled gradients flow as through the plain path
         (the implicit correction)."""
         make = getattr(self.lbs_net, "folded", None) if self.folded else None
-        fold = None if make is None else make(betas, sm["pose_feature"] - sm["pose_feature_c"],
-                                              sm["exp"] - sm["exp_c"])
+        fold = None if make is None else make(betas, fl.pose_feature - fl.pose_feature_c, fl.exp - fl.exp_c)
         if fold is None:
-            return lambda x, slot: self._deform_flat(x, slot, betas, sm)
+            return lambda x, slot: self._deform_flat(x, slot, betas, fl)
 
-        skin = FoldedSkinning(sm["tfs"], sm["tfs_c"])
+        skin = FoldedSkinning(fl.tfs, fl.tfs_c)
 
         def deform(x, slot):
             w, offset = fold(x, slot)
             return skin(x, w, offset, slot)
         return deform
 
-    def bake(self, betas: torch.Tensor, sm: Dict[str, torch.Tensor], deform=None) -> BakedGrid:
-        """Deformed positions of the lattice for K items: betas [K, S], sm (_smpl's dict, leading dim K);
-        deform: folded_deform(betas, sm) when the caller has it already.
+    def bake(self, betas: torch.Tensor, fl: FlameFrames, deform=None) -> BakedGrid:
+        """Deformed positions of the lattice for K items: betas [K, S], fl (_checked_flame's, leading
+        dim K); deform: folded_deform(betas, fl) when the caller has it already.
 
         The network sees about chunk_size * I lattice points per call.
         Returns the refined BakedGrid over [bbox_min, bbox_max]."""
-        K, dt = betas.shape[0], sm["tfs"].dtype
-        deform = self.folded_deform(betas, sm) if deform is None else deform
+        K, dt = betas.shape[0], fl.tfs.dtype
+        deform = self.folded_deform(betas, fl) if deform is None else deform
         lo, hi = self.bbox_min.to(dt), self.bbox_max.to(dt)
         pts = lo + self.lattice_unit.to(dt) * (hi - lo)                                # [G, 3]
         g = max(1, (self.chunk_size * self.n_init) // max(K, 1))
@@ -317,7 +317,7 @@ class FastForwardDeformer(ForwardDeformer):
         return leader, rep
 
     # ------------------------------------------------------------------ implicit differentiation
-    def _implicit_correction(self, xc_star, bidx, target, betas, sm) -> torch.Tensor:
+    def _implicit_correction(self, xc_star, bidx, target, betas, fl: FlameFrames) -> torch.Tensor:
         """ForwardDeformer's correction, x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()) with
         r = forward_deform - x_d, evaluated once per distinct (batch item, x_c*) row.
 
@@ -327,7 +327,7 @@ class FastForwardDeformer(ForwardDeformer):
         first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype), xc_star.detach()], dim=1))
         with torch.enable_grad():
             x = xc_star.detach()[first].requires_grad_(True)                          # [U, 3]
-            f = self.folded_deform(betas, sm)(x, bidx[first])  # folded with its graph (see folded_lbs)
+            f = self.folded_deform(betas, fl)(x, bidx[first])  # folded with its graph (see folded_lbs)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
         d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                          # [U, 3]
@@ -357,7 +357,7 @@ class FastForwardDeformer(ForwardDeformer):
         return rep
 
     # ------------------------------------------------------------------ search
-    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], smpl_out: Dict[str, torch.Tensor],
+    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
         """Roots of forward_deform(x_c) = x_d from every init, without gradients (same contract as
         ForwardDeformer.search).
@@ -375,33 +375,33 @@ class FastForwardDeformer(ForwardDeformer):
         I = self.n_init
         info = dict(n_steps=0, grid_steps=0, n_polished=0, n_further=0, n_fallback=0, n_solved=0)
         with torch.no_grad():
-            xd0, betas, sm, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, smpl_out,
+            xd0, betas, fl, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, flame_out,
                                                                           point_mask)
             if pts.numel() > 0:
                 items = torch.unique(pts // N)                                         # [K]
                 slot_of = torch.full((B,), -1, dtype=torch.long, device=xd.device)
                 slot_of[items] = torch.arange(items.numel(), device=xd.device)
-                betas_k, sm_k = betas[items], {k: v[items] for k, v in sm.items()}
-                deform_k = self.folded_deform(betas_k, sm_k)                           # by slot
+                betas_k, fl_k = betas[items], fl.index(items)
+                deform_k = self.folded_deform(betas_k, fl_k)                           # by slot
 
                 def deform(x, b):                                                      # by batch index
                     return deform_k(x, slot_of[b])
-                grid = self.bake(betas_k, sm_k, deform_k)
-                init_rep = self._same_inits(sm)                                        # [B, I]
+                grid = self.bake(betas_k, fl_k, deform_k)
+                init_rep = self._same_inits(fl)                                        # [B, I]
                 for s in range(0, pts.numel(), self.chunk_size):
                     p = pts[s:s + self.chunk_size]
                     xc[p], valid[p], diff[p] = self._solve_chunk(grid, slot_of, p, N, x_init[p],
-                                                                 xd0.reshape(B * N, 3)[p], betas, sm, eval_mode, info,
+                                                                 xd0.reshape(B * N, 3)[p], betas, fl, eval_mode, info,
                                                                  deform, init_rep)
         xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
         if return_info:
             return xc, valid, dict(info, diff=diff.reshape(B, N, I))
         return xc, valid
 
-    def _same_inits(self, sm: Dict[str, torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
+    def _same_inits(self, fl: FlameFrames, tol: float = 1e-6) -> torch.Tensor:
         """For each item and init bone, the first init bone with the same rigid map
         tfs_c[j] inv(tfs[j]) (entries within tol): [B, I] long (itself when unique)."""
-        T = self.init_maps(sm)                                                         # [B, I, 4, 4]
+        T = self.init_maps(fl)                                                         # [B, I, 4, 4]
         I = T.shape[1]
         same = (T[:, :, None] - T[:, None, :]).abs().flatten(-2).amax(-1) <= tol      # [B, I, I]
         lower = torch.ones(I, I, dtype=torch.bool, device=T.device).tril()
@@ -458,7 +458,7 @@ class FastForwardDeformer(ForwardDeformer):
         diff[ids] = torch.where(take, out["diff"], diff[ids])
         valid[ids] = out["valid_ids"]
 
-    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, betas, sm, eval_mode, info, deform=None, init_rep=None):
+    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, betas, fl, eval_mode, info, deform=None, init_rep=None):
         """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
 
         x0: [c, I, 3] rigid inits; xd_p: [c, 3]; deform: (x [A, 3], batch index [A]) -> x_d [A, 3]
@@ -488,13 +488,13 @@ class FastForwardDeformer(ForwardDeformer):
         if lead.numel() > 0:  # polish
             if deform is None:
                 def deform(x, b):
-                    return self._deform_flat(x, b, betas, sm)
+                    return self._deform_flat(x, b, betas, fl)
             out = self._polish(grid, xg[lead], bidx[lead], slot[lead], target[lead], deform)
             self._update(lead, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
         further = lead[~valid[lead] & (diff[lead] <= self.dvg_thresh)] if lead.numel() else lead
         if self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps:  # from the best iterate
-            out = self._solve_exact(xc[further], bidx[further], target[further], betas, sm, eval_mode,
+            out = self._solve_exact(xc[further], bidx[further], target[further], betas, fl, eval_mode,
                                     max_steps=self.max_steps - self.exact_steps,
                                     J_inv=self._grid_j_inv(grid, xc[further], slot[further]), deform=deform)
             self._update(further, out, xc, valid, diff)
@@ -508,7 +508,7 @@ class FastForwardDeformer(ForwardDeformer):
         # points left without any root: the exact search from the rigid inits
         rest = (~valid.reshape(c, I).any(-1, keepdim=True)).expand(c, I).reshape(-1).nonzero().squeeze(1)
         if self.fallback and rest.numel() > 0:
-            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], betas, sm, eval_mode, deform=deform)
+            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], betas, fl, eval_mode, deform=deform)
             self._update(rest, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
             info["n_fallback"] += int(rest.numel())

@@ -151,8 +151,8 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     hp = model.hparams
     idx = batch["index"]
     server = model.flame_server
-    smpl = server(batch["params"])
-    smpl_view = server(batch["view_params"])
+    flame_out = server(batch["params"])
+    flame_view = server(batch["view_params"])
     z_shape = model.z_shapes(idx).detach()
     z_detail, z_color = model.z_details(idx), model.z_colors(idx)
 
@@ -173,10 +173,10 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
         volume = model.generator(z_shape)  # one feature volume per item, shared below
     xs = None
     if with_surface:  # the original searches these in evaluation mode
-        xs, valid3d = surface_correspondences(model, batch["surface_points"], z_shape, smpl,
+        xs, valid3d = surface_correspondences(model, batch["surface_points"], z_shape, flame_out,
                                               eval_mode=True, volume=volume)
     # pixels and surface samples in one network pass (lib/model/cache_render.py)
-    rendered = render_cache(model, cache_pts, cache_mask, smpl, smpl_view, codes, volume, xs)
+    rendered = render_cache(model, cache_pts, cache_mask, flame_out, flame_view, codes, volume, xs)
     fake_normal, fake_rgb = rendered["normal"], rendered["rgb"]
     real_normal, real_rgb = batch["normal_img"], batch["rgb_img"]
 
@@ -188,7 +188,7 @@ def render_and_losses(model, batch: dict, with_surface: bool = True,
     }
     if with_surface:
         with torch.no_grad():
-            rot_scan = blend_transforms(rendered["extra_w"], smpl["tfs"])
+            rot_scan = blend_transforms(rendered["extra_w"], flame_out.tfs)
         n_scan = skin_normals(rot_scan, rendered["extra_normal_c"])
         terms["normal_3d"] = surface_normal_loss(n_scan, batch["surface_normals"], valid3d)
         terms["color_3d"] = hp.lambda_color * surface_color_loss(

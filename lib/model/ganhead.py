@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from lib.dataset.faceverse import validate_scan_id
-from lib.flame import FLAMEServer
+from lib.flame import FLAMEServer, FlameFrames
 from lib.model import losses
 from lib.model import fine_stage
 from lib.model import query
@@ -257,7 +257,7 @@ class GANHead(pl.LightningModule):
         xn = xc + self.disp_net(xc, shape)
         return self.occupancy_fn(volume)(xn)
 
-    def deformed_occupancy(self, pts_d: torch.Tensor, z_shape: torch.Tensor, smpl: dict,
+    def deformed_occupancy(self, pts_d: torch.Tensor, z_shape: torch.Tensor, flame_out: FlameFrames,
                            eval_mode: bool = False, volume: torch.Tensor | None = None) -> dict:
         """Occupancy logits of deformed points (max over valid inits), with correspondences.
 
@@ -268,8 +268,8 @@ class GANHead(pl.LightningModule):
         graph where valid).
         """
         volume = self.generator(z_shape) if volume is None else volume
-        cond = {"z_shape": z_shape, "shape": smpl["shape"]}
-        xc, valid = self.deformer(pts_d, cond, smpl, eval_mode=eval_mode)
+        cond = {"z_shape": z_shape, "shape": flame_out.shape}
+        xc, valid = self.deformer(pts_d, cond, flame_out, eval_mode=eval_mode)
         B, N, I, _ = xc.shape
         keep = valid
         if hasattr(self.deformer, "repeated_roots"):  # identical roots: evaluate one of them
@@ -285,7 +285,7 @@ class GANHead(pl.LightningModule):
     def neutral_joints(self, like: torch.Tensor) -> torch.Tensor:
         """Joints of the shape-neutral canonical FLAME (shape 0, jaw 0.2): [1, J, 3]."""
         server = self.flame_server
-        return server.canonical(like.new_zeros(1, server.n_shape))["joints_c"]
+        return server.canonical(like.new_zeros(1, server.n_shape)).joints_c
 
     # ------------------------------------------------------------------ stage 1
     def coarse_losses(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -299,30 +299,30 @@ class GANHead(pl.LightningModule):
         bone_w       bootstrapping: skinning weights at the joints
         plus valid_frac (a metric, not a loss)."""
         hp = self.hparams
-        smpl = self.flame_server(batch["params"])
+        flame_out = self.flame_server(batch["params"])
         z_shape = self.z_shapes(batch["index"])
         volume = self.generator(z_shape)
-        out = self.deformed_occupancy(batch["pts_d"], z_shape, smpl, volume=volume)
+        out = self.deformed_occupancy(batch["pts_d"], z_shape, flame_out, volume=volume)
         terms = {"occ": losses.occupancy_loss(out["occ"], batch["occ_gt"])}
 
         # FLAME prior at every sample's selected correspondence, mapped to the shape-neutral
         # space where the LBS fields live; targets: the nearest shape-neutral FLAME vertex.
         found = out["valid"].any(dim=-1)                                    # [B, N]
         xc = torch.where(found[..., None], out["xc_best"], torch.zeros_like(out["xc_best"]))
-        xn = xc + self.disp_net(xc, smpl["shape"])
+        xn = xc + self.disp_net(xc, flame_out.shape)
         w, pose_dirs, expr_dirs = self.deformer.lbs_net.lbs(xn)  # already neutral: no warp
         flame = self.flame_server.flame
         prior = losses.flame_prior_loss(
-            xn, found, w, pose_dirs, expr_dirs, smpl["verts_c_neutral"], flame.weights,
+            xn, found, w, pose_dirs, expr_dirs, flame_out.verts_c_neutral, flame.weights,
             flame.posedirs_scaled, flame.expdirs_scaled, radius=hp.prior_radius)
         terms["prior_w"] = hp.lambda_prior_w * prior["w"]
         terms["prior_pose"] = hp.lambda_prior_pose * prior["pose"]
         terms["prior_exp"] = hp.lambda_prior_exp * prior["exp"]
 
         # Deshape: shaped canonical FLAME vertices -> shape-neutral ones.
-        dx = self.disp_net(smpl["verts_c"], smpl["shape"])
-        terms["disp"] = hp.lambda_disp * losses.deshape_loss(smpl["verts_c"], dx,
-                                                             smpl["verts_c_neutral"])
+        dx = self.disp_net(flame_out.verts_c, flame_out.shape)
+        terms["disp"] = hp.lambda_disp * losses.deshape_loss(flame_out.verts_c, dx,
+                                                             flame_out.verts_c_neutral)
         terms["reg_shape"] = hp.lambda_reg * losses.latent_reg(z_shape)
         terms["reg_lbs"] = hp.lambda_reg * losses.latent_reg(z_shape)
 
@@ -365,7 +365,7 @@ class GANHead(pl.LightningModule):
             return fine_stage.validation_step(self, batch, batch_idx)
         from lib.model.validation import iou, save_validation_picture
 
-        smpl = self.flame_server(batch["params"])
+        flame_out = self.flame_server(batch["params"])
         z_shape = self.z_shapes(batch["index"])
         with torch.no_grad():
             logits = self.occupancy(batch["pts_d"], batch["params"], {"z_shape": z_shape})
@@ -375,7 +375,7 @@ class GANHead(pl.LightningModule):
         if batch_idx < vcfg.get("n_pictures", 2) and self.trainer.is_global_zero:
             path = (Path(self.hparams.output_dir) / "medias"
                     / f"epoch{self.current_epoch:04d}_{batch['scan_id'][0]}.png")
-            save_validation_picture(self, z_shape, smpl, path,
+            save_validation_picture(self, z_shape, flame_out, path,
                                     res_init=vcfg.get("mesh_res_init", 16),
                                     res_final=vcfg.get("mesh_res_final", 128))
         return value

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lib.flame.frames import FlameFrames
 from lib.model.deformer import inv3
 from lib.model.generator import sample_volume
 
@@ -73,11 +74,11 @@ def occupancy(model, xd: torch.Tensor, params: torch.Tensor, codes: dict) -> tor
     xd: [B, N, 3] posed points; params: [B, P]; codes: {"z_shape": [B, Z], ...}.
     Returns logits [B, N] (SKIPPED_LOGIT of lib/model/deformer.py where no init is valid)."""
     _check(model, xd, params, codes, ("z_shape",))
-    smpl = model.flame_server(params.to(xd))
+    flame_out = model.flame_server(params.to(xd))
     z_shape = codes["z_shape"]
     volume = model.generator(z_shape)
-    cond = {"z_shape": z_shape, "shape": smpl["shape"]}
-    occ = model.deformer.query_occupancy(xd, cond, smpl, model.occupancy_fn(volume),
+    cond = {"z_shape": z_shape, "shape": flame_out.shape}
+    occ = model.deformer.query_occupancy(xd, cond, flame_out, model.occupancy_fn(volume),
                                          model.disp_net, eval_mode=True)
     return occ[..., 0]
 
@@ -93,27 +94,28 @@ def surface(model, xd: torch.Tensor, params: torch.Tensor, codes: dict) -> dict:
     if model.hparams.get("stage", "coarse") != "fine":
         raise _err("surface() needs a stage-2 (fine) model: the normal and texture networks "
                    "of a stage-1 checkpoint are untrained")
-    smpl = model.flame_server(params.to(xd))
+    flame_out = model.flame_server(params.to(xd))
     z_shape = codes["z_shape"]
     with torch.no_grad():
         volume = model.generator(z_shape)
-        xc, valid = surface_correspondences(model, xd, z_shape, smpl, eval_mode=True,
+        xc, valid = surface_correspondences(model, xd, z_shape, flame_out, eval_mode=True,
                                             volume=volume)
-        w = model.deformer.lbs_net(xc, smpl["shape"])[0]
-        blend = blend_transforms(w, smpl["tfs"])
-    normal_c, rgb = query_fine(model, xc, z_shape, smpl["shape"], codes["z_detail"],
-                               codes["z_color"], pose_exp_condition(smpl), volume)
+        w = model.deformer.lbs_net(xc, flame_out.shape)[0]
+        blend = blend_transforms(w, flame_out.tfs)
+    normal_c, rgb = query_fine(model, xc, z_shape, flame_out.shape, codes["z_detail"],
+                               codes["z_color"], pose_exp_condition(flame_out), volume)
     keep = valid[..., None].to(rgb.dtype)
     return {"xc": xc, "valid": valid, "normal": skin_normals(blend, normal_c) * keep,
             "color": rgb * keep}
 
 
 # ---------------------------------------------------------------------------- building blocks
-def pose_exp_condition(smpl: dict) -> torch.Tensor:
-    """Texture condition from FLAMEServer outputs: the full pose [B, 15] (global rotation
+def pose_exp_condition(flame_out: FlameFrames) -> torch.Tensor:
+    """Texture condition from the FLAME server's outputs: the full pose [B, 15] (global rotation
     included, as the original's `thetas`), then expression [B, 50] -> [B, 65]. Stage 2 passes
     the scan's own parameters, never a view's, so a rendered view does not change colours."""
-    return torch.cat([smpl["pose"], smpl["exp"]], dim=-1)
+    flame_out.require("pose", "exp", where="pose_exp_condition")
+    return torch.cat([flame_out.pose, flame_out.exp], dim=-1)
 
 
 @torch.no_grad()
@@ -166,19 +168,19 @@ def skin_normals(blend: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def surface_correspondences(model, pts_d: torch.Tensor, z_shape: torch.Tensor, smpl: dict,
+def surface_correspondences(model, pts_d: torch.Tensor, z_shape: torch.Tensor, flame_out: FlameFrames,
                             eval_mode: bool = False, volume: torch.Tensor | None = None):
     """Canonical points of posed surface samples through the deformer (no gradient).
 
-    pts_d: [B, S, 3] in the scan's posed space; z_shape: [B, Z]; smpl: FLAMEServer outputs
-    of the scan's parameters; volume as in geometry_features. Among the valid inits the one
+    pts_d: [B, S, 3] in the scan's posed space; z_shape: [B, Z]; flame_out: the FLAME server's
+    FlameFrames of the scan's parameters; volume as in geometry_features. Among the valid inits the one
     with the highest occupancy is kept. Returns xc [B, S, 3] (0 where none is valid) and
     valid [B, S] bool."""
-    cond = {"z_shape": z_shape, "shape": smpl["shape"]}
-    xc, valid = model.deformer(pts_d, cond, smpl, eval_mode=eval_mode)  # [B, S, I, 3]
+    cond = {"z_shape": z_shape, "shape": flame_out.shape}
+    xc, valid = model.deformer(pts_d, cond, flame_out, eval_mode=eval_mode)  # [B, S, I, 3]
     B, S, I, _ = xc.shape
     xc = torch.where(valid[..., None], xc, torch.zeros_like(xc))  # diverged inits may be NaN
-    occ = model.canonical_occupancy(xc.reshape(B, S * I, 3), z_shape, smpl["shape"], volume)
+    occ = model.canonical_occupancy(xc.reshape(B, S * I, 3), z_shape, flame_out.shape, volume)
     occ = occ.reshape(B, S, I).masked_fill(~valid, float("-inf"))
     best = occ.argmax(dim=-1)  # [B, S]
     xc = torch.gather(xc, 2, best[..., None, None].expand(B, S, 1, 3))[:, :, 0]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib.flame.frames import FlameFrames
 from lib.model.explicit import deform_mesh, mesh_fields, weight_colors
 from lib.utils.extraction import extract_mesh
 
@@ -31,7 +32,7 @@ def extract_canonical_mesh(model, z_shape: torch.Tensor, shape: torch.Tensor,
     Returns the extraction result (verts [V, 3], faces [F, 3]) of lib.utils.extraction.
     """
     volume = model.generator(z_shape)
-    verts_c = model.flame_server.canonical(shape)["verts_c"][0]  # [V, 3]
+    verts_c = model.flame_server.canonical(shape).verts_c[0]  # [V, 3]
 
     def occ_fn(points: torch.Tensor) -> torch.Tensor:  # [M, 3] -> [M]
         return model.canonical_occupancy(points[None], z_shape, shape, volume)[0, :, 0]
@@ -41,18 +42,17 @@ def extract_canonical_mesh(model, z_shape: torch.Tensor, shape: torch.Tensor,
 
 
 @torch.no_grad()
-def save_validation_picture(model, z_shape: torch.Tensor, smpl: dict, path: Path,
+def save_validation_picture(model, z_shape: torch.Tensor, flame_out: FlameFrames, path: Path,
                             res_init: int = 16, res_final: int = 128, res: int = 256) -> Path:
     """Canonical and deformed mesh of one subject, front and side, coloured by weights."""
     from lib.render.images import add_label, make_grid, save_png
     from lib.render.shading import render_shaded
 
-    mesh = extract_canonical_mesh(model, z_shape[:1], smpl["shape"][:1], res_init, res_final)
+    mesh = extract_canonical_mesh(model, z_shape[:1], flame_out.shape[:1], res_init, res_final)
     if mesh.verts.shape[0] == 0:
         return path  # nothing to draw yet (empty occupancy early in training)
-    fields = mesh_fields(mesh.verts, model.deformer.lbs_net, smpl["shape"][:1])
-    first = {k: v[:1] for k, v in smpl.items() if torch.is_tensor(v)}
-    verts_d = deform_mesh(mesh.verts, fields, first)[0]
+    fields = mesh_fields(mesh.verts, model.deformer.lbs_net, flame_out.shape[:1])
+    verts_d = deform_mesh(mesh.verts, fields, flame_out.index(0))[0]
     colors = weight_colors(fields[0])[None]
     tiles = []
     for label, verts in (("canonical", mesh.verts), ("deformed", verts_d)):
