@@ -65,12 +65,13 @@ def load_motion_option(cfg: DictConfig, required: bool):
 
 def run(cfg: DictConfig) -> dict:
     from lib.inference.loading import InferenceError, load_model, require_stage2
+    from lib.utils.checkpoint_io import last_checkpoint
 
     mode = str(cfg.eval_mode)
     if mode not in MODES:
         raise InferenceError(f"eval_mode={mode!r} is not one of {', '.join(MODES)}")
     t = cfg.test
-    ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else last_checkpoint(cfg.output_dir)
     flame_model = cfg.datamodule.get("flame_model")
     if flame_model is not None and not Path(flame_model).is_file():
         flame_model = None  # keep the FLAME path stored in the checkpoint

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.utils.checkpoint_io import read_checkpoint  # noqa: E402
+from lib.utils.checkpoint_io import last_checkpoint, read_checkpoint  # noqa: E402
 
 
 TIMES: dict[str, float] = {}
@@ -110,7 +110,7 @@ def train(stage: str, data: Path, out: Path, epochs: int, extra: list[str]) -> P
     """Stage 1 ('coarse', cpu experiment) or 2 ('fine', fine_cpu); resumes a killed run and
     skips a finished one. Returns the run's last checkpoint."""
     run_dir = out / stage
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     if last.is_file() and read_checkpoint(last)["epoch"] >= epochs:
         print(f"[demo] {stage}: {last} already trained for {epochs} epochs")
         return last

@@ -9,6 +9,9 @@ to run code on the machine that reads it (README, "Files you can trust"):
   the content is plain data whose only `_target_` keys (Hydra's instantiation marker) name
   one of the project's own network builders (the allow-list of lib/model/builders.py, which
   also builds them: never a target named in a file). Every failure raises `CheckpointError` naming the file.
+- `last_checkpoint(output_dir)` is the one rule for a run's checkpoint path,
+  `<output_dir>/checkpoints/last.ckpt`: train.py writes and resumes it, precompute.py,
+  test.py and tools/demo.py read it when no `ckpt=` is given.
 - `AtomicCheckpointIO` is Lightning's TorchCheckpointIO with atomic saves (temporary file in
   the same folder, then rename: a run killed while saving leaves the previous `last.ckpt`
   intact) and loads forced to `weights_only=True` (the `resume=true` path). Given to the
@@ -25,9 +28,16 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from lib.utils.atomic import atomic_path
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_checkpoint", "check_plain_data"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_checkpoint", "check_plain_data",
+           "last_checkpoint"]
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def last_checkpoint(output_dir) -> Path:
+    """The checkpoint a training run in `output_dir` writes (and resumes, and the other
+    scripts load by default): `<output_dir>/checkpoints/last.ckpt`."""
+    return Path(output_dir) / "checkpoints" / "last.ckpt"
 
 
 class CheckpointError(ValueError):
