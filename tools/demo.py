@@ -395,13 +395,13 @@ def main(argv=None) -> None:
     small = ["test.res=192", "test.mesh_res=128"]
     with phase("test.py sample"):
         test_mode("sample", data, out, fine,
-                  [*small, f"test.n_samples={args.samples}", "test.n_frames=24"])
+                  [*small, f"test.sample.n_samples={args.samples}", "test.n_frames=24"])
     with phase("sampling diversity"):
         div = diversity(data, out)
     with phase("test.py reenact"):
         test_mode("reenact", data, out, fine,
                   [*small, "subject=001_01", f"motion={data / 'motion' / 'flame_params.json'}",
-                   "test.max_frames=90"])
+                   "test.reenact.max_frames=90"])
     held_scans = sorted((data / "heldout" / "faceverse_dataset").glob("*/*.obj"))
     if not held_scans:
         raise SystemExit(f"[demo] no held-out scan under {data / 'heldout'} (--holdout 0?)")
