@@ -11,6 +11,9 @@ GROUPS = {
     "datamodule": ["faceverse", "synthetic"],
     "logger": ["wandb", "csv"],
 }
+# configs/deformer/<name>.yaml -> its class
+DEFORMERS = {"exact": "lib.model.deformer.ForwardDeformer",
+             "fast": "lib.model.fast_deformer.FastForwardDeformer"}
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIGS) / "experiments").glob("*.yaml"))
 
 
@@ -52,9 +55,42 @@ def test_every_group_option_composes(group, option):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes(experiment):
-    cfg = _compose([f"+experiments={experiment}", "datamodule=synthetic"])
+@pytest.mark.parametrize("deformer", [None, *DEFORMERS])
+def test_every_experiment_composes(experiment, deformer):
+    extra = [] if deformer is None else [f"deformer={deformer}"]
+    cfg = _compose([f"+experiments={experiment}", "datamodule=synthetic", *extra])
     assert cfg.datamodule.processed_dir == "data/synthetic/processed"
+    # the command line's deformer wins over the experiment's; the cpu experiments pick fast
+    expected = deformer or ("fast" if "cpu" in experiment else "exact")
+    assert cfg.model.deformer._target_ == DEFORMERS[expected]
+    assert cfg.model.deformer.lbs_network._target_.endswith("LBSNetwork")
+
+
+@pytest.mark.parametrize("name", sorted(DEFORMERS))
+def test_deformer_group_file_lists_every_constructor_argument(name):
+    """configs/deformer/<name>.yaml: its class and every argument the model does not derive,
+    each equal to the constructor's default (the files add no silent change)."""
+    import importlib
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    entry = OmegaConf.to_container(_compose([f"deformer={name}"]).model.deformer, resolve=True)
+    assert entry.pop("_target_") == DEFORMERS[name]
+    for net in ("lbs_network", "disp_network"):  # placed beside it by the network group
+        entry.pop(net)
+    module, cls = DEFORMERS[name].rsplit(".", 1)
+    params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+    derived = {"lbs_net", "n_joints", "bbox_min", "bbox_max"}
+    assert set(entry) == set(params) - derived
+    for key, value in entry.items():
+        default = params[key].default
+        assert value == (list(default) if isinstance(default, tuple) else default), key
+
+
+def test_default_deformer_is_the_originals():
+    assert sorted(p.stem for p in (Path(CONFIGS) / "deformer").glob("*.yaml")) == sorted(DEFORMERS)
+    assert _compose().model.deformer._target_ == DEFORMERS["exact"]
 
 
 def test_cpu_experiment_shrinks_the_run_and_uses_csv_logs():
