@@ -37,9 +37,9 @@ class PrecomputeError(ValueError):
 def load_model(cfg: DictConfig, device: torch.device):
     """The stage-1 (or stage-2) checkpoint `ckpt`, loaded safely (lib/model/checkpoint.py)."""
     from lib.model.checkpoint import load_ganhead
+    from lib.utils.checkpoint_io import last_checkpoint
 
-    ckpt = (Path(cfg.ckpt) if cfg.get("ckpt")
-            else Path(cfg.output_dir_coarse) / "checkpoints" / "last.ckpt")
+    ckpt = Path(cfg.ckpt) if cfg.get("ckpt") else last_checkpoint(cfg.output_dir_coarse)
     if not ckpt.is_file():
         raise PrecomputeError(f"stage-1 checkpoint {ckpt} not found; train stage 1 first "
                               "(python train.py expname=coarse ...), or pass "

@@ -1,6 +1,6 @@
 """Use a trained GANHead (Hydra 1.3): sample, control, reenact, fit (docs/design.md, Inference).
 
-    python test.py expname=fine +experiments=fine eval_mode=sample test.n_samples=8
+    python test.py expname=fine +experiments=fine eval_mode=sample test.sample.n_samples=8
     python test.py expname=fine +experiments=fine eval_mode=z_color subject=0 subject_b=3
     python test.py expname=fine +experiments=fine eval_mode=reenact subject=001_02 \\
         motion=data/synthetic/motion/flame_params.json test.save_meshes=true
@@ -11,7 +11,8 @@ The checkpoint is `ckpt=PATH` (default ${output_dir}/checkpoints/last.ckpt; `che
 taken by the training callback's settings); outputs go to
 ${output_dir}/<eval_mode>/ with a summary.json. Colour modes need a stage-2 checkpoint
 (z_shape, betas, thetas and fit of an untextured scan also take stage 1). Option defaults and
-meanings: the `test:` block of configs/config.yaml.
+meanings: the `test:` block of configs/config.yaml, one sub-block per runner (test.sample,
+test.control, test.reenact, test.fit), each read into that runner's typed options (`mode_options`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 MODES = ("sample", "interp", "z_shape", "z_detail", "z_color", "betas", "thetas", "reenact",
          "fit")
@@ -43,7 +44,7 @@ def avatar_codes(model, cfg: DictConfig, which: str, default_row: int | None
 
     choice = cfg.get(which)
     if choice is None and default_row is None:
-        codes = sample_codes(model, 1, cfg.test.std_scale, cfg.seed)[0]
+        codes = sample_codes(model, 1, cfg.test.sample.std_scale, cfg.seed)[0]
         return codes, f"sample (seed {cfg.seed})", None
     subject = resolve_subject(model, default_row if choice is None else choice,
                               cfg.datamodule.get("data_list"), cfg.datamodule.get("processed_dir"),
@@ -63,18 +64,39 @@ def load_motion_option(cfg: DictConfig, required: bool):
     return load_motion(cfg.motion)
 
 
+def mode_options(cfg: DictConfig, mode: str):
+    """The typed options of eval_mode `mode`, from its block of `test` (checked before the
+    checkpoint loads: an unknown key or a wrong type is an InferenceError)."""
+    if mode == "sample":
+        from lib.inference.sampling import SampleOptions
+
+        return SampleOptions.from_config(cfg.test.sample)
+    if mode == "reenact":
+        from lib.inference.reenact import ReenactOptions
+
+        return ReenactOptions.from_config(cfg.test.reenact)
+    if mode == "fit":
+        from lib.inference.fitting import FitOptions
+
+        return FitOptions.from_config(cfg.test.fit)
+    from lib.inference.control import ControlOptions
+
+    return ControlOptions.from_config(cfg.test.control)
+
+
 def run(cfg: DictConfig) -> dict:
     from lib.inference.loading import InferenceError, load_model, require_stage2
+    from lib.utils.checkpoint_io import last_checkpoint
 
     mode = str(cfg.eval_mode)
     if mode not in MODES:
         raise InferenceError(f"eval_mode={mode!r} is not one of {', '.join(MODES)}")
-    t = cfg.test
-    ckpt = Path(cfg.ckpt) if cfg.ckpt else Path(cfg.output_dir) / "checkpoints" / "last.ckpt"
+    opts = mode_options(cfg, mode)
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else last_checkpoint(cfg.output_dir)
     flame_model = cfg.datamodule.get("flame_model")
     if flame_model is not None and not Path(flame_model).is_file():
         flame_model = None  # keep the FLAME path stored in the checkpoint
-    model = load_model(ckpt, flame_model, pick_device(t.device))
+    model = load_model(ckpt, flame_model, pick_device(cfg.test.device))
     if mode in NEEDS_STAGE2:
         require_stage2(model, f"eval_mode={mode}")
     out_dir = Path(cfg.output_dir) / mode
@@ -84,29 +106,22 @@ def run(cfg: DictConfig) -> dict:
     if mode == "sample":
         from lib.inference.sampling import run_sample
 
-        return run_sample(model, out_dir, t.n_samples, t.std_scale, cfg.seed, t.n_frames,
-                          t.grid_cols, t.res, t.mesh_res, load_motion_option(cfg, False), t.fps)
+        return run_sample(model, out_dir, opts, motion=load_motion_option(cfg, False))
     if mode == "reenact":
         from lib.inference.avatar import Avatar
         from lib.inference.reenact import run_reenact
 
         motion = load_motion_option(cfg, True)
         codes, name, _ = avatar_codes(model, cfg, "subject", None)
-        avatar = Avatar.from_codes(model, codes, mesh_res=t.mesh_res)
-        return run_reenact(model, avatar, motion, out_dir, t.res, t.max_frames, t.save_meshes,
-                           t.batch, t.grid_cols, name)
+        avatar = Avatar.from_codes(model, codes, mesh_res=opts.mesh_res)
+        return run_reenact(model, avatar, motion, out_dir, opts, name=name)
     if mode == "fit":
         from lib.inference.fitting import run_fit
 
         if cfg.scan is None:
             raise InferenceError("eval_mode=fit needs scan=<mesh file> (and optionally "
                                  "flame=<id>_flame.pkl)")
-        f = t.fit
-        return run_fit(model, cfg.scan, out_dir, cfg.flame, f.geometry_only,
-                       OmegaConf.to_container(f.flame, resolve=True), f.n_surface, f.n_near,
-                       f.n_uniform, f.shape_steps, f.detail_steps, f.shape_lr, f.detail_lr,
-                       f.batch, f.lambda_reg,
-                       t.mesh_res, t.res, f.n_metric, cfg.seed)
+        return run_fit(model, cfg.scan, out_dir, opts, flame_path=cfg.flame)
 
     from lib.inference.control import run_control
 
@@ -116,9 +131,7 @@ def run(cfg: DictConfig) -> dict:
         # the other end: subject_b, else the next training subject, else (one subject) a sample
         row_b = (row_a + 1) % n_subjects if n_subjects > 1 else None
         b, name_b, _ = avatar_codes(model, cfg, "subject_b", row_b)
-    n = t.n_frames if mode == "thetas" else t.n_steps
-    return run_control(model, mode, out_dir, a, b, n, t.grid_cols, t.res, t.mesh_res,
-                       t.save_meshes, t.component, t.amount, (name_a, name_b))
+    return run_control(model, mode, out_dir, a, b, opts, names=(name_a, name_b))
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")

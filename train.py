@@ -73,9 +73,9 @@ def check_output_dir(cfg: DictConfig, output_dir: Path, ids: list[str]) -> str |
     """The checkpoint to resume from (None: a new run), or TrainError when the folder holds a
     checkpoint this run would overwrite, or resume=true has nothing (matching) to resume."""
     from lib.model.checkpoint import checkpoint_scan_ids
-    from lib.utils.checkpoint_io import read_checkpoint
+    from lib.utils.checkpoint_io import last_checkpoint, read_checkpoint
 
-    last = output_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(output_dir)
     if cfg.resume:
         if not last.is_file():
             raise TrainError(f"resume=true but {last} does not exist; start a new run without "
@@ -117,12 +117,13 @@ class SaveConfig(pl.Callback):
 def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from lib.utils.checkpoint_io import AtomicCheckpointIO
+    from lib.utils.checkpoint_io import AtomicCheckpointIO, last_checkpoint
 
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     # one file, checkpoints/last.ckpt, rewritten (atomically) every every_n_epochs epochs. (With
     # save_top_k=0 and save_last=True Lightning 2 writes last.ckpt only when training ends.)
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", save_top_k=1,
+    last = last_checkpoint(output_dir)
+    checkpoint = ModelCheckpoint(dirpath=last.parent, filename=last.stem, save_top_k=1,
                                  save_last=False, enable_version_counter=False,
                                  every_n_epochs=cfg.checkpoint.every_n_epochs,
                                  save_on_train_epoch_end=True)

@@ -87,7 +87,7 @@ def bench_fine(size: str, mode: str, steps: int, flame_path: Path, gan: bool) ->
     from lib.model import fine_stage
     from lib.model.ganhead import GANHead
 
-    overrides = [f"datamodule.flame_model={flame_path}", f"model.deformer.mode={mode}",
+    overrides = [f"datamodule.flame_model={flame_path}", f"deformer={mode}",
                  "+experiments=fine_cpu" if size == "cpu" else "+experiments=fine"]
     if gan:
         overrides += ["model.use_gan=true", "model.use_gan_color=true"]
@@ -139,7 +139,7 @@ class CoarseRun:
     def __init__(self, size: str, mode: str, flame_path: Path, ckpt: Path | None = None):
         from lib.model.ganhead import GANHead
 
-        overrides = [f"datamodule.flame_model={flame_path}", f"model.deformer.mode={mode}"]
+        overrides = [f"datamodule.flame_model={flame_path}", f"deformer={mode}"]
         if size == "cpu":
             overrides.insert(0, "+experiments=cpu")
         state, n_subjects = None, 8

@@ -102,7 +102,9 @@ def test_pickled_payload_is_refused_and_never_runs(saved, tiny_dataset, tmp_path
     assert "test.py: error:" in res.stderr and "refused" in res.stderr
 
 
-@pytest.mark.parametrize("where", ["occ_network", "width", "generator", "allowed_nested"])
+@pytest.mark.parametrize("where", ["occ_network", "width", "generator", "allowed_nested",
+                                   "deformer", "deformer_network", "deformer_derived",
+                                   "deformer_mode_and_target", "deformer_mode"])
 def test_target_in_hyper_parameters_is_refused(saved, tmp_path, where):
     from lib.model.checkpoint import load_ganhead
     from lib.utils.checkpoint_io import CheckpointError
@@ -117,14 +119,32 @@ def test_target_in_hyper_parameters_is_refused(saved, tmp_path, where):
         hp["occ_network"]["width"] = payload
     elif where == "generator":
         hp["generator"]["channels"] = [payload]
-    else:  # an allow-listed target where a number belongs: still no instantiation
+    elif where == "allowed_nested":  # an allow-listed target where a number belongs
         hp["deformer"]["lbs_network"]["width"] = {"_target_": "lib.model.networks.LBSNetwork"}
+    elif where == "deformer":  # the deformer's class replaced by a callable
+        hp["deformer"].update(payload)
+    elif where == "deformer_network":  # allowed as a network, not as the deformer
+        hp["deformer"]["_target_"] = "lib.model.networks.LBSNetwork"
+    elif where == "deformer_derived":  # the model derives the fast deformer's box
+        hp["deformer"]["bbox_min"] = [-9.0, -9.0, -9.0]
+    elif where == "deformer_mode_and_target":  # old and new way at once: ambiguous
+        hp["deformer"]["mode"] = "exact"
+    else:  # an old checkpoint's mode that never existed
+        hp["deformer"].pop("_target_")
+        hp["deformer"]["mode"] = "os.system"
     bad = tmp_path / "target.ckpt"
     torch.save(ckpt, bad)
     with pytest.raises(CheckpointError, match="refused") as err:
         load_ganhead(bad)
     assert str(bad) in str(err.value)
     assert not marker.exists()
+    why = {"deformer": "deformer names a code target (_target_: 'os.system')",
+           "deformer_network": "model.deformer: _target_ 'lib.model.networks.LBSNetwork' is "
+                               "not one of this project's deformers",
+           "deformer_derived": "model.deformer.bbox_min is derived",
+           "deformer_mode_and_target": "or by the old mode key, not both",
+           "deformer_mode": "model.deformer.mode must be one of exact, fast, got 'os.system'"}
+    assert why.get(where, "") in str(err.value)
 
 
 @pytest.mark.slow
@@ -159,6 +179,34 @@ def test_good_checkpoint_loads_with_ids_and_builders(saved, head_model_path):
     with pytest.raises(NetworkConfigError, match="takes no argument 'bogus'"):
         build_network({"_target_": "lib.model.networks.build_geometry_network", "bogus": 1},
                       "model.occ_network")
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast", None])
+def test_checkpoint_from_before_the_deformer_group_loads(saved, tmp_path, mode):
+    """Checkpoints written before configs/deformer/ name the deformer by `mode` (absent:
+    exact), with only the arguments the class takes; they load as that class, same weights."""
+    import inspect
+
+    from lib.model.checkpoint import load_ganhead
+    from lib.model.deformer import ForwardDeformer
+    from lib.model.fast_deformer import FastForwardDeformer
+
+    ckpt = torch.load(saved["ckpt"], weights_only=True)
+    entry = ckpt["hyper_parameters"]["deformer"]
+    assert entry.pop("_target_") == "lib.model.fast_deformer.FastForwardDeformer"  # cpu
+    if mode != "fast":
+        exact_args = set(inspect.signature(ForwardDeformer).parameters)
+        for key in [k for k in entry if k not in exact_args | {"lbs_network", "disp_network"}]:
+            entry.pop(key)
+    if mode is not None:
+        entry["mode"] = mode
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    model = load_ganhead(old)
+    assert type(model.deformer) is (FastForwardDeformer if mode == "fast" else ForwardDeformer)
+    assert model.deformer.max_steps == entry["max_steps"] == saved["model"].deformer.max_steps
+    for (k, a), b in zip(model.state_dict().items(), saved["model"].state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_truncated_and_foreign_files_are_one_line_errors(saved, tmp_path):

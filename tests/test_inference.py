@@ -25,8 +25,8 @@ pytestmark = pytest.mark.slow
 # stage 1 gets a wider skinning network and a strong FLAME weight prior so that 40 steps learn
 # a jaw; stage 2 must build the same networks
 NETS = [*TINY_NETS, "model.deformer.lbs_network.width=64"]
-SMALL = ["test.res=48", "test.mesh_res=32", "test.n_frames=6", "test.n_steps=4",
-         "test.grid_cols=3", "test.n_samples=2", "test.device=cpu"]
+SMALL = ["test.res=48", "test.mesh_res=32", "test.n_frames=6", "test.control.n_steps=4",
+         "test.grid_cols=3", "test.sample.n_samples=2", "test.device=cpu"]
 IMG = 48
 
 

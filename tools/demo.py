@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.utils.checkpoint_io import read_checkpoint  # noqa: E402
+from lib.utils.checkpoint_io import last_checkpoint, read_checkpoint  # noqa: E402
 
 
 TIMES: dict[str, float] = {}
@@ -110,7 +110,7 @@ def train(stage: str, data: Path, out: Path, epochs: int, extra: list[str]) -> P
     """Stage 1 ('coarse', cpu experiment) or 2 ('fine', fine_cpu); resumes a killed run and
     skips a finished one. Returns the run's last checkpoint."""
     run_dir = out / stage
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir)
     if last.is_file() and read_checkpoint(last)["epoch"] >= epochs:
         print(f"[demo] {stage}: {last} already trained for {epochs} epochs")
         return last
@@ -395,13 +395,13 @@ def main(argv=None) -> None:
     small = ["test.res=192", "test.mesh_res=128"]
     with phase("test.py sample"):
         test_mode("sample", data, out, fine,
-                  [*small, f"test.n_samples={args.samples}", "test.n_frames=24"])
+                  [*small, f"test.sample.n_samples={args.samples}", "test.n_frames=24"])
     with phase("sampling diversity"):
         div = diversity(data, out)
     with phase("test.py reenact"):
         test_mode("reenact", data, out, fine,
                   [*small, "subject=001_01", f"motion={data / 'motion' / 'flame_params.json'}",
-                   "test.max_frames=90"])
+                   "test.reenact.max_frames=90"])
     held_scans = sorted((data / "heldout" / "faceverse_dataset").glob("*/*.obj"))
     if not held_scans:
         raise SystemExit(f"[demo] no held-out scan under {data / 'heldout'} (--holdout 0?)")

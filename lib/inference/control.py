@@ -16,6 +16,7 @@ Every step is posed (neutral expression, front view) and rendered as RGB and nor
 The canonical mesh is extracted once per distinct (z_shape, betas): z_detail, z_color and
 thetas steps all share one mesh, so those factors cannot change the geometry.
 
+Options: `ControlOptions` (the `test.control` block of configs/config.yaml).
 Outputs under `out_dir`: `<mode>.mp4` (RGB | normal, played forth and back), `<mode>.png` (grid:
 RGB row over normal row of evenly spaced steps, labelled), and with `save_meshes`
 `meshes/step_<t>.ply` (posed mesh with colours and normals).
@@ -23,16 +24,19 @@ RGB row over normal row of evenly spaced steps, labelled), and with `save_meshes
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from lib.inference.avatar import Avatar, side_by_side
+from lib.inference.options import ConfigOptions
 from lib.inference.sampling import evenly, lerp
 from lib.render.images import add_label, make_grid, save_png, save_video
 
-__all__ = ["CONTROL_MODES", "GEOMETRY_ONLY_MODES", "control_steps", "run_control"]
+__all__ = ["CONTROL_MODES", "GEOMETRY_ONLY_MODES", "ControlOptions", "control_steps",
+           "run_control"]
 
 CONTROL_MODES = ("interp", "z_shape", "z_detail", "z_color", "betas", "thetas")
 GEOMETRY_ONLY_MODES = ("z_shape", "betas", "thetas")  # meaningful with a stage-1 checkpoint
@@ -93,15 +97,34 @@ def _geometry_key(codes: dict) -> tuple:
     return tuple(codes[k].detach().cpu().numpy().tobytes() for k in ("z_shape", "betas"))
 
 
-def run_control(model, mode: str, out_dir, a: dict, b: dict | None, n_steps: int = 8,
-                grid_cols: int = 8, res: int = 256, mesh_res: int = 128,
-                save_meshes: bool = False, component: int = 0, amount: float = 2.0,
+@dataclass(frozen=True)
+class ControlOptions(ConfigOptions):
+    """Options of the control modes: the `test.control` block of configs/config.yaml
+    (defaults equal the config's; lib/inference/options.py builds and checks them)."""
+
+    BLOCK = "test.control"
+    n_steps: int = 8            # interp / z_* / betas steps (each new z_shape or betas: a mesh)
+    n_frames: int = 24          # thetas frames
+    component: int = 0          # betas: FLAME shape component swept ...
+    amount: float = 2.0         # ... over +-amount around the subject's value
+    save_meshes: bool = False   # also write one .ply per step
+    grid_cols: int = 8          # steps shown in the .png grid
+    res: int = 256              # rendered image size
+    mesh_res: int = 128         # canonical mesh extraction resolution (cells per axis)
+
+
+def run_control(model, mode: str, out_dir, a: dict, b: dict | None,
+                options: ControlOptions | None = None,
                 names: tuple[str, str] = ("A", "B")) -> dict:
-    """Run one control mode (module docstring). names: display names of A and B.
+    """Run one control mode (module docstring): avatar codes a and b as in control_steps;
+    options: ControlOptions (None: the defaults; thetas takes n_frames steps, the other modes
+    n_steps); names: display names of A and B.
     Returns a summary: mode, steps (labels), n_geometries (canonical meshes extracted),
     n_verts per step, files."""
+    o = options or ControlOptions()
     out_dir = Path(out_dir)
-    steps = control_steps(mode, a, b, n_steps, component, amount)
+    n_steps = o.n_frames if mode == "thetas" else o.n_steps
+    steps = control_steps(mode, a, b, n_steps, o.component, o.amount)
     geometries: dict[tuple, Avatar] = {}
     frames, rgbs, nrms, n_verts = [], [], [], []
     for i, (label, codes, pose) in enumerate(tqdm(steps, desc=mode, unit="step")):
@@ -109,18 +132,18 @@ def run_control(model, mode: str, out_dir, a: dict, b: dict | None, n_steps: int
         if key in geometries:
             avatar = geometries[key].with_codes(codes["z_detail"], codes["z_color"])
         else:
-            avatar = Avatar.from_codes(model, codes, mesh_res=mesh_res)
+            avatar = Avatar.from_codes(model, codes, mesh_res=o.mesh_res)
             geometries[key] = avatar
         verts, normals = avatar.pose(avatar.params(pose[None]))
-        rgb, nrm = avatar.render(verts, normals, res)
+        rgb, nrm = avatar.render(verts, normals, o.res)
         rgbs.append(rgb[0].cpu().numpy())
         nrms.append(nrm[0].cpu().numpy())
         frames.append(side_by_side(rgb[0], nrm[0]))
         n_verts.append(int(verts.shape[1]))
-        if save_meshes:
+        if o.save_meshes:
             avatar.save_mesh(out_dir / "meshes" / f"step_{i:03d}.ply", verts[0], normals[0])
     video = save_video(out_dir / f"{mode}.mp4", frames + frames[-2:0:-1], fps=CONTROL_FPS)
-    pick = evenly(len(steps), grid_cols)
+    pick = evenly(len(steps), o.grid_cols)
     tiles = [add_label(rgbs[i], steps[i][0]) for i in pick] + [nrms[i] for i in pick]
     grid = save_png(out_dir / f"{mode}.png", make_grid(tiles, ncols=len(pick)))
     what = f"{names[0]} -> {names[1]}" if mode in _VARIED else names[0]

@@ -11,6 +11,8 @@ Steps of `run_fit`:
    untextured scan (or `geometry_only`) fits z_shape and z_detail only;
 4. metrics (`lib.inference.metrics`) in FLAME space against the scan, for the fit, for the
    FLAME-only fit (the baseline) and for the starting codes (the embeddings' means).
+Options: `FitOptions` (the `test.fit` block of configs/config.yaml; its `flame` sub-block,
+`FlameFitOptions`, configures step 2 without a parameter file).
 Outputs under `out_dir`: `fitted.ply` (posed, FLAME space, colours and normals),
 `fitted_canonical.ply`, `flame_only.ply`, `scan_flame_space.ply`, `compare.png` (front and
 side: scan | scan normals | FLAME only | fit RGB | fit normals), `metrics.json`, `fit.json`
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ import torch
 from lib.inference.avatar import Avatar
 from lib.inference.loading import InferenceError, is_stage2, require_stage2
 from lib.inference.metrics import head_size, mesh_metrics
+from lib.inference.options import ConfigOptions
 from lib.inference.sampling import code_gaussians
 from lib.inference.scan import ScanData, Similarity, load_scan, scan_samples
 from lib.render.images import add_label, make_grid, save_png
@@ -36,7 +40,44 @@ from lib.render.shading import (render_normals, render_shaded, render_texture,
                                 render_vertex_colors)
 from lib.utils.atomic import atomic_path
 
-__all__ = ["faceverse_similarity", "render_scan", "run_fit"]
+__all__ = ["FitOptions", "FlameFitOptions", "faceverse_similarity", "render_scan", "run_fit"]
+
+
+@dataclass(frozen=True)
+class FlameFitOptions(ConfigOptions):
+    """The FLAME fit of a scan without a parameter file (lib/inference/flame_fit.fit_flame's
+    arguments): the `test.fit.flame` block of configs/config.yaml."""
+
+    BLOCK = "test.fit.flame"
+    # candidate orientations of the scan (flip_yz: the FaceVerse layout, y down)
+    orientations: tuple[str, ...] = ("identity", "flip_yz")
+    n_points: int = 2000    # scan samples the fit matches
+    rigid_steps: int = 100  # Adam steps on scale, rotation and translation ...
+    full_steps: int = 200   # ... then on those and FLAME's pose, shape and expression
+    lr: float = 1e-2        # Adam learning rate
+
+
+@dataclass(frozen=True)
+class FitOptions(ConfigOptions):
+    """Options of eval_mode=fit: the `test.fit` block of configs/config.yaml (defaults equal
+    the config's; lib/inference/options.py builds and checks them)."""
+
+    BLOCK = "test.fit"
+    geometry_only: bool = False   # fit z_shape / z_detail only, even for a textured scan
+    n_surface: int = 20000        # scan surface samples (normals, colours, occupancy seeds)
+    n_near: int = 20000           # occupancy points near the scan (half at sigma 0.01, half 0.05)
+    n_uniform: int = 5000         # occupancy points uniform in the bounding box
+    shape_steps: int = 100        # Adam steps on z_shape
+    detail_steps: int = 100       # Adam steps on z_detail / z_color
+    shape_lr: float = 3e-2        # Adam learning rate of z_shape ...
+    detail_lr: float = 1e-2       # ... and of z_detail / z_color
+    batch: int = 2000             # points per step
+    lambda_reg: float = 1e-3      # mean-square penalty of the codes
+    n_metric: int = 20000         # samples per surface for the metrics
+    res: int = 256                # compare.png tile size
+    mesh_res: int = 128           # canonical mesh extraction resolution (cells per axis)
+    seed: int = 42                # seed of the samples and of the fits
+    flame: FlameFitOptions = field(default_factory=FlameFitOptions)
 
 
 def faceverse_similarity(verts: np.ndarray, scale: float, transl, z_shift: float) -> Similarity:
@@ -101,28 +142,27 @@ def _write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2))
 
 
-def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = False,
-            flame_fit_args: dict | None = None, n_surface: int = 20000, n_near: int = 20000,
-            n_uniform: int = 5000, shape_steps: int = 100, detail_steps: int = 100,
-            shape_lr: float = 3e-2, detail_lr: float = 1e-2, batch: int = 2000,
-            lambda_reg: float = 1e-3,
-            mesh_res: int = 128, res: int = 256, n_metric: int = 20000, seed: int = 0) -> dict:
-    """Fit a raw scan (module docstring). flame_path: optional FaceVerse `<id>_flame.pkl`;
-    flame_fit_args: keyword arguments of lib.inference.flame_fit.fit_flame; the other
-    arguments are the `test.fit` options of configs/config.yaml. Returns the metrics dict
-    (also written to metrics.json, with the seconds per phase)."""
+def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
+            flame_path=None) -> dict:
+    """Fit a raw scan (module docstring). options: FitOptions (None: the defaults);
+    flame_path: optional FaceVerse `<id>_flame.pkl` (else FLAME is fitted with
+    options.flame). Returns the metrics dict (also written to metrics.json, with the seconds
+    per phase)."""
     from lib.inference.latent_fit import fit_detail_color, fit_shape, occupancy_samples
 
+    o = options or FitOptions()
+    seed, res, mesh_res, n_metric = o.seed, o.res, o.mesh_res, o.n_metric
+    batch, lambda_reg = o.batch, o.lambda_reg
     out_dir = Path(out_dir)
     clock = _Clock()
     scan = load_scan(scan_path)
-    use_color = scan.has_color and not geometry_only
+    use_color = scan.has_color and not o.geometry_only
     if use_color:
         require_stage2(model, f"fitting the colours of the textured scan {scan_path} "
                               "(add test.fit.geometry_only=true to fit its geometry only)")
     server = model.flame_server
     ref = model.bbox_min
-    samples = scan_samples(scan, n_surface, seed)
+    samples = scan_samples(scan, o.n_surface, seed)
 
     if flame_path is not None:
         from lib.dataset.faceverse_io import load_flame_params, params_to_vector
@@ -135,7 +175,7 @@ def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = Fa
     else:
         from lib.inference.flame_fit import fit_flame
 
-        ff = fit_flame(server, samples["points"], seed=seed, **(flame_fit_args or {}))
+        ff = fit_flame(server, samples["points"], seed=seed, **asdict(o.flame))
         transform, params = ff.transform, ff.params
         flame_info = {"source": "fitted", "orientation": ff.orientation, "loss": ff.loss,
                       "history": ff.history}
@@ -145,7 +185,7 @@ def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = Fa
     pts_f = transform.apply(samples["points"])
     nrm_f = transform.apply_normals(samples["normals"])
 
-    occ_pts, occ = occupancy_samples(verts_f, scan.faces, pts_f, n_near, n_uniform,
+    occ_pts, occ = occupancy_samples(verts_f, scan.faces, pts_f, o.n_near, o.n_uniform,
                                      bbox_min=ref.cpu().numpy(),
                                      bbox_max=model.bbox_max.cpu().numpy(), seed=seed)
     means = {k: g.mean[None].to(ref) for k, g in code_gaussians(model).items()}
@@ -153,11 +193,11 @@ def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = Fa
     start = Avatar(model, means["z_shape"], means["z_detail"], means["z_color"], betas,
                    mesh_res=mesh_res)
     z_shape, shape_hist = fit_shape(model, params, torch.as_tensor(occ_pts).to(ref),
-                                    torch.as_tensor(occ).to(ref), means["z_shape"], shape_steps,
-                                    shape_lr, batch, lambda_reg, seed)
+                                    torch.as_tensor(occ).to(ref), means["z_shape"],
+                                    o.shape_steps, o.shape_lr, batch, lambda_reg, seed)
     clock("z_shape")
     z_detail, z_color, detail_hist = means["z_detail"], means["z_color"], {}
-    if is_stage2(model) and detail_steps > 0:
+    if is_stage2(model) and o.detail_steps > 0:
         colors = None
         if use_color:
             from lib.dataset.scan_sampling import colour_targets
@@ -165,7 +205,7 @@ def run_fit(model, scan_path, out_dir, flame_path=None, geometry_only: bool = Fa
             colors = torch.as_tensor(colour_targets(samples["colors"])).to(ref)
         z_detail, z_color, detail_hist = fit_detail_color(
             model, params, z_shape, torch.as_tensor(pts_f).to(ref), torch.as_tensor(nrm_f).to(ref),
-            colors, z_detail, z_color, detail_steps, detail_lr, batch, lambda_reg, seed=seed)
+            colors, z_detail, z_color, o.detail_steps, o.detail_lr, batch, lambda_reg, seed=seed)
     clock("z_detail_color")
     fitted = Avatar(model, z_shape, z_detail, z_color, betas, mesh_res=mesh_res)
 

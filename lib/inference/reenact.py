@@ -11,6 +11,7 @@ interactive rates. The avatar keeps its own FLAME shape; the motion supplies pos
 expression. Each video frame shows RGB | normal of the avatar | the driving FLAME mesh (the
 motion's own shape, shaded).
 
+Options: `ReenactOptions` (the `test.reenact` block of configs/config.yaml).
 Outputs under `out_dir`: `reenact.mp4`, `frames.png` (a few frames), `timing.json`, and with
 `save_meshes` `meshes/frame_<t>.ply` (posed mesh with colours and normals).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +27,27 @@ import torch
 from tqdm import tqdm
 
 from lib.inference.avatar import Avatar, make_params
+from lib.inference.options import ConfigOptions
 from lib.inference.sampling import evenly
 from lib.render.images import add_label, make_grid, save_png, save_video
 from lib.render.shading import render_shaded
 from lib.utils.atomic import atomic_path
 
-__all__ = ["motion_tensors", "run_reenact"]
+__all__ = ["ReenactOptions", "motion_tensors", "run_reenact"]
+
+
+@dataclass(frozen=True)
+class ReenactOptions(ConfigOptions):
+    """Options of eval_mode=reenact: the `test.reenact` block of configs/config.yaml
+    (defaults equal the config's; lib/inference/options.py builds and checks them)."""
+
+    BLOCK = "test.reenact"
+    max_frames: int | None = None   # use at most this many frames of the motion (None: all)
+    batch: int = 8                  # frames posed and rendered together
+    save_meshes: bool = False       # also write one .ply per frame
+    grid_cols: int = 8              # frames.png shows min(grid_cols, 4) frames
+    res: int = 256                  # rendered image size
+    mesh_res: int = 128             # canonical mesh extraction resolution of the avatar
 
 
 def motion_tensors(motion: dict, n_exp: int, ref: torch.Tensor, max_frames: int | None = None
@@ -53,16 +70,18 @@ def _sync(ref: torch.Tensor) -> None:
         torch.cuda.synchronize(ref.device)
 
 
-def run_reenact(model, avatar: Avatar, motion: dict, out_dir, res: int = 256,
-                max_frames: int | None = None, save_meshes: bool = False, batch: int = 8,
-                grid_cols: int = 8, name: str = "avatar") -> dict:
-    """Drive `avatar` with `motion` (module docstring). batch: frames posed and rendered
-    together. Returns the timing summary (also written to timing.json): frames, vertices,
+def run_reenact(model, avatar: Avatar, motion: dict, out_dir,
+                options: ReenactOptions | None = None, name: str = "avatar") -> dict:
+    """Drive `avatar` with `motion` (module docstring). options: ReenactOptions (None: the
+    defaults; its mesh_res is the caller's, for extracting `avatar`); name: the avatar's
+    display name. Returns the timing summary (also written to timing.json): frames, vertices,
     extraction seconds, frames per second of deformation alone and with rendering."""
+    o = options or ReenactOptions()
+    res, batch = o.res, o.batch
     out_dir = Path(out_dir)
     ref = avatar.betas
     server = model.flame_server
-    m = motion_tensors(motion, server.n_exp, ref, max_frames)
+    m = motion_tensors(motion, server.n_exp, ref, o.max_frames)
     T = m["pose"].shape[0]
     fps = float(motion.get("fps", 25.0))
     n_shape = server.n_shape
@@ -96,11 +115,11 @@ def run_reenact(model, avatar: Avatar, motion: dict, out_dir, res: int = 256,
         for i in range(verts.shape[0]):
             frames.append(np.concatenate([rgb[i].cpu().numpy(), nrm[i].cpu().numpy(),
                                           flame_img[i].cpu().numpy()], axis=1))
-            if save_meshes:
+            if o.save_meshes:
                 avatar.save_mesh(out_dir / "meshes" / f"frame_{s + i:04d}.ply", verts[i],
                                  normals[i])
     video = save_video(out_dir / "reenact.mp4", frames, fps=max(1, round(fps)))
-    pick = evenly(T, min(grid_cols, 4))
+    pick = evenly(T, min(o.grid_cols, 4))
     save_png(out_dir / "frames.png",
              make_grid([add_label(frames[i], f"frame {i}") for i in pick], ncols=1))
     summary = {

@@ -9,7 +9,7 @@ own Gaussian (the original drew the colour code from the detail code's statistic
 the standard deviations scaled by `std_scale` (< 1 trades variety for typicality). Sampled
 avatars get the mean FLAME shape (betas 0) unless one is given.
 
-`run_sample` writes, per avatar `sample_<k>/`: `canonical.ply` and `posed.ply` (vertex colours
+`run_sample` (options: `SampleOptions`, the `test.sample` block) writes, per avatar `sample_<k>/`: `canonical.ply` and `posed.ply` (vertex colours
 and normals), `turntable.mp4` (RGB | normal per frame) and `turntable.png` (a grid: RGB views
 over normal views); and `samples.png` (front RGB and normal of every sample).
 """
@@ -24,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from lib.inference.avatar import Avatar, side_by_side, yaw_pose
+from lib.inference.options import ConfigOptions
 from lib.render.images import add_label, make_grid, save_png, save_video
 
 __all__ = ["GaussianFit", "fit_gaussian", "code_gaussians", "sample_codes", "lerp",
-           "evenly", "turntable", "run_sample"]
+           "evenly", "turntable", "SampleOptions", "run_sample"]
 
 CODE_NAMES = ("z_shape", "z_detail", "z_color")
 
@@ -117,25 +118,43 @@ def default_posed_frame(ref: torch.Tensor, n_exp: int, motion: dict | None, rng:
     return pose, ref.new_zeros(n_exp)
 
 
-def run_sample(model, out_dir, n_samples: int = 4, std_scale: float = 1.0, seed: int = 0,
-               n_frames: int = 24, grid_cols: int = 8, res: int = 256, mesh_res: int = 128,
-               motion: dict | None = None, fps: int = 25) -> dict:
-    """eval_mode=sample (module docstring). motion: optional loaded motion (posed meshes use
-    its random frames). Returns a summary dict (per sample: vertex/face counts, files)."""
+@dataclass(frozen=True)
+class SampleOptions(ConfigOptions):
+    """Options of eval_mode=sample: the `test.sample` block of configs/config.yaml (defaults
+    equal the config's; lib/inference/options.py builds and checks them)."""
+
+    BLOCK = "test.sample"
+    n_samples: int = 4      # avatars drawn
+    std_scale: float = 1.0  # scale of the fitted Gaussians' standard deviations
+    seed: int = 42          # seed of the draws and of the posed frames
+    n_frames: int = 24      # turntable frames
+    fps: int = 25           # turntable video frame rate
+    grid_cols: int = 8      # views per row of turntable.png
+    res: int = 256          # rendered image size
+    mesh_res: int = 128     # canonical mesh extraction resolution (cells per axis)
+
+
+def run_sample(model, out_dir, options: SampleOptions | None = None,
+               motion: dict | None = None) -> dict:
+    """eval_mode=sample (module docstring). options: SampleOptions (None: the defaults);
+    motion: optional loaded motion (posed meshes use its random frames). Returns a summary
+    dict (per sample: vertex/face counts, files)."""
+    o = options or SampleOptions()
     out_dir = Path(out_dir)
-    rng = np.random.default_rng(seed)
-    codes = sample_codes(model, n_samples, std_scale, seed)
-    fronts, summary = [], {"n_samples": n_samples, "std_scale": std_scale, "samples": []}
+    rng = np.random.default_rng(o.seed)
+    codes = sample_codes(model, o.n_samples, o.std_scale, o.seed)
+    fronts, summary = [], {"n_samples": o.n_samples, "std_scale": o.std_scale, "samples": []}
     for k, c in enumerate(tqdm(codes, desc="sample", unit="avatar")):
         folder = out_dir / f"sample_{k:03d}"
-        avatar = Avatar.from_codes(model, c, mesh_res=mesh_res)
+        avatar = Avatar.from_codes(model, c, mesh_res=o.mesh_res)
         avatar.save_canonical(folder / "canonical.ply")
         pose, exp = default_posed_frame(avatar.betas, model.flame_server.n_exp, motion, rng)
         verts, normals = avatar.pose(avatar.params(pose[None], exp[None]))
         avatar.save_mesh(folder / "posed.ply", verts[0], normals[0])
-        rgb, nrm = turntable(avatar, n_frames, res)
-        save_video(folder / "turntable.mp4", [side_by_side(a, b) for a, b in zip(rgb, nrm)], fps)
-        pick = evenly(n_frames, grid_cols)
+        rgb, nrm = turntable(avatar, o.n_frames, o.res)
+        save_video(folder / "turntable.mp4", [side_by_side(a, b) for a, b in zip(rgb, nrm)],
+                   o.fps)
+        pick = evenly(o.n_frames, o.grid_cols)
         save_png(folder / "turntable.png",
                  make_grid([rgb[i] for i in pick] + [nrm[i] for i in pick], ncols=len(pick)))
         fronts.append(add_label(side_by_side(rgb[0], nrm[0]), f"sample {k}"))

@@ -23,8 +23,7 @@ from lib.flame import FLAMEServer, FlameFrames
 from lib.model import losses
 from lib.model import fine_stage
 from lib.model import query
-from lib.model.builders import build_network
-from lib.model.deformer import ForwardDeformer
+from lib.model.builders import build_deformer, build_network
 from lib.model.discriminator import Discriminator
 from lib.model.generator import Generator, sample_volume
 from lib.model.neutral_lbs import NeutralLBS
@@ -97,17 +96,9 @@ class GANHead(pl.LightningModule):
         # the unconditioned LBS network read at x_c + disp(x_c, betas); disp_net stays owned
         # here (state_dict disp_net.*), the deformer only references it
         lbs_net = NeutralLBS(lbs, self.disp_net)
-        mode = dcfg.pop("mode", "exact")
-        fast_args = {k: dcfg.pop(k) for k in ("grid_res", "exact_steps") if k in dcfg}
-        if mode == "exact":
-            self.deformer = ForwardDeformer(lbs_net, n_joints=n_joints, **dcfg)
-        elif mode == "fast":  # baked skinning grids for the search, exact polish
-            from lib.model.fast_deformer import FastForwardDeformer
-
-            self.deformer = FastForwardDeformer(lbs_net, n_joints=n_joints, bbox_min=bbox_min,
-                                                bbox_max=bbox_max, **fast_args, **dcfg)
-        else:
-            raise ValueError(f"model.deformer.mode must be 'exact' or 'fast', got {mode!r}")
+        # the rest of the entry is configs/deformer/<name>.yaml (exact, the original's, or fast)
+        self.deformer = build_deformer(dcfg, "model.deformer", lbs_net=lbs_net,
+                                       n_joints=n_joints, bbox_min=bbox_min, bbox_max=bbox_max)
         self.norm_network = build_network(norm_network, "model.norm_network",
                                           detail_dim=dim_detail,
                                           geometry_feature_dim=self.occ_network.feature_dim)

@@ -7,8 +7,12 @@ to run code on the machine that reads it (README, "Files you can trust"):
   `torch.load` with `weights_only=True` (tensors, numbers, strings, lists and dicts only; a
   pickled object with a `__reduce__` payload is refused before it runs), then a check that
   the content is plain data whose only `_target_` keys (Hydra's instantiation marker) name
-  one of the project's own network builders (the allow-list of lib/model/builders.py, which
-  also builds them: never a target named in a file). Every failure raises `CheckpointError` naming the file.
+  one of the project's own network builders or deformers (the allow-lists of
+  lib/model/builders.py, which also builds them: never a target named in a file). Every
+  failure raises `CheckpointError` naming the file.
+- `last_checkpoint(output_dir)` is the one rule for a run's checkpoint path,
+  `<output_dir>/checkpoints/last.ckpt`: train.py writes and resumes it, precompute.py,
+  test.py and tools/demo.py read it when no `ckpt=` is given.
 - `AtomicCheckpointIO` is Lightning's TorchCheckpointIO with atomic saves (temporary file in
   the same folder, then rename: a run killed while saving leaves the previous `last.ckpt`
   intact) and loads forced to `weights_only=True` (the `resume=true` path). Given to the
@@ -25,9 +29,16 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from lib.utils.atomic import atomic_path
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_checkpoint", "check_plain_data"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "read_checkpoint", "check_plain_data",
+           "last_checkpoint"]
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def last_checkpoint(output_dir) -> Path:
+    """The checkpoint a training run in `output_dir` writes (and resumes, and the other
+    scripts load by default): `<output_dir>/checkpoints/last.ckpt`."""
+    return Path(output_dir) / "checkpoints" / "last.ckpt"
 
 
 class CheckpointError(ValueError):
@@ -70,9 +81,9 @@ def read_checkpoint(path, map_location: Any = "cpu") -> dict:
     other than tensors and plain containers, a non-dict top level, or a `_target_` outside the
     allow-list anywhere but in `state_dict` and the optimizer/loop states.
     """
-    from lib.model.builders import NETWORK_BUILDERS  # the network entries' only targets
+    from lib.model.builders import ALLOWED_TARGETS  # the networks' and the deformer's
 
-    allowed = frozenset(NETWORK_BUILDERS)
+    allowed = ALLOWED_TARGETS
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
