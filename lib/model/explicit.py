@@ -23,6 +23,8 @@ JOINT_COLORS = torch.tensor([
     [0.20, 0.80, 0.30],
     [0.85, 0.20, 0.65],
 ])
+# deform_canonical's per-frame arguments, in its order
+_FRAME_KEYS = ("exp", "pose_feature", "tfs", "exp_c", "pose_feature_c", "tfs_c")
 
 
 @torch.no_grad()
@@ -53,14 +55,9 @@ def deform_mesh(verts_c: torch.Tensor, fields: tuple[torch.Tensor, torch.Tensor,
     Returns: verts_d [B, V, 3].
     """
     w, pose_dirs, expr_dirs = fields
-    B = smpl_out["tfs"].shape[0]
-
-    def rep(t: torch.Tensor) -> torch.Tensor:
-        return t[None].expand(B, *t.shape)
-
-    return deform_canonical(rep(verts_c), rep(w), rep(expr_dirs), rep(pose_dirs),
-                            smpl_out["exp"], smpl_out["pose_feature"], smpl_out["tfs"],
-                            smpl_out["exp_c"], smpl_out["pose_feature_c"], smpl_out["tfs_c"])
+    # one frame at a time: the blend intermediates stay [V, ...] rather than [B, V, ...]
+    return torch.stack([deform_canonical(verts_c, w, expr_dirs, pose_dirs, *(smpl_out[k][b] for k in _FRAME_KEYS))
+                        for b in range(smpl_out["tfs"].shape[0])])
 
 
 def weight_colors(w: torch.Tensor) -> torch.Tensor:
