@@ -24,3 +24,21 @@ def test_a_module_raises_through_it():
 def test_script_names_are_refused(name):
     with pytest.raises(ValueError, match="module's dotted name"):
         module_path(name)
+
+
+def test_finite_vector_names_the_field():
+    import numpy as np
+
+    from lib.utils.errors import finite_vector
+
+    def fail(msg):
+        return KeyError(f"f.json: {msg}")
+
+    np.testing.assert_array_equal(finite_vector([1, 2, 3], "x", 3, fail), [1.0, 2.0, 3.0])
+    assert finite_vector(np.ones((1, 3)), "x", 3, fail, flatten=True).shape == (3,)
+    for value, size, flatten, words in ([1, 2], 3, False, "x has 2 values, expected 3"),\
+            (np.ones((1, 3)), 3, False, r"x has shape \(1, 3\), expected \(3,\)"),\
+            ([1, np.nan, 2], 3, False, "x contains NaN or infinite values"),\
+            (["a", "b"], 2, True, "x is not numeric"):
+        with pytest.raises(KeyError, match=f"f.json: {words}"):
+            finite_vector(value, "x", size, fail, flatten=flatten)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.utils.atomic import atomic_path
+from lib.utils.errors import finite_vector
 
 __all__ = ["MotionFormatError", "save_motion_json", "save_motion_npz", "load_motion",
            "N_EXP", "N_POSE", "N_SHAPE"]
@@ -74,17 +75,8 @@ def save_motion_npz(path, motion: dict) -> None:
 
 
 def _vector(value, name: str, size: int, where: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise MotionFormatError(f"{where}: {name} is not numeric ({exc})") from exc
-    if arr.ndim != 1:
-        raise MotionFormatError(f"{where}: {name} has shape {arr.shape}, expected ({size},)")
-    if arr.size != size:
-        raise MotionFormatError(f"{where}: {name} has {arr.size} values, expected {size}")
-    if not np.all(np.isfinite(arr)):
-        raise MotionFormatError(f"{where}: {name} contains NaN or infinite values")
-    return arr
+    """A 1-D field of `size` finite numbers of the motion file `where` -> float64 [size]."""
+    return finite_vector(value, name, size, lambda msg: MotionFormatError(f"{where}: {msg}"))
 
 
 def _validate(m: dict, where: str) -> dict:

@@ -7,7 +7,11 @@ writes `_err.where` into warnings and log lines.
 """
 from __future__ import annotations
 
-__all__ = ["ModuleErrors", "module_path"]
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["ModuleErrors", "module_path", "finite_vector"]
 
 
 def module_path(name: str) -> str:
@@ -28,3 +32,24 @@ class ModuleErrors:
 
     def __call__(self, msg: str, kind: type[Exception] = ValueError) -> Exception:
         return kind(f"{self.where}: {msg}")
+
+
+def finite_vector(value, name: str, size: int, error: Callable[[str], Exception],
+                  flatten: bool = False) -> np.ndarray:
+    """A file's numeric field checked: value (array-like) -> float64 [size]; flatten: any shape
+    of `size` values is accepted (else it must be 1-D). Raises error(message) (the caller's
+    exception, which names the file) with a message naming `name`: not numeric, wrong shape or
+    size, NaN or infinite values."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise error(f"{name} is not numeric ({exc})") from exc
+    if flatten:
+        arr = arr.reshape(-1)
+    elif arr.ndim != 1:
+        raise error(f"{name} has shape {arr.shape}, expected ({size},)")
+    if arr.size != size:
+        raise error(f"{name} has {arr.size} values, expected {size}")
+    if not np.all(np.isfinite(arr)):
+        raise error(f"{name} contains NaN or infinite values")
+    return arr
