@@ -54,7 +54,7 @@ def avatar_codes(model, cfg: DictConfig, which: str, default_row: int | None
 
 def load_motion_option(cfg: DictConfig, required: bool):
     from lib.inference.loading import InferenceError
-    from lib.synthetic.motion import load_motion
+    from lib.dataset.motion import load_motion
 
     if cfg.motion is None:
         if required:
@@ -140,7 +140,7 @@ def main(cfg: DictConfig) -> None:
     from lib.dataset.faceverse_io import FlameParamsError
     from lib.flame.loader import FlameModelError
     from lib.inference.loading import InferenceError
-    from lib.synthetic.motion import MotionFormatError
+    from lib.dataset.motion import MotionFormatError
     from lib.utils.atomic import atomic_path
     from lib.utils.checkpoint_io import CheckpointError
 

@@ -72,15 +72,15 @@ def load_weights(model: pl.LightningModule, path: str) -> None:
 def check_output_dir(cfg: DictConfig, output_dir: Path, ids: list[str]) -> str | None:
     """The checkpoint to resume from (None: a new run), or TrainError when the folder holds a
     checkpoint this run would overwrite, or resume=true has nothing (matching) to resume."""
-    from lib.model.checkpoint import checkpoint_scan_ids
-    from lib.utils.checkpoint_io import last_checkpoint, read_checkpoint
+    from lib.model.checkpoint import checkpoint_scan_ids, read_project_checkpoint
+    from lib.utils.checkpoint_io import last_checkpoint
 
     last = last_checkpoint(output_dir)
     if cfg.resume:
         if not last.is_file():
             raise TrainError(f"resume=true but {last} does not exist; start a new run without "
                              "resume=true, or point output_dir= (expname=) at the run to continue")
-        theirs = checkpoint_scan_ids(read_checkpoint(last))
+        theirs = checkpoint_scan_ids(read_project_checkpoint(last))
         if theirs is not None and theirs != ids:
             gone = [i for i in theirs if i not in ids]
             new = [i for i in ids if i not in theirs]
@@ -117,6 +117,7 @@ class SaveConfig(pl.Callback):
 def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from lib.model.checkpoint import PROJECT_TARGETS
     from lib.utils.checkpoint_io import AtomicCheckpointIO, last_checkpoint
 
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
@@ -129,7 +130,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
                                  save_on_train_epoch_end=True)
     return pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
                       callbacks=[checkpoint, SaveConfig(cfg, output_dir / "config.yaml")],
-                      plugins=[AtomicCheckpointIO()], default_root_dir=str(output_dir))
+                      plugins=[AtomicCheckpointIO(PROJECT_TARGETS)], default_root_dir=str(output_dir))
 
 
 def prepare(cfg: DictConfig):
@@ -146,11 +147,10 @@ def prepare(cfg: DictConfig):
     if cfg.starting_path:
         load_weights(model, cfg.starting_path)
     if datamodule.stage == "fine":  # caches made from these weights and parameters
-        from lib.model.checkpoint import geometry_digest, geometry_digest_of_state
-        from lib.utils.checkpoint_io import read_checkpoint
+        from lib.model.checkpoint import geometry_digest, geometry_digest_of_state, read_project_checkpoint
 
         if ckpt_path is not None:
-            state = read_checkpoint(ckpt_path)["state_dict"]
+            state = read_project_checkpoint(ckpt_path)["state_dict"]
             geometry = geometry_digest_of_state(ids, state)
         else:
             geometry = geometry_digest(model) if cfg.starting_path else None

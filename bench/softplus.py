@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lib.model import networks as N  # noqa: E402
-from lib.utils.checkpoint_io import read_checkpoint  # noqa: E402
+from lib.model.checkpoint import read_project_checkpoint  # noqa: E402
 
 
 class TorchSoftplus(nn.Softplus):
@@ -45,7 +45,7 @@ def cases(ckpt: Path | None):
     """(label, network, inputs) with inputs the positional arguments of network(...)."""
     state = {}
     if ckpt is not None:
-        state = read_checkpoint(ckpt)["state_dict"]
+        state = read_project_checkpoint(ckpt)["state_dict"]
     specs = [("normal 8x256", "norm_network.", N.build_normal_network, 128 + 229),
              ("occupancy 4x256", "occ_network.", lambda: N.build_geometry_network(feature_dim=64), 64),
              ("LBS 4x128", "deformer.lbs_net.", N.LBSNetwork, 256)]
@@ -81,7 +81,7 @@ def fine_step(ckpt: Path, flame_model: Path, repeats: int) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"datamodule.flame_model={flame_model}",
                                                        "+experiments=fine_cpu"])
-    checkpoint = read_checkpoint(ckpt)
+    checkpoint = read_project_checkpoint(ckpt)
     model = GANHead(n_subjects=checkpoint["state_dict"]["z_shapes.weight"].shape[0],
                     output_dir=tempfile.mkdtemp(), **OmegaConf.to_container(cfg.model, resolve=True))
     model.on_load_checkpoint(checkpoint)

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.utils.checkpoint_io import read_checkpoint  # noqa: E402
+from lib.model.checkpoint import read_project_checkpoint  # noqa: E402
 
 
 def make_batch(server, batch_size: int, n_points: int, n_subjects: int, seed: int = 0) -> dict:
@@ -144,7 +144,7 @@ class CoarseRun:
             overrides.insert(0, "+experiments=cpu")
         state, n_subjects = None, 8
         if ckpt is not None:
-            checkpoint = read_checkpoint(ckpt)
+            checkpoint = read_project_checkpoint(ckpt)
             state = checkpoint["state_dict"]
             n_subjects = state["z_shapes.weight"].shape[0]
             overrides.append("model.nepochs_pretrain=0")

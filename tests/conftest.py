@@ -92,7 +92,7 @@ def add_fine_data(processed: Path, model_path: Path, res: int = 32, n_views: int
     colours mapped to [-1, 1] without per-scan normalization) and `multi_view_<res>/` normal
     and colour renders of the 9 views (same colours, so both targets agree)."""
     from lib.dataset.scan_render import save_views, view_transforms
-    from lib.dataset.scan_sampling import barycentric_points, face_areas_normals, sample_faces
+    from lib.utils.surface import area_samples
     from lib.flame import FLAMEServer
     from lib.render.images import to_uint8
     from lib.render.shading import render_normals, render_vertex_colors
@@ -107,12 +107,11 @@ def add_fine_data(processed: Path, model_path: Path, res: int = 32, n_views: int
         with torch.no_grad():
             verts = server(torch.from_numpy(params)[None]).verts[0]
         v, f = verts.numpy(), faces.numpy()
-        areas, normals = face_areas_normals(v, f)
-        face, bary = sample_faces(areas, n_surface, rng)
+        pts, normals, face, bary = area_samples(v, f, n_surface, rng)
         col = np.einsum("nk,nkc->nc", bary, colors[f[face]])
         np.savez(scan / "surface.npz",
-                 surface_points=barycentric_points(v, f, face, bary).astype(np.float32),
-                 surface_normals=normals[face].astype(np.float32),
+                 surface_points=pts.astype(np.float32),
+                 surface_normals=normals.astype(np.float32),
                  surface_colors=(2.0 * col - 1.0).astype(np.float32))
         T = view_transforms(params, server, n_views)
         vk = verts @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]

@@ -147,6 +147,35 @@ def test_target_in_hyper_parameters_is_refused(saved, tmp_path, where):
     assert why.get(where, "") in str(err.value)
 
 
+def test_the_allow_list_comes_from_the_caller(saved, tmp_path):
+    """lib/utils/checkpoint_io allows no `_target_` unless its caller names it: a real
+    checkpoint (network entries with the builders' targets) is refused by the bare reader and
+    read by lib/model/checkpoint.py's reader and the train.py plugin given PROJECT_TARGETS; an
+    outside target is refused by all of them."""
+    from lib.model.checkpoint import PROJECT_TARGETS, read_project_checkpoint
+    from lib.utils.checkpoint_io import AtomicCheckpointIO, CheckpointError, read_checkpoint
+
+    good = saved["ckpt"]
+    for load in (read_checkpoint, AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(CheckpointError, match="refused.*names a code target"):
+            load(good)
+    for load in (read_project_checkpoint, AtomicCheckpointIO(PROJECT_TARGETS).load_checkpoint,
+                 lambda p: read_checkpoint(p, allowed_targets=PROJECT_TARGETS)):
+        assert load(good)["epoch"] == 3
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["hyper_parameters"]["occ_network"] = {"_target_": "os.system", "command": "true"}
+    bad = tmp_path / "outside.ckpt"
+    torch.save(ckpt, bad)
+    for load in (read_project_checkpoint, AtomicCheckpointIO(PROJECT_TARGETS).load_checkpoint):
+        with pytest.raises(CheckpointError, match="refused.*os.system"):
+            load(bad)
+    # and the reader's module imports nothing of lib/model (a lower layer)
+    res = subprocess.run([sys.executable, "-c", "import sys, lib.utils.checkpoint_io; "
+                          "print(sorted(m for m in sys.modules if m.startswith('lib.model')))"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_target_payload_through_test_py(saved, tiny_dataset, tmp_path):
     marker = tmp_path / "pwned"
@@ -282,9 +311,9 @@ def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):
     # overwrite=true replaces it (and writes the config once training starts)
     res = _run("train.py", *base, "overwrite=true")
     assert res.returncode == 0, res.stderr[-3000:]
-    from lib.utils.checkpoint_io import read_checkpoint
+    from lib.model.checkpoint import read_project_checkpoint
 
-    assert read_checkpoint(last)["epoch"] == 0
+    assert read_project_checkpoint(last)["epoch"] == 0
     assert "output_dir" in (out / "config.yaml").read_text()
 
 

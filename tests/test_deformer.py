@@ -19,7 +19,8 @@ from torch import nn
 
 from lib.flame.frames import FlameFrames
 from lib.model.broyden import broyden
-from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer, inv3, lbs_deform
+from lib.flame.lbs import deform_canonical
+from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer, inv3
 from lib.model.networks import LBSNetwork, build_displacement_network
 from lib.model.neutral_lbs import NeutralLBS
 
@@ -162,6 +163,17 @@ def test_broyden_linear_system_exact_jacobian_and_max_steps():
 
 
 # ---------------------------------------------------------------------------------- forward deformation
+def _pointwise_reference(xc, w, pd, ed, fl, b):
+    """The forward deformation of one point (docs/design.md, Forward skinning) in float64, with
+    4x4 solves: xc [3], w [J], pd [Q, 3], ed [3, X], frame b of fl (FlameFrames) -> xd [3]."""
+    Ac = sum(w[j] * fl.tfs_c[b, j] for j in range(5))
+    Ad = sum(w[j] * fl.tfs[b, j] for j in range(5))
+    xr = torch.linalg.solve(Ac, torch.cat([xc, xc.new_ones(1)]))[:3]
+    xr = xr - pd.T @ fl.pose_feature_c[b] - ed @ fl.exp_c[b]
+    xr = xr + ed @ fl.exp[b] + pd.T @ fl.pose_feature[b]
+    return (Ad @ torch.cat([xr, xr.new_ones(1)]))[:3]
+
+
 def test_forward_deform_matches_pointwise_reference():
     d, field, cond, fl, xc, _ = setup_problem(B=2, N=20, dtype=torch.float64)
     fl.exp_c = torch.randn(2, K_EXP, dtype=torch.float64)  # non-zero canonical expression
@@ -169,26 +181,26 @@ def test_forward_deform_matches_pointwise_reference():
     w, pd, ed = field(xc, cond["shape"])
     for b in range(2):
         for n in range(20):
-            Ac = sum(w[b, n, j] * fl.tfs_c[b, j] for j in range(5))
-            Ad = sum(w[b, n, j] * fl.tfs[b, j] for j in range(5))
-            xr = torch.linalg.solve(Ac, torch.cat([xc[b, n], xc.new_ones(1)]))[:3]
-            xr = xr - pd[b, n].T @ fl.pose_feature_c[b] - ed[b, n] @ fl.exp_c[b]
-            xr = xr + ed[b, n] @ fl.exp[b] + pd[b, n].T @ fl.pose_feature[b]
-            ref = (Ad @ torch.cat([xr, xr.new_ones(1)]))[:3]
+            ref = _pointwise_reference(xc[b, n], w[b, n], pd[b, n], ed[b, n], fl, b)
             assert torch.allclose(xd[b, n], ref, atol=1e-12)
     same = replace(fl, tfs=fl.tfs_c, pose_feature=fl.pose_feature_c, exp=fl.exp_c)
     assert torch.allclose(d.forward_deform(xc, cond, same), xc, atol=1e-12)  # canonical -> canonical
 
 
-def test_forward_deform_agrees_with_flame_lbs():
-    from lib.flame import lbs
+def test_explicit_mesh_deformation_matches_pointwise_reference():
+    """lib/model/explicit.deform_mesh (fields shared by all frames, one frame at a time) gives
+    the pointwise forward deformation of every frame."""
+    from lib.model.explicit import deform_mesh
 
-    d, field, cond, fl, xc, _ = setup_problem(B=2, N=30, dtype=torch.float64)
-    fl.exp_c = torch.randn(2, K_EXP, dtype=torch.float64)
-    w, pd, ed = field(xc, cond["shape"])
-    ref = lbs.deform_canonical(xc, w, ed, pd, fl.exp, fl.pose_feature, fl.tfs,
-                               fl.exp_c, fl.pose_feature_c, fl.tfs_c)
-    assert torch.allclose(d.forward_deform(xc, cond, fl), ref, atol=1e-10)
+    _, field, cond, fl, xc, _ = setup_problem(B=3, N=15, dtype=torch.float64)
+    fl.exp_c = torch.randn(3, K_EXP, dtype=torch.float64)
+    w, pd, ed = (f[0] for f in field(xc[:1], cond["shape"][:1]))
+    xd = deform_mesh(xc[0], (w, pd, ed), fl)
+    assert xd.shape == (3, 15, 3)
+    for b in range(3):
+        for n in range(15):
+            ref = _pointwise_reference(xc[0, n], w[n], pd[n], ed[n], fl, b)
+            assert torch.allclose(xd[b, n], ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("bone", [1, 2])
@@ -335,8 +347,9 @@ def test_fields_are_the_unconditioned_lbs_network_at_the_shape_neutral_point():
     assert ed_ref.abs().max() > 1e-3 and pd_ref.abs().max() > 1e-3
     assert (d._fields(xc, betas.flip(0))[0] - w_ref).abs().max() > 1e-3  # each item's betas count
     xd = d.forward_deform(xc, {"shape": betas}, fl)
-    ref = lbs_deform(xc, w_ref, ed_ref, pd_ref, fl.tfs[:, None], fl.tfs_c[:, None], fl.exp[:, None],
-                     fl.exp_c[:, None], fl.pose_feature[:, None], fl.pose_feature_c[:, None])
+    ref = deform_canonical(xc, w_ref, ed_ref, pd_ref, fl.exp[:, None], fl.pose_feature[:, None],
+                           fl.tfs[:, None], fl.exp_c[:, None], fl.pose_feature_c[:, None],
+                           fl.tfs_c[:, None])
     torch.testing.assert_close(xd, ref, rtol=0, atol=1e-13)
     # the displacement network is referenced, not owned: its parameters are not the deformer's
     assert all(k.startswith("lbs_net.lbs.net.") for k in d.state_dict())

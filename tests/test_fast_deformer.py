@@ -449,7 +449,7 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
     """FoldedLBS (weights read once, the betas part of the displacement network and the
     blendshape head folded per item) gives the plain fields' weights and blendshape offset, and
     skin_offset the plain forward deformation."""
-    from lib.model.deformer import lbs_deform, skin_offset
+    from lib.flame.lbs import deform_canonical, skin_offset
 
     if variant == "default":
         fields = copy.deepcopy(net).double()
@@ -465,8 +465,9 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
         w, offset = fold(x, bidx)
         off_ref = ((ed[:, 0] * (fl.exp - fl.exp_c)[bidx][:, None, :]).sum(-1)
                    + (pd[:, 0] * (fl.pose_feature - fl.pose_feature_c)[bidx][:, :, None]).sum(-2))
-        xd_ref = lbs_deform(x, w_ref[:, 0], ed[:, 0], pd[:, 0], fl.tfs[bidx], fl.tfs_c[bidx], fl.exp[bidx],
-                            fl.exp_c[bidx], fl.pose_feature[bidx], fl.pose_feature_c[bidx])
+        xd_ref = deform_canonical(x, w_ref[:, 0], ed[:, 0], pd[:, 0], fl.exp[bidx],
+                                  fl.pose_feature[bidx], fl.tfs[bidx], fl.exp_c[bidx],
+                                  fl.pose_feature_c[bidx], fl.tfs_c[bidx])
         xd_fold = skin_offset(x, w, offset, fl.tfs[bidx], fl.tfs_c[bidx])
     assert off_ref.abs().max() > 1e-3  # the blendshapes matter here
     dx = fields.disp_net(x[:, None], cond["shape"][bidx])
@@ -509,30 +510,54 @@ def test_folded_deformation_keeps_the_plain_gradients_float64(net):
     assert n_nonzero >= 20  # x, betas, transforms, expression and both networks' layers get gradients
 
 
-def test_folded_skinning_matches_skin_offset_also_where_singular():
-    """FoldedSkinning (blended rows from one product, Cramer's rule) against deformer.skin_offset
-    in float64, including a point whose canonical blend is singular (inverse taken as 0)."""
-    from lib.model.deformer import skin_offset
+def test_folded_skinning_matches_deform_canonical_values_and_gradients():
+    """FoldedSkinning (blended rows from one product, Cramer's rule) fed the blendshape offset
+    against the one plain forward skinning, lib/flame/lbs.deform_canonical, in float64: values,
+    and gradients with respect to x, w, both transforms and the blendshape inputs, including a
+    point whose canonical blend is singular (inverse taken as 0)."""
+    from lib.flame.lbs import deform_canonical
     from lib.model.folded_lbs import FoldedSkinning
 
     g = torch.Generator().manual_seed(2)
-    B, J, A = 3, 5, 50
-    R = rodrigues(torch.randn(B, J, 3, generator=g, dtype=torch.float64) * 0.5)
-    tfs = torch.eye(4, dtype=torch.float64).repeat(B, J, 1, 1)
-    tfs[..., :3, :3], tfs[..., :3, 3] = R, torch.randn(B, J, 3, generator=g, dtype=torch.float64)
+    f64 = torch.float64
+    B, J, A, X, Q = 3, 5, 50, 4, 6
+    R = rodrigues(torch.randn(B, J, 3, generator=g, dtype=f64) * 0.5)
+    tfs = torch.eye(4, dtype=f64).repeat(B, J, 1, 1)
+    tfs[..., :3, :3], tfs[..., :3, 3] = R, torch.randn(B, J, 3, generator=g, dtype=f64)
     tfs_c = tfs.flip(1).clone()
-    tfs_c[0, 0, :3, :3] = torch.zeros(3, 3, dtype=torch.float64)  # item 0, bone 0: singular
-    x = torch.randn(A, 3, generator=g, dtype=torch.float64)
-    w = torch.softmax(torch.randn(A, J, generator=g, dtype=torch.float64), -1)
-    w[0] = torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64)
-    offset = torch.randn(A, 3, generator=g, dtype=torch.float64) * 0.1
+    tfs_c[0, 0, :3, :3] = torch.zeros(3, 3, dtype=f64)  # item 0, bone 0: singular
+    x = torch.randn(A, 3, generator=g, dtype=f64)
+    w = torch.softmax(torch.randn(A, J, generator=g, dtype=f64), -1)
+    w[0] = torch.tensor([1.0, 0, 0, 0, 0], dtype=f64)
+    ed = torch.randn(A, 3, X, generator=g, dtype=f64) * 0.1
+    pd = torch.randn(A, Q, 3, generator=g, dtype=f64) * 0.1
+    exp, exp_c = torch.randn(2, B, X, generator=g, dtype=f64)
+    pf, pf_c = torch.randn(2, B, Q, generator=g, dtype=f64)
     bidx = torch.randint(0, B, (A,), generator=g)
     bidx[0] = 0
-    ref = skin_offset(x, w, offset, tfs[bidx], tfs_c[bidx])
-    out = FoldedSkinning(tfs, tfs_c)(x, w, offset, bidx)
+    weight = torch.randn(A, 3, generator=g, dtype=f64)
+
+    def run(folded):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, tfs, tfs_c, ed, pd, exp, pf)]
+        xl, wl, tl, tcl, el, pl, exl, pfl = leaves
+        if folded:
+            offset = torch.einsum("ack,ak->ac", el, (exl - exp_c)[bidx]) \
+                + torch.einsum("aqc,aq->ac", pl, (pfl - pf_c)[bidx])
+            out = FoldedSkinning(tl, tcl)(xl, wl, offset, bidx)
+        else:
+            out = deform_canonical(xl, wl, el, pl, exl[bidx], pfl[bidx], tl[bidx], exp_c[bidx], pf_c[bidx],
+                                   tcl[bidx])
+        return out.detach(), torch.autograd.grad((out * weight).sum(), leaves)
+
+    ref, grad_ref = run(False)
+    out, grad_out = run(True)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for gf, gr in zip(grad_out, grad_ref):
+        assert gr.abs().max() > 0
+        torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-11)
     # the singular point: x_r = offset (inverse 0), then the target blend
-    torch.testing.assert_close(out[0], tfs[0, 0, :3, :3] @ offset[0] + tfs[0, 0, :3, 3], rtol=0, atol=1e-12)
+    off0 = ed[0] @ (exp - exp_c)[0] + pd[0].T @ (pf - pf_c)[0]
+    torch.testing.assert_close(out[0], tfs[0, 0, :3, :3] @ off0 + tfs[0, 0, :3, 3], rtol=0, atol=1e-12)
 
 
 def test_folded_search_equals_the_plain_search(net):

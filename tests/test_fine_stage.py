@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from conftest import random_flame_params
-from lib.utils.checkpoint_io import read_checkpoint
+from lib.model.checkpoint import read_project_checkpoint
 from test_train import ROOT, TINY, read_metric
 
 # test_train's tiny network sizes, without its stage-1 experiment (one experiment per run)
@@ -223,7 +223,7 @@ def _run(script: str, args: list[str], timeout: int = 300, code: int = 0) -> str
 
 
 def _state(path: Path) -> dict:
-    return read_checkpoint(path)["state_dict"]
+    return read_project_checkpoint(path)["state_dict"]
 
 
 ALLOWED = ("z_details.", "z_colors.", "norm_network.", "tex_network.")
@@ -259,7 +259,7 @@ def test_precompute_and_stage2_end_to_end(tiny_fine_dataset, tmp_path):
 
     # caches made by another stage-1 model: precompute recomputes them (saying so), and stage 2
     # refuses to start from a checkpoint they were not made from
-    other = read_checkpoint(coarse)
+    other = read_project_checkpoint(coarse)
     other["state_dict"]["z_shapes.weight"] += 0.05
     torch.save(other, tmp_path / "other.ckpt")
     log = _run("precompute.py", [*common, *fine, f"ckpt={tmp_path / 'other.ckpt'}"])

@@ -10,6 +10,7 @@ import math
 import pickle
 import sys
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import torch
 
 from lib.flame import FLAME, FLAMEServer, FlameFrames, FlameModelError, load_flame_model
 from lib.flame.lbs import (batch_rodrigues, deform_canonical, matrix_to_axis_angle,
-                           pose_to_feature, rigid_chain, skin_points, unskin_points)
+                           pose_to_feature, rigid_chain, skin_offset, skin_points)
 
 try:
     from flame_reference import reference_flame
@@ -184,7 +185,10 @@ def test_skin_unskin_round_trip(flame):
     w = torch.softmax(torch.randn(2, 64, NJ, generator=g, dtype=torch.float64), -1)
     T = flame(*random_params(2, seed=9)).T.double()
     y = skin_points(x, w, T)
-    assert torch.allclose(unskin_points(y, w, T), x, atol=1e-10)
+    # skin_offset with identity targets and no offset applies the inverse of the canonical blend
+    eye = torch.eye(4, dtype=torch.float64).expand(2, 1, NJ, 4, 4)
+    assert torch.allclose(skin_offset(y, w, torch.zeros_like(x), eye, T[:, None]), x, atol=1e-10)
+    assert torch.allclose(skin_offset(x, w, torch.zeros_like(x), T[:, None], eye), y, atol=1e-10)
 
 
 def test_deform_canonical_identity_and_flame_vertices(server, flame):
@@ -195,12 +199,14 @@ def test_deform_canonical_identity_and_flame_vertices(server, flame):
     w = flame.lbs_weights.expand(B, -1, -1)
     E = flame.expdirs_scaled
     P = flame.posedirs_scaled
-    same = deform_canonical(out.verts_c, w, E, P, out.exp_c, out.pose_feature_c,
-                            out.tfs_c, out.exp_c, out.pose_feature_c, out.tfs_c)
+    item = replace(out, **{k: getattr(out, k)[:, None] for k in
+                           ("exp", "pose_feature", "tfs", "exp_c", "pose_feature_c", "tfs_c")})
+    same = deform_canonical(out.verts_c, w, E, P, item.exp_c, item.pose_feature_c,
+                            item.tfs_c, item.exp_c, item.pose_feature_c, item.tfs_c)
     assert torch.allclose(same, out.verts_c, atol=1e-6)
     xd = deform_canonical(out.verts_c, w, E.expand(B, -1, -1, -1), P.expand(B, -1, -1, -1),
-                          out.exp, out.pose_feature, out.tfs,
-                          out.exp_c, out.pose_feature_c, out.tfs_c)
+                          item.exp, item.pose_feature, item.tfs,
+                          item.exp_c, item.pose_feature_c, item.tfs_c)
     assert (xd - out.verts).abs().max() < TOL
 
 

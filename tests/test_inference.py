@@ -281,7 +281,7 @@ def test_stage1_checkpoint_geometry_only(trained, tmp_path):
 
 def test_reenact_mouth_follows_the_jaw(trained, tmp_path):
     from lib.flame import FLAMEServer
-    from lib.synthetic.motion import save_motion_npz
+    from lib.dataset.motion import save_motion_npz
     from lib.utils.knn import nearest_neighbor
 
     pose = np.zeros((3, 15), np.float32)
@@ -407,7 +407,7 @@ def test_missing_checkpoint_is_a_clear_cli_error(trained, tmp_path):
 
 def test_bad_inputs_are_named(trained, tmp_path):
     from lib.inference.loading import InferenceError
-    from lib.synthetic.motion import MotionFormatError
+    from lib.dataset.motion import MotionFormatError
 
     bad = tmp_path / "motion.npz"
     np.savez(bad, expression=np.zeros((4, 50)))

@@ -26,10 +26,10 @@ if str(ROOT) not in sys.path:  # preprocess.py is a script at the repository roo
 import preprocess  # noqa: E402
 from lib.dataset.faceverse_io import flame_to_scan_space, save_flame_params
 from lib.dataset.preprocessing import SampleSizes, is_complete
-from lib.dataset.scan_sampling import (face_areas_normals, occupancy_samples, sample_faces,
-                                       surface_samples, texture_colors)
+from lib.dataset.scan_sampling import occupancy_samples, surface_samples, texture_colors
 from lib.dataset.winding import inside_mask, winding_number, winding_number_exact
 from lib.utils.mesh_io import MeshLoadError, load_obj, save_obj, save_ply
+from lib.utils.surface import face_areas_normals, sample_faces
 
 
 # ----------------------------------------------------------------------------- meshes

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.utils.checkpoint_io import read_checkpoint
+from lib.model.checkpoint import read_project_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,10 +66,10 @@ def test_stage1_trains_checkpoints_and_resumes(tiny_dataset, tmp_path):
     iou = read_metric(out, "val/iou")
     assert iou and 0.0 <= iou[-1][1] <= 1.0
 
-    state = read_checkpoint(ckpt)
+    state = read_project_checkpoint(ckpt)
     assert state["epoch"] >= 5 and state["optimizer_states"]
     run_train(tiny_dataset, out, "trainer.max_epochs=7", "resume=true")
-    resumed = read_checkpoint(ckpt)
+    resumed = read_project_checkpoint(ckpt)
     assert resumed["epoch"] == state["epoch"] + 1
     assert resumed["global_step"] > state["global_step"]
 
@@ -127,11 +127,11 @@ def test_killed_run_keeps_its_epoch_checkpoint_and_resumes(tiny_dataset, tmp_pat
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    state = read_checkpoint(ckpt)
+    state = read_project_checkpoint(ckpt)
     epoch = state["epoch"]
     assert epoch < 999 and state["optimizer_states"]
     run_train(tiny_dataset, out, f"trainer.max_epochs={epoch + 2}", "resume=true")
-    resumed = read_checkpoint(ckpt)
+    resumed = read_project_checkpoint(ckpt)
     assert resumed["epoch"] > epoch and resumed["global_step"] > state["global_step"]
 
 

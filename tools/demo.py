@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.utils.checkpoint_io import last_checkpoint, read_checkpoint  # noqa: E402
+from lib.model.checkpoint import read_project_checkpoint  # noqa: E402
+from lib.utils.checkpoint_io import last_checkpoint  # noqa: E402
 
 
 TIMES: dict[str, float] = {}
@@ -111,7 +112,7 @@ def train(stage: str, data: Path, out: Path, epochs: int, extra: list[str]) -> P
     skips a finished one. Returns the run's last checkpoint."""
     run_dir = out / stage
     last = last_checkpoint(run_dir)
-    if last.is_file() and read_checkpoint(last)["epoch"] >= epochs:
+    if last.is_file() and read_project_checkpoint(last)["epoch"] >= epochs:
         print(f"[demo] {stage}: {last} already trained for {epochs} epochs")
         return last
     experiment = "cpu" if stage == "coarse" else "fine_cpu"

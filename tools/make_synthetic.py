@@ -170,7 +170,8 @@ def generate(out: Path, identities: int, expressions: int, seed: int = 0, faces:
     """Write the whole synthetic data set under `out`; returns a summary dict."""
     from tqdm import tqdm
 
-    from lib.synthetic.motion import make_motion, save_motion_json, save_motion_npz
+    from lib.dataset.motion import save_motion_json, save_motion_npz
+    from lib.synthetic.motion import make_motion
 
     out = Path(out)
     t0 = time.time()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.utils.atomic import atomic_pickle
+from lib.utils.errors import finite_vector
 
 __all__ = [
     "FlameParamsError",
@@ -74,6 +75,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing global {module}.{name}")
 
 
+def _field(value, key: str, size: int, path) -> np.ndarray:
+    """A field of the parameter file `path`: `size` finite numbers (any shape) -> float64 [size]."""
+    return finite_vector(value, f"'{key}'", size, lambda msg: FlameParamsError(f"{path}: {msg}"),
+                         flatten=True)
+
+
 def load_flame_params(path) -> dict:
     """Read and validate a FaceVerse ``<id>_flame.pkl``.
 
@@ -94,15 +101,7 @@ def load_flame_params(path) -> dict:
     for key, (size, _) in _LAYOUT.items():
         if key not in data:
             raise FlameParamsError(f"{path}: missing key '{key}' (found {sorted(map(str, data))})")
-        try:
-            arr = np.asarray(data[key], dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError) as exc:
-            raise FlameParamsError(f"{path}: '{key}' is not numeric ({exc})") from exc
-        if arr.size != size:
-            raise FlameParamsError(f"{path}: '{key}' has {arr.size} values, expected {size}")
-        if not np.all(np.isfinite(arr)):
-            raise FlameParamsError(f"{path}: '{key}' contains NaN or infinite values")
-        out[key] = arr.astype(np.float32)
+        out[key] = _field(data[key], key, size, path).astype(np.float32)
     if out["scale"][0] <= 0:
         raise FlameParamsError(f"{path}: 'scale' must be positive, found {out['scale'][0]}")
     out["scale"] = float(out["scale"][0])
@@ -118,12 +117,8 @@ def save_flame_params(path, pose, betas, scale, transl) -> None:
     values = {"pose": pose, "betas": betas, "scale": scale, "transl": transl}
     data = {}
     for key, (size, shape) in _LAYOUT.items():
-        arr = np.asarray(values[key], dtype=np.float32).reshape(-1)
-        if arr.size != size:
-            raise FlameParamsError(f"{path}: '{key}' has {arr.size} values, expected {size}")
-        if not np.all(np.isfinite(arr)):
-            raise FlameParamsError(f"{path}: '{key}' contains NaN or infinite values")
-        data[key] = arr.reshape(shape)
+        data[key] = _field(np.asarray(values[key], dtype=np.float32), key, size, path) \
+            .astype(np.float32).reshape(shape)
     atomic_pickle(path, data, protocol=2)
 
 

@@ -48,10 +48,11 @@ from lib.dataset.faceverse import read_data_list
 from lib.dataset.cache_file import CacheFileError, read_cache
 from lib.dataset.processed_layout import (LayoutError, load_npz_keys, read_flame_params,
                                           read_view)
+from lib.utils.errors import ModuleErrors
 
 __all__ = ["FineDataError", "ScanImageDataset"]
 
-_WHERE = "lib/dataset/fine.py"
+_err = ModuleErrors(__name__)
 SURFACE_KEYS = ("surface_points", "surface_normals", "surface_colors")
 
 
@@ -112,8 +113,8 @@ class ScanImageDataset(Dataset):
                  fixed_view: bool = False, seed: Optional[int] = None,
                  view_res: Optional[int] = None, views: Optional[Sequence[int]] = None):
         if cache_dir is None:
-            raise FineDataError(f"{_WHERE}: cache_dir is not set; run precompute.py on the "
-                                "stage-1 checkpoint and pass its cache folder")
+            raise _err("cache_dir is not set; run precompute.py on the stage-1 checkpoint and pass "
+                       "its cache folder", FineDataError)
         self.processed_dir = Path(processed_dir)
         self.cache_dir = Path(cache_dir)
         self.ids = read_data_list(data_list)
@@ -128,12 +129,12 @@ class ScanImageDataset(Dataset):
         self.seed = seed
         self.view_res = None if view_res is None else int(view_res)
         if self.n_views < 1 or self.load_res < 1 or self.surface_points < 1:
-            raise FineDataError(f"{_WHERE}: n_views, load_res and surface_points must be >= 1")
+            raise _err("n_views, load_res and surface_points must be >= 1", FineDataError)
         self.views = list(range(self.n_views)) if views is None else sorted(set(map(int, views)))
         bad = [k for k in self.views if not 0 <= k < self.n_views]
         if not self.views or bad:
-            raise FineDataError(f"{_WHERE}: views {list(views)} must be a non-empty subset of "
-                                f"0..{self.n_views - 1}")
+            raise _err(f"views {list(views)} must be a non-empty subset of 0..{self.n_views - 1}",
+                       FineDataError)
 
     def __len__(self) -> int:
         return len(self.items) * self.repeat

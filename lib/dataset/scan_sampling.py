@@ -39,6 +39,7 @@ Shape legend: V vertices, F faces, N samples, T texture coordinates, H/W texture
   (The original rounds uv * size to an integer, rescales it by (size - 1) / size and samples
   bilinearly at that texel position, which moves the lookup by up to one texel.)
 All randomness comes from the `rng` argument (numpy Generator): same rng state, same output.
+Face areas, normals and area-weighted samples come from lib/utils/surface.py (re-exported here).
 """
 from __future__ import annotations
 
@@ -48,22 +49,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from lib.render.shading import sample_texture
+from lib.utils.surface import (SamplingError, area_samples, barycentric_points,
+                               face_areas_normals, sample_faces)
 
 from .winding import inside_mask
-
-
-class SamplingError(ValueError):
-    """The mesh cannot be sampled (no area, bad shapes)."""
-
-
-def face_areas_normals(verts, faces):
-    """verts: [V, 3]; faces: [F, 3] -> (areas [F] float64, unit normals [F, 3] float64;
-    zero-area faces get normal (0, 0, 0))."""
-    tri = np.asarray(verts, dtype=np.float64)[np.asarray(faces)]
-    cr = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    norm = np.linalg.norm(cr, axis=1)
-    normals = np.divide(cr, norm[:, None], out=np.zeros_like(cr), where=norm[:, None] > 0)
-    return 0.5 * norm, normals
 
 
 def surface_pieces(verts, faces) -> int:
@@ -83,29 +72,6 @@ def surface_pieces(verts, faces) -> int:
     graph = coo_matrix((np.ones(int(same.sum())), (owner[:-1][same], owner[1:][same])),
                        shape=(n, n))
     return int(connected_components(graph, directed=False)[0])
-
-
-def sample_faces(areas, n: int, rng: np.random.Generator, face_ids=None):
-    """Area-weighted sampling. areas: [F] face areas; n: number of samples; face_ids: [K]
-    candidate faces (default all) -> (face [n] int64, bary [n, 3] float64)."""
-    a = np.asarray(areas, dtype=np.float64)
-    ids = np.arange(len(a)) if face_ids is None else np.asarray(face_ids, dtype=np.int64)
-    cdf = np.cumsum(a[ids])
-    if len(cdf) == 0 or not cdf[-1] > 0:
-        raise SamplingError("mesh has no surface area to sample")
-    pick = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
-    face = ids[np.minimum(pick, len(ids) - 1)]
-    u, v = rng.random(n), rng.random(n)
-    flip = u + v > 1.0
-    u[flip], v[flip] = 1.0 - u[flip], 1.0 - v[flip]
-    bary = np.stack([1.0 - u - v, u, v], axis=1)
-    return face, bary
-
-
-def barycentric_points(verts, faces, face, bary):
-    """verts: [V, 3]; faces: [F, 3]; face: [N]; bary: [N, 3] -> points [N, 3] float64."""
-    tri = np.asarray(verts, dtype=np.float64)[np.asarray(faces)[face]]  # [N, 3, 3]
-    return np.einsum("nk,nkc->nc", bary, tri)
 
 
 def sample_region(verts, faces, areas, n: int, rng, thr: float, above: bool, max_rounds=64):
@@ -242,9 +208,7 @@ def surface_samples(verts, faces, uvs, face_uvs, texture, rng, n: int = 100000,
     dict(surface_points [n,3], surface_normals [n,3] unit face normals,
     surface_colors [n,3] = colour * 2 - 1 in [-1,1] (`colour_targets`)), all float32."""
     _check_choice("colour_source", colour_source, COLOUR_SOURCES)
-    areas, normals = face_areas_normals(verts, faces)
-    face, bary = sample_faces(areas, n, rng)
-    pts = barycentric_points(verts, faces, face, bary)
+    pts, normals, face, bary = area_samples(verts, faces, n, rng)
     if colour_source == "vertices":
         vc = vertex_colors(len(verts), faces, uvs, face_uvs, texture) if vertex_colours is None \
             else np.asarray(vertex_colours, dtype=np.float64)
@@ -254,5 +218,5 @@ def surface_samples(verts, faces, uvs, face_uvs, texture, rng, n: int = 100000,
                        np.asarray(uvs, dtype=np.float64)[np.asarray(face_uvs)[face]])
         col = texture_colors(texture, uv)
     return {"surface_points": pts.astype(np.float32),
-            "surface_normals": normals[face].astype(np.float32),
+            "surface_normals": normals.astype(np.float32),
             "surface_colors": colour_targets(col[:, :3])}

@@ -21,9 +21,11 @@ __all__ = [
     "pose_to_feature",
     "rigid_chain",
     "skin_points",
-    "unskin_points",
     "blend_offsets",
     "pose_offsets",
+    "inv3",
+    "adjugate3",
+    "skin_offset",
     "deform_canonical",
     "rigid_inverse",
 ]
@@ -158,16 +160,6 @@ def skin_points(x: torch.Tensor, w: torch.Tensor, tfs: torch.Tensor) -> torch.Te
     return (M[..., :3] @ x[..., None])[..., 0] + M[..., 3]
 
 
-def unskin_points(x: torch.Tensor, w: torch.Tensor, tfs: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of :func:`skin_points` (inverts each point's blended affine matrix).
-
-    x: [B, N, 3] skinned points, w: [B, N, J], tfs: [B, J, 4, 4]. Returns [B, N, 3].
-    """
-    M = _blend_matrices(w, tfs)
-    rhs = (x - M[..., 3])[..., None]
-    return torch.linalg.solve(M[..., :3], rhs)[..., 0]
-
-
 def blend_offsets(E: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     """Linear blendshape offsets sum_k E[..., c, k] * coeffs[b, k].
 
@@ -189,21 +181,75 @@ def pose_offsets(pose_dirs: torch.Tensor, pose_feature: torch.Tensor) -> torch.T
     return torch.einsum("bnpc,bp->bnc", pose_dirs, pose_feature)
 
 
+def _adjugate_rows(r0: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, dim: int):
+    """The rows r0, r1, r2 of 3x3 matrices (their 3 entries along `dim`) -> adjugate columns
+    (c0, c1, c2) = (r1 x r2, r2 x r0, r0 x r1) (m^-1 = [c0 c1 c2] / det), det, and ok: False
+    where the matrix is numerically singular (|det| <= 1e-10 * product of row norms). Shared by
+    inv3 (entries last) and adjugate3 (entries first)."""
+    c = (torch.linalg.cross(r1, r2, dim=dim), torch.linalg.cross(r2, r0, dim=dim),
+         torch.linalg.cross(r0, r1, dim=dim))
+    det = (r0 * c[0]).sum(dim)
+    scale = ((r0 * r0).sum(dim) * (r1 * r1).sum(dim) * (r2 * r2).sum(dim)).sqrt()
+    return c, det, torch.isfinite(det) & (det.abs() > 1e-10 * scale)
+
+
+def inv3(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form inverse of 3x3 matrices (adjugate / determinant), differentiable.
+
+    m: [..., 3, 3]. Returns (inverse [..., 3, 3], ok [...] bool); ok is False where the matrix is
+    numerically singular (|det| <= 1e-10 * product of row norms); the inverse is 0 there.
+    """
+    (c0, c1, c2), det, ok = _adjugate_rows(m[..., 0, :], m[..., 1, :], m[..., 2, :], dim=-1)
+    safe = torch.where(ok, det, torch.ones_like(det))
+    inv = torch.stack([c0, c1, c2], dim=-1) / safe[..., None, None]
+    return torch.where(ok[..., None, None], inv, torch.zeros_like(inv)), ok
+
+
+def adjugate3(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Channels-first 3x3 matrices m [3, 3, A] (m[r, c, a]) -> adjugate columns adj [3, 3, A]
+    (m^-1 v = sum_k adj[k] v[k] / det for v [3, A]), det [A] and ok [A] (inv3's criterion).
+    The layout of the fast search's per-point arrays."""
+    c, det, ok = _adjugate_rows(m[0], m[1], m[2], dim=0)
+    return torch.stack(c), det, ok
+
+
+def _matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """m [..., 3, 3] @ v [..., 3] -> [..., 3] (broadcast)."""
+    return (m * v[..., None, :]).sum(-1)
+
+
+def skin_offset(xc: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, tfs: torch.Tensor,
+                tfs_c: torch.Tensor) -> torch.Tensor:
+    """The skinning of deform_canonical with the blendshape offset already summed (leading dims
+    '...' broadcast): xc [..., 3], w [..., J], offset [..., 3], tfs / tfs_c [..., J, 4, 4] ->
+    x_d [..., 3]:
+        x_d = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x_c + offset).
+    Where the canonical blend is singular its inverse is taken as 0 (inv3's rule)."""
+    wj = w[..., :, None, None]
+    A_c = (wj * tfs_c[..., :3, :]).sum(-3)  # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
+    A_d = (wj * tfs[..., :3, :]).sum(-3)
+    Ac_inv, _ = inv3(A_c[..., :3])
+    x_r = _matvec(Ac_inv, xc - A_c[..., 3]) + offset
+    return _matvec(A_d[..., :3], x_r) + A_d[..., 3]
+
+
 def deform_canonical(xc, w, expr_dirs, pose_dirs, exp, pose_feature, tfs,
                      exp_c, pose_feature_c, tfs_c) -> torch.Tensor:
-    """Map canonical points to a target pose/expression (docs/design.md, Forward skinning).
+    """Map canonical points to a target pose/expression (docs/design.md, Forward skinning): the
+    one forward-skinning function of the project (the learned deformer, the explicit mesh
+    deformation and the fast search's reference all call it).
 
-    xc: [B, N, 3] canonical points (scaled FLAME space); w: [B, N, J] skinning weights;
-    expr_dirs: [B, N, 3, X] (or [N, 3, X]) expression bases; pose_dirs: [B, N, Q, 3]
-    (or [N, Q, 3]) pose-corrective bases, both already in the scaled space (FLAME x6);
-    exp / exp_c: [B, X] target / canonical expression; pose_feature / pose_feature_c: [B, Q];
-    tfs / tfs_c: [B, J, 4, 4] target / canonical joint transforms (scaled space).
-    Returns xd: [B, N, 3].
+    Leading dims '...' broadcast (per-item values of a batch [B] of N points carry a point axis
+    of 1: exp [B, 1, X], tfs [B, 1, J, 4, 4]):
+    xc: [..., 3] canonical points (scaled FLAME space); w: [..., J] skinning weights;
+    expr_dirs: [..., 3, X] expression bases; pose_dirs: [..., Q, 3] pose-corrective bases, both
+    already in the scaled space (FLAME x6); exp / exp_c: [..., X] target / canonical expression;
+    pose_feature / pose_feature_c: [..., Q]; tfs / tfs_c: [..., J, 4, 4] target / canonical
+    joint transforms (scaled space). Returns xd: [..., 3]:
 
-    Undo the canonical pose (inverse skinning with tfs_c, subtract the canonical pose
-    correctives and expression offsets), add the target offsets, skin with tfs.
+        x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c + E exp + Pd^T pose_feature
+        x_d = (sum_j w_j tfs[j]) x_r
     """
-    x_rest = unskin_points(xc, w, tfs_c)
-    x_rest = x_rest - pose_offsets(pose_dirs, pose_feature_c) - blend_offsets(expr_dirs, exp_c)
-    x_rest = x_rest + blend_offsets(expr_dirs, exp) + pose_offsets(pose_dirs, pose_feature)
-    return skin_points(x_rest, w, tfs)
+    offset = (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1) \
+        + (pose_dirs * (pose_feature - pose_feature_c)[..., :, None]).sum(-2)
+    return skin_offset(xc, w, offset, tfs, tfs_c)

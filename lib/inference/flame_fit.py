@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from lib.inference.metrics import sample_surface
 from lib.inference.scan import ORIENTATIONS, Similarity
+from lib.utils.knn import nearest_exact
 
 __all__ = ["FlameFit", "initial_similarity", "nearest_pairs", "robust_chamfer", "fit_flame"]
 
@@ -67,14 +68,7 @@ def nearest_pairs(x: torch.Tensor, verts: torch.Tensor) -> tuple[torch.Tensor, t
     """Nearest-neighbour indices both ways, without gradients (k-d trees on the CPU: the
     point sets are small). x: [N, 3]; verts: [V, 3]. Returns i_xv [N] (nearest vertex of
     each point) and i_vx [V] (nearest point of each vertex), long on x's device."""
-    from scipy.spatial import cKDTree
-
-    xn = x.detach().cpu().double().numpy()
-    vn = verts.detach().cpu().double().numpy()
-    i_xv = cKDTree(vn).query(xn)[1]
-    i_vx = cKDTree(xn).query(vn)[1]
-    return (torch.as_tensor(i_xv, dtype=torch.long, device=x.device),
-            torch.as_tensor(i_vx, dtype=torch.long, device=x.device))
+    return nearest_exact(x, verts)[1], nearest_exact(verts, x)[1].to(x.device)
 
 
 def robust_chamfer(x: torch.Tensor, verts: torch.Tensor, sigma: float, pairs=None

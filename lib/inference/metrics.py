@@ -18,6 +18,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lib.utils.knn import nearest_exact
+from lib.utils.surface import area_samples
+
 
 __all__ = ["sample_surface", "head_size", "point_metrics", "mesh_metrics", "THRESHOLDS"]
 
@@ -25,26 +28,16 @@ THRESHOLDS = (0.01, 0.02)  # fractions of the head size for the F-scores
 
 
 def sample_surface(verts, faces, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n area-weighted samples of a triangle mesh. verts: [V, 3]; faces: [F, 3] (tensors or
-    arrays). Returns points [n, 3] and unit face normals [n, 3] (float32 torch, on verts'
-    device for tensors)."""
-    v = torch.as_tensor(verts).float()
-    f = torch.as_tensor(faces, device=v.device).long()
-    if v.dim() != 2 or v.shape[1] != 3 or f.dim() != 2 or f.shape[1] != 3 or f.shape[0] == 0:
-        raise ValueError(f"sample_surface: need verts [V, 3] and faces [F >= 1, 3], got "
-                         f"{tuple(v.shape)} and {tuple(f.shape)}")
-    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
-    cross = torch.cross(b - a, c - a, dim=-1)
-    area = cross.norm(dim=-1)
-    if not float(area.sum()) > 0:
-        raise ValueError("sample_surface: the mesh has zero area")
-    gen = torch.Generator().manual_seed(int(seed))
-    face = torch.multinomial(area.cpu().double(), n, replacement=True, generator=gen).to(v.device)
-    r1, r2 = torch.rand(2, n, 1, generator=gen).to(v)
-    s = r1.sqrt()
-    pts = (1 - s) * a[face] + s * (1 - r2) * b[face] + s * r2 * c[face]
-    normals = torch.nn.functional.normalize(cross[face], dim=-1, eps=1e-12)
-    return pts, normals
+    """n area-weighted samples of a triangle mesh (lib/utils/surface.area_samples, drawn with
+    numpy's generator seeded by `seed`). verts: [V, 3]; faces: [F, 3] (tensors or arrays).
+    Returns points [n, 3] and unit face normals [n, 3] (float32 torch, on verts' device for
+    tensors)."""
+    device = verts.device if torch.is_tensor(verts) else None
+    v = verts.detach().cpu().double().numpy() if torch.is_tensor(verts) else np.asarray(verts)
+    f = faces.detach().cpu().numpy() if torch.is_tensor(faces) else np.asarray(faces)
+    pts, normals, _, _ = area_samples(v, f, n, np.random.default_rng(int(seed)))
+    return (torch.as_tensor(pts, dtype=torch.float32, device=device),
+            torch.as_tensor(normals, dtype=torch.float32, device=device))
 
 
 def head_size(points) -> float:
@@ -53,22 +46,12 @@ def head_size(points) -> float:
     return float((p.amax(0) - p.amin(0)).norm())
 
 
-def _nearest(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance [N] and index [N] of the nearest point of y [M, 3] for each of x [N, 3]
-    (a k-d tree on the CPU; results on x's device)."""
-    from scipy.spatial import cKDTree
-
-    d, i = cKDTree(y.detach().cpu().double().numpy()).query(x.detach().cpu().double().numpy())
-    return (torch.as_tensor(d, dtype=torch.float32, device=x.device),
-            torch.as_tensor(i, dtype=torch.long, device=x.device))
-
-
 def point_metrics(pred_pts: torch.Tensor, pred_nrm: torch.Tensor, gt_pts: torch.Tensor,
                   gt_nrm: torch.Tensor, size: float, thresholds=THRESHOLDS) -> dict[str, float]:
     """Metrics (module docstring) between oriented samples: pred_pts, pred_nrm [N, 3];
     gt_pts, gt_nrm [M, 3]; size: the head size. Returns a dict of floats."""
-    d_pg, i_pg = _nearest(pred_pts, gt_pts)
-    d_gp, i_gp = _nearest(gt_pts, pred_pts)
+    d_pg, i_pg = nearest_exact(pred_pts, gt_pts)
+    d_gp, i_gp = nearest_exact(gt_pts, pred_pts)
     gt_nrm = gt_nrm.to(pred_nrm)
     nc_p = (pred_nrm * gt_nrm[i_pg]).sum(-1).abs().mean()
     nc_g = (gt_nrm * pred_nrm[i_gp]).sum(-1).abs().mean()

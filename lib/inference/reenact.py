@@ -52,7 +52,7 @@ class ReenactOptions(ConfigOptions):
 
 def motion_tensors(motion: dict, n_exp: int, ref: torch.Tensor, max_frames: int | None = None
                    ) -> dict[str, torch.Tensor]:
-    """A loaded motion (lib.synthetic.motion.load_motion: expression [T, 50], pose [T, 15],
+    """A loaded motion (lib.dataset.motion.load_motion: expression [T, 50], pose [T, 15],
     shape [S]) as tensors like `ref`: pose [T, 15], exp [T, n_exp] (cut or zero-padded),
     shape [1, S]; at most max_frames frames."""
     exp = torch.as_tensor(np.asarray(motion["expression"]), dtype=ref.dtype, device=ref.device)

@@ -128,16 +128,13 @@ def _inward(verts: np.ndarray, faces: np.ndarray, pts: np.ndarray, normals: np.n
 def scan_samples(scan: ScanData, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     """n area-weighted samples of the scan: points [n, 3] (file units), unit outward normals
     [n, 3], and colors [n, 3] in [0, 1] (None without colour), float64."""
-    from lib.dataset.scan_sampling import (barycentric_points, face_areas_normals,
-                                           sample_faces, texture_colors)
+    from lib.dataset.scan_sampling import texture_colors
+    from lib.utils.surface import SamplingError, area_samples
 
-    rng = np.random.default_rng(seed)
-    areas, normals = face_areas_normals(scan.verts, scan.faces)
-    if not float(areas.sum()) > 0:
-        raise InferenceError(f"scan={scan.path}: the mesh has zero area")
-    face, bary = sample_faces(areas, n, rng)
-    pts = barycentric_points(scan.verts, scan.faces, face, bary)
-    nrm = normals[face]
+    try:
+        pts, nrm, face, bary = area_samples(scan.verts, scan.faces, n, np.random.default_rng(seed))
+    except SamplingError as e:
+        raise InferenceError(f"scan={scan.path}: {e}") from None
     if _inward(scan.verts, scan.faces, pts, nrm):
         nrm = -nrm
     colors = None

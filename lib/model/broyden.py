@@ -23,6 +23,8 @@ from typing import Callable, Dict
 
 import torch
 
+from lib.utils.errors import ModuleErrors
+
 __all__ = ["broyden"]
 
 ResidualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -32,8 +34,7 @@ ResidualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _COS_GUARD = 1e-7
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"lib/model/broyden.py: {msg}")
+_err = ModuleErrors(__name__)
 
 
 def broyden(

@@ -5,10 +5,12 @@ Shape-free (state dicts only).
 
 - `load_ganhead(path, map_location, **overrides)`: the one way a GANHead is made from a file
   (`GANHead.load_from_checkpoint` calls it; test.py, precompute.py, benches and tests use
-  it). The file is read by lib/utils/checkpoint_io.read_checkpoint (`weights_only=True`, plain
-  data only); the hyper-parameters must be GANHead's own arguments; the networks are built
-  from the allow-list of lib/model/builders.py; then the FLAME fingerprint is checked and the
-  weights are loaded strictly. Every failure is a `CheckpointError` naming the file.
+  it). The file is read by `read_project_checkpoint`: lib/utils/checkpoint_io.read_checkpoint
+  (`weights_only=True`, plain data only) with `PROJECT_TARGETS`, the allow-list of
+  lib/model/builders.py, as the only `_target_` names a file may hold; the hyper-parameters
+  must be GANHead's own arguments; the networks are built by those builders; then the FLAME
+  fingerprint is checked and the weights are loaded strictly. Every failure is a
+  `CheckpointError` naming the file. train.py's AtomicCheckpointIO gets the same allow-list.
 - `geometry_digest(model)`: a sha256 of what determines stage-1 geometry and deformation
   (the scan ids and the tensors of z_shapes, generator, occupancy, deformer and
   displacement networks). precompute.py stores it in every cache file and compares it on
@@ -23,10 +25,15 @@ from pathlib import Path
 
 import torch
 
+from lib.model.builders import ALLOWED_TARGETS
 from lib.utils.checkpoint_io import CheckpointError, read_checkpoint
 
 __all__ = ["load_ganhead", "read_project_checkpoint", "geometry_digest", "geometry_digest_of_state", "checkpoint_scan_ids",
-           "GEOMETRY_PREFIXES"]
+           "GEOMETRY_PREFIXES", "PROJECT_TARGETS"]
+
+# the only `_target_` names a checkpoint of this project may hold: its network builders and
+# deformer classes
+PROJECT_TARGETS = ALLOWED_TARGETS
 
 # state-dict prefixes of the stage-1 modules (GANHead.stage_modules for stage 'coarse')
 GEOMETRY_PREFIXES = ("z_shapes.", "generator.", "occ_network.", "deformer.", "disp_net.")
@@ -39,13 +46,14 @@ def _ganhead_arguments() -> set[str]:
 
 
 def read_project_checkpoint(path, map_location=None) -> dict:
-    """read_checkpoint, except that a checkpoint of the original GANHead code gets an error
-    saying how to convert it (tools/convert_original.py) instead of 'refused' or 'not a
-    checkpoint of this project'."""
+    """read_checkpoint with the project's builders as the allowed targets (PROJECT_TARGETS),
+    except that a checkpoint of the original GANHead code gets an error saying how to convert
+    it (tools/convert_original.py) instead of 'refused' or 'not a checkpoint of this project'."""
     from lib.model.original_checkpoint import conversion_hint
 
     try:
-        checkpoint = read_checkpoint(path, map_location=map_location or "cpu")
+        checkpoint = read_checkpoint(path, map_location=map_location or "cpu",
+                                     allowed_targets=PROJECT_TARGETS)
     except CheckpointError:
         hint = conversion_hint(path)
         if hint is not None:

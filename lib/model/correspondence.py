@@ -29,8 +29,11 @@ from lib.model.explicit import deform_mesh, mesh_fields
 from lib.model.query import surface_correspondences
 from lib.model.validation import extract_canonical_mesh
 from lib.render.rasterizer import interpolate, rasterize
+from lib.utils.errors import ModuleErrors
 
 __all__ = ["scan_correspondences", "METHODS"]
+
+_err = ModuleErrors(__name__)
 
 METHODS = ("search", "mesh")
 
@@ -48,8 +51,8 @@ def scan_correspondences(model, index: int, params: torch.Tensor, n_views: int =
     n_hit [K], n_valid [K] (pixels hitting the mesh; of those, pixels kept).
     """
     if method not in METHODS:
-        raise ValueError(f"lib/model/correspondence.py: method {method!r} is not one of "
-                         f"{METHODS}")
+        raise _err(f"method {method!r} is not one of "
+                   f"{METHODS}")
     device = model.bbox_min.device
     params = params.to(device).reshape(1, -1)
     idx = torch.tensor([index], device=device)

@@ -17,8 +17,8 @@ Arguments shared by the methods:
         verts [B, V, 3] (posed vertices, only to skip far points). A leading dim of 1 is
         broadcast to B.
 
-forward deformation (docs/design.md, Forward skinning), with w, E, Pd the LBS fields of the
-shaped canonical point x_c (lbs_net(x_c, betas)):
+forward deformation (docs/design.md, Forward skinning; lib/flame/lbs.deform_canonical), with
+w, E, Pd the LBS fields of the shaped canonical point x_c (lbs_net(x_c, betas)):
     x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c + E exp + Pd^T pose_feature
     x_d = (sum_j w_j tfs[j]) x_r
 The inverse is found per point by Broyden's method from I rigid initializations; gradients reach
@@ -26,82 +26,23 @@ the LBS fields (and the inputs) by implicit differentiation.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from lib.flame.frames import FlameFrames
+from lib.flame.lbs import adjugate3, deform_canonical, inv3, skin_offset
 from lib.model.broyden import broyden
+from lib.utils.errors import ModuleErrors
 
-__all__ = ["ForwardDeformer", "lbs_deform", "skin_offset", "inv3", "adjugate3", "SKIPPED_LOGIT"]
+# inv3, adjugate3 and skin_offset live in lib/flame/lbs.py (re-exported for the model's modules)
+__all__ = ["ForwardDeformer", "skin_offset", "inv3", "adjugate3", "SKIPPED_LOGIT"]
 
 SKIPPED_LOGIT = -1000.0  # occupancy logit of skipped points and of invalid initializations
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"lib/model/deformer.py: {msg}")
-
-
-def _adjugate_rows(r0: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, dim: int):
-    """The rows r0, r1, r2 of 3x3 matrices (their 3 entries along `dim`) -> adjugate columns
-    (c0, c1, c2) = (r1 x r2, r2 x r0, r0 x r1) (m^-1 = [c0 c1 c2] / det), det, and ok: False
-    where the matrix is numerically singular (|det| <= 1e-10 * product of row norms). Shared by
-    inv3 (entries last) and adjugate3 (entries first)."""
-    c = (torch.linalg.cross(r1, r2, dim=dim), torch.linalg.cross(r2, r0, dim=dim),
-         torch.linalg.cross(r0, r1, dim=dim))
-    det = (r0 * c[0]).sum(dim)
-    scale = ((r0 * r0).sum(dim) * (r1 * r1).sum(dim) * (r2 * r2).sum(dim)).sqrt()
-    return c, det, torch.isfinite(det) & (det.abs() > 1e-10 * scale)
-
-
-def inv3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form inverse of 3x3 matrices (adjugate / determinant), differentiable.
-
-    m: [..., 3, 3]. Returns (inverse [..., 3, 3], ok [...] bool); ok is False where the matrix is
-    numerically singular (|det| <= 1e-10 * product of row norms); the inverse is 0 there.
-    """
-    (c0, c1, c2), det, ok = _adjugate_rows(m[..., 0, :], m[..., 1, :], m[..., 2, :], dim=-1)
-    safe = torch.where(ok, det, torch.ones_like(det))
-    inv = torch.stack([c0, c1, c2], dim=-1) / safe[..., None, None]
-    return torch.where(ok[..., None, None], inv, torch.zeros_like(inv)), ok
-
-
-def adjugate3(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Channels-first 3x3 matrices m [3, 3, A] (m[r, c, a]) -> adjugate columns adj [3, 3, A]
-    (m^-1 v = sum_k adj[k] v[k] / det for v [3, A]), det [A] and ok [A] (inv3's criterion).
-    The layout of the fast search's per-point arrays."""
-    c, det, ok = _adjugate_rows(m[0], m[1], m[2], dim=0)
-    return torch.stack(c), det, ok
-
-
-def lbs_deform(xc, w, expr_dirs, pose_dirs, tfs, tfs_c, exp, exp_c, pose_feature, pose_feature_c):
-    """Deform canonical points with given LBS fields (leading dims '...' broadcast).
-
-    xc: [..., 3]; w: [..., J]; expr_dirs: [..., 3, X]; pose_dirs: [..., Q, 3];
-    tfs, tfs_c: [..., J, 4, 4]; exp, exp_c: [..., X]; pose_feature, pose_feature_c: [..., Q].
-    Returns xd: [..., 3].
-    """
-    offset = (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1) \
-        + (pose_dirs * (pose_feature - pose_feature_c)[..., :, None]).sum(-2)
-    return skin_offset(xc, w, offset, tfs, tfs_c)
-
-
-def skin_offset(xc, w, offset, tfs, tfs_c):
-    """The skinning of lbs_deform with the blendshape offset already summed (leading dims '...'
-    broadcast): xc [..., 3], w [..., J], offset [..., 3], tfs / tfs_c [..., J, 4, 4] -> x_d [..., 3]:
-    x_d = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x_c + offset)."""
-    wj = w[..., :, None, None]
-    A_c = (wj * tfs_c[..., :3, :]).sum(-3)  # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
-    A_d = (wj * tfs[..., :3, :]).sum(-3)
-    Ac_inv, _ = inv3(A_c[..., :3])
-    x_r = _matvec(Ac_inv, xc - A_c[..., 3]) + offset
-    return _matvec(A_d[..., :3], x_r) + A_d[..., 3]
-
-
-def _matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """m [..., 3, 3] @ v [..., 3] -> [..., 3] (broadcast)."""
-    return (m * v[..., None, :]).sum(-1)
+_err = ModuleErrors(__name__)
 
 
 _DEFORM_FIELDS = ("tfs", "tfs_c", "pose_feature", "pose_feature_c", "exp")  # exp_c: zeros when None
@@ -184,8 +125,8 @@ class ForwardDeformer(nn.Module):
         Each point is its own batch item for the LBS network (betas gathered per point)."""
         w, pd, ed = self._fields(xc[:, None, :], betas[bidx])
         g = fl.index(bidx)
-        return lbs_deform(xc, w[:, 0], ed[:, 0], pd[:, 0], g.tfs, g.tfs_c, g.exp, g.exp_c,
-                          g.pose_feature, g.pose_feature_c)
+        return deform_canonical(xc, w[:, 0], ed[:, 0], pd[:, 0], g.exp, g.pose_feature, g.tfs,
+                                g.exp_c, g.pose_feature_c, g.tfs_c)
 
     def forward_deform(self, xc: torch.Tensor, cond: Dict[str, torch.Tensor],
                        flame_out: FlameFrames) -> torch.Tensor:
@@ -197,8 +138,9 @@ class ForwardDeformer(nn.Module):
         """forward_deform on checked inputs: xc [B, N, 3], betas [B, S], fl as returned by
         _checked_flame -> xd [B, N, 3]."""
         w, pd, ed = self._fields(xc, betas)
-        return lbs_deform(xc, w, ed, pd, fl.tfs[:, None], fl.tfs_c[:, None], fl.exp[:, None],
-                          fl.exp_c[:, None], fl.pose_feature[:, None], fl.pose_feature_c[:, None])
+        return deform_canonical(xc, w, ed, pd, fl.exp[:, None], fl.pose_feature[:, None],
+                                fl.tfs[:, None], fl.exp_c[:, None], fl.pose_feature_c[:, None],
+                                fl.tfs_c[:, None])
 
     # ------------------------------------------------------------------ initialization
     def init_maps(self, fl: FlameFrames) -> torch.Tensor:

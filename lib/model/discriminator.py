@@ -49,10 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.utils.errors import ModuleErrors
+
 __all__ = ["Discriminator", "EqualConv2d", "EqualLinear", "Blur", "MinibatchStd",
            "d_logistic_loss", "g_nonsaturating_loss", "r1_penalty", "LazyR1"]
 
-_WHERE = "lib/model/discriminator.py"
+_err = ModuleErrors(__name__)
 _LRELU_GAIN = math.sqrt(2.0)
 
 
@@ -146,8 +148,8 @@ class MinibatchStd(nn.Module):
         b, c, h, w = x.shape
         g, f = self.group_for(b), self.num_channels
         if c % f:
-            raise ValueError(f"{_WHERE}: MinibatchStd needs C ({c}) divisible by "
-                             f"num_channels ({f})")
+            raise _err(f"MinibatchStd needs C ({c}) divisible by "
+                       f"num_channels ({f})")
         perm = torch.randperm(b, device=x.device)             # [B]
         y = x[perm].reshape(g, -1, f, c // f, h, w)            # [G, n, F, c, H, W]
         y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()       # [n, F, c, H, W]
@@ -188,10 +190,10 @@ class Discriminator(nn.Module):
         super().__init__()
         img_res = int(img_res)
         if img_res < 8 or img_res & (img_res - 1):
-            raise ValueError(f"{_WHERE}: img_res must be a power of two >= 8, got {img_res}")
+            raise _err(f"img_res must be a power of two >= 8, got {img_res}")
         if int(channel_mul) < 1 or int(channel_max) < 1:
-            raise ValueError(f"{_WHERE}: channel_mul and channel_max must be >= 1, got "
-                             f"{channel_mul}, {channel_max}")
+            raise _err(f"channel_mul and channel_max must be >= 1, got "
+                       f"{channel_mul}, {channel_max}")
         self.img_res, self.in_channels = img_res, int(in_channels)
         c = int(channel_mul)
         self.conv_in = EqualConv2d(in_channels, c, 3, padding=1, activate=True)
@@ -210,8 +212,8 @@ class Discriminator(nn.Module):
         """img: [B, in_channels, img_res, img_res] -> logits [B, 1]."""
         if img.ndim != 4 or img.shape[1] != self.in_channels or \
                 img.shape[2] != self.img_res or img.shape[3] != self.img_res:
-            raise ValueError(f"{_WHERE}: expected images [B, {self.in_channels}, "
-                             f"{self.img_res}, {self.img_res}], got {tuple(img.shape)}")
+            raise _err(f"expected images [B, {self.in_channels}, "
+                       f"{self.img_res}, {self.img_res}], got {tuple(img.shape)}")
         x = self.blocks(self.conv_in(img))
         x = self.conv(self.mbstd(x))
         return self.out(self.fc(x.flatten(1)))
@@ -233,8 +235,8 @@ def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Te
     must require grad. Returns the scalar mean over b of sum |d sum(logits) / d image_b|^2
     (the graph is kept, so the penalty can be back-propagated into the discriminator)."""
     if not real_images.requires_grad:
-        raise ValueError(f"{_WHERE}: r1_penalty needs real_images.requires_grad_(True) set "
-                         "before the discriminator is evaluated on them")
+        raise _err("r1_penalty needs real_images.requires_grad_(True) set "
+                   "before the discriminator is evaluated on them")
     (grad,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
     return grad.square().reshape(grad.shape[0], -1).sum(dim=1).mean()
 
@@ -250,7 +252,7 @@ class LazyR1:
 
     def __init__(self, lambda_r1: float = 10.0, d_reg_every: int = 16):
         if d_reg_every < 1:
-            raise ValueError(f"{_WHERE}: d_reg_every must be >= 1, got {d_reg_every}")
+            raise _err(f"d_reg_every must be >= 1, got {d_reg_every}")
         self.lambda_r1, self.d_reg_every = float(lambda_r1), int(d_reg_every)
 
     def due(self, step: int) -> bool:

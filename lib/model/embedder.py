@@ -18,6 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lib.utils.errors import ModuleErrors
+
+_err = ModuleErrors(__name__)
+
 
 class PositionalEncoding(nn.Module):
     """Sinusoidal encoding with `multires` octaves; the raw input is kept first.
@@ -30,9 +34,9 @@ class PositionalEncoding(nn.Module):
     def __init__(self, in_dim: int = 3, multires: int = 0):
         super().__init__()
         if in_dim < 1:
-            raise ValueError(f"lib/model/embedder.py: in_dim must be >= 1, got {in_dim}")
+            raise _err(f"in_dim must be >= 1, got {in_dim}")
         if multires < 0:
-            raise ValueError(f"lib/model/embedder.py: multires must be >= 0, got {multires}")
+            raise _err(f"multires must be >= 0, got {multires}")
         self.in_dim = int(in_dim)
         self.multires = int(multires)
         freqs = 2.0 ** torch.arange(self.multires, dtype=torch.float32)
@@ -57,8 +61,8 @@ class PositionalEncoding(nn.Module):
             [..., E] encoding; channels ordered x, then (sin, cos) per octave, each D wide.
         """
         if x.shape[-1] != self.in_dim:
-            raise ValueError(
-                f"lib/model/embedder.py: expected last dimension {self.in_dim}, got {tuple(x.shape)}"
+            raise _err(
+                f"expected last dimension {self.in_dim}, got {tuple(x.shape)}"
             )
         if self.multires == 0:
             return x

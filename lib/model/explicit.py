@@ -24,6 +24,8 @@ JOINT_COLORS = torch.tensor([
     [0.20, 0.80, 0.30],
     [0.85, 0.20, 0.65],
 ])
+# deform_canonical's per-frame arguments, in its order
+_FRAME_FIELDS = ("exp", "pose_feature", "tfs", "exp_c", "pose_feature_c", "tfs_c")
 
 
 @torch.no_grad()
@@ -54,16 +56,11 @@ def deform_mesh(verts_c: torch.Tensor, fields: tuple[torch.Tensor, torch.Tensor,
     Returns: verts_d [B, V, 3].
     """
     w, pose_dirs, expr_dirs = fields
-    FlameFrames.check(flame_out, "deform_mesh").require(
-        "tfs", "pose_feature", "exp", "tfs_c", "pose_feature_c", "exp_c", where="deform_mesh")
-    B = flame_out.tfs.shape[0]
-
-    def rep(t: torch.Tensor) -> torch.Tensor:
-        return t[None].expand(B, *t.shape)
-
-    return deform_canonical(rep(verts_c), rep(w), rep(expr_dirs), rep(pose_dirs),
-                            flame_out.exp, flame_out.pose_feature, flame_out.tfs,
-                            flame_out.exp_c, flame_out.pose_feature_c, flame_out.tfs_c)
+    FlameFrames.check(flame_out, "deform_mesh").require(*_FRAME_FIELDS, where="deform_mesh")
+    # one frame at a time: the blend intermediates stay [V, ...] rather than [B, V, ...]
+    return torch.stack([deform_canonical(verts_c, w, expr_dirs, pose_dirs,
+                                         *(getattr(flame_out, k)[b] for k in _FRAME_FIELDS))
+                        for b in range(flame_out.tfs.shape[0])])
 
 
 def weight_colors(w: torch.Tensor) -> torch.Tensor:

@@ -60,12 +60,12 @@ from scipy.interpolate import CubicSpline
 from lib.flame.frames import FlameFrames
 from lib.model.deformer import ForwardDeformer, adjugate3, inv3
 from lib.model.folded_lbs import FoldedSkinning
+from lib.utils.errors import ModuleErrors
 
 __all__ = ["FastForwardDeformer", "spline_matrix", "BakedGrid"]
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"lib/model/fast_deformer.py: {msg}")
+_err = ModuleErrors(__name__)
 
 
 def spline_matrix(n: int, n_fine: int) -> torch.Tensor:

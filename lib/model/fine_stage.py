@@ -55,14 +55,13 @@ from lib.model.discriminator import (LazyR1, d_logistic_loss, g_nonsaturating_lo
 from lib.model.losses import latent_reg
 from lib.model.cache_render import masked_psnr, render_cache
 from lib.model.query import blend_transforms, skin_normals, surface_correspondences
+from lib.utils.errors import ModuleErrors
 
-_WHERE = "lib/model/fine_stage.py"
 _BATCH_KEYS = ("index", "params", "view_params", "normal_img", "rgb_img", "img_mask",
                "cache_pts", "cache_mask", "surface_points", "surface_normals", "surface_colors")
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"{_WHERE}: {msg}")
+_err = ModuleErrors(__name__)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -361,4 +360,4 @@ def log_picture(model, key: str, img) -> None:
         elif hasattr(getattr(logger, "experiment", None), "add_image"):
             logger.experiment.add_image(key, img, model.global_step, dataformats="HWC")
     except Exception as err:  # a picture must never stop training
-        print(f"[{_WHERE}] could not log {key}: {type(err).__name__}: {err}")
+        print(f"[{_err.where}] could not log {key}: {type(err).__name__}: {err}")

@@ -7,7 +7,7 @@ shape parameters (betas, 100), J joints, P pose-feature size (36), X expression 
 The fields of a shaped canonical point x (lib/model/neutral_lbs.py) are the unconditioned LBS
 network at the shape-neutral point x + disp(x, betas). Within one search the networks' weights
 and every batch item's betas, pose feature and expression are fixed, so parts of the plain
-evaluation (displacement network -> LBS network -> lbs_deform) repeat the same work for every
+evaluation (displacement network -> LBS network -> deform_canonical) repeat the same work for every
 point and every step:
 - the weight-norm parametrization recomputes each layer's weight on every call: done once here;
 - a layer of the displacement network conditioned on betas multiplies the 100-wide code for
@@ -21,10 +21,11 @@ product, and none of the plain path's [A, S] and [A, T] tensors.
 
 `FoldedLBS(lbs, disp_net, betas, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`;
 `FoldedSkinning(tfs, tfs_c)(x, w, offset, bidx) -> x_d [A, 3]` finishes the deformation as
-lib/model/deformer.skin_offset does, without gathering each point's [J, 4, 4] transforms: the
+lib/flame/lbs.skin_offset does, without gathering each point's [J, 4, 4] transforms: the
 blended rows sum_j w_j tfs[j] of every item come out of one [A, J] x [J, 24 B] product and each
 point keeps its item's 24, then the 3x3 inverse-apply runs channels-first (Cramer's rule).
-lib/model/deformer.py's plain path stays the reference; tests/test_fast_deformer.py compares.
+lib/flame/lbs.deform_canonical (the plain path) stays the reference: tests/test_fast_deformer.py
+compares values and gradients.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ from typing import Optional
 
 import torch
 
-from lib.model.deformer import adjugate3
+from lib.flame.lbs import adjugate3
+from lib.utils.errors import ModuleErrors
 
 __all__ = ["FoldedLBS", "FoldedSkinning", "FoldedMLP"]
+
+_err = ModuleErrors(__name__)
 
 
 class FoldedMLP:
@@ -50,16 +54,16 @@ class FoldedMLP:
 
     def __init__(self, net, cond: Optional[torch.Tensor], dtype: torch.dtype):
         if net.out_activation is not None:
-            raise ValueError(f"lib/model/folded_lbs.py: FoldedMLP folds networks without an output "
-                             f"activation, got {net.out_activation!r}")
+            raise _err(f"FoldedMLP folds networks without an output "
+                       f"activation, got {net.out_activation!r}")
         self.net = net
         self.W = [lin.weight.to(dtype) for lin in net.layers]   # weight norm applied once
         self.b = [lin.bias.to(dtype) for lin in net.layers]
         self.cond_bias = {}
         if net.cond_dim > 0:
             if cond is None or cond.dim() != 2 or cond.shape[1] != net.cond_dim:
-                raise ValueError(f"lib/model/folded_lbs.py: the network needs a [B, {net.cond_dim}] "
-                                 f"condition, got {None if cond is None else tuple(cond.shape)}")
+                raise _err(f"the network needs a [B, {net.cond_dim}] "
+                           f"condition, got {None if cond is None else tuple(cond.shape)}")
             C, c = net.cond_dim, cond.to(dtype)
             for l in net.cond_layers:
                 self.cond_bias[l] = c @ self.W[l][:, -C:].t() + self.b[l]            # [B, n_l]
@@ -128,8 +132,8 @@ class FoldedSkinning:
     """Skinning of one search's items: tfs, tfs_c [B, J, 4, 4] (target and canonical joint
     transforms). Call with x [A, 3] canonical points, w [A, J], offset [A, 3], bidx [A] ->
     x_d [A, 3] = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x + offset), the value of
-    lib/model/deformer.skin_offset (also where the canonical blend is singular: its inverse is
-    taken as 0 there, deformer.inv3's rule). Differentiable like FoldedLBS: built with grad
+    lib/flame/lbs.skin_offset (also where the canonical blend is singular: its inverse is
+    taken as 0 there, lbs.inv3's rule). Differentiable like FoldedLBS: built with grad
     enabled, gradients reach tfs, tfs_c, x, w and offset."""
 
     def __init__(self, tfs: torch.Tensor, tfs_c: torch.Tensor):

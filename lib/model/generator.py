@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.utils.errors import ModuleErrors
+
 BoxBound = Union[float, Sequence[float], torch.Tensor]
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"lib/model/generator.py: {msg}")
+_err = ModuleErrors(__name__)
 
 
 def sample_volume(volume: torch.Tensor, x: torch.Tensor, bbox_min: BoxBound, bbox_max: BoxBound) -> torch.Tensor:

@@ -49,12 +49,12 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
 from lib.model.embedder import PositionalEncoding
+from lib.utils.errors import ModuleErrors
 
 _ACTIVATIONS = (None, "normalize")
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"lib/model/networks.py: {msg}")
+_err = ModuleErrors(__name__)
 
 
 class Softplus(nn.Module):

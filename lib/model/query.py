@@ -30,15 +30,14 @@ import torch.nn.functional as F
 from lib.flame.frames import FlameFrames
 from lib.model.deformer import inv3
 from lib.model.generator import sample_volume
+from lib.utils.errors import ModuleErrors
 
 __all__ = ["codes", "occupancy", "surface", "pose_exp_condition", "geometry_features",
            "query_fine", "blend_transforms", "skin_normals", "surface_correspondences"]
 
-_WHERE = "lib/model/query.py"
 
 
-def _err(msg: str) -> ValueError:
-    return ValueError(f"{_WHERE}: {msg}")
+_err = ModuleErrors(__name__)
 
 
 # ---------------------------------------------------------------------------- the model's API

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import torch
 
+from lib.utils.errors import ModuleErrors
+
 __all__ = ["pixel_centers", "project", "pixel_to_ndc", "check_res"]
+
+_err = ModuleErrors(__name__)
 
 
 def check_res(res) -> int:
     """Validate an image resolution (a positive int) and return it as int."""
     if isinstance(res, bool) or not isinstance(res, int) or res <= 0:
-        raise ValueError(f"lib/render/camera.py: res must be a positive int, got {res!r}")
+        raise _err(f"res must be a positive int, got {res!r}")
     return res
 
 
@@ -49,8 +53,8 @@ def project(points: torch.Tensor, res: int) -> torch.Tensor:
     """
     res = check_res(res)
     if points.shape[-1] not in (2, 3):
-        raise ValueError(
-            f"lib/render/camera.py: project expects [..., 3] points, got {tuple(points.shape)}")
+        raise _err(
+            f"project expects [..., 3] points, got {tuple(points.shape)}")
     half = 0.5 * res
     col = (points[..., 0] + 1.0) * half - 0.5
     row = (1.0 - points[..., 1]) * half - 0.5

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from lib.utils.atomic import atomic_path
+from lib.utils.errors import ModuleErrors
 
 __all__ = ["to_uint8", "to_float", "save_png", "make_grid", "add_label", "save_video"]
 
-_WHERE = "lib/render/images.py"
+_err = ModuleErrors(__name__)
 
 
 def _to_numpy(img) -> np.ndarray:
@@ -26,8 +27,8 @@ def _to_numpy(img) -> np.ndarray:
     if img.ndim == 2:
         img = img[..., None]
     if img.ndim != 3 or img.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{_WHERE}: expected an image [H,W,3|1|4] or [H,W], "
-                         f"got {img.shape}")
+        raise _err(f"expected an image [H,W,3|1|4] or [H,W], "
+                   f"got {img.shape}")
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
     return img
@@ -69,11 +70,11 @@ def make_grid(images, ncols: int | None = None, pad: int = 2, pad_value: float =
     """
     imgs = [to_float(i) for i in images]
     if not imgs:
-        raise ValueError(f"{_WHERE}: make_grid needs at least one image")
+        raise _err("make_grid needs at least one image")
     H, W, C = imgs[0].shape
     if any(i.shape != (H, W, C) for i in imgs):
-        raise ValueError(f"{_WHERE}: make_grid images differ in size: "
-                         f"{sorted({i.shape for i in imgs})}")
+        raise _err(f"make_grid images differ in size: "
+                   f"{sorted({i.shape for i in imgs})}")
     ncols = len(imgs) if ncols is None else max(1, min(int(ncols), len(imgs)))
     nrows = (len(imgs) + ncols - 1) // ncols
     grid = np.full((pad + nrows * (H + pad), pad + ncols * (W + pad), C), pad_value,
@@ -113,7 +114,7 @@ def save_video(path, frames, fps: int = 25) -> Path:
 
     frames = [_even(to_uint8(f)[..., :3]) for f in frames]
     if not frames:
-        raise ValueError(f"{_WHERE}: save_video needs at least one frame")
+        raise _err("save_video needs at least one frame")
     path = Path(path)
     try:
         import imageio_ffmpeg  # noqa: F401
@@ -121,7 +122,7 @@ def save_video(path, frames, fps: int = 25) -> Path:
         imageio_ffmpeg.get_ffmpeg_exe()
         use_mp4 = path.suffix.lower() != ".gif"
     except Exception as err:                                       # no ffmpeg: GIF
-        warnings.warn(f"{_WHERE}: ffmpeg unavailable ({err}); writing a GIF instead")
+        warnings.warn(f"{_err.where}: ffmpeg unavailable ({err}); writing a GIF instead")
         use_mp4 = False
     if not use_mp4:
         path = path.with_suffix(".gif")

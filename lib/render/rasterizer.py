@@ -34,12 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lib.utils.errors import ModuleErrors
+
 from .camera import check_res, project
 
 __all__ = ["Fragments", "rasterize", "interpolate", "interpolate_face_attr",
            "rasterize_reference"]
 
-_WHERE = "lib/render/rasterizer.py"
+_err = ModuleErrors(__name__)
 
 
 @dataclass
@@ -65,19 +67,19 @@ class Fragments:
 def _check_mesh(verts: torch.Tensor, faces: torch.Tensor):
     """verts [V,3] or [B,V,3] -> [B,V,3]; faces [F,3] long, validated."""
     if not torch.is_tensor(verts) or not verts.is_floating_point():
-        raise ValueError(f"{_WHERE}: verts must be a floating tensor [V,3] or [B,V,3]")
+        raise _err("verts must be a floating tensor [V,3] or [B,V,3]")
     if verts.dim() == 2:
         verts = verts.unsqueeze(0)
     if verts.dim() != 3 or verts.shape[-1] != 3:
-        raise ValueError(f"{_WHERE}: verts must be [V,3] or [B,V,3], got {tuple(verts.shape)}")
+        raise _err(f"verts must be [V,3] or [B,V,3], got {tuple(verts.shape)}")
     if not torch.is_tensor(faces) or faces.dtype != torch.long or faces.dim() != 2 \
             or faces.shape[1] != 3:
-        raise ValueError(f"{_WHERE}: faces must be a long tensor [F,3], got "
-                         f"{getattr(faces, 'dtype', type(faces))} {tuple(getattr(faces, 'shape', ()))}")
+        raise _err(f"faces must be a long tensor [F,3], got "
+                   f"{getattr(faces, 'dtype', type(faces))} {tuple(getattr(faces, 'shape', ()))}")
     if faces.device != verts.device:
-        raise ValueError(f"{_WHERE}: faces on {faces.device} but verts on {verts.device}")
+        raise _err(f"faces on {faces.device} but verts on {verts.device}")
     if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= verts.shape[1]):
-        raise ValueError(f"{_WHERE}: faces index out of range for {verts.shape[1]} vertices")
+        raise _err(f"faces index out of range for {verts.shape[1]} vertices")
     return verts, faces
 
 
@@ -231,8 +233,8 @@ def interpolate_face_attr(frags: Fragments, face_attr: torch.Tensor) -> torch.Te
     if face_attr.dim() == 3:
         face_attr = face_attr.unsqueeze(0)
     if face_attr.dim() != 4 or face_attr.shape[2] != 3 or face_attr.shape[0] not in (1, B):
-        raise ValueError(f"{_WHERE}: face_attr must be [F,3,C] or [B,F,3,C] with B={B}, "
-                         f"got {tuple(face_attr.shape)}")
+        raise _err(f"face_attr must be [F,3,C] or [B,F,3,C] with B={B}, "
+                   f"got {tuple(face_attr.shape)}")
     Ba, F = face_attr.shape[:2]
     fi = frags.face_idx.clamp(min=0).reshape(B, -1, 1) * 3
     idx = fi + torch.arange(3, device=fi.device)                   # [B, H*W, 3]
@@ -251,8 +253,8 @@ def interpolate(frags: Fragments, faces: torch.Tensor, attr: torch.Tensor) -> to
     if attr.dim() == 2:
         attr = attr.unsqueeze(0)
     if attr.dim() != 3 or attr.shape[0] not in (1, B):
-        raise ValueError(f"{_WHERE}: attr must be [V,C] or [B,V,C] with B={B}, "
-                         f"got {tuple(attr.shape)}")
+        raise _err(f"attr must be [V,C] or [B,V,C] with B={B}, "
+                   f"got {tuple(attr.shape)}")
     Ba, V = attr.shape[:2]
     fi = frags.face_idx.clamp(min=0).reshape(-1)
     idx = faces.index_select(0, fi).view(B, -1, 3)                 # [B, H*W, 3]

@@ -20,12 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as nnf
 
+from lib.utils.errors import ModuleErrors
+
 from .rasterizer import Fragments, _check_mesh, interpolate, interpolate_face_attr, rasterize
 
 __all__ = ["vertex_normals", "sample_texture", "render_normals", "render_vertex_colors",
            "render_texture", "render_shaded", "render_depth", "DEFAULT_LIGHT"]
 
-_WHERE = "lib/render/shading.py"
+_err = ModuleErrors(__name__)
 DEFAULT_LIGHT = (0.3, 0.4, 1.0)
 
 
@@ -34,8 +36,8 @@ def _batched(x: torch.Tensor, B: int, name: str) -> torch.Tensor:
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() != 3 or x.shape[0] not in (1, B):
-        raise ValueError(f"{_WHERE}: {name} must be [V,C] or [B,V,C] with B={B}, "
-                         f"got {tuple(x.shape)}")
+        raise _err(f"{name} must be [V,C] or [B,V,C] with B={B}, "
+                   f"got {tuple(x.shape)}")
     return x.expand(B, -1, -1)
 
 
@@ -44,7 +46,7 @@ def _frags(verts, faces, res, frags):
     if frags is None:
         frags = rasterize(verts, faces, res)
     elif frags.face_idx.shape[0] != verts.shape[0] or frags.res != res:
-        raise ValueError(f"{_WHERE}: frags do not match batch {verts.shape[0]} / res {res}")
+        raise _err(f"frags do not match batch {verts.shape[0]} / res {res}")
     return verts, faces, frags
 
 
@@ -75,9 +77,9 @@ def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     texture: [Ht, Wt, C] float; uv: [..., 2]. Returns [..., C] in texture's dtype.
     """
     if texture.dim() != 3:
-        raise ValueError(f"{_WHERE}: texture must be [Ht, Wt, C], got {tuple(texture.shape)}")
+        raise _err(f"texture must be [Ht, Wt, C], got {tuple(texture.shape)}")
     if uv.shape[-1] != 2:
-        raise ValueError(f"{_WHERE}: uv must be [..., 2], got {tuple(uv.shape)}")
+        raise _err(f"uv must be [..., 2], got {tuple(uv.shape)}")
     Ht, Wt, C = texture.shape
     shp = uv.shape[:-1]
     uv = uv.reshape(-1, 2).to(texture.dtype)
@@ -140,8 +142,8 @@ def render_texture(verts, faces, uvs, face_uvs, texture, res: int,
     """
     verts, faces, frags = _frags(verts, faces, res, frags)
     if face_uvs.shape != faces.shape:
-        raise ValueError(f"{_WHERE}: face_uvs {tuple(face_uvs.shape)} must match faces "
-                         f"{tuple(faces.shape)}")
+        raise _err(f"face_uvs {tuple(face_uvs.shape)} must match faces "
+                   f"{tuple(faces.shape)}")
     corner_uv = uvs.to(texture.dtype)[face_uvs]                    # [F, 3, 2]
     uv = interpolate_face_attr(frags, corner_uv)                   # [B, H, W, 2]
     m = frags.mask

@@ -26,8 +26,8 @@ import igl
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
+from ..utils.knn import NearestTree
 from .texture import ValueNoise
 
 __all__ = ["HAIR_STYLES", "HairVolume", "MeshDistance", "barycentric", "mesh_components",
@@ -144,7 +144,7 @@ def scalp_weights(vertices: np.ndarray, scalp: np.ndarray, ramp: float,
         return w
     if scalp.all():
         return np.ones(len(vertices))
-    dist, _ = cKDTree(vertices[~scalp]).query(vertices[scalp])
+    dist, _ = NearestTree(vertices[~scalp]).query(vertices[scalp])
     t = np.clip((dist - margin) / max(ramp, 1e-9), 0.0, 1.0)
     w[scalp] = t * t * (3.0 - 2.0 * t)
     return w

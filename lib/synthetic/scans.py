@@ -30,11 +30,11 @@ import torch
 import trimesh
 from PIL import Image
 from scipy import ndimage
-from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
 from ..dataset.faceverse_io import flame_to_scan_space, save_flame_params
 from ..utils.atomic import atomic_write_bytes
+from ..utils.knn import NearestTree
 from .hair import HAIR_STYLES, HairVolume, MeshDistance, mesh_components, scalp_weights
 from .texture import HAIR_COLORS, IRIS_COLORS, SKIN_TONES, ValueNoise, bake_texture, \
     paint_colors, spherical_uvs
@@ -284,7 +284,7 @@ def make_scan(head, shape, exp, pose, style: dict, rng: np.random.Generator,
     wv = scalp_weights(v, lab["scalp"] > 0.5, HAIR_STYLES[style["hair"]]["ramp"] * radius,
                        margin=1.5 * edge) * hair.coverage(v)
     if hair.p["long"] > 0 and (lab["face"] > 0.5).any():
-        face_dist, _ = cKDTree(v[lab["face"] > 0.5]).query(v)
+        face_dist, _ = NearestTree(v[lab["face"] > 0.5]).query(v)
         wv = np.maximum(wv, hair.extension(v, face_dist))
     noise = ValueNoise(prng)
     bump_amp = 0.006 * radius

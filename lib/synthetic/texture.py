@@ -1,4 +1,4 @@
-"""Procedural texturing of synthetic scans: noise, UV atlas, triangle rasteriser, painting.
+"""Procedural texturing of synthetic scans: noise, UV atlas, painting, baking.
 
 Shape legend: N points, F faces, T uv coordinates, M texels, H/W image.
 
@@ -7,14 +7,18 @@ frame: u = azimuth (seam at the back of the head, -z), v = polar angle from +y (
 the crown). Faces crossing the seam get their own uv copies shifted by one period, so the
 atlas covers u in [0, 1 + pad] before it is rescaled into [0, 1]; those few columns of the
 texture are simply baked twice. Colours are baked per texel from the 3D point the texel
-maps to (rasterising the uv triangles), so they follow the geometry exactly.
+maps to (rasterising the uv triangles with the project's rasterizer, lib/render/rasterizer.py),
+so they follow the geometry exactly.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
 
-__all__ = ["ValueNoise", "rasterize_triangles", "spherical_uvs", "paint_colors",
+from ..render.rasterizer import rasterize
+
+__all__ = ["ValueNoise", "spherical_uvs", "paint_colors", "bake_texture",
            "SKIN_TONES", "HAIR_COLORS", "IRIS_COLORS"]
 
 # sRGB colours in [0, 1]
@@ -61,77 +65,6 @@ class ValueNoise:
             norm += amp
             amp *= 0.5
         return out / norm
-
-
-def rasterize_triangles(tri: np.ndarray, height: int, width: int, depth: np.ndarray | None = None,
-                        max_candidates: int = 4_000_000):
-    """Rasterise 2D triangles; pixel (row i, col j) has its centre at (j + 0.5, i + 0.5).
-
-    tri: (F, 3, 2) vertex positions in pixel units (x = column, y = row); depth: (F, 3) or
-    None (with depth the largest interpolated value wins).
-    Returns face (H, W) int64 (-1 where empty) and bary (H, W, 3) float64.
-    """
-    tri = np.asarray(tri, dtype=np.float64)
-    F = len(tri)
-    face_img = np.full(height * width, -1, dtype=np.int64)
-    bary_img = np.zeros((height * width, 3))
-    if F == 0:
-        return face_img.reshape(height, width), bary_img.reshape(height, width, 3)
-    lo = np.ceil(tri.min(axis=1) - 0.5).astype(np.int64)
-    hi = np.floor(tri.max(axis=1) - 0.5).astype(np.int64)
-    lo = np.maximum(lo, 0)
-    hi = np.minimum(hi, [width - 1, height - 1])
-    ext = (hi - lo + 1).max(axis=1)
-    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
-    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
-    ok = (ext >= 1) & (np.abs(area) > 1e-12)
-    all_pix, all_z, all_f, all_w = [], [], [], []
-    bucket = np.where(ok, np.ceil(np.log2(np.maximum(ext, 1))).astype(np.int64), -1)
-    for level in np.unique(bucket[bucket >= 0]):
-        k = int(2 ** level)
-        idx_all = np.nonzero(bucket == level)[0]
-        step = max(1, max_candidates // (k * k))
-        oy, ox = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-        ox, oy = ox.ravel(), oy.ravel()
-        for s in range(0, len(idx_all), step):
-            idx = idx_all[s:s + step]
-            px = lo[idx, 0:1] + ox
-            py = lo[idx, 1:2] + oy
-            valid = (px <= hi[idx, 0:1]) & (py <= hi[idx, 1:2])
-            cx, cy = px + 0.5, py + 0.5
-            ta, tb, tc = a[idx], b[idx], c[idx]
-            inv = 1.0 / area[idx][:, None]
-            w0 = ((tb[:, 0:1] - cx) * (tc[:, 1:2] - cy)
-                  - (tb[:, 1:2] - cy) * (tc[:, 0:1] - cx)) * inv
-            w1 = ((tc[:, 0:1] - cx) * (ta[:, 1:2] - cy)
-                  - (tc[:, 1:2] - cy) * (ta[:, 0:1] - cx)) * inv
-            w2 = 1.0 - w0 - w1
-            eps = -1e-9
-            inside = valid & (w0 >= eps) & (w1 >= eps) & (w2 >= eps)
-            fi, ci = np.nonzero(inside)
-            if len(fi) == 0:
-                continue
-            w = np.stack([w0[fi, ci], w1[fi, ci], w2[fi, ci]], axis=1)
-            face = idx[fi]
-            all_pix.append(py[fi, ci] * width + px[fi, ci])
-            all_f.append(face)
-            all_w.append(w)
-            all_z.append((w * depth[face]).sum(1) if depth is not None else np.zeros(len(fi)))
-    if not all_pix:
-        return face_img.reshape(height, width), bary_img.reshape(height, width, 3)
-    pix, z = np.concatenate(all_pix), np.concatenate(all_z)
-    fcs, ws = np.concatenate(all_f), np.concatenate(all_w)
-    if depth is None:  # no visibility: any covering face will do (the last one written)
-        face_img[pix] = fcs
-        bary_img[pix] = ws
-        return face_img.reshape(height, width), bary_img.reshape(height, width, 3)
-    order = np.lexsort((fcs, z, pix))  # per pixel: ascending depth, the last one wins
-    pix_s = pix[order]
-    last = np.r_[np.nonzero(pix_s[1:] != pix_s[:-1])[0], len(pix_s) - 1]
-    sel = order[last]
-    face_img[pix[sel]] = fcs[sel]
-    bary_img[pix[sel]] = ws[sel]
-    return face_img.reshape(height, width), bary_img.reshape(height, width, 3)
 
 
 def spherical_uvs(v_local: np.ndarray, faces: np.ndarray, centre: np.ndarray):
@@ -267,8 +200,12 @@ def bake_texture(tex_size: int, uvs: np.ndarray, face_uvs: np.ndarray, color_fn)
     (M, 3) colours in [0, 1] for the texels covered by face `face` at barycentric `bary`.
     Uncovered texels take the nearest covered texel's colour (no dark seams when filtered).
     """
-    px = np.stack([uvs[:, 0] * tex_size, (1.0 - uvs[:, 1]) * tex_size], axis=1)
-    face_img, bary_img = rasterize_triangles(px[face_uvs], tex_size, tex_size)
+    # the atlas is the view of the project's camera onto the uv square drawn as the plane
+    # (2u - 1, 2v - 1, 0): texel (row i, col j) has its centre at uv ((j + .5) / S, 1 - (i + .5) / S)
+    uv = torch.as_tensor(np.asarray(uvs, dtype=np.float64))
+    plane = torch.cat([uv * 2.0 - 1.0, torch.zeros(len(uv), 1, dtype=uv.dtype)], dim=1)
+    frags = rasterize(plane, torch.as_tensor(np.asarray(face_uvs, dtype=np.int64)), tex_size)
+    face_img, bary_img = frags.face_idx[0].numpy(), frags.bary[0].numpy()
     covered = face_img >= 0
     img = np.zeros((tex_size, tex_size, 3))
     img[covered] = color_fn(face_img[covered], bary_img[covered])

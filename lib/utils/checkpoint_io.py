@@ -7,16 +7,17 @@ to run code on the machine that reads it (README, "Files you can trust"):
   `torch.load` with `weights_only=True` (tensors, numbers, strings, lists and dicts only; a
   pickled object with a `__reduce__` payload is refused before it runs), then a check that
   the content is plain data whose only `_target_` keys (Hydra's instantiation marker) name
-  one of the project's own network builders or deformers (the allow-lists of
-  lib/model/builders.py, which also builds them: never a target named in a file). Every
-  failure raises `CheckpointError` naming the file.
+  one of the targets the caller allows (none by default; lib/model/checkpoint.py passes the
+  project's own network builders and deformers, the allow-lists of lib/model/builders.py,
+  which also builds them: never a target named in a file). Every failure raises
+  `CheckpointError` naming the file.
 - `last_checkpoint(output_dir)` is the one rule for a run's checkpoint path,
   `<output_dir>/checkpoints/last.ckpt`: train.py writes and resumes it, precompute.py,
   test.py and tools/demo.py read it when no `ckpt=` is given.
 - `AtomicCheckpointIO` is Lightning's TorchCheckpointIO with atomic saves (temporary file in
   the same folder, then rename: a run killed while saving leaves the previous `last.ckpt`
-  intact) and loads forced to `weights_only=True` (the `resume=true` path). Given to the
-  Trainer as a plugin by train.py.
+  intact) and loads through `read_checkpoint` with its allow-list (the `resume=true` path).
+  Given to the Trainer as a plugin by train.py.
 """
 from __future__ import annotations
 
@@ -72,18 +73,17 @@ def check_plain_data(value: Any, where: str, path, allowed_targets=frozenset()) 
                           "data")
 
 
-def read_checkpoint(path, map_location: Any = "cpu") -> dict:
+def read_checkpoint(path, map_location: Any = "cpu", allowed_targets=frozenset()) -> dict:
     """Load a checkpoint file without running any code from it.
 
-    path: a `.ckpt` / `.pt` file; map_location: as torch.load's. Returns the checkpoint dict
-    (for Lightning checkpoints: `state_dict`, `hyper_parameters`, `epoch`, ...).
+    path: a `.ckpt` / `.pt` file; map_location: as torch.load's; allowed_targets: the only
+    `_target_` names the content may hold (a set of strings; empty: none at all). Returns the
+    checkpoint dict (for Lightning checkpoints: `state_dict`, `hyper_parameters`, `epoch`, ...).
     Raises CheckpointError: file missing, truncated or not a torch file, a pickled object
-    other than tensors and plain containers, a non-dict top level, or a `_target_` outside the
-    allow-list anywhere but in `state_dict` and the optimizer/loop states.
+    other than tensors and plain containers, a non-dict top level, or a `_target_` outside
+    allowed_targets anywhere but in `state_dict` and the optimizer/loop states.
     """
-    from lib.model.builders import ALLOWED_TARGETS  # the networks' and the deformer's
-
-    allowed = ALLOWED_TARGETS
+    allowed = frozenset(allowed_targets)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -115,7 +115,12 @@ def read_checkpoint(path, map_location: Any = "cpu") -> dict:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO with atomic saves and `weights_only=True` loads."""
+    """TorchCheckpointIO with atomic saves and `read_checkpoint` loads (weights_only=True).
+    allowed_targets: passed to read_checkpoint (the `_target_` names a checkpoint may hold)."""
+
+    def __init__(self, allowed_targets=frozenset()):
+        super().__init__()
+        self.allowed_targets = frozenset(allowed_targets)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path,
                         storage_options: Optional[Any] = None) -> None:
@@ -124,4 +129,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
-        return read_checkpoint(path, map_location=map_location or "cpu")
+        return read_checkpoint(path, map_location=map_location or "cpu",
+                               allowed_targets=self.allowed_targets)

@@ -2,7 +2,7 @@
 
 Shape legend: M meshes, V vertices, F faces, N points per mesh.
 
-Every mesh is sampled uniformly by area (`lib.inference.metrics.sample_surface`); samples
+Every mesh is sampled uniformly by area (`lib.utils.surface.area_samples`); samples
 below a height `min_y` are dropped, so that meshes cut at different heights (scans open at
 the neck, extracted avatars closed below it) are compared over the same part of the head.
 With d(x, Y) the distance from x to the nearest sample of Y, the Chamfer-L1 distance of two
@@ -13,7 +13,9 @@ training mesh.
 from __future__ import annotations
 
 import numpy as np
-from scipy.spatial import cKDTree
+
+from lib.utils.knn import NearestTree
+from lib.utils.surface import area_samples
 
 __all__ = ["mesh_points", "chamfer_l1", "cross_chamfer", "pairwise_chamfer", "nearest",
            "diversity"]
@@ -22,10 +24,8 @@ __all__ = ["mesh_points", "chamfer_l1", "cross_chamfer", "pairwise_chamfer", "ne
 def mesh_points(verts, faces, n: int, seed: int = 0, min_y: float | None = None) -> np.ndarray:
     """Area-uniform samples of a mesh (verts [V, 3], faces [F, 3]) at or above min_y:
     -> [<= n, 3] float64."""
-    from lib.inference.metrics import sample_surface
-
-    pts = sample_surface(np.asarray(verts, dtype=np.float32), np.asarray(faces), n, seed)[0]
-    pts = pts.double().numpy()
+    pts = area_samples(np.asarray(verts, dtype=np.float32), np.asarray(faces), n,
+                       np.random.default_rng(seed))[0]
     if min_y is not None:
         pts = pts[pts[:, 1] >= min_y]
     if len(pts) == 0:
@@ -35,7 +35,7 @@ def mesh_points(verts, faces, n: int, seed: int = 0, min_y: float | None = None)
 
 def chamfer_l1(a: np.ndarray, b: np.ndarray) -> float:
     """Symmetric Chamfer-L1 of point sets a [N, 3], b [K, 3] (module docstring)."""
-    return 0.5 * float(cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean())
+    return 0.5 * float(NearestTree(b).query(a)[0].mean() + NearestTree(a).query(b)[0].mean())
 
 
 def cross_chamfer(sets_a: list[np.ndarray], sets_b: list[np.ndarray] | None = None
@@ -44,7 +44,7 @@ def cross_chamfer(sets_a: list[np.ndarray], sets_b: list[np.ndarray] | None = No
     the symmetric [Ma, Ma] matrix within sets_a (zero diagonal, each pair computed once)."""
     same = sets_b is None
     sets_b = sets_a if same else sets_b
-    trees_a, trees_b = [cKDTree(p) for p in sets_a], [cKDTree(p) for p in sets_b]
+    trees_a, trees_b = [NearestTree(p) for p in sets_a], [NearestTree(p) for p in sets_b]
     out = np.zeros((len(sets_a), len(sets_b)))
     for i, a in enumerate(sets_a):
         for j in range(i + 1 if same else 0, len(sets_b)):

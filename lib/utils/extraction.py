@@ -42,7 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_WHERE = "lib/utils/extraction.py"
+from lib.utils.errors import ModuleErrors
+
+_err = ModuleErrors(__name__)
 
 OccFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -74,12 +76,12 @@ def padded_box(bbox_min, bbox_max, padding: float) -> tuple[np.ndarray, np.ndarr
     lo = torch.as_tensor(bbox_min).detach().to("cpu", torch.float64).numpy().reshape(-1)
     hi = torch.as_tensor(bbox_max).detach().to("cpu", torch.float64).numpy().reshape(-1)
     if lo.shape != (3,) or hi.shape != (3,):
-        raise ValueError(f"{_WHERE}: bbox_min/bbox_max must have 3 entries, got {lo.shape}, "
-                         f"{hi.shape}")
+        raise _err(f"bbox_min/bbox_max must have 3 entries, got {lo.shape}, "
+                   f"{hi.shape}")
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(hi > lo)):
-        raise ValueError(f"{_WHERE}: need finite bbox_max > bbox_min per axis, got {lo}, {hi}")
+        raise _err(f"need finite bbox_max > bbox_min per axis, got {lo}, {hi}")
     if padding < 0:
-        raise ValueError(f"{_WHERE}: padding must be >= 0, got {padding}")
+        raise _err(f"padding must be >= 0, got {padding}")
     pad = float(padding) * float((hi - lo).max())
     return lo - pad, hi + pad
 
@@ -89,7 +91,7 @@ def cube_box(bbox_min, bbox_max, padding: float) -> tuple[np.ndarray, np.ndarray
     box's longest extent. bbox_min, bbox_max: [3]. Returns float64 [3] corners."""
     lo, hi = padded_box(bbox_min, bbox_max, 0.0)
     if padding < 0:
-        raise ValueError(f"{_WHERE}: padding must be >= 0, got {padding}")
+        raise _err(f"padding must be >= 0, got {padding}")
     center = 0.5 * (lo + hi)
     half = 0.5 * (1.0 + 2.0 * float(padding)) * float((hi - lo).max())
     return center - half, center + half
@@ -129,8 +131,8 @@ def _query(occ_fn: OccFn, flat: torch.Tensor, n: int, stride: int, lo: torch.Ten
             val = occ_fn(pts)
             if not isinstance(val, torch.Tensor) or val.numel() != part.shape[0]:
                 got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val)
-                raise ValueError(f"{_WHERE}: occ_fn must return [N] logits for [N, 3] points "
-                                 f"(N={part.shape[0]}), got {got}")
+                raise _err(f"occ_fn must return [N] logits for [N, 3] points "
+                           f"(N={part.shape[0]}), got {got}")
             out.append(val.reshape(-1).to(flat.device, torch.float32))
     if not out:
         return torch.zeros(0, dtype=torch.float32, device=flat.device)
@@ -139,7 +141,7 @@ def _query(occ_fn: OccFn, flat: torch.Tensor, n: int, stride: int, lo: torch.Ten
 
 def _check_chunk(chunk: int) -> int:
     if int(chunk) < 1:
-        raise ValueError(f"{_WHERE}: chunk must be >= 1, got {chunk}")
+        raise _err(f"chunk must be >= 1, got {chunk}")
     return int(chunk)
 
 
@@ -150,7 +152,7 @@ def dense_grid_values(occ_fn: OccFn, bbox_min, bbox_max, res: int, chunk: int = 
     index order (x, y, z); point (i, j, k) = bbox_min + (i, j, k) * (bbox_max - bbox_min) / res.
     """
     if int(res) < 1:
-        raise ValueError(f"{_WHERE}: res must be >= 1, got {res}")
+        raise _err(f"res must be >= 1, got {res}")
     res, chunk = int(res), _check_chunk(chunk)
     dev = _resolve_device(device, bbox_min)
     lo, hi = padded_box(bbox_min, bbox_max, 0.0)
@@ -192,10 +194,10 @@ def hierarchical_grid_values(occ_fn: OccFn, grid_min: np.ndarray, grid_max: np.n
     elsewhere) and the number of occ_fn queries."""
     ratio = res_final // res_init
     if res_init < 1 or res_final % res_init != 0 or ratio & (ratio - 1) != 0:
-        raise ValueError(f"{_WHERE}: res_final / res_init must be a power of two, got "
-                         f"res_init={res_init}, res_final={res_final}")
+        raise _err(f"res_final / res_init must be a power of two, got "
+                   f"res_init={res_init}, res_final={res_final}")
     if dilation < 0:
-        raise ValueError(f"{_WHERE}: dilation must be >= 0, got {dilation}")
+        raise _err(f"dilation must be >= 0, got {dilation}")
     lo_t = torch.as_tensor(grid_min, dtype=torch.float32, device=device)
     step_t = torch.as_tensor((grid_max - grid_min) / res_final, dtype=torch.float32,
                              device=device)
@@ -277,16 +279,16 @@ def mesh_from_grid(values: torch.Tensor, grid_min, grid_max, level: float = 0.0,
     from skimage.measure import marching_cubes
 
     if values.dim() != 3 or len(set(values.shape)) != 1 or values.shape[0] < 2:
-        raise ValueError(f"{_WHERE}: values must be a cubic [R+1]^3 grid with R >= 1, got "
-                         f"{tuple(values.shape)}")
+        raise _err(f"values must be a cubic [R+1]^3 grid with R >= 1, got "
+                   f"{tuple(values.shape)}")
     lo, hi = padded_box(grid_min, grid_max, 0.0)
     res = values.shape[0] - 1
     vol = values.detach().to("cpu", torch.float32).numpy()
     if not np.all(np.isfinite(vol)):
-        raise ValueError(f"{_WHERE}: occupancy values contain NaN or inf")
+        raise _err("occupancy values contain NaN or inf")
     if not (vol.min() < level < vol.max()):
-        raise EmptyMeshError(f"{_WHERE}: no surface: occupancy range [{vol.min():.4g}, "
-                             f"{vol.max():.4g}] does not cross level {level}")
+        raise _err(f"no surface: occupancy range [{vol.min():.4g}, {vol.max():.4g}] does not cross "
+                   f"level {level}", EmptyMeshError)
     v_idx, faces, _, _ = marching_cubes(vol, level=level, allow_degenerate=False)
     # scikit-image winds triangles clockwise seen from the high-value side (its 'descent'
     # convention); inside is high here, so reverse the winding for outward normals.
@@ -295,7 +297,7 @@ def mesh_from_grid(values: torch.Tensor, grid_min, grid_max, level: float = 0.0,
     if keep_main_component and faces.shape[0] > 0:
         verts, faces = head_component(verts, faces)
     if faces.shape[0] == 0:
-        raise EmptyMeshError(f"{_WHERE}: marching cubes produced no faces at level {level}")
+        raise _err(f"marching cubes produced no faces at level {level}", EmptyMeshError)
     return ExtractedMesh(
         verts=torch.as_tensor(verts, dtype=torch.float32).to(values.device),
         faces=torch.as_tensor(faces, dtype=torch.long).to(values.device),

@@ -28,10 +28,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from lib.utils.atomic import atomic_path
+from lib.utils.errors import ModuleErrors
 
 __all__ = ["read_metrics", "plot_losses", "write_gallery", "IMAGE_SUFFIXES", "VIDEO_TYPES"]
 
-_WHERE = "lib/utils/gallery.py"
+_err = ModuleErrors(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm"}
 _INDEX_COLUMNS = ("epoch", "step")
@@ -58,18 +59,18 @@ def read_metrics(metrics_csv) -> tuple[list[str], list[dict[str, float]]]:
     """
     paths = [metrics_csv] if isinstance(metrics_csv, (str, os.PathLike)) else list(metrics_csv)
     if not paths:
-        raise ValueError(f"{_WHERE}: plot_losses got no metrics.csv file")
+        raise _err("plot_losses got no metrics.csv file")
     columns: list[str] = []
     rows: list[dict[str, float]] = []
     for p in map(Path, paths):
         if not p.is_file():
-            raise ValueError(f"{_WHERE}: metrics file {p} does not exist")
+            raise _err(f"metrics file {p} does not exist")
         with open(p, newline="") as fh:
             reader = csv.DictReader(fh)
             header = [h.strip() for h in (reader.fieldnames or [])]
             if "step" not in header:
-                raise ValueError(f"{_WHERE}: metrics file {p} has no 'step' column "
-                                 f"(header: {header})")
+                raise _err(f"metrics file {p} has no 'step' column "
+                           f"(header: {header})")
             file_rows = []
             for raw in reader:
                 row = {k.strip(): _cell(v) for k, v in raw.items()
@@ -79,8 +80,8 @@ def read_metrics(metrics_csv) -> tuple[list[str], list[dict[str, float]]]:
         values = [v for r in file_rows for k, v in r.items()
                   if k not in _INDEX_COLUMNS and not math.isnan(v)]
         if not values:
-            raise ValueError(f"{_WHERE}: metrics file {p} has no numeric data "
-                             f"(no row with a step and a logged value)")
+            raise _err(f"metrics file {p} has no numeric data "
+                       f"(no row with a step and a logged value)")
         columns += [h for h in header if h not in columns]
         rows += file_rows
     rows.sort(key=lambda r: r["step"])                           # stable: files keep order
@@ -115,8 +116,8 @@ def plot_losses(metrics_csv, out_png, title: str, keys: list[str] | None = None)
     else:
         missing = [k for k in keys if k not in columns]
         if missing:
-            raise ValueError(f"{_WHERE}: keys {missing} are not columns of {metrics_csv} "
-                             f"(columns: {columns})")
+            raise _err(f"keys {missing} are not columns of {metrics_csv} "
+                       f"(columns: {columns})")
         line_keys = [k for k in keys if not k.startswith("val/")]
         val_keys = [k for k in keys if k.startswith("val/")]
     # panels: name -> (line key or None, marker key or None)
@@ -128,7 +129,7 @@ def plot_losses(metrics_csv, out_png, title: str, keys: list[str] | None = None)
         else:
             panels[v] = [None, v]
     if not panels:
-        raise ValueError(f"{_WHERE}: nothing to plot in {metrics_csv} (columns: {columns})")
+        raise _err(f"nothing to plot in {metrics_csv} (columns: {columns})")
 
     import matplotlib
 
@@ -267,44 +268,44 @@ def _item_kind(item: dict, where: str) -> str:
         kind = "image" if suffix in IMAGE_SUFFIXES else "video" if suffix in VIDEO_TYPES \
             else None
     if kind not in ("image", "video", "table", "text"):
-        raise ValueError(f"{_WHERE}: {where}: kind must be image/video/table/text, got "
-                         f"{kind!r}")
+        raise _err(f"{where}: kind must be image/video/table/text, got "
+                   f"{kind!r}")
     return kind
 
 
 def _render_item(item: dict, folder: Path, where: str) -> str:
     if not isinstance(item, dict):
-        raise ValueError(f"{_WHERE}: {where} must be a dict, got {type(item).__name__}")
+        raise _err(f"{where} must be a dict, got {type(item).__name__}")
     kind = _item_kind(item, where)
     caption = item.get("caption", "")
     body: str
     if kind in ("image", "video"):
         if "path" not in item:
-            raise ValueError(f"{_WHERE}: {where}: a {kind} item needs a 'path'")
+            raise _err(f"{where}: a {kind} item needs a 'path'")
         path = Path(item["path"])
         if not path.is_file():
-            raise FileNotFoundError(f"{_WHERE}: {where}: file {path} does not exist")
+            raise _err(f"{where}: file {path} does not exist", FileNotFoundError)
         suffix = path.suffix.lower()
         href = _href(path, folder)
         if not os.path.abspath(path).startswith(os.path.abspath(folder) + os.sep):
-            warnings.warn(f"{_WHERE}: {where}: {path} lies outside the gallery folder "
+            warnings.warn(f"{_err.where}: {where}: {path} lies outside the gallery folder "
                           f"{folder}; the page breaks if the folder is moved alone")
         if kind == "image":
             if suffix not in IMAGE_SUFFIXES:
-                raise ValueError(f"{_WHERE}: {where}: {path} is not an image "
-                                 f"({', '.join(IMAGE_SUFFIXES)})")
+                raise _err(f"{where}: {path} is not an image "
+                           f"({', '.join(IMAGE_SUFFIXES)})")
             body = f'<img src="{href}" alt="{_esc(caption)}" loading="eager">'
         else:
             if suffix not in VIDEO_TYPES:
-                raise ValueError(f"{_WHERE}: {where}: {path} is not a video "
-                                 f"({', '.join(VIDEO_TYPES)})")
+                raise _err(f"{where}: {path} is not a video "
+                           f"({', '.join(VIDEO_TYPES)})")
             body = (f'<video controls loop muted autoplay playsinline preload="auto">'
                     f'<source src="{href}" type="{VIDEO_TYPES[suffix]}">'
                     f'video {_esc(path.name)} cannot be played here</video>')
     elif kind == "table":
         data = item.get("data")
         if not isinstance(data, dict):
-            raise ValueError(f"{_WHERE}: {where}: a table item needs 'data' as a dict")
+            raise _err(f"{where}: a table item needs 'data' as a dict")
         cells = "".join(f'<tr><td class="key">{_esc(k)}</td>'
                         f'<td class="val">{_esc(_fmt(v))}</td></tr>' for k, v in data.items())
         body = f"<table>{cells}</table>"
@@ -314,10 +315,10 @@ def _render_item(item: dict, folder: Path, where: str) -> str:
         elif "path" in item:
             path = Path(item["path"])
             if not path.is_file():
-                raise FileNotFoundError(f"{_WHERE}: {where}: file {path} does not exist")
+                raise _err(f"{where}: file {path} does not exist", FileNotFoundError)
             text = path.read_text(errors="replace")
         else:
-            raise ValueError(f"{_WHERE}: {where}: a text item needs 'text'")
+            raise _err(f"{where}: a text item needs 'text'")
         body = f'<pre class="textitem">{_esc(text)}</pre>'
     cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
     cls = f"{kind} wide" if item.get("wide") else kind
@@ -343,7 +344,7 @@ def write_gallery(out_html, title: str, intro: str, sections: list[dict]) -> Pat
     parts, nav = [], []
     for si, sec in enumerate(sections):
         if not isinstance(sec, dict) or "title" not in sec:
-            raise ValueError(f"{_WHERE}: section {si} must be a dict with a 'title'")
+            raise _err(f"section {si} must be a dict with a 'title'")
         sec_title = str(sec["title"])
         items = sec.get("items", [])
         figs = [_render_item(it, folder, f"section {sec_title!r} item {k}")

@@ -1,11 +1,53 @@
-"""Nearest neighbours in plain torch (replaces pytorch3d `knn_points` and kaolin
-`sided_distance`; docs/design.md, Differences from the original).
+"""Nearest neighbours: the one helper of the project (replaces pytorch3d `knn_points` and
+kaolin `sided_distance`; docs/design.md, Differences from the original).
 
-Shape legend: B batch, N query points, V reference points.
+- `nearest_neighbor`: batched torch queries (a k-d tree on the CPU, a chunked brute-force
+  search on other devices), for the training losses;
+- `nearest_exact`: exact float64 distances from a k-d tree whatever the device (metrics,
+  fitting);
+- `NearestTree`: a k-d tree kept for many queries against one point set (numpy in and out:
+  diversity, the synthetic data).
+
+Shape legend: B batch, N query points, V reference points, D point dimension (3 unless told).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy.spatial import cKDTree
+
+
+class NearestTree:
+    """Exact nearest neighbours in a fixed point set, queried many times.
+
+    points: [V, D] array or tensor (read as float64 on the CPU). `query(x)` with x [N, D] ->
+    dist [N] float64, idx [N] int64 (numpy): Euclidean distance to, and index of, the nearest
+    of the points."""
+
+    def __init__(self, points):
+        self.tree = cKDTree(_float64(points))
+
+    def query(self, x) -> tuple[np.ndarray, np.ndarray]:
+        dist, idx = self.tree.query(_float64(x), k=1)
+        return dist, idx.astype(np.int64)
+
+
+def _float64(points) -> np.ndarray:
+    """Array or tensor (any device) -> float64 numpy array."""
+    if torch.is_tensor(points):
+        points = points.detach().cpu().double().numpy()
+    return np.asarray(points, dtype=np.float64)
+
+
+def nearest_exact(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest point of `y` for every point of `x` from a k-d tree in float64 on the CPU
+    (exact, whatever the device; no gradient: the results are constants to the callers).
+
+    x: [N, 3] queries; y: [V, 3] references. Returns dist [N] (x's dtype) and idx [N] long,
+    both on x's device."""
+    d, i = NearestTree(y).query(x)
+    return (torch.as_tensor(d, device=x.device).to(x.dtype),
+            torch.as_tensor(i, dtype=torch.long, device=x.device))
 
 
 def nearest_neighbor(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096
@@ -25,21 +67,12 @@ def nearest_neighbor(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096
 
 
 def _nearest_kdtree(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU path: a k-d tree per batch item (scipy, float64). The brute-force matmul below
-    costs N x V distances (11k canonical points x 7k FLAME vertices: ~40% of a stage-1 step on
-    2 cores); the tree answers the same query in a few milliseconds. No gradient (indices and
-    distances are constants to the callers). x: [B, N, 3], y: [B, V, 3] -> dist [B, N], idx
-    [B, N]."""
-    from scipy.spatial import cKDTree
-
-    xs = x.detach().double().numpy()
-    ys = y.detach().double().numpy()
-    dists, idxs = [], []
-    for b in range(x.shape[0]):
-        d, i = cKDTree(ys[b]).query(xs[b], k=1)
-        dists.append(torch.from_numpy(d))
-        idxs.append(torch.from_numpy(i.astype("int64")))
-    return torch.stack(dists).to(x.dtype), torch.stack(idxs)
+    """CPU path: `nearest_exact` per batch item. The brute-force matmul below costs N x V
+    distances (11k canonical points x 7k FLAME vertices: ~40% of a stage-1 step on 2 cores);
+    the tree answers the same query in a few milliseconds. x: [B, N, 3], y: [B, V, 3] ->
+    dist [B, N], idx [B, N]."""
+    pairs = [nearest_exact(x[b], y[b]) for b in range(x.shape[0])]
+    return torch.stack([d for d, _ in pairs]), torch.stack([i for _, i in pairs])
 
 
 def _nearest_brute(x: torch.Tensor, y: torch.Tensor, chunk: int
