@@ -21,5 +21,5 @@ setup(
     packages=find_packages(include=["lib", "lib.*"]),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": ["pytest==9.2.0", "ruff==0.17.5"]},
 )
