@@ -3,8 +3,8 @@ deformer and geometry queries (docs/design.md, Networks). Training is delegated 
 object of `hparams.stage` (lib/model/stage.py): CoarseStage (lib/model/coarse_stage.py,
 stage 1) or FineStage (lib/model/fine_stage.py, stage 2).
 
-Shape legend: B batch, N points per scan, I initializations (5), J joints (5),
-V FLAME vertices, Z latent width.
+Shape legend: B batch, N points per scan, M canonical points queried, I initializations (5),
+J joints (5), V FLAME vertices, Z, D, C widths of z_shape, z_detail, z_color.
 
 Training uses Lightning 2 manual optimization (the original's PL 1.3 `optimizer_idx` is gone),
 with gradient clipping done by the stage (`TrainingStage.optimizer_step`, `clip_gradients`).
