@@ -73,7 +73,6 @@ def fine_step(ckpt: Path, flame_model: Path, repeats: int) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from lib.model import fine_stage
     from lib.model.ganhead import GANHead
     sys.path.insert(0, str(ROOT / "bench"))
     from train_step import make_fine_batch
@@ -98,7 +97,7 @@ def fine_step(ckpt: Path, flame_model: Path, repeats: int) -> None:
             for m in mlps:
                 m.softplus = sp
             t0 = time.perf_counter()
-            terms, _ = fine_stage.render_and_losses(model, batch)
+            terms, _ = model.stage.render_and_losses(batch)
             loss = sum(v for k, v in terms.items() if k != "valid_3d")
             opt.zero_grad()
             loss.backward()

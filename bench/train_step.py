@@ -84,7 +84,7 @@ def make_fine_batch(server, batch_size: int, res: int, n_surface: int, n_subject
 
 def bench_fine(size: str, mode: str, steps: int, flame_path: Path, gan: bool) -> dict:
     """Seconds per stage-2 step (see the module docstring)."""
-    from lib.model import fine_stage
+    from lib.model import adversarial
     from lib.model.ganhead import GANHead
 
     overrides = [f"datamodule.flame_model={flame_path}", f"deformer={mode}",
@@ -103,22 +103,22 @@ def bench_fine(size: str, mode: str, steps: int, flame_path: Path, gan: bool) ->
     r1_time = 0.0
     for step in range(steps + 1):  # the first step warms up
         t0 = time.perf_counter()
-        terms, out = fine_stage.render_and_losses(model, batch)
+        terms, out = model.stage.render_and_losses(batch)
         if gan:
-            terms.update(fine_stage.generator_gan_terms(model, out))
+            terms.update(adversarial.generator_gan_terms(model, out))
         loss = sum(v for k, v in terms.items() if k != "valid_3d")
         opt.zero_grad()
         loss.backward()
         opt.step()
         if gan:
-            d_loss, _ = fine_stage.discriminator_loss(model, out, 1)
+            d_loss, _ = adversarial.discriminator_loss(model, out, 1)
             opt_d.zero_grad()
             d_loss.backward()
             opt_d.step()
             if step == 1:  # time one critics' step with R1, amortized over d_reg_every steps
                 t1 = time.perf_counter()
                 opt_d.zero_grad()
-                fine_stage.discriminator_loss(model, out, 0)[0].backward()
+                adversarial.discriminator_loss(model, out, 0)[0].backward()
                 opt_d.step()
                 r1_time = time.perf_counter() - t1
         if step:
@@ -172,7 +172,7 @@ class CoarseRun:
         for k in self.spent:
             self.spent[k] = 0.0
         t0 = time.perf_counter()
-        terms = self.model.coarse_losses(self.batch)
+        terms = self.model.stage.losses(self.batch)
         loss = sum(v for k, v in terms.items() if k != "valid_frac")
         self.opt.zero_grad()
         loss.backward()

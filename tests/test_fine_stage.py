@@ -155,7 +155,7 @@ def test_masked_psnr_matches_definition():
 
 
 def test_subsample_mask_keeps_k_uniformly():
-    from lib.model.fine_stage import subsample_mask
+    from lib.model.fine_losses import subsample_mask
 
     torch.manual_seed(0)
     mask = torch.zeros(2, 10, 10, dtype=torch.bool)
@@ -172,8 +172,34 @@ def test_subsample_mask_keeps_k_uniformly():
     assert torch.equal(subsample_mask(mask, 1000), mask)
 
 
+def test_stage_objects_are_not_part_of_the_checkpoint(head_model_path, tmp_path):
+    import copy
+
+    from lib.model.coarse_stage import CoarseStage
+    from lib.model.fine_stage import FineStage
+
+    fine = _tiny_model(head_model_path, tmp_path)
+    coarse = _tiny_model(head_model_path, tmp_path, "model.stage=coarse")
+    assert type(fine.stage) is FineStage and type(coarse.stage) is CoarseStage
+    assert fine.stage.model is fine and coarse.stage.model is coarse
+    # the stage is no child module: the same state_dict keys in both stages, none under it
+    assert "stage" not in dict(fine.named_children())
+    assert set(fine.state_dict()) == set(coarse.state_dict())
+    assert not [k for k in fine.state_dict() if k.startswith("stage.")]
+    # only the stage's modules train (the stage-1 geometry prefixes, the stage-2 ones)
+    for model, prefixes in ((coarse, {"z_shapes", "generator", "occ_network", "deformer",
+                                      "disp_net"}), (fine, {n.rstrip(".") for n in ALLOWED})):
+        assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == \
+            prefixes
+    # a copy's stage drives the copy, not the original
+    clone = copy.deepcopy(fine)
+    assert clone.stage.model is clone and clone.stage is not fine.stage
+    with pytest.raises(ValueError, match="stage='middle'"):
+        _tiny_model(head_model_path, tmp_path, "model.stage=middle")
+
+
 def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
-    from lib.model import fine_stage
+    from lib.model import adversarial
 
     torch.manual_seed(0)
     model = _tiny_model(tiny_fine_dataset["flame"], tmp_path, "model.use_gan=true",
@@ -188,24 +214,24 @@ def test_gan_path_forward_backward_with_r1(tiny_fine_dataset, tmp_path):
     assert disc.param_groups[0]["betas"] == (0.0, 0.99) and disc.param_groups[0]["lr"] == 2e-3
     assert main.param_groups[0]["betas"] == (0.9, 0.999)
     batch = _batch(model, tiny_fine_dataset, tmp_path)
-    terms, out = fine_stage.render_and_losses(model, batch)
+    terms, out = model.stage.render_and_losses(batch)
     assert out["fake_normal"].shape == (2, 3, RES, RES) and out["mask"].any()
     # outside the cache mask the rendered images are white
     assert (out["fake_rgb"].permute(0, 2, 3, 1)[~batch["cache_mask"]] == 1).all()
-    g = fine_stage.generator_gan_terms(model, out)
+    g = adversarial.generator_gan_terms(model, out)
     assert set(g) == {"gan_normal", "gan_color"}
     sum(g.values()).backward()
     grad = model.tex_network.layers[0].parametrizations.weight.original1.grad
     assert grad is not None and grad.abs().sum() > 0  # the G loss reaches the texture network
     model.zero_grad(set_to_none=True)
-    d, r1 = fine_stage.discriminator_loss(model, out, step=1)
+    d, r1 = adversarial.discriminator_loss(model, out, step=1)
     assert r1 is None  # lazy: R1 only every d_reg_every steps
     d.backward()
     assert model.tex_network.layers[0].parametrizations.weight.original1.grad is None
     d_grads = [p.grad for dm in model.disc_modules() for p in dm.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in d_grads)
     model.zero_grad(set_to_none=True)
-    d0, r1 = fine_stage.discriminator_loss(model, out, step=0)
+    d0, r1 = adversarial.discriminator_loss(model, out, step=0)
     assert r1.item() > 0
     torch.testing.assert_close(d0 - r1, d.detach(), rtol=1e-5, atol=1e-6)
     d0.backward()

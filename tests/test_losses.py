@@ -13,7 +13,7 @@ from pytorch_lightning.utilities.parsing import AttributeDict
 from torch import nn
 
 from conftest import random_flame_params
-from lib.model import fine_stage, losses
+from lib.model import adversarial, fine_losses, losses
 
 PARENTS = [-1, 0, 1, 1, 1]  # FLAME: root, neck, jaw, two eyes
 
@@ -134,7 +134,7 @@ def test_stage1_terms_of_a_tiny_model(head_model_path, tmp_path, monkeypatch):
              "occ_gt": (torch.rand(2, pts_d.shape[1], 1) > 0.5).float()}
     # bone points replaced by the joints themselves, to check where occupancy is evaluated
     monkeypatch.setattr(losses, "bone_points", lambda joints, parents: joints)
-    terms = model.coarse_losses(batch)
+    terms = model.stage.losses(batch)
     assert {"occ", "prior_w", "prior_pose", "prior_exp", "disp", "reg_shape", "reg_lbs",
             "bone_occ", "bone_w"} <= set(terms)
     z = model.z_shapes.weight.detach()
@@ -195,7 +195,7 @@ def test_photo_loss_is_the_original_masked_mse_over_the_whole_image():
         if real[idx] != 1.0:
             ref += float(fake[idx] - real[idx]) ** 2
     ref /= real.numel()  # the mean runs over every entry, white ones included
-    torch.testing.assert_close(fine_stage.photo_loss(fake, real), torch.tensor(ref))
+    torch.testing.assert_close(fine_losses.photo_loss(fake, real), torch.tensor(ref))
 
 
 def test_subsampled_photo_loss_is_unbiased_over_the_pool():
@@ -203,13 +203,13 @@ def test_subsampled_photo_loss_is_unbiased_over_the_pool():
     real = torch.rand(2, 3, 6, 6) * 2 - 1
     fake = torch.rand(2, 3, 6, 6) * 2 - 1
     pool = torch.rand(2, 6, 6) > 0.4
-    full = fine_stage.photo_loss(fake, real, pool.float())  # every pool pixel once
+    full = fine_losses.photo_loss(fake, real, pool.float())  # every pool pixel once
     draws = []
     for _ in range(3000):
-        kept = fine_stage.subsample_mask(pool, 5)
+        kept = fine_losses.subsample_mask(pool, 5)
         n_pool, n_kept = pool.flatten(1).sum(1), kept.flatten(1).sum(1)
         weight = kept.float() * (n_pool / n_kept)[:, None, None]
-        draws.append(fine_stage.photo_loss(fake, real, weight))
+        draws.append(fine_losses.photo_loss(fake, real, weight))
     assert abs(torch.stack(draws).mean().item() / full.item() - 1) < 0.03
 
 
@@ -218,11 +218,11 @@ def test_surface_losses():
     gt = torch.tensor([[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
     valid = torch.tensor([[True, True, False]])
     # summed over the channels: (0.01 + 0.04 + 0.09 + 0.25 + 0.25) / 2 samples
-    torch.testing.assert_close(fine_stage.surface_color_loss(rgb, gt, valid),
+    torch.testing.assert_close(fine_losses.surface_color_loss(rgb, gt, valid),
                                torch.tensor(0.64 / 2))
     n = F.normalize(torch.tensor([[[1.0, 0, 0], [1.0, 1.0, 0], [0, 0, 1.0]]]), dim=-1)
     n_gt = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0], [1.0, 0, 0]]])
-    torch.testing.assert_close(fine_stage.surface_normal_loss(n, n_gt, valid),
+    torch.testing.assert_close(fine_losses.surface_normal_loss(n, n_gt, valid),
                                torch.tensor((0.0 + 1 - math.sqrt(0.5)) / 2))
 
 
@@ -255,13 +255,13 @@ def _gan_out():
 
 def test_generator_terms_weigh_each_critic_with_its_lambda():
     model, out = _gan_model(), _gan_out()
-    terms = fine_stage.generator_gan_terms(model, out)
+    terms = adversarial.generator_gan_terms(model, out)
     for name, key, lam, d in (("gan_normal", "normal", 2.0, model.disc_normal),
                               ("gan_color", "rgb", 0.5, model.disc_color)):
         ref = lam * F.softplus(-d(out[f"fake_{key}"])).mean()
         torch.testing.assert_close(terms[name], ref)
     # a critic of weight 0 adds nothing
-    assert set(fine_stage.generator_gan_terms(_gan_model(lambda_gan_color=0.0), out)) == {
+    assert set(adversarial.generator_gan_terms(_gan_model(lambda_gan_color=0.0), out)) == {
         "gan_normal"}
 
 
@@ -273,15 +273,15 @@ def test_critic_loss_and_lazy_r1_by_hand():
         logistic = F.softplus(d(fake)).mean() + F.softplus(-d(real)).mean()
         r1 = 10.0 / 2 * 16 * (d.a ** 2).sum()
         ref_d, ref_r1 = ref_d + lam * logistic, ref_r1 + lam * r1
-    loss, r1 = fine_stage.discriminator_loss(model, out, step=32)
+    loss, r1 = adversarial.discriminator_loss(model, out, step=32)
     torch.testing.assert_close(r1, ref_r1)
     torch.testing.assert_close(loss, ref_d + ref_r1)
-    loss, r1 = fine_stage.discriminator_loss(model, out, step=5)  # not a regularization step
+    loss, r1 = adversarial.discriminator_loss(model, out, step=5)  # not a regularization step
     assert r1 is None
     torch.testing.assert_close(loss, ref_d)
     # opt-in: both images composited on white with the shared mask
     shared = _gan_model(shared=True)
-    real, fake = fine_stage.gan_images(shared, out, "rgb")
+    real, fake = adversarial.gan_images(shared, out, "rgb")
     m = out["mask"][:, None].expand_as(real)
     assert torch.equal(real[m], out["real_rgb"][m]) and (real[~m] == 1).all()
     assert torch.equal(fake[m], out["fake_rgb"][m]) and (fake[~m] == 1).all()

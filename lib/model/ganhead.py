@@ -1,32 +1,36 @@
 """The GANHead LightningModule: auto-decoded latents, generator, implicit networks, learned
-deformer and the stage-1 (coarse) training loop (docs/design.md, Stage 1).
+deformer and geometry queries (docs/design.md, Networks). Training is delegated to the stage
+object of `hparams.stage` (lib/model/stage.py): CoarseStage (lib/model/coarse_stage.py,
+stage 1) or FineStage (lib/model/fine_stage.py, stage 2).
 
-Shape legend: B batch, N points per scan, I initializations (5), J joints (5),
-V FLAME vertices, Z latent width.
+Shape legend: B batch, N points per scan, M canonical points queried, I initializations (5),
+J joints (5), V FLAME vertices, Z, D, C widths of z_shape, z_detail, z_color.
 
 Training uses Lightning 2 manual optimization (the original's PL 1.3 `optimizer_idx` is gone),
-with gradient clipping done here by `clip_gradients`.
+with gradient clipping done by the stage (`TrainingStage.optimizer_step`, `clip_gradients`).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from lib.dataset.faceverse import validate_scan_id
-from lib.flame import FLAMEServer, FlameFrames
-from lib.model import losses
-from lib.model import fine_stage
-from lib.model import query
+from lib.flame import FlameFrames, FLAMEServer
+from lib.model import losses, query
 from lib.model.builders import build_deformer, build_network
+from lib.model.coarse_stage import CoarseStage
 from lib.model.discriminator import Discriminator
+from lib.model.fine_stage import FineStage
 from lib.model.generator import Generator, sample_volume
 from lib.model.neutral_lbs import NeutralLBS
+from lib.model.stage import TrainingStage
+
+# hparams.stage -> the stage object GANHead delegates training to
+STAGES: dict[str, type[TrainingStage]] = {"coarse": CoarseStage, "fine": FineStage}
 
 
 def _plain(cfg):
@@ -68,9 +72,13 @@ class GANHead(pl.LightningModule):
             n_subjects = len(scan_ids)
         if n_subjects is None or int(n_subjects) < 1:
             raise ValueError("GANHead needs scan_ids (or n_subjects >= 1)")
+        if stage not in STAGES:
+            raise ValueError(f"GANHead: stage={stage!r}, expected one of {sorted(STAGES)}")
         kwargs = {k: _plain(v) for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(kwargs)
         self.automatic_optimization = False
+        # a plain attribute, not a child module: the state_dict keys do not depend on it
+        self.stage: TrainingStage = STAGES[stage](self)
 
         self.flame_server = FLAMEServer(flame_model, n_shape=n_shape, n_exp=n_exp)
         n_joints = len(self.flame_server.flame.parents)
@@ -107,7 +115,7 @@ class GANHead(pl.LightningModule):
                                          geometry_feature_dim=self.occ_network.feature_dim,
                                          normal_feature_dim=self.norm_network.feature_dim)
         # Stage-2 critics exist only with use_gan / use_gan_color, so stage-1 checkpoints and
-        # runs without GAN keep exactly the same parameters (lib/model/fine_stage.py).
+        # runs without GAN keep exactly the same parameters (lib/model/adversarial.py).
         self.disc_normal = Discriminator(**dict(discriminator or {})) if use_gan else None
         self.disc_color = Discriminator(**dict(discriminator or {})) if use_gan_color else None
         if use_gan or use_gan_color:
@@ -184,19 +192,18 @@ class GANHead(pl.LightningModule):
             if differs:
                 from lib.utils.checkpoint_io import CheckpointError
 
+                found = ", ".join(f"{k}: checkpoint {saved[k]}, file {now[k]}" for k in differs)
                 raise CheckpointError(
                     f"the head model {flame.model_path} is not the one this checkpoint was trained "
-                    f"with ({', '.join(f'{k}: checkpoint {saved[k]}, file {now[k]}' for k in differs)});"
-                    f" pass the training run's datamodule.flame_model / flame_model=PATH")
+                    f"with ({found}); pass the training run's datamodule.flame_model / "
+                    f"flame_model=PATH")
         for key in [k for k in state if k.startswith("flame_server.")]:
             del state[key]
 
     # ------------------------------------------------------------------ parameters
     def stage_modules(self) -> list[nn.Module]:
         """Modules trained in the current stage (stage 2 trains only detail and colour)."""
-        if self.hparams.stage == "coarse":
-            return [self.z_shapes, self.generator, self.occ_network, self.deformer, self.disp_net]
-        return [self.z_details, self.z_colors, self.norm_network, self.tex_network]
+        return self.stage.stage_modules()
 
     def _set_trainable(self) -> None:
         self.requires_grad_(False)
@@ -210,28 +217,8 @@ class GANHead(pl.LightningModule):
         return [d for d in (self.disc_normal, self.disc_color) if d is not None]
 
     def configure_optimizers(self):
-        """Adam (betas 0.9, 0.999) over the stage's modules at optim.lr; with critics a second
-        Adam over them at optim.lr_disc with betas (0, 0.99), as the original.
-
-        The latent codes may take their own learning rate (optim.lr_latent, opt-in): each code
-        only gets a gradient when its scan is in the batch, so on short CPU runs with many scans
-        they barely leave zero at the networks' rate (null: one rate for all, as the original).
-        """
-        lr = self.hparams.optim["lr"]
-        lr_latent = self.hparams.optim.get("lr_latent") or lr
-        embeds = (self.z_shapes, self.z_details, self.z_colors)
-        latent = [p for m in self.stage_modules() if m in embeds for p in m.parameters()]
-        nets = [p for m in self.stage_modules() if m not in embeds for p in m.parameters()]
-        main = torch.optim.Adam([{"params": nets, "lr": lr},
-                                 {"params": latent, "lr": lr_latent}], lr=lr,
-                                betas=(0.9, 0.999))
-        discs = self.disc_modules()
-        if not discs:
-            return main
-        lr_d = self.hparams.optim.get("lr_disc", lr)
-        disc = torch.optim.Adam([p for d in discs for p in d.parameters()], lr=lr_d,
-                                betas=(0.0, 0.99))
-        return [main, disc]
+        """The stage's optimizers (TrainingStage.configure_optimizers, lib/model/stage.py)."""
+        return self.stage.configure_optimizers()
 
     # ------------------------------------------------------------------ geometry
     def occupancy_fn(self, volume: torch.Tensor):
@@ -278,95 +265,11 @@ class GANHead(pl.LightningModule):
         server = self.flame_server
         return server.canonical(like.new_zeros(1, server.n_shape)).joints_c
 
-    # ------------------------------------------------------------------ stage 1
-    def coarse_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Stage-1 loss terms, each already weighted:
-        occ          BCE with logits of the deformed samples (max over valid inits)
-        prior_*      FLAME prior at each sample's selected correspondence          x 100/100/0.2
-        disp         deshape MSE of the canonical FLAME vertices                    x lambda_disp
-        reg_shape, reg_lbs  mean square of z_shape, twice (the original regularizes the
-                     code once as the generator's input and once as the skinning code) x lambda_reg
-        bone_occ     bootstrapping (epochs < nepochs_pretrain): jittered bone points inside
-        bone_w       bootstrapping: skinning weights at the joints
-        plus valid_frac (a metric, not a loss)."""
-        hp = self.hparams
-        flame_out = self.flame_server(batch["params"])
-        z_shape = self.z_shapes(batch["index"])
-        volume = self.generator(z_shape)
-        out = self.deformed_occupancy(batch["pts_d"], z_shape, flame_out, volume=volume)
-        terms = {"occ": losses.occupancy_loss(out["occ"], batch["occ_gt"])}
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The stage's step (manual optimization); returns the detached loss."""
+        return self.stage.training_step(batch)
 
-        # FLAME prior at every sample's selected correspondence, mapped to the shape-neutral
-        # space where the LBS fields live; targets: the nearest shape-neutral FLAME vertex.
-        found = out["valid"].any(dim=-1)                                    # [B, N]
-        xc = torch.where(found[..., None], out["xc_best"], torch.zeros_like(out["xc_best"]))
-        xn = xc + self.disp_net(xc, flame_out.shape)
-        w, pose_dirs, expr_dirs = self.deformer.lbs_net.lbs(xn)  # already neutral: no warp
-        flame = self.flame_server.flame
-        prior = losses.flame_prior_loss(
-            xn, found, w, pose_dirs, expr_dirs, flame_out.verts_c_neutral, flame.weights,
-            flame.posedirs_scaled, flame.expdirs_scaled, radius=hp.prior_radius)
-        terms["prior_w"] = hp.lambda_prior_w * prior["w"]
-        terms["prior_pose"] = hp.lambda_prior_pose * prior["pose"]
-        terms["prior_exp"] = hp.lambda_prior_exp * prior["exp"]
-
-        # Deshape: shaped canonical FLAME vertices -> shape-neutral ones.
-        dx = self.disp_net(flame_out.verts_c, flame_out.shape)
-        terms["disp"] = hp.lambda_disp * losses.deshape_loss(flame_out.verts_c, dx,
-                                                             flame_out.verts_c_neutral)
-        terms["reg_shape"] = hp.lambda_reg * losses.latent_reg(z_shape)
-        terms["reg_lbs"] = hp.lambda_reg * losses.latent_reg(z_shape)
-
-        if self.current_epoch < hp.nepochs_pretrain:
-            parents = self.flame_server.flame.parents
-            B = z_shape.shape[0]
-            joints = self.neutral_joints(z_shape).expand(B, -1, -1)        # [B, J, 3]
-            if hp.lambda_bone_occ > 0:  # bone points are inside (shape-neutral space)
-                occ_bone = self.occupancy_fn(volume)(losses.bone_points(joints, parents))
-                terms["bone_occ"] = hp.lambda_bone_occ * losses.occupancy_loss(
-                    occ_bone, torch.ones_like(occ_bone))
-            if hp.lambda_bone_w > 0:
-                pts, target = losses.joint_weight_targets(joints, parents)
-                w_j = self.deformer.lbs_net.lbs(pts)[0]  # neutral joints: no warp
-                terms["bone_w"] = hp.lambda_bone_w * F.mse_loss(w_j, target.expand_as(w_j))
-        with torch.no_grad():
-            terms["valid_frac"] = found.float().mean()
-        return terms
-
-    def training_step(self, batch: dict, batch_idx: int):
-        if self.hparams.stage == "fine":
-            return fine_stage.training_step(self, batch)
-        opt = self.optimizers()
-        terms = self.coarse_losses(batch)
-        loss = sum(v for k, v in terms.items() if k != "valid_frac")
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val,
-                            gradient_clip_algorithm="norm")
-        opt.step()
-        bs = batch["params"].shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        for k, v in terms.items():
-            self.log(f"train/{k}", v.detach(), batch_size=bs)
-        return loss.detach()
-
-    # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: dict, batch_idx: int):
-        if self.hparams.stage == "fine":
-            return fine_stage.validation_step(self, batch, batch_idx)
-        from lib.model.validation import iou, save_validation_picture
-
-        flame_out = self.flame_server(batch["params"])
-        z_shape = self.z_shapes(batch["index"])
-        with torch.no_grad():
-            logits = self.occupancy(batch["pts_d"], batch["params"], {"z_shape": z_shape})
-        value = iou(logits[..., None] > 0, batch["occ_gt"] > 0.5)
-        self.log("val/iou", value, prog_bar=True, batch_size=1, sync_dist=True)
-        vcfg = self.hparams.validation or {}
-        if batch_idx < vcfg.get("n_pictures", 2) and self.trainer.is_global_zero:
-            path = (Path(self.hparams.output_dir) / "medias"
-                    / f"epoch{self.current_epoch:04d}_{batch['scan_id'][0]}.png")
-            save_validation_picture(self, z_shape, flame_out, path,
-                                    res_init=vcfg.get("mesh_res_init", 16),
-                                    res_final=vcfg.get("mesh_res_final", 128))
-        return value
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The stage's validation logs and pictures; returns its main metric."""
+        return self.stage.validation_step(batch, batch_idx)
