@@ -44,7 +44,8 @@ def avatar_codes(model, cfg: DictConfig, which: str, default_row: int | None
 
     choice = cfg.get(which)
     if choice is None and default_row is None:
-        codes = sample_codes(model, 1, cfg.test.sample.std_scale, cfg.seed)[0]
+        codes = sample_codes(model, 1, cfg.test.sample.std_scale, cfg.seed,
+                             covariance=cfg.test.sample.covariance)[0]
         return codes, f"sample (seed {cfg.seed})", None
     subject = resolve_subject(model, default_row if choice is None else choice,
                               cfg.datamodule.get("data_list"), cfg.datamodule.get("processed_dir"),

@@ -396,7 +396,8 @@ def main(argv=None) -> None:
     small = ["test.res=192", "test.mesh_res=128"]
     with phase("test.py sample"):
         test_mode("sample", data, out, fine,
-                  [*small, f"test.sample.n_samples={args.samples}", "test.n_frames=24"])
+                  [*small, f"test.sample.n_samples={args.samples}", "test.n_frames=24",
+                   "test.sample.covariance=full"])
     with phase("sampling diversity"):
         div = diversity(data, out)
     with phase("test.py reenact"):

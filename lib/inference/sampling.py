@@ -3,11 +3,17 @@
 Shape legend: S training subjects, K dimensions of one code (Z, D or C), N samples,
 T frames/steps, B frames, V vertices, H/W image rows/columns.
 
-Each embedding (z_shape, z_detail, z_color) gets its own per-dimension Gaussian, fitted to its
-S learned rows: mean and standard deviation per dimension. A sample draws every code from its
-own Gaussian (the original drew the colour code from the detail code's statistics: a bug), with
-the standard deviations scaled by `std_scale` (< 1 trades variety for typicality). Sampled
-avatars get the mean FLAME shape (betas 0) unless one is given.
+Each embedding (z_shape, z_detail, z_color) gets its own Gaussian, fitted to its S learned
+rows. With `covariance="diagonal"` (the original's) it is per dimension: the mean and standard
+deviation of every column. With `covariance="full"` (this project's opt-in) it is the rows'
+sample covariance, of rank at most S - 1: a draw is the mean plus a random Gaussian mix of the
+rows' deviations from it, so it stays in the span of the learned codes. The per-dimension draw
+spreads its variance over all K dimensions, most of them ones the networks never saw vary; its
+heads are near copies of the mean head (README, Differences from the original, has the measured
+diversity of both). A sample draws every code from its own Gaussian (the original drew the
+colour code from the detail code's statistics: a bug), with the deviations scaled by
+`std_scale` (< 1 trades variety for typicality). Sampled avatars get the mean FLAME shape
+(betas 0) unless one is given.
 
 `run_sample` (options: `SampleOptions`, the `test.sample` block) writes, per avatar `sample_<k>/`: `canonical.ply` and `posed.ply` (vertex colours
 and normals), `turntable.mp4` (RGB | normal per frame) and `turntable.png` (a grid: RGB views
@@ -27,35 +33,52 @@ from lib.inference.avatar import Avatar, side_by_side, yaw_pose
 from lib.inference.options import ConfigOptions
 from lib.render.images import add_label, make_grid, save_png, save_video
 
-__all__ = ["GaussianFit", "fit_gaussian", "code_gaussians", "sample_codes", "lerp",
+__all__ = ["COVARIANCES", "GaussianFit", "fit_gaussian", "code_gaussians", "sample_codes", "lerp",
            "evenly", "turntable", "SampleOptions", "run_sample"]
 
 CODE_NAMES = ("z_shape", "z_detail", "z_color")
 
 
+COVARIANCES = ("diagonal", "full")
+
+
 @dataclass
 class GaussianFit:
-    """A diagonal Gaussian: mean [K] and std [K]."""
+    """The Gaussian of S code rows: mean [K], per-dimension std [K], and the scaled deviations
+    [S, K] ((rows - mean) / sqrt(S - 1)), whose Gram matrix deviations^T deviations is the
+    rows' sample covariance [K, K]."""
 
     mean: torch.Tensor
     std: torch.Tensor
+    deviations: torch.Tensor
 
-    def sample(self, n: int, std_scale: float = 1.0, generator: torch.Generator | None = None
-               ) -> torch.Tensor:
-        """n draws [n, K] of mean + std_scale * std * N(0, 1) (noise drawn on the CPU so a
-        seed gives the same codes on every device)."""
-        eps = torch.randn(n, self.mean.shape[0], generator=generator, dtype=torch.float32)
-        return self.mean[None] + float(std_scale) * self.std[None] * eps.to(self.mean)
+    def sample(self, n: int, std_scale: float = 1.0, generator: torch.Generator | None = None,
+               covariance: str = "diagonal") -> torch.Tensor:
+        """n draws [n, K] (noise drawn on the CPU so a seed gives the same codes on every device):
+        covariance "diagonal": mean + std_scale * std * N(0, I_K);
+        covariance "full": mean + std_scale * N(0, I_S) @ deviations, a draw of N(mean,
+        std_scale^2 * sample covariance)."""
+        if covariance == "diagonal":
+            eps = torch.randn(n, self.mean.shape[0], generator=generator, dtype=torch.float32)
+            return self.mean[None] + float(std_scale) * self.std[None] * eps.to(self.mean)
+        if covariance == "full":
+            eps = torch.randn(n, self.deviations.shape[0], generator=generator,
+                              dtype=torch.float32)
+            return self.mean[None] + float(std_scale) * (eps.to(self.mean) @ self.deviations)
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
 
 
 def fit_gaussian(rows: torch.Tensor) -> GaussianFit:
-    """Per-dimension Gaussian of rows [S, K]: the mean and the (unbiased; 0 for S = 1)
-    standard deviation of every column."""
+    """Gaussian of rows [S, K]: the mean and the (unbiased; 0 for S = 1) standard deviation of
+    every column, and the deviations (rows - mean) / sqrt(S - 1) [S, K] (0 for S = 1)."""
     rows = rows.detach().float()
     if rows.dim() != 2 or rows.shape[0] < 1:
         raise ValueError(f"fit_gaussian: rows must be [S >= 1, K], got {tuple(rows.shape)}")
-    std = rows.std(dim=0) if rows.shape[0] > 1 else torch.zeros_like(rows[0])
-    return GaussianFit(mean=rows.mean(dim=0), std=std)
+    mean = rows.mean(dim=0)
+    n = rows.shape[0]
+    std = rows.std(dim=0) if n > 1 else torch.zeros_like(rows[0])
+    deviations = (rows - mean) / math.sqrt(n - 1) if n > 1 else torch.zeros_like(rows)
+    return GaussianFit(mean=mean, std=std, deviations=deviations)
 
 
 def code_gaussians(model) -> dict[str, GaussianFit]:
@@ -64,12 +87,14 @@ def code_gaussians(model) -> dict[str, GaussianFit]:
 
 
 def sample_codes(model, n: int, std_scale: float = 1.0, seed: int = 0,
-                 betas: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+                 betas: torch.Tensor | None = None, covariance: str = "diagonal"
+                 ) -> list[dict[str, torch.Tensor]]:
     """n sampled avatars: dicts of z_shape [1, Z], z_detail [1, D], z_color [1, C] (each from
-    its own Gaussian) and betas [1, S] (given, else zeros)."""
+    its own Gaussian, `covariance` as in GaussianFit.sample) and betas [1, S] (given, else
+    zeros)."""
     gen = torch.Generator().manual_seed(int(seed))
     fits = code_gaussians(model)
-    draws = {name: fits[name].sample(n, std_scale, gen) for name in CODE_NAMES}
+    draws = {name: fits[name].sample(n, std_scale, gen, covariance) for name in CODE_NAMES}
     ref = model.bbox_min
     b = ref.new_zeros(1, model.flame_server.n_shape) if betas is None else betas.to(ref)
     return [{**{name: draws[name][i:i + 1] for name in CODE_NAMES}, "betas": b.reshape(1, -1)}
@@ -126,6 +151,7 @@ class SampleOptions(ConfigOptions):
     BLOCK = "test.sample"
     n_samples: int = 4      # avatars drawn
     std_scale: float = 1.0  # scale of the fitted Gaussians' standard deviations
+    covariance: str = "diagonal"  # "diagonal" (the original's) | "full" (the rows' covariance)
     seed: int = 42          # seed of the draws and of the posed frames
     n_frames: int = 24      # turntable frames
     fps: int = 25           # turntable video frame rate
@@ -142,8 +168,12 @@ def run_sample(model, out_dir, options: SampleOptions | None = None,
     o = options or SampleOptions()
     out_dir = Path(out_dir)
     rng = np.random.default_rng(o.seed)
-    codes = sample_codes(model, o.n_samples, o.std_scale, o.seed)
-    fronts, summary = [], {"n_samples": o.n_samples, "std_scale": o.std_scale, "samples": []}
+    if o.covariance not in COVARIANCES:
+        raise ValueError(f"test.sample.covariance must be one of {COVARIANCES}, got "
+                         f"{o.covariance!r}")
+    codes = sample_codes(model, o.n_samples, o.std_scale, o.seed, covariance=o.covariance)
+    fronts, summary = [], {"n_samples": o.n_samples, "std_scale": o.std_scale,
+                           "covariance": o.covariance, "samples": []}
     for k, c in enumerate(tqdm(codes, desc="sample", unit="avatar")):
         folder = out_dir / f"sample_{k:03d}"
         avatar = Avatar.from_codes(model, c, mesh_res=o.mesh_res)
