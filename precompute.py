@@ -81,9 +81,9 @@ def main(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> list[str]:
     """Write this agent's share of the cache; returns the ids that failed."""
+    from lib.dataset.cache_file import cache_record, cache_status, find_cache, write_cache
     from lib.dataset.faceverse import read_data_list
     from lib.dataset.processed_layout import read_flame_params
-    from lib.dataset.cache_file import cache_record, cache_status, find_cache, write_cache
     from lib.model.checkpoint import geometry_digest
     from lib.model.correspondence import METHODS, scan_correspondences
 

@@ -390,7 +390,9 @@ def test_unconverted_original_file_is_refused_with_the_command(converted, tmp_pa
 
     path = tmp_path / "hostile.ckpt"
     torch.save({**ckpt, "callbacks": {"x": Hostile()}}, path)
-    with pytest.raises(CheckpointError, match="refused: it names posix.system|refused: it names nt.system"):
+    with pytest.raises(
+        CheckpointError, match="refused: it names posix.system|refused: it names nt.system"
+    ):
         read_foreign_checkpoint(path)
     assert not marker.exists()
 

@@ -17,11 +17,11 @@ import csv
 import numpy as np
 import pytest
 import torch
+from test_preprocess import cli, make_flame_model, write_scan
+from test_processed_layout import assert_same_items
 
 import preprocess
 from lib.dataset.processed_layout import detect_layout, read_view
-from test_preprocess import cli, make_flame_model, write_scan
-from test_processed_layout import assert_same_items
 from tools.original_layout import write_original_scan
 
 N_VIEWS, RES, LOAD_RES = 9, 256, 64

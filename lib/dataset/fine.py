@@ -37,17 +37,16 @@ by the item index (validation is the same every epoch).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.dataset.faceverse import read_data_list
 from lib.dataset.cache_file import CacheFileError, read_cache
-from lib.dataset.processed_layout import (LayoutError, load_npz_keys, read_flame_params,
-                                          read_view)
+from lib.dataset.faceverse import read_data_list
+from lib.dataset.processed_layout import LayoutError, load_npz_keys, read_flame_params, read_view
 from lib.utils.errors import ModuleErrors
 
 __all__ = ["FineDataError", "ScanImageDataset"]
@@ -109,9 +108,9 @@ class ScanImageDataset(Dataset):
 
     def __init__(self, processed_dir: str | os.PathLike, data_list: str | os.PathLike,
                  cache_dir: str | os.PathLike, n_views: int = 9, load_res: int = 256,
-                 surface_points: int = 2000, repeat: int = 10, subset: Optional[int] = None,
-                 fixed_view: bool = False, seed: Optional[int] = None,
-                 view_res: Optional[int] = None, views: Optional[Sequence[int]] = None):
+                 surface_points: int = 2000, repeat: int = 10, subset: int | None = None,
+                 fixed_view: bool = False, seed: int | None = None,
+                 view_res: int | None = None, views: Sequence[int] | None = None):
         if cache_dir is None:
             raise _err("cache_dir is not set; run precompute.py on the stage-1 checkpoint and pass "
                        "its cache folder", FineDataError)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lib.flame.frames import FlameFrames
-from lib.model.query import (blend_transforms, pose_exp_condition, query_fine, skin_normals)
+from lib.model.query import blend_transforms, pose_exp_condition, query_fine, skin_normals
 
 __all__ = ["pack_points", "scatter_image", "render_cache", "masked_psnr"]
 
@@ -74,8 +74,17 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, flame
     if volume is None:
         with torch.no_grad():
             volume = model.generator(z_shape)
-    normal_c, rgb = query_fine(model, pts, z_shape, flame_out.shape, codes["z_detail"],
-                               codes["z_color"], pose_exp_condition(flame_out), volume, neutral=True)
+    normal_c, rgb = query_fine(
+        model,
+        pts,
+        z_shape,
+        flame_out.shape,
+        codes["z_detail"],
+        codes["z_color"],
+        pose_exp_condition(flame_out),
+        volume,
+        neutral=True,
+    )
     with torch.no_grad():
         w = model.deformer.lbs_net.lbs(pts)[0]  # [B, L + M, J]: neutral points, no warp
         rot_view = blend_transforms(w[:, :L], flame_view.tfs)

@@ -26,7 +26,7 @@ the LBS fields (and the inputs) by implicit differentiation.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,19 +63,34 @@ class ForwardDeformer(nn.Module):
             skip_stride-th posed FLAME vertex).
     """
 
-    def __init__(self, lbs_net: Callable, n_joints: int = 5, max_steps: int = 50, cvg_thresh: float = 1e-5,
-                 dvg_thresh: float = 1.0, chunk_size: int = 20000, init_bones: Sequence[int] = (0, 1, 2, 3, 4),
-                 skip_thresh: float = 0.11, skip_stride: int = 10):
+    def __init__(
+        self,
+        lbs_net: Callable,
+        n_joints: int = 5,
+        max_steps: int = 50,
+        cvg_thresh: float = 1e-5,
+        dvg_thresh: float = 1.0,
+        chunk_size: int = 20000,
+        init_bones: Sequence[int] = (0, 1, 2, 3, 4),
+        skip_thresh: float = 0.11,
+        skip_stride: int = 10,
+    ):
         super().__init__()
         self.lbs_net = lbs_net
         self.n_joints = int(n_joints)
-        self.max_steps, self.cvg_thresh, self.dvg_thresh = int(max_steps), float(cvg_thresh), float(dvg_thresh)
+        self.max_steps, self.cvg_thresh, self.dvg_thresh = (
+            int(max_steps),
+            float(cvg_thresh),
+            float(dvg_thresh),
+        )
         self.chunk_size = int(chunk_size)
         if self.chunk_size < 1:
             raise _err(f"chunk_size must be >= 1, got {chunk_size}")
         bones = [int(j) for j in init_bones]
         if not bones or any(j < 0 or j >= self.n_joints for j in bones):
-            raise _err(f"init_bones must be non-empty indices in [0, {self.n_joints}), got {init_bones}")
+            raise _err(
+                f"init_bones must be non-empty indices in [0, {self.n_joints}), got {init_bones}"
+            )
         self.register_buffer("init_bones", torch.tensor(bones, dtype=torch.long), persistent=False)
         self.skip_thresh, self.skip_stride = float(skip_thresh), int(skip_stride)
 
@@ -97,11 +112,13 @@ class ForwardDeformer(nn.Module):
         out = out.to(dtype=ref.dtype).expand(B, where=where)
         for name, tfs in (("tfs", out.tfs), ("tfs_c", out.tfs_c)):
             if tuple(tfs.shape[1:]) != (self.n_joints, 4, 4):
-                raise _err(f"FLAME output '{name}' must be [B, {self.n_joints}, 4, 4], got {tuple(tfs.shape)}")
+                raise _err(
+                    f"FLAME output '{name}' must be [B, {self.n_joints}, 4, 4], got {tuple(tfs.shape)}"
+                )
         return out
 
     @staticmethod
-    def _betas(cond: Dict[str, torch.Tensor], B: int) -> torch.Tensor:
+    def _betas(cond: dict[str, torch.Tensor], B: int) -> torch.Tensor:
         """cond['shape'] [B, S] (checked): the LBS fields' per-item condition."""
         if "shape" not in cond:
             raise _err(f"cond lacks 'shape' (FLAME betas, has {sorted(cond)})")
@@ -128,7 +145,7 @@ class ForwardDeformer(nn.Module):
         return deform_canonical(xc, w[:, 0], ed[:, 0], pd[:, 0], g.exp, g.pose_feature, g.tfs,
                                 g.exp_c, g.pose_feature_c, g.tfs_c)
 
-    def forward_deform(self, xc: torch.Tensor, cond: Dict[str, torch.Tensor],
+    def forward_deform(self, xc: torch.Tensor, cond: dict[str, torch.Tensor],
                        flame_out: FlameFrames) -> torch.Tensor:
         """Deform canonical points to the target pose/expression. xc: [B, N, 3] -> xd: [B, N, 3]."""
         B = xc.shape[0]
@@ -149,7 +166,7 @@ class ForwardDeformer(nn.Module):
 
     def init_points(self, xd: torch.Tensor, flame_out: FlameFrames) -> torch.Tensor:
         """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d. xd [B,N,3] -> [B,N,I,3]."""
-        T = self.init_maps(self._checked_flame(flame_out, xd.shape[0], xd))             # [B, I, 4, 4]
+        T = self.init_maps(self._checked_flame(flame_out, xd.shape[0], xd))  # [B, I, 4, 4]
         return torch.einsum("birc,bnc->bnir", T[:, :, :3, :3], xd) + T[:, None, :, :3, 3]
 
     @staticmethod
@@ -161,8 +178,14 @@ class ForwardDeformer(nn.Module):
             rows.append(gk)
         return torch.stack(rows, dim=1)
 
-    def _init_J_inv(self, x0: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor, fl: FlameFrames,
-                    eval_mode: bool):
+    def _init_J_inv(
+        self,
+        x0: torch.Tensor,
+        bidx: torch.Tensor,
+        betas: torch.Tensor,
+        fl: FlameFrames,
+        eval_mode: bool,
+    ):
         """Initial inverse Jacobians at x0 [A, 3] -> [A, 3, 3] (identity where singular).
 
         eval_mode: the inverse of the blended target transform (sum_j w_j tfs[j])[:3, :3], w the
@@ -205,8 +228,15 @@ class ForwardDeformer(nn.Module):
             pts = point_mask.reshape(-1).nonzero().squeeze(1)
         return xd0, betas, fl, x_init, x_init.clone(), valid, diff, pts
 
-    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
-               eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+    def search(
+        self,
+        xd: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        flame_out: FlameFrames,
+        eval_mode: bool = False,
+        point_mask: torch.Tensor | None = None,
+        return_info: bool = False,
+    ):
         """Roots of forward_deform(x_c) = x_d from every init, without gradients.
 
         xd: [B, N, 3]; point_mask: optional [B, N] bool, points to solve (others stay at their
@@ -225,8 +255,10 @@ class ForwardDeformer(nn.Module):
             for s in range(0, pts.numel(), self.chunk_size):
                 p = pts[s:s + self.chunk_size]                      # [c]
                 bidx = (p // N).repeat_interleave(I)                # [c*I]
-                target = xd_flat[p].repeat_interleave(I, dim=0)     # [c*I, 3]
-                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, betas, fl, eval_mode)
+                target = xd_flat[p].repeat_interleave(I, dim=0)  # [c*I, 3]
+                out = self._solve_exact(
+                    x_init[p].reshape(-1, 3), bidx, target, betas, fl, eval_mode
+                )
                 xc[p] = out["result"].reshape(-1, I, 3)
                 valid[p] = out["valid_ids"].reshape(-1, I)
                 diff[p] = out["diff"].reshape(-1, I)
@@ -236,10 +268,18 @@ class ForwardDeformer(nn.Module):
             return xc, valid, dict(diff=diff.reshape(B, N, I), n_steps=n_steps)
         return xc, valid
 
-    def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, betas: torch.Tensor,
-                     fl: FlameFrames,
-                     eval_mode: bool, max_steps: Optional[int] = None, J_inv: Optional[torch.Tensor] = None,
-                     deform: Optional[Callable] = None):
+    def _solve_exact(
+        self,
+        x0: torch.Tensor,
+        bidx: torch.Tensor,
+        target: torch.Tensor,
+        betas: torch.Tensor,
+        fl: FlameFrames,
+        eval_mode: bool,
+        max_steps: int | None = None,
+        J_inv: torch.Tensor | None = None,
+        deform: Callable | None = None,
+    ):
         """Broyden through the networks from x0 [A, 3] (batch items bidx [A], targets x_d [A, 3]).
 
         J_inv: initial inverse Jacobians [A, 3, 3] (default: _init_J_inv); max_steps defaults to
@@ -271,8 +311,15 @@ class ForwardDeformer(nn.Module):
         r = f - target
         return x.detach() - (J_inv @ (r - r.detach())[..., None])[..., 0]
 
-    def forward(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
-                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+    def forward(
+        self,
+        xd: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        flame_out: FlameFrames,
+        eval_mode: bool = False,
+        point_mask: torch.Tensor | None = None,
+        return_info: bool = False,
+    ):
         """Canonical correspondences of deformed points.
 
         xd: [B, N, 3]; eval_mode picks the cheap Jacobian initialization; point_mask [B, N] as in
@@ -309,12 +356,21 @@ class ForwardDeformer(nn.Module):
             sub = sub.expand(xd.shape[0], -1, -1)
         out = []
         for s in range(0, xd.shape[1], self.chunk_size):
-            out.append(torch.cdist(xd[:, s:s + self.chunk_size], sub).amin(dim=-1) <= self.skip_thresh)
+            out.append(
+                torch.cdist(xd[:, s : s + self.chunk_size], sub).amin(dim=-1) <= self.skip_thresh
+            )
         return torch.cat(out, dim=1)
 
-    def query_occupancy(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
-                        occ_fn: Callable, disp_net: Optional[Callable] = None, eval_mode: bool = False,
-                        skip_far: bool = False) -> torch.Tensor:
+    def query_occupancy(
+        self,
+        xd: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        flame_out: FlameFrames,
+        occ_fn: Callable,
+        disp_net: Callable | None = None,
+        eval_mode: bool = False,
+        skip_far: bool = False,
+    ) -> torch.Tensor:
         """Occupancy logits of deformed points: max over valid inits of occ_fn at the neutral x_c.
 
         xd: [B, N, 3]; occ_fn: (x [B, M, 3], cond) -> logits [B, M, 1] (or [B, M]); disp_net as in
@@ -337,8 +393,14 @@ class ForwardDeformer(nn.Module):
             outs.append(self.occupancy_of_valid(xc, valid, cond, occ_fn, disp_net))
         return torch.cat(outs, dim=1)
 
-    def occupancy_of_valid(self, xc: torch.Tensor, valid: torch.Tensor, cond: Dict[str, torch.Tensor],
-                           occ_fn: Callable, disp_net: Optional[Callable] = None) -> torch.Tensor:
+    def occupancy_of_valid(
+        self,
+        xc: torch.Tensor,
+        valid: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        occ_fn: Callable,
+        disp_net: Callable | None = None,
+    ) -> torch.Tensor:
         """Occupancy from given correspondences: xc [B, n, I, 3], valid [B, n, I] -> occ [B, n, 1].
 
         Max over valid inits of occ_fn(to_neutral(xc)); SKIPPED_LOGIT where none is valid. Only
@@ -350,7 +412,9 @@ class ForwardDeformer(nn.Module):
         L = int(flat_valid.sum(dim=1).max()) if flat_valid.numel() else 0
         if L > 0:
             b, m = flat_valid.nonzero(as_tuple=True)
-            pos = (torch.cumsum(flat_valid.long(), dim=1) - 1)[b, m]  # rank among the valid of item b
+            pos = (torch.cumsum(flat_valid.long(), dim=1) - 1)[
+                b, m
+            ]  # rank among the valid of item b
             packed = xc.new_zeros(B, L, 3).index_put((b, pos), xc.reshape(B, n * I, 3)[b, m])
             if disp_net is not None:
                 if "shape" not in cond:

@@ -167,8 +167,14 @@ def skin_normals(blend: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def surface_correspondences(model, pts_d: torch.Tensor, z_shape: torch.Tensor, flame_out: FlameFrames,
-                            eval_mode: bool = False, volume: torch.Tensor | None = None):
+def surface_correspondences(
+    model,
+    pts_d: torch.Tensor,
+    z_shape: torch.Tensor,
+    flame_out: FlameFrames,
+    eval_mode: bool = False,
+    volume: torch.Tensor | None = None,
+):
     """Canonical points of posed surface samples through the deformer (no gradient).
 
     pts_d: [B, S, 3] in the scan's posed space; z_shape: [B, Z]; flame_out: the FLAME server's

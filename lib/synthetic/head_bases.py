@@ -17,8 +17,14 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from lib.synthetic.head_geometry import EYE_RADIUS, MOUTH_Y, NECK_BOTTOM, NOSE_TIP_Y, \
-    mouth_mask, sdf_normals
+from lib.synthetic.head_geometry import (
+    EYE_RADIUS,
+    MOUTH_Y,
+    NECK_BOTTOM,
+    NOSE_TIP_Y,
+    mouth_mask,
+    sdf_normals,
+)
 
 # rest joint targets (the regressor reproduces them from the template)
 ROOT = np.array([0.0, -0.112, -0.026])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..render.rasterizer import rasterize
+from lib.render.rasterizer import rasterize
 
 __all__ = ["ValueNoise", "spherical_uvs", "paint_colors", "bake_texture",
            "SKIN_TONES", "HAIR_COLORS", "IRIS_COLORS"]

@@ -7,7 +7,7 @@ writes `_err.where` into warnings and log lines.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
