@@ -54,7 +54,8 @@ def rodrigues(r):
 
 
 def chain(rot, joints, transl):
-    """rot [B,J,3,3], joints [J,3], transl [B,3] -> bone transforms [B,J,4,4] (rest joint removed)."""
+    """rot [B, J, 3, 3], joints [J, 3], transl [B, 3] -> bone transforms [B, J, 4, 4] (rest
+    joint removed)."""
     B, J = rot.shape[:2]
     G = []
     for j in range(J):
@@ -69,7 +70,8 @@ def chain(rot, joints, transl):
 
 
 class Field(nn.Module):
-    """Analytic LBS field: (xc [B,N,3], betas [B,S]) -> w [B,N,5], pose_dirs [B,N,36,3], expr_dirs [B,N,3,K]."""
+    """Analytic LBS field: (xc [B, N, 3], betas [B, S]) -> w [B, N, 5], pose_dirs [B, N, 36, 3],
+    expr_dirs [B, N, 3, K]."""
 
     def __init__(self, tau=0.15, amp=0.02, seed=0, dtype=torch.float32):
         super().__init__()
@@ -191,7 +193,7 @@ def test_broyden_linear_system_exact_jacobian_and_max_steps():
         broyden(g_fn, torch.zeros(10, 2), torch.eye(3).repeat(10, 1, 1))
 
 
-# ---------------------------------------------------------------------------------- forward deformation
+# ----------------------------------------------------------------------------- forward deformation
 def _pointwise_reference(xc, w, pd, ed, fl, b):
     """The forward deformation of one point (docs/design.md, Forward skinning) in float64, with
     4x4 solves: xc [3], w [J], pd [Q, 3], ed [3, X], frame b of fl (FlameFrames) -> xd [3]."""
@@ -296,7 +298,7 @@ def test_point_mask_skips_points():
     assert recovered(xc, valid, xc_true)[mask].float().mean() >= 0.99
 
 
-# ---------------------------------------------------------------------------------- implicit gradient
+# ----------------------------------------------------------------------------- implicit gradient
 def test_implicit_gradient_matches_finite_differences():
     d, field, cond, fl, _, _ = setup_problem(
         B=2, N=3, dtype=torch.float64, max_steps=100, cvg_thresh=1e-13
@@ -348,7 +350,7 @@ def test_implicit_gradient_reaches_lbs_parameters():
     assert field.shift.grad is not None and field.shift.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------------- GANHead's fields
+# ----------------------------------------------------------------------------- GANHead's fields
 def neutral_fields(seed=0, dtype=torch.float64):
     """NeutralLBS (lib/model/neutral_lbs.py) on small real networks, every parameter perturbed
     (the zero-initialized blendshape head and displacement output included, so that the warp and

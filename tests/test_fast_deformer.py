@@ -38,7 +38,8 @@ from lib.model.neutral_lbs import NeutralLBS
 
 
 def chain(rot):
-    """Local rotations [B, 5, 3, 3] -> bone transforms [B, 5, 4, 4] (FLAME hierarchy, rest joints removed)."""
+    """Local rotations [B, 5, 3, 3] -> bone transforms [B, 5, 4, 4] (FLAME hierarchy, rest
+    joints removed)."""
     B = rot.shape[0]
     joints = torch.tensor(JOINTS, dtype=rot.dtype)
     G = []
@@ -83,7 +84,8 @@ def make_problem(N=300, seed=0, dtype=torch.float32):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tensors here are small: one thread avoids OpenMP oversubscription on shared 2-core machines."""
+    """The tensors here are small: one thread avoids OpenMP oversubscription on shared 2-core
+    machines."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -132,7 +134,8 @@ def residual(d, xc, xd, cond, fl):
 
 
 def assert_agree(xe, ve, xf, vf, tol=1e-4, frac_pp=0.5):
-    """Fast vs exact: valid fractions within frac_pp points, correspondences valid in both within tol."""
+    """Fast vs exact: valid fractions within frac_pp points, correspondences valid in both
+    within tol."""
     assert abs(vf.float().mean() - ve.float().mean()) * 100 <= frac_pp
     both = ve & vf
     assert both.float().mean() > 0.95
@@ -159,7 +162,8 @@ def test_spline_matrix_reproduces_cubics_and_interpolates():
 
 
 def test_baked_grid_is_exact_on_trilinear_fields_inside_and_outside():
-    """A trilinear polynomial field is reproduced exactly, with its Jacobian, also when extrapolated."""
+    """A trilinear polynomial field is reproduced exactly, with its Jacobian, also when
+    extrapolated."""
     g = torch.Generator().manual_seed(0)
     coef = torch.randn(
         2, 8, 3, generator=g, dtype=torch.float64
@@ -247,7 +251,8 @@ def test_fast_matches_exact_on_four_named_poses(net, eval_mode):
 
 
 def test_gradients_match_exact_float64(net):
-    """Implicit-differentiation gradients (LBS parameters and x_d) of fast and exact correspondences."""
+    """Implicit-differentiation gradients (LBS parameters and x_d) of fast and exact
+    correspondences."""
     net64 = copy.deepcopy(net).double()
     xd, cond, fl = make_problem(N=12, dtype=torch.float64)
     kw = dict(cvg_thresh=1e-11, max_steps=60)
@@ -298,12 +303,13 @@ def test_gradients_match_exact_float32_default_settings(net):
         grads.append(torch.cat([p.grad.flatten() for p in all_params(net) if p.grad is not None]))
     for p in all_params(net):
         p.grad = None
-    # correspondences differ by up to ~2e-5 (two searches stopping below 1e-5); measured ~1e-5 relative
+    # correspondences differ by up to ~2e-5 (two searches stopping below 1e-5); measured ~1e-5
+    # relative
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-3 * float(grads[0].abs().max()))
     assert (grads[1] - grads[0]).norm() < 1e-3 * grads[0].norm()
 
 
-# ---------------------------------------------------------------------------------- failures, box, masks
+# ----------------------------------------------------------------------------- failures, box, masks
 def test_polish_failures_are_invalid_or_solved_by_the_fallback(net):
     xd, cond, fl = make_problem(N=200)
     exact = ForwardDeformer(net)
@@ -316,7 +322,8 @@ def test_polish_failures_are_invalid_or_solved_by_the_fallback(net):
         xf, vf, info_f = FastForwardDeformer(net, fallback=True, **coarse)(
             xd, cond, fl, return_info=True
         )
-    # a 3^3 lattice is far too coarse for one polishing step: many inits stay unconverged and are invalid
+    # a 3^3 lattice is far too coarse for one polishing step: many inits stay unconverged and
+    # are invalid
     assert (
         vn.float().mean() < ve.float().mean() - 0.05
         and info_n["n_fallback"] == info_n["n_further"] == 0
@@ -363,7 +370,8 @@ def test_points_without_a_grid_root_get_the_exact_search(net):
 
 
 def test_roots_outside_the_grid_box(net):
-    """Canonical roots outside a small box: the boundary cells are extrapolated, the networks decide."""
+    """Canonical roots outside a small box: the boundary cells are extrapolated, the networks
+    decide."""
     xd, cond, fl = make_problem(N=200)
     box = dict(bbox_min=(-0.4, -0.4, -0.4), bbox_max=(0.4, 0.4, 0.4))
     exact = ForwardDeformer(net)
@@ -644,8 +652,8 @@ def test_inits_with_equal_rigid_maps_are_searched_once(net):
 
 def test_occupancy_once_per_distinct_root_same_values_and_gradients(net):
     """The fast deformer's occupancy_of_valid evaluates one init per distinct root: the logits
-    and the gradients (occupancy network, LBS and displacement networks) equal ForwardDeformer's evaluation of
-    every valid init on the same correspondences."""
+    and the gradients (occupancy network, LBS and displacement networks) equal
+    ForwardDeformer's evaluation of every valid init on the same correspondences."""
     torch.manual_seed(4)
     occ_net = nn.Sequential(nn.Linear(3, 32), nn.Softplus(beta=10), nn.Linear(32, 1)).double()
     net = copy.deepcopy(net).double()

@@ -33,9 +33,9 @@ RESULTS: list = []  # (quantity, max abs, max relative) of every comparison, pri
 def _print_table():
     yield
     if RESULTS:
-        print("\n%-40s %12s %12s" % ("quantity", "max abs", "max rel"))
+        print(f"\n{'quantity':<40s} {'max abs':>12s} {'max rel':>12s}")
         for name, err, rel in RESULTS:
-            print("%-40s %12.3g %12.3g" % (name, err, rel))
+            print(f"{name:<40s} {err:12.3g} {rel:12.3g}")
 
 
 def _tool():

@@ -19,11 +19,7 @@ import pytest
 import scipy.sparse as sp
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # preprocess.py is a script at the repository root
-    sys.path.insert(0, str(ROOT))
-
-import preprocess  # noqa: E402
+import preprocess
 from lib.dataset.faceverse_io import flame_to_scan_space, save_flame_params
 from lib.dataset.preprocessing import SampleSizes, is_complete
 from lib.dataset.scan_sampling import occupancy_samples, surface_samples, texture_colors
@@ -31,6 +27,7 @@ from lib.dataset.winding import inside_mask, winding_number, winding_number_exac
 from lib.utils.mesh_io import MeshLoadError, load_obj, save_obj, save_ply
 from lib.utils.surface import face_areas_normals, sample_faces
 
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- meshes
 def uv_sphere(radius=1.0, n_lat=24, n_lon=48, center=(0.0, 0.0, 0.0), y_min=None):

@@ -209,8 +209,8 @@ def test_watertight_shared_edges_drawn_once():
         assert fr.mask[0][interior].all()
         # per-face depth +k then -k: double coverage would change the winner
         zf = torch.arange(Fd.shape[0], dtype=dt).repeat_interleave(3)
-        up = Vd.to(dt).clone(); up[:, 2] = zf
-        dn = Vd.to(dt).clone(); dn[:, 2] = -zf
+        up, dn = Vd.to(dt).clone(), Vd.to(dt).clone()
+        up[:, 2], dn[:, 2] = zf, -zf
         a, b = rasterize(up, Fd, res), rasterize(dn, Fd, res)
         assert a.mask[0][interior].all()
         assert torch.equal(a.face_idx, b.face_idx)

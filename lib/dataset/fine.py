@@ -10,7 +10,8 @@ original GANHead's (lib/dataset/processed_layout.py tells them apart by their fi
     <processed_dir>/<id>/multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png  (res: view_res,
                                                     or load_res if present, else 256)
     <processed_dir>/<id>/surface.npz                surface_points / _normals / _colors (M, 3)
-    <cache_dir>/<id>.npz                            cache (n_views, R, R, 4), view_params (n_views, P)
+    <cache_dir>/<id>.npz                            cache (n_views, R, R, 4),
+                                                    view_params (n_views, P)
       or the original's <cache_dir>/<id>.npy with <id>_pose.npy (lib/dataset/cache_file.py)
 The cache is written by precompute.py from the stage-1 checkpoint: per view and pixel the
 shape-neutral canonical point it shows (xyz) and a mask channel (> 0.5 = a correspondence).

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Optional
 
 import torch
 
 __all__ = ["FlameFrames"]
 
-Tensor = Optional[torch.Tensor]
+Tensor = torch.Tensor | None
 
 
 @dataclass

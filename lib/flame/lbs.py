@@ -249,7 +249,8 @@ def deform_canonical(xc, w, expr_dirs, pose_dirs, exp, pose_feature, tfs,
     pose_feature / pose_feature_c: [..., Q]; tfs / tfs_c: [..., J, 4, 4] target / canonical
     joint transforms (scaled space). Returns xd: [..., 3]:
 
-        x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c + E exp + Pd^T pose_feature
+        x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c
+              + E exp + Pd^T pose_feature
         x_d = (sum_j w_j tfs[j]) x_r
     """
     offset = (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1) \

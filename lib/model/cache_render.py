@@ -1,8 +1,9 @@
 """Stage-2 images rendered from the precompute cache: each pixel's shape-neutral canonical
-point (from precompute.py, or the original's `cache_img_dvr_pyrender` files) is queried by the normal and texture networks, its normal skinned to the
-view, and the results scattered back into images. Stage-2 training (lib/model/fine_stage.py)
-and the reconstruction scores of inference (lib/inference/reconstruction.py) render with
-`render_cache`, so what is scored is what was trained.
+point (from precompute.py, or the original's `cache_img_dvr_pyrender` files) is queried by
+the normal and texture networks, its normal skinned to the view, and the results scattered
+back into images. Stage-2 training (lib/model/fine_stage.py) and the reconstruction scores of
+inference (lib/inference/reconstruction.py) render with `render_cache`, so what is scored is
+what was trained.
 
 Shape legend: B batch, R image size, L most cached pixels of an item, M extra canonical
 points, J joints, P the FLAME parameter vector (169).

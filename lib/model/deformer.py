@@ -112,9 +112,8 @@ class ForwardDeformer(nn.Module):
         out = out.to(dtype=ref.dtype).expand(B, where=where)
         for name, tfs in (("tfs", out.tfs), ("tfs_c", out.tfs_c)):
             if tuple(tfs.shape[1:]) != (self.n_joints, 4, 4):
-                raise _err(
-                    f"FLAME output '{name}' must be [B, {self.n_joints}, 4, 4], got {tuple(tfs.shape)}"
-                )
+                raise _err(f"FLAME output '{name}' must be [B, {self.n_joints}, 4, 4], "
+                           f"got {tuple(tfs.shape)}")
         return out
 
     @staticmethod
@@ -128,7 +127,8 @@ class ForwardDeformer(nn.Module):
         return betas
 
     def _fields(self, xc: torch.Tensor, betas: torch.Tensor):
-        """LBS fields at xc [B, N, 3] with betas [B, S] -> w [B,N,J], pose_dirs [B,N,Q,3], expr_dirs [B,N,3,X]."""
+        """LBS fields at xc [B, N, 3] with betas [B, S] -> w [B, N, J], pose_dirs [B, N, Q, 3],
+        expr_dirs [B, N, 3, X]."""
         w, pose_dirs, expr_dirs = self.lbs_net(xc, betas)
         if w.shape[-1] != self.n_joints or w.shape[:2] != xc.shape[:2]:
             raise _err(f"lbs_net returned weights {tuple(w.shape)} for points {tuple(xc.shape)}")
@@ -161,17 +161,20 @@ class ForwardDeformer(nn.Module):
 
     # ------------------------------------------------------------------ initialization
     def init_maps(self, fl: FlameFrames) -> torch.Tensor:
-        """Rigid map of each init bone, tfs_c[j] @ inv(tfs[j]): fl (_checked_flame's) -> [B, I, 4, 4]."""
+        """Rigid map of each init bone, tfs_c[j] @ inv(tfs[j]): fl (_checked_flame's) ->
+        [B, I, 4, 4]."""
         return fl.tfs_c[:, self.init_bones] @ torch.linalg.inv(fl.tfs[:, self.init_bones])
 
     def init_points(self, xd: torch.Tensor, flame_out: FlameFrames) -> torch.Tensor:
-        """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d. xd [B,N,3] -> [B,N,I,3]."""
+        """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d.
+        xd [B, N, 3] -> [B, N, I, 3]."""
         T = self.init_maps(self._checked_flame(flame_out, xd.shape[0], xd))  # [B, I, 4, 4]
         return torch.einsum("birc,bnc->bnir", T[:, :, :3, :3], xd) + T[:, None, :, :3, 3]
 
     @staticmethod
     def _jacobian(f: torch.Tensor, x: torch.Tensor, keep_graph: bool) -> torch.Tensor:
-        """d f / d x for per-point maps: f [A, 3] (graph from x), x [A, 3] -> J [A, 3, 3], J[a,k,l] = df_k/dx_l."""
+        """d f / d x for per-point maps: f [A, 3] (graph from x), x [A, 3] -> J [A, 3, 3],
+        J[a,k,l] = df_k/dx_l."""
         rows = []
         for k in range(3):
             (gk,) = torch.autograd.grad(f[:, k].sum(), x, retain_graph=keep_graph or k < 2)
@@ -241,7 +244,8 @@ class ForwardDeformer(nn.Module):
 
         xd: [B, N, 3]; point_mask: optional [B, N] bool, points to solve (others stay at their
         inits and are invalid). Returns xc [B, N, I, 3], valid_ids [B, N, I] bool, and with
-        return_info a dict(diff [B, N, I] residual norms, n_steps int = most Broyden steps of a chunk).
+        return_info a dict(diff [B, N, I] residual norms, n_steps int = most Broyden steps of a
+        chunk).
         """
         if xd.dim() != 3 or xd.shape[-1] != 3:
             raise _err(f"xd must be [B, N, 3], got {tuple(xd.shape)}")
@@ -298,10 +302,12 @@ class ForwardDeformer(nn.Module):
         return broyden(residual, x0, J0, steps, self.cvg_thresh, self.dvg_thresh)
 
     def _implicit_correction(self, xc_star, bidx, target, betas, fl: FlameFrames) -> torch.Tensor:
-        """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d, J = dr/dx_c at x_c*.
+        """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d,
+        J = dr/dx_c at x_c*.
 
-        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, betas, the FLAME outputs and x_d.
-        xc_star [A, 3], bidx [A], target (x_d, may carry a graph) [A, 3] -> [A, 3].
+        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, betas, the FLAME
+        outputs and x_d. xc_star [A, 3], bidx [A], target (x_d, may carry a graph) [A, 3] ->
+        [A, 3].
         """
         with torch.enable_grad():
             x = xc_star.detach().requires_grad_(True)
@@ -343,14 +349,15 @@ class ForwardDeformer(nn.Module):
     def to_neutral(xc: torch.Tensor, shape: torch.Tensor, disp_net: Callable) -> torch.Tensor:
         """Map to the shape-neutral canonical space: x_c + disp_net(x_c, shape).
 
-        xc: [B, ..., 3] (e.g. [B, N, I, 3]); shape: [B, 100]; disp_net: (x [B, M, 3], shape) -> dx [B, M, 3].
-        Returns [B, ..., 3]."""
+        xc: [B, ..., 3] (e.g. [B, N, I, 3]); shape: [B, 100]; disp_net: (x [B, M, 3], shape) ->
+        dx [B, M, 3]. Returns [B, ..., 3]."""
         B = xc.shape[0]
         flat = xc.reshape(B, -1, 3)
         return (flat + disp_net(flat, shape)).reshape(xc.shape)
 
     def near_mask(self, xd: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
-        """True where x_d is within skip_thresh of every skip_stride-th vertex. xd [B,N,3], verts [B,V,3] -> [B,N]."""
+        """True where x_d is within skip_thresh of every skip_stride-th vertex.
+        xd [B, N, 3], verts [B, V, 3] -> [B, N]."""
         sub = verts[:, ::self.skip_stride].to(xd.dtype)
         if sub.shape[0] == 1 and xd.shape[0] > 1:
             sub = sub.expand(xd.shape[0], -1, -1)
@@ -376,8 +383,9 @@ class ForwardDeformer(nn.Module):
         xd: [B, N, 3]; occ_fn: (x [B, M, 3], cond) -> logits [B, M, 1] (or [B, M]); disp_net as in
         to_neutral (uses cond['shape']), None to skip the neutral mapping; skip_far: points farther
         than skip_thresh from flame_out.verts are not searched (inference).
-        Returns occ [B, N, 1]; SKIPPED_LOGIT (-1000) where no init is valid or the point was skipped.
-        Only valid correspondences are sent to disp_net / occ_fn (packed per batch item).
+        Returns occ [B, N, 1]; SKIPPED_LOGIT (-1000) where no init is valid or the point was
+        skipped. Only valid correspondences are sent to disp_net / occ_fn (packed per batch
+        item).
         """
         B, N, _ = xd.shape
         if skip_far:

@@ -79,9 +79,9 @@ def spline_matrix(n: int, n_fine: int) -> torch.Tensor:
 
 
 def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact duplicate rows: key [A, C] -> first [U] (index of one row per distinct row), inverse [A]
-    (key[i] == key[first[inverse[i]]]). Lexicographic order by stable column sorts (torch.unique
-    with dim=0 loops over rows on CPU)."""
+    """Exact duplicate rows: key [A, C] -> first [U] (index of one row per distinct row),
+    inverse [A] (key[i] == key[first[inverse[i]]]). Lexicographic order by stable column sorts
+    (torch.unique with dim=0 loops over rows on CPU)."""
     A = key.shape[0]
     order = torch.arange(A, device=key.device)
     for c in reversed(range(key.shape[1])):
@@ -158,12 +158,14 @@ class BakedGrid:
 
 
 def _sqnorm(v: torch.Tensor) -> torch.Tensor:
-    """Squared norm of channels-first vectors: v [3, A] -> [A] (faster than a reduction over dim 0)."""
+    """Squared norm of channels-first vectors: v [3, A] -> [A] (faster than a reduction over
+    dim 0)."""
     return v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
 
 
 def _solve3(jac: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] -> (jac^-1 r [3, A], ok [A])."""
+    """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] ->
+    (jac^-1 r [3, A], ok [A])."""
     adj, det, ok = adjugate3(jac)
     sol = (adj[0] * r[0] + adj[1] * r[1] + adj[2] * r[2]) / torch.where(
         ok, det, torch.ones_like(det)
@@ -276,8 +278,8 @@ class FastForwardDeformer(ForwardDeformer):
         return deform
 
     def bake(self, betas: torch.Tensor, fl: FlameFrames, deform=None) -> BakedGrid:
-        """Deformed positions of the lattice for K items: betas [K, S], fl (_checked_flame's, leading
-        dim K); deform: folded_deform(betas, fl) when the caller has it already.
+        """Deformed positions of the lattice for K items: betas [K, S], fl (_checked_flame's,
+        leading dim K); deform: folded_deform(betas, fl) when the caller has it already.
 
         The network sees about chunk_size * I lattice points per call.
         Returns the refined BakedGrid over [bbox_min, bbox_max]."""
@@ -401,7 +403,8 @@ class FastForwardDeformer(ForwardDeformer):
 
         Merged and coincident inits carry bit-identical roots, so their logits are equal; the max
         over a point's inits is the same with one of them, and so is its gradient (amax shares it
-        evenly among equal entries whose graphs meet in the same root; here one entry takes it all)."""
+        evenly among equal entries whose graphs meet in the same root; here one entry takes it
+        all)."""
         return super().occupancy_of_valid(
             xc, valid & ~self.repeated_roots(xc, valid), cond, occ_fn, disp_net
         )
@@ -431,10 +434,11 @@ class FastForwardDeformer(ForwardDeformer):
         ForwardDeformer.search).
 
         xd: [B, N, 3]; point_mask: optional [B, N] bool. Returns xc [B, N, I, 3], valid_ids
-        [B, N, I] and with return_info a dict: diff [B, N, I] the networks' residual norms (inf where
-        none was taken), n_steps (most Broyden steps through the networks of a polish or fallback),
-        grid_steps (most Newton steps on the grid), n_solved (inits searched), n_polished (grid
-        roots polished), n_further (polished further), n_fallback (inits given the exact search).
+        [B, N, I] and with return_info a dict: diff [B, N, I] the networks' residual norms (inf
+        where none was taken), n_steps (most Broyden steps through the networks of a polish or
+        fallback), grid_steps (most Newton steps on the grid), n_solved (inits searched),
+        n_polished (grid roots polished), n_further (polished further), n_fallback (inits given
+        the exact search).
         eval_mode only affects the fallback's initial Jacobian (as in the exact search).
         """
         if xd.dim() != 3 or xd.shape[-1] != 3:
@@ -450,7 +454,7 @@ class FastForwardDeformer(ForwardDeformer):
                 slot_of = torch.full((B,), -1, dtype=torch.long, device=xd.device)
                 slot_of[items] = torch.arange(items.numel(), device=xd.device)
                 betas_k, fl_k = betas[items], fl.index(items)
-                deform_k = self.folded_deform(betas_k, fl_k)  # by slot
+                deform_k = self.folded_deform(betas_k, fl_k)                           # by slot
 
                 def deform(x, b):  # by batch index
                     return deform_k(x, slot_of[b])
@@ -487,7 +491,8 @@ class FastForwardDeformer(ForwardDeformer):
         return (same & lower).int().argmax(dim=-1)  # first True per row
 
     def _grid_j_inv(self, grid: BakedGrid, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Inverse interpolant Jacobians at x [U, 3] (lattices slot [U]) -> [U, 3, 3]; identity where singular."""
+        """Inverse interpolant Jacobians at x [U, 3] (lattices slot [U]) -> [U, 3, 3]; identity
+        where singular."""
         _, jac = grid(x.t(), slot)
         j_inv, ok = inv3(jac.permute(2, 0, 1))
         eye = torch.eye(3, dtype=j_inv.dtype, device=j_inv.device).expand_as(j_inv)
@@ -543,9 +548,9 @@ class FastForwardDeformer(ForwardDeformer):
         """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
 
         x0: [c, I, 3] rigid inits; xd_p: [c, 3]; deform: (x [A, 3], batch index [A]) -> x_d [A, 3]
-        for the Broyden residuals (default the plain networks); init_rep: [B, I] the init each init
-        copies its grid root from (_same_inits; default: itself). Returns xc [c, I, 3], valid [c, I],
-        diff [c, I]; updates the counters in info."""
+        for the Broyden residuals (default the plain networks); init_rep: [B, I] the init each
+        init copies its grid root from (_same_inits; default: itself). Returns xc [c, I, 3],
+        valid [c, I], diff [c, I]; updates the counters in info."""
         c, I = p.numel(), self.n_init
         bidx = (p // N).repeat_interleave(I)                                           # [c*I]
         slot = slot_of[bidx]

@@ -27,7 +27,6 @@ the box and are exactly 0 beyond).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from torch import nn
 
 from lib.utils.errors import ModuleErrors
 
-BoxBound = Union[float, Sequence[float], torch.Tensor]
+BoxBound = float | Sequence[float] | torch.Tensor
 
 
 _err = ModuleErrors(__name__)
@@ -181,5 +180,6 @@ class Generator(nn.Module):
         return h
 
     def sample(self, volume: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-        """volume: [B, C, D, H, W], xc: [B, N, 3] canonical points -> [B, N, C] (box of the constructor)."""
+        """volume: [B, C, D, H, W], xc: [B, N, 3] canonical points -> [B, N, C] (box of the
+        constructor)."""
         return sample_volume(volume, xc, self.bbox_min, self.bbox_max)

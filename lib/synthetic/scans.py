@@ -409,9 +409,9 @@ def write_scan(out_dir, scan_id: str, scan: ScanMesh, scale: float, transl_xy, z
     atomic_write_bytes(paths["mtl"], mtl.encode())
     fv = np.stack([scan.faces, scan.face_uvs], 2).reshape(-1, 6) + 1  # v/vt per corner
     text = f"mtllib {scan_id}.mtl\nusemtl material_0\n"
-    text += "".join("v {:.7f} {:.7f} {:.7f}\n".format(*tuple(r)) for r in v_scan)
-    text += "".join("vt {:.7f} {:.7f}\n".format(*tuple(r)) for r in scan.uvs)
-    text += "".join("f %d/%d %d/%d %d/%d\n" % tuple(r) for r in fv)
+    text += "".join("v {:.7f} {:.7f} {:.7f}\n".format(*r) for r in v_scan)
+    text += "".join("vt {:.7f} {:.7f}\n".format(*r) for r in scan.uvs)
+    text += "".join("f {}/{} {}/{} {}/{}\n".format(*r) for r in fv.tolist())
     atomic_write_bytes(paths["obj"], text.encode())
     betas = np.concatenate([np.asarray(scan.shape, np.float32).reshape(-1),
                             np.asarray(scan.expression, np.float32).reshape(-1)])
