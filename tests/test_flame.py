@@ -274,9 +274,8 @@ def test_flame_frames_methods_match_the_plain_tensors(server):
     assert out.verts.requires_grad
     det = out.detach()
     for name in names:
-        assert not getattr(det, name).requires_grad and torch.equal(
-            getattr(det, name), getattr(out, name)
-        )
+        assert not getattr(det, name).requires_grad
+        assert torch.equal(getattr(det, name), getattr(out, name))
     # to: every field cast
     f64 = det.to(torch.float64)
     for name in names:

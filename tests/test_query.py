@@ -165,15 +165,9 @@ def test_surface_normals_skin_with_the_neutral_point_weights_and_target_transfor
             xn = xc + fine_model.disp_net(xc, flame_out.shape)
             assert (xn - xc)[0, valid].norm(dim=-1).mean() > 1e-3
             w = fine_model.deformer.lbs_net.lbs(xn)[0][0].double()                     # [N, J]
-            normal_c, _ = query_fine(
-                fine_model,
-                xc,
-                codes["z_shape"],
-                flame_out.shape,
-                codes["z_detail"],
-                codes["z_color"],
-                pose_exp_condition(flame_out),
-            )
+            normal_c, _ = query_fine(fine_model, xc, codes["z_shape"], flame_out.shape,
+                                     codes["z_detail"], codes["z_color"],
+                                     pose_exp_condition(flame_out))
     finally:
         with torch.no_grad():
             out_layer.weight.copy_(saved)
@@ -226,15 +220,9 @@ def test_render_cache_of_neutral_points_matches_the_shaped_queries(fine_model):
                 fine_model, xn.reshape(1, R, R, 3), mask, flame_out, flame_view, codes, extra=extra
             )
             pts = torch.cat([xc, extra], dim=1)
-            n_c, rgb = query_fine(
-                fine_model,
-                pts,
-                codes["z_shape"],
-                flame_out.shape,
-                codes["z_detail"],
-                codes["z_color"],
-                pose_exp_condition(flame_out),
-            )
+            n_c, rgb = query_fine(fine_model, pts, codes["z_shape"], flame_out.shape,
+                                  codes["z_detail"], codes["z_color"],
+                                  pose_exp_condition(flame_out))
             w = fine_model.deformer.lbs_net(pts, flame_out.shape)[0]
     finally:
         with torch.no_grad():

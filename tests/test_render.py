@@ -149,10 +149,9 @@ def test_nearer_triangle_wins(swap):
     both = frags.mask[0] & (p[..., 0].abs() > 0.05)
     exp = torch.where(p[..., 0] > 0, itilt, 1 - itilt)
     # where both cover: tilted wins iff x > 0 (its z exceeds 0.1)
-    cov = (
-        rasterize(V[3 * (1 - itilt) : 3 * (1 - itilt) + 3], torch.tensor([[0, 1, 2]]), res).mask[0]
-        & rasterize(V[3 * itilt : 3 * itilt + 3], torch.tensor([[0, 1, 2]]), res).mask[0]
-    )
+    tri = torch.tensor([[0, 1, 2]])
+    cov = rasterize(V[3 * (1 - itilt):3 * (1 - itilt) + 3], tri, res).mask[0] \
+        & rasterize(V[3 * itilt:3 * itilt + 3], tri, res).mask[0]
     sel = both & cov
     assert sel.sum() > 100
     assert torch.equal(frags.face_idx[0][sel], exp[sel])

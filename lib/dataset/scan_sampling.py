@@ -162,11 +162,8 @@ def occupancy_samples(verts, faces, rng, n_face: int = 70000, n_rest: int = 3000
 def texture_float(texture) -> torch.Tensor:
     """texture: [H, W, C] uint8 (0..255) or float (0..1), numpy or torch -> float32 tensor in
     [0, 1] (no copy when it already is one)."""
-    tex = (
-        texture
-        if torch.is_tensor(texture)
-        else torch.from_numpy(np.require(texture, requirements="CW"))
-    )
+    tex = (texture if torch.is_tensor(texture)
+           else torch.from_numpy(np.require(texture, requirements="CW")))
     return tex.float() / 255.0 if tex.dtype == torch.uint8 else tex.float()
 
 

@@ -4,11 +4,5 @@ from lib.flame.frames import FlameFrames
 from lib.flame.loader import FlameModelError, load_flame_model
 from lib.flame.server import FLAMEServer
 
-__all__ = [
-    "FLAME",
-    "FLAMEServer",
-    "load_flame_model",
-    "FlameModelError",
-    "FlameOutput",
-    "FlameFrames",
-]
+__all__ = ["FLAME", "FLAMEServer", "load_flame_model", "FlameModelError", "FlameOutput",
+           "FlameFrames"]

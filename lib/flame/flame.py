@@ -127,26 +127,16 @@ class FLAME(nn.Module):
         swapped or moved joints differ) and
         the used identity, expression and pose-corrective bases."""
         d = lambda t: float(t.detach().double().sum())  # noqa: E731
-        return {
-            "n_vertices": int(self.v_template.shape[0]),
-            "n_faces": int(self.faces.shape[0]),
-            "n_joints": len(self.parents),
-            "n_shape": self.n_shape,
-            "n_exp": self.n_exp,
-            "v_template_sum": d(self.v_template),
-            "abs_v_template_sum": d(self.v_template.abs()),
-            "lbs_weights_sum": d(
-                self.lbs_weights
-                * torch.arange(1, len(self.parents) + 1, device=self.lbs_weights.device)
-            ),
-            "shapedirs_sum": d(self.shapedirs.abs()),
-            "expdirs_sum": d(self.expdirs.abs()),
-            "posedirs_sum": d(self.posedirs.abs()),
-            "J_regressor_sum": d(
-                (self.J_regressor.double() @ self.v_template.double())
-                * torch.arange(1, len(self.parents) + 1, device=self.J_regressor.device)[:, None]
-            ),
-        }
+        rank = torch.arange(1, len(self.parents) + 1, device=self.lbs_weights.device)
+        return {"n_vertices": int(self.v_template.shape[0]), "n_faces": int(self.faces.shape[0]),
+                "n_joints": len(self.parents), "n_shape": self.n_shape, "n_exp": self.n_exp,
+                "v_template_sum": d(self.v_template),
+                "abs_v_template_sum": d(self.v_template.abs()),
+                "lbs_weights_sum": d(self.lbs_weights * rank),
+                "shapedirs_sum": d(self.shapedirs.abs()), "expdirs_sum": d(self.expdirs.abs()),
+                "posedirs_sum": d(self.posedirs.abs()),
+                "J_regressor_sum": d((self.J_regressor.double() @ self.v_template.double())
+                                     * rank.to(self.J_regressor.device)[:, None])}
 
     def to_scaled(self, x: torch.Tensor) -> torch.Tensor:
         """FLAME meters -> scaled space. x: [..., 3] -> [..., 3]."""

@@ -226,9 +226,8 @@ def skin_offset(xc: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, tfs: to
         x_d = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x_c + offset).
     Where the canonical blend is singular its inverse is taken as 0 (inv3's rule)."""
     wj = w[..., :, None, None]
-    A_c = (wj * tfs_c[..., :3, :]).sum(
-        -3
-    )  # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
+    # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
+    A_c = (wj * tfs_c[..., :3, :]).sum(-3)
     A_d = (wj * tfs[..., :3, :]).sum(-3)
     Ac_inv, _ = inv3(A_c[..., :3])
     x_r = _matvec(Ac_inv, xc - A_c[..., 3]) + offset

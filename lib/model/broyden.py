@@ -127,7 +127,6 @@ def _checked(g: ResidualFn, x_active: torch.Tensor, mask: torch.Tensor) -> torch
     """Call the residual callback and check its shape: x_active [A, 3] -> [A, 3]."""
     out = g(x_active, mask)
     if tuple(out.shape) != tuple(x_active.shape):
-        raise _err(
-            f"residual callback returned {tuple(out.shape)} for input {tuple(x_active.shape)}"
-        )
+        raise _err(f"residual callback returned {tuple(out.shape)} for input "
+                   f"{tuple(x_active.shape)}")
     return out.detach().to(x_active.dtype)

@@ -75,17 +75,9 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, flame
     if volume is None:
         with torch.no_grad():
             volume = model.generator(z_shape)
-    normal_c, rgb = query_fine(
-        model,
-        pts,
-        z_shape,
-        flame_out.shape,
-        codes["z_detail"],
-        codes["z_color"],
-        pose_exp_condition(flame_out),
-        volume,
-        neutral=True,
-    )
+    normal_c, rgb = query_fine(model, pts, z_shape, flame_out.shape, codes["z_detail"],
+                               codes["z_color"], pose_exp_condition(flame_out), volume,
+                               neutral=True)
     with torch.no_grad():
         w = model.deformer.lbs_net.lbs(pts)[0]  # [B, L + M, J]: neutral points, no warp
         rot_view = blend_transforms(w[:, :L], flame_view.tfs)

@@ -78,19 +78,15 @@ class ForwardDeformer(nn.Module):
         super().__init__()
         self.lbs_net = lbs_net
         self.n_joints = int(n_joints)
-        self.max_steps, self.cvg_thresh, self.dvg_thresh = (
-            int(max_steps),
-            float(cvg_thresh),
-            float(dvg_thresh),
-        )
+        self.max_steps = int(max_steps)
+        self.cvg_thresh, self.dvg_thresh = float(cvg_thresh), float(dvg_thresh)
         self.chunk_size = int(chunk_size)
         if self.chunk_size < 1:
             raise _err(f"chunk_size must be >= 1, got {chunk_size}")
         bones = [int(j) for j in init_bones]
         if not bones or any(j < 0 or j >= self.n_joints for j in bones):
-            raise _err(
-                f"init_bones must be non-empty indices in [0, {self.n_joints}), got {init_bones}"
-            )
+            raise _err(f"init_bones must be non-empty indices in [0, {self.n_joints}), "
+                       f"got {init_bones}")
         self.register_buffer("init_bones", torch.tensor(bones, dtype=torch.long), persistent=False)
         self.skip_thresh, self.skip_stride = float(skip_thresh), int(skip_stride)
 
@@ -259,10 +255,9 @@ class ForwardDeformer(nn.Module):
             for s in range(0, pts.numel(), self.chunk_size):
                 p = pts[s:s + self.chunk_size]                      # [c]
                 bidx = (p // N).repeat_interleave(I)                # [c*I]
-                target = xd_flat[p].repeat_interleave(I, dim=0)  # [c*I, 3]
-                out = self._solve_exact(
-                    x_init[p].reshape(-1, 3), bidx, target, betas, fl, eval_mode
-                )
+                target = xd_flat[p].repeat_interleave(I, dim=0)     # [c*I, 3]
+                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, betas, fl,
+                                        eval_mode)
                 xc[p] = out["result"].reshape(-1, I, 3)
                 valid[p] = out["valid_ids"].reshape(-1, I)
                 diff[p] = out["diff"].reshape(-1, I)
@@ -363,9 +358,8 @@ class ForwardDeformer(nn.Module):
             sub = sub.expand(xd.shape[0], -1, -1)
         out = []
         for s in range(0, xd.shape[1], self.chunk_size):
-            out.append(
-                torch.cdist(xd[:, s : s + self.chunk_size], sub).amin(dim=-1) <= self.skip_thresh
-            )
+            dist = torch.cdist(xd[:, s:s + self.chunk_size], sub).amin(dim=-1)
+            out.append(dist <= self.skip_thresh)
         return torch.cat(out, dim=1)
 
     def query_occupancy(
@@ -420,9 +414,8 @@ class ForwardDeformer(nn.Module):
         L = int(flat_valid.sum(dim=1).max()) if flat_valid.numel() else 0
         if L > 0:
             b, m = flat_valid.nonzero(as_tuple=True)
-            pos = (torch.cumsum(flat_valid.long(), dim=1) - 1)[
-                b, m
-            ]  # rank among the valid of item b
+            # rank among the valid of item b
+            pos = (torch.cumsum(flat_valid.long(), dim=1) - 1)[b, m]
             packed = xc.new_zeros(B, L, 3).index_put((b, pos), xc.reshape(B, n * I, 3)[b, m])
             if disp_net is not None:
                 if "shape" not in cond:

@@ -117,44 +117,38 @@ class BakedGrid:
             raise _err(f"a baked lattice needs >= 2 nodes per axis, got {(D, H, W)}")
         self.dims = (D, H, W)
         dev, dt = values.device, values.dtype
-        self.n_cells = torch.tensor([W - 1, H - 1, D - 1], device=dev, dtype=dt)[
-            :, None
-        ]  # [3, 1] x, y, z
+        # [3, 1] x, y, z
+        self.n_cells = torch.tensor([W - 1, H - 1, D - 1], device=dev, dtype=dt)[:, None]
         self.lo = lo.to(device=dev, dtype=dt)[:, None]
-        self.scale = self.n_cells / (
-            hi.to(device=dev, dtype=dt)[:, None] - self.lo
-        )  # cells per unit
+        # cells per unit
+        self.scale = self.n_cells / (hi.to(device=dev, dtype=dt)[:, None] - self.lo)
         # flat offsets of channel r and corner k (bit order dz, dy, dx): [3, 8, 1]
-        corners = torch.tensor(
-            [(dz * H + dy) * W + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], device=dev
-        )
-        self.offsets = (torch.arange(3, device=dev) * (K * D * H * W))[:, None, None] + corners[
-            None, :, None
-        ]
+        corners = torch.tensor([(dz * H + dy) * W + dx for dz in (0, 1) for dy in (0, 1)
+                                for dx in (0, 1)], device=dev)
+        self.offsets = ((torch.arange(3, device=dev) * (K * D * H * W))[:, None, None]
+                        + corners[None, :, None])
 
     def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         D, H, W = self.dims
-        u = (x - self.lo) * self.scale  # [3, A] in cells
+        u = (x - self.lo) * self.scale                             # [3, A] in cells
         i0 = torch.minimum(torch.nan_to_num(u.floor(), nan=0.0).clamp_(min=0), self.n_cells - 1)
-        t = u - i0  # outside [0,1]: extrapolation
+        t = u - i0                                                 # outside [0,1]: extrapolation
         il = i0.long()
-        base = ((slot * D + il[2]) * H + il[1]) * W + il[0]  # [A]
+        base = ((slot * D + il[2]) * H + il[1]) * W + il[0]        # [A]
         c = self.flat.take(self.offsets + base).view(3, 4, 2, -1)  # [3, x-edge, end, A]
         tx, ty, tz = t[0], t[1], t[2]
-        ex = c[:, :, 1] - c[:, :, 0]  # x-differences [3, 4, A]
-        a = (c[:, :, 0] + tx * ex).view(3, 2, 2, -1)  # x-lerps, edge = (dz, dy)
+        ex = c[:, :, 1] - c[:, :, 0]                               # x-differences [3, 4, A]
+        a = (c[:, :, 0] + tx * ex).view(3, 2, 2, -1)               # x-lerps, edge = (dz, dy)
         ex = ex.view(3, 2, 2, -1)
-        ey = a[:, :, 1] - a[:, :, 0]  # [3, 2, A]
-        b = a[:, :, 0] + ty * ey  # y-lerps, by dz
+        ey = a[:, :, 1] - a[:, :, 0]                               # [3, 2, A]
+        b = a[:, :, 0] + ty * ey                                   # y-lerps, by dz
         exy = ex[:, :, 0] + ty * (ex[:, :, 1] - ex[:, :, 0])
         ez = b[:, 1] - b[:, 0]
         val = b[:, 0] + tz * ez
         jx = exy[:, 0] + tz * (exy[:, 1] - exy[:, 0])
         jy = ey[:, 0] + tz * (ey[:, 1] - ey[:, 0])
-        jac = torch.stack(
-            [jx * self.scale[0], jy * self.scale[1], ez * self.scale[2]], dim=1
-        )  # [3, 3, A]
-        return val, jac
+        jac = torch.stack([jx * self.scale[0], jy * self.scale[1], ez * self.scale[2]], dim=1)
+        return val, jac  # jac: [3, 3, A]
 
 
 def _sqnorm(v: torch.Tensor) -> torch.Tensor:
@@ -167,9 +161,8 @@ def _solve3(jac: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] ->
     (jac^-1 r [3, A], ok [A])."""
     adj, det, ok = adjugate3(jac)
-    sol = (adj[0] * r[0] + adj[1] * r[1] + adj[2] * r[2]) / torch.where(
-        ok, det, torch.ones_like(det)
-    )
+    sol = ((adj[0] * r[0] + adj[1] * r[1] + adj[2] * r[2])
+           / torch.where(ok, det, torch.ones_like(det)))
     return sol, ok
 
 
@@ -224,30 +217,23 @@ class FastForwardDeformer(ForwardDeformer):
         lo = torch.as_tensor(bbox_min, dtype=torch.float32).reshape(-1)
         hi = torch.as_tensor(bbox_max, dtype=torch.float32).reshape(-1)
         if lo.numel() != 3 or hi.numel() != 3 or not bool((hi > lo).all()):
-            raise _err(
-                f"bbox_min {tuple(bbox_min)} must be 3 values below bbox_max {tuple(bbox_max)}"
-            )
+            raise _err(f"bbox_min {tuple(bbox_min)} must be 3 values below bbox_max "
+                       f"{tuple(bbox_max)}")
         if int(upsample) < 1 or int(exact_steps) < 1:
             raise _err(f"upsample and exact_steps must be >= 1, got {upsample}, {exact_steps}")
         self.grid_res, self.upsample, self.exact_steps = res, int(upsample), int(exact_steps)
-        self.merge_tol, self.grid_tol, self.fallback = (
-            float(merge_tol),
-            float(grid_tol),
-            bool(fallback),
-        )
+        self.merge_tol, self.grid_tol = float(merge_tol), float(grid_tol)
+        self.fallback = bool(fallback)
         self.folded = bool(folded)
         self.register_buffer("bbox_min", lo, persistent=False)
         self.register_buffer("bbox_max", hi, persistent=False)
-        zz, yy, xx = torch.meshgrid(
-            *[torch.linspace(0.0, 1.0, n, dtype=torch.float64) for n in res], indexing="ij"
-        )
-        self.register_buffer(
-            "lattice_unit", torch.stack([xx, yy, zz], -1).reshape(-1, 3).float(), persistent=False
-        )
+        zz, yy, xx = torch.meshgrid(*[torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+                                      for n in res], indexing="ij")
+        self.register_buffer("lattice_unit", torch.stack([xx, yy, zz], -1).reshape(-1, 3).float(),
+                             persistent=False)
         for name, n in zip(("up_z", "up_y", "up_x"), res):
-            self.register_buffer(
-                name, spline_matrix(n, (n - 1) * self.upsample + 1).float(), persistent=False
-            )
+            self.register_buffer(name, spline_matrix(n, (n - 1) * self.upsample + 1).float(),
+                                 persistent=False)
 
     @property
     def lookup_res(self) -> tuple[int, int, int]:
@@ -262,11 +248,8 @@ class FastForwardDeformer(ForwardDeformer):
         holds no graph (the search); with grad enabled gradients flow as through the plain path
         (the implicit correction)."""
         make = getattr(self.lbs_net, "folded", None) if self.folded else None
-        fold = (
-            None
-            if make is None
-            else make(betas, fl.pose_feature - fl.pose_feature_c, fl.exp - fl.exp_c)
-        )
+        fold = None if make is None else make(betas, fl.pose_feature - fl.pose_feature_c,
+                                              fl.exp - fl.exp_c)
         if fold is None:
             return lambda x, slot: self._deform_flat(x, slot, betas, fl)
 
@@ -315,11 +298,8 @@ class FastForwardDeformer(ForwardDeformer):
         A = x0.shape[1]
         out_x, out_r = x0.clone(), torch.full((A,), float("inf"), dtype=x0.dtype, device=x0.device)
         idx, x, sl, tg = torch.arange(A, device=x0.device), x0, slot, target
-        bx, br = x0, out_r.clone()  # best so far = last accepted iterate
-        step, lam = (
-            torch.zeros_like(x0),
-            torch.ones_like(out_r),
-        )  # last Newton step, its fraction taken
+        bx, br = x0, out_r.clone()                         # best so far = last accepted iterate
+        step, lam = torch.zeros_like(x0), torch.ones_like(out_r)  # last Newton step, its fraction
         steps = 0
         for it in range(self.max_steps + 1):
             val, jac = grid(x, sl)
@@ -375,14 +355,11 @@ class FastForwardDeformer(ForwardDeformer):
         Merged inits share their root exactly, so their network term is computed once and
         gathered; the x_d term (r is linear in x_d) stays per row. Values and gradients equal the
         parent's. xc_star [A, 3], bidx [A], target [A, 3] (may carry a graph) -> [A, 3]."""
-        first, inverse = _unique_rows(
-            torch.cat([bidx[:, None].to(xc_star.dtype), xc_star.detach()], dim=1)
-        )
+        first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype),
+                                                 xc_star.detach()], dim=1))
         with torch.enable_grad():
-            x = xc_star.detach()[first].requires_grad_(True)  # [U, 3]
-            f = self.folded_deform(betas, fl)(
-                x, bidx[first]
-            )  # folded with its graph (see folded_lbs)
+            x = xc_star.detach()[first].requires_grad_(True)                          # [U, 3]
+            f = self.folded_deform(betas, fl)(x, bidx[first])  # folded with its graph (folded_lbs)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
         d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                          # [U, 3]
@@ -405,9 +382,8 @@ class FastForwardDeformer(ForwardDeformer):
         over a point's inits is the same with one of them, and so is its gradient (amax shares it
         evenly among equal entries whose graphs meet in the same root; here one entry takes it
         all)."""
-        return super().occupancy_of_valid(
-            xc, valid & ~self.repeated_roots(xc, valid), cond, occ_fn, disp_net
-        )
+        return super().occupancy_of_valid(xc, valid & ~self.repeated_roots(xc, valid), cond,
+                                          occ_fn, disp_net)
 
     @staticmethod
     def repeated_roots(xc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -463,19 +439,8 @@ class FastForwardDeformer(ForwardDeformer):
                 for s in range(0, pts.numel(), self.chunk_size):
                     p = pts[s:s + self.chunk_size]
                     xc[p], valid[p], diff[p] = self._solve_chunk(
-                        grid,
-                        slot_of,
-                        p,
-                        N,
-                        x_init[p],
-                        xd0.reshape(B * N, 3)[p],
-                        betas,
-                        fl,
-                        eval_mode,
-                        info,
-                        deform,
-                        init_rep,
-                    )
+                        grid, slot_of, p, N, x_init[p], xd0.reshape(B * N, 3)[p], betas, fl,
+                        eval_mode, info, deform, init_rep)
         xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
         if return_info:
             return xc, valid, dict(info, diff=diff.reshape(B, N, I))
@@ -542,9 +507,8 @@ class FastForwardDeformer(ForwardDeformer):
         diff[ids] = torch.where(take, out["diff"], diff[ids])
         valid[ids] = out["valid_ids"]
 
-    def _solve_chunk(
-        self, grid, slot_of, p, N, x0, xd_p, betas, fl, eval_mode, info, deform=None, init_rep=None
-    ):
+    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, betas, fl, eval_mode, info,
+                     deform=None, init_rep=None):
         """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
 
         x0: [c, I, 3] rigid inits; xd_p: [c, 3]; deform: (x [A, 3], batch index [A]) -> x_d [A, 3]
@@ -558,16 +522,12 @@ class FastForwardDeformer(ForwardDeformer):
         x0f = x0.reshape(-1, 3)
         # inits of bones whose rigid map equals an earlier bone's (e.g. eyes and neck at rest)
         # start at the same point: search once, copy the root
-        rep_b = (
-            init_rep[p // N]
-            if init_rep is not None
-            else torch.arange(I, device=p.device).expand(c, I)
-        )
+        rep_b = (init_rep[p // N] if init_rep is not None
+                 else torch.arange(I, device=p.device).expand(c, I))
         src = (torch.arange(c, device=p.device)[:, None] * I + rep_b).reshape(-1)      # [c*I]
         own = src == torch.arange(c * I, device=p.device)
-        xs, rs, g_steps = self._grid_newton(
-            grid, x0f[own].t().contiguous(), slot[own], target[own].t().contiguous()
-        )
+        xs, rs, g_steps = self._grid_newton(grid, x0f[own].t().contiguous(), slot[own],
+                                            target[own].t().contiguous())
         xg = torch.empty_like(x0f)
         rg = torch.empty(c * I, dtype=x0f.dtype, device=x0f.device)
         xg[own], rg[own] = xs.t(), rs
@@ -585,20 +545,12 @@ class FastForwardDeformer(ForwardDeformer):
             self._update(lead, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
         further = lead[~valid[lead] & (diff[lead] <= self.dvg_thresh)] if lead.numel() else lead
-        if (
-            self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps
-        ):  # from the best iterate
-            out = self._solve_exact(
-                xc[further],
-                bidx[further],
-                target[further],
-                betas,
-                fl,
-                eval_mode,
-                max_steps=self.max_steps - self.exact_steps,
-                J_inv=self._grid_j_inv(grid, xc[further], slot[further]),
-                deform=deform,
-            )
+        if self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps:
+            # from the best iterate
+            out = self._solve_exact(xc[further], bidx[further], target[further], betas, fl,
+                                    eval_mode, max_steps=self.max_steps - self.exact_steps,
+                                    J_inv=self._grid_j_inv(grid, xc[further], slot[further]),
+                                    deform=deform)
             self._update(further, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], self.exact_steps + out["n_steps"])
             info["n_further"] += int(further.numel())
@@ -608,17 +560,11 @@ class FastForwardDeformer(ForwardDeformer):
             src = (foll // I) * I + rep.reshape(-1)[foll]
             xc[foll], valid[foll], diff[foll] = xc[src], valid[src], diff[src]
         # points left without any root: the exact search from the rigid inits
-        rest = (
-            (~valid.reshape(c, I).any(-1, keepdim=True))
-            .expand(c, I)
-            .reshape(-1)
-            .nonzero()
-            .squeeze(1)
-        )
+        no_root = ~valid.reshape(c, I).any(-1, keepdim=True)
+        rest = no_root.expand(c, I).reshape(-1).nonzero().squeeze(1)
         if self.fallback and rest.numel() > 0:
-            out = self._solve_exact(
-                x0f[rest], bidx[rest], target[rest], betas, fl, eval_mode, deform=deform
-            )
+            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], betas, fl, eval_mode,
+                                    deform=deform)
             self._update(rest, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
             info["n_fallback"] += int(rest.numel())

@@ -50,9 +50,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lib.model.cache_render import masked_psnr, render_cache
-from lib.model.discriminator import LazyR1, d_logistic_loss, g_nonsaturating_loss, r1_penalty
+from lib.model.discriminator import (LazyR1, d_logistic_loss, g_nonsaturating_loss,
+                                      r1_penalty)
 from lib.model.losses import latent_reg
+from lib.model.cache_render import masked_psnr, render_cache
 from lib.model.query import blend_transforms, skin_normals, surface_correspondences
 from lib.utils.errors import ModuleErrors
 

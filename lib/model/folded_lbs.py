@@ -109,9 +109,8 @@ class FoldedLBS:
         zeros_p, zeros_x = d_pose.new_zeros(B, P).to(dt), d_exp.new_zeros(B, X).to(dt)
         rows = []
         for r in range(3):
-            pose_part = torch.stack(
-                [d_pose.to(dt) if c == r else zeros_p for c in range(3)], dim=-1
-            )
+            pose_part = torch.stack([d_pose.to(dt) if c == r else zeros_p for c in range(3)],
+                                    dim=-1)
             exp_part = [d_exp.to(dt) if c == r else zeros_x for c in range(3)]
             rows.append(torch.cat([pose_part.reshape(B, 3 * P)] + exp_part, dim=-1))
         M = torch.stack(rows, dim=1)                                                # [B, 3, T]
@@ -154,8 +153,7 @@ class FoldedSkinning:
         c, d = M[:12].view(3, 4, A), M[12:].view(3, 4, A)                         # blended rows
         v = x.t() - c[:, 3]                                                       # [3, A]
         adj, det, ok = adjugate3(c[:, :3])
-        inv_det = torch.where(
-            ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det)
-        )
+        inv_det = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)),
+                              torch.zeros_like(det))
         xr = (adj[0] * v[0] + adj[1] * v[1] + adj[2] * v[2]) * inv_det + offset.t()  # [3, A]
         return (d[:, 0] * xr[0] + d[:, 1] * xr[1] + d[:, 2] * xr[2] + d[:, 3]).t()

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from lib.dataset.faceverse import validate_scan_id
-from lib.flame import FlameFrames, FLAMEServer
-from lib.model import fine_stage, losses, query
+from lib.flame import FLAMEServer, FlameFrames
+from lib.model import losses
+from lib.model import fine_stage
+from lib.model import query
 from lib.model.builders import build_deformer, build_network
 from lib.model.discriminator import Discriminator
 from lib.model.generator import Generator, sample_volume

@@ -125,14 +125,10 @@ class Generator(nn.Module):
     ):
         super().__init__()
         if len(base_shape) != 3 or len(channels) < 1:
-            raise _err(
-                f"base_shape must be (D, H, W) and channels non-empty, got {base_shape}, {channels}"
-            )
-        self.z_dim, self.base_shape, self.channels = (
-            int(z_dim),
-            tuple(int(s) for s in base_shape),
-            tuple(channels),
-        )
+            raise _err(f"base_shape must be (D, H, W) and channels non-empty, got {base_shape}, "
+                       f"{channels}")
+        self.z_dim, self.channels = int(z_dim), tuple(channels)
+        self.base_shape = tuple(int(s) for s in base_shape)
         self.const = nn.Parameter(0.002 * torch.randn(1, base_channels, *self.base_shape))
         self.adain0 = AdaIN3d(base_channels, z_dim)
         self.convs = nn.ModuleList()
@@ -144,16 +140,9 @@ class Generator(nn.Module):
                 self.adains.append(AdaIN3d(c_out, z_dim))
             c_in = c_out
         # the box is rebuilt from the arguments, not stored in checkpoints
-        self.register_buffer(
-            "bbox_min",
-            torch.as_tensor(bbox_min, dtype=torch.float32).expand(3).clone(),
-            persistent=False,
-        )
-        self.register_buffer(
-            "bbox_max",
-            torch.as_tensor(bbox_max, dtype=torch.float32).expand(3).clone(),
-            persistent=False,
-        )
+        for name, value in (("bbox_min", bbox_min), ("bbox_max", bbox_max)):
+            box = torch.as_tensor(value, dtype=torch.float32).expand(3).clone()
+            self.register_buffer(name, box, persistent=False)
 
     @property
     def out_channels(self) -> int:

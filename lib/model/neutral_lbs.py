@@ -43,9 +43,8 @@ class NeutralLBS(nn.Module):
     def __init__(self, lbs: nn.Module, disp_net: nn.Module):
         super().__init__()
         self.lbs = lbs
-        object.__setattr__(
-            self, "disp_net", disp_net
-        )  # a reference: not in state_dict / parameters()
+        # a reference: not in state_dict / parameters()
+        object.__setattr__(self, "disp_net", disp_net)
 
     @property
     def n_joints(self) -> int:
