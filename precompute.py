@@ -8,8 +8,9 @@ shape-neutral canonical point shown by every pixel and a mask (the original's ca
 `precompute.method`: search, the original's, or mesh; lib/model/correspondence.py):
 `<datamodule.cache_dir>/<id>.npz` with `cache (9, R, R, 4)` float32 (R = datamodule.load_res,
 256 by default) and `view_params (9, 169)`. Stage 2 also reads the original's cache files
-(`cache_img_dvr_pyrender/<id>.npy` and `<id>_pose.npy`: point `datamodule.cache_dir` there). Stage 2 reads the same `datamodule.cache_dir` and needs the same load_res, so run
-this with the overrides (experiment) of the stage-2 run. The stage-1 checkpoint is `ckpt`, by
+(`cache_img_dvr_pyrender/<id>.npy` and `<id>_pose.npy`: point `datamodule.cache_dir` there).
+Stage 2 reads the same `datamodule.cache_dir` and needs the same load_res, so run this with
+the overrides (experiment) of the stage-2 run. The stage-1 checkpoint is `ckpt`, by
 default `<output_dir_coarse>/checkpoints/last.ckpt` (outputs/coarse), loaded without running
 code from it. Each file records what it was made from (lib/dataset/cache_file.py: the stage-1
 model's digest, the scan's FLAME parameters, mesh_res): finished scans with the same sources
@@ -81,9 +82,9 @@ def main(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> list[str]:
     """Write this agent's share of the cache; returns the ids that failed."""
+    from lib.dataset.cache_file import cache_record, cache_status, find_cache, write_cache
     from lib.dataset.faceverse import read_data_list
     from lib.dataset.processed_layout import read_flame_params
-    from lib.dataset.cache_file import cache_record, cache_status, find_cache, write_cache
     from lib.model.checkpoint import geometry_digest
     from lib.model.correspondence import METHODS, scan_correspondences
 

@@ -15,10 +15,10 @@ complete, valid and made from the current sources are skipped; a scan whose sour
 redone, with a line saying what changed; complete outputs without a record are kept as they
 are (lib/dataset/preprocessing.py); a folder holding the original GANHead's outputs is never
 touched: complete ones are listed as complete with a line saying they were kept as the
-original's output (lib/dataset/processed_layout.py). A bad scan prints one line naming it and the problem and
-the others go on; the run ends with a summary, the data list CSV (rebuilt from every complete
-scan in the output folder, so shards do not clobber each other's rows) and a non-zero exit
-status if any scan failed.
+original's output (lib/dataset/processed_layout.py). A bad scan prints one line naming it and
+the problem and the others go on; the run ends with a summary, the data list CSV (rebuilt
+from every complete scan in the output folder, so shards do not clobber each other's rows)
+and a non-zero exit status if any scan failed.
 
 Errors that stop the run print one line `preprocess.py: error: ...` and exit with status 2,
 leaving an existing data list byte-identical: a scan folder that is missing or holds no scan

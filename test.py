@@ -54,8 +54,8 @@ def avatar_codes(model, cfg: DictConfig, which: str, default_row: int | None
 
 
 def load_motion_option(cfg: DictConfig, required: bool):
-    from lib.inference.loading import InferenceError
     from lib.dataset.motion import load_motion
+    from lib.inference.loading import InferenceError
 
     if cfg.motion is None:
         if required:
@@ -139,9 +139,9 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     from lib.dataset.faceverse import DataListError
     from lib.dataset.faceverse_io import FlameParamsError
+    from lib.dataset.motion import MotionFormatError
     from lib.flame.loader import FlameModelError
     from lib.inference.loading import InferenceError
-    from lib.dataset.motion import MotionFormatError
     from lib.utils.atomic import atomic_path
     from lib.utils.checkpoint_io import CheckpointError
 

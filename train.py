@@ -128,9 +128,13 @@ def build_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
                                  save_last=False, enable_version_counter=False,
                                  every_n_epochs=cfg.checkpoint.every_n_epochs,
                                  save_on_train_epoch_end=True)
-    return pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
-                      callbacks=[checkpoint, SaveConfig(cfg, output_dir / "config.yaml")],
-                      plugins=[AtomicCheckpointIO(PROJECT_TARGETS)], default_root_dir=str(output_dir))
+    return pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=logger,
+        callbacks=[checkpoint, SaveConfig(cfg, output_dir / "config.yaml")],
+        plugins=[AtomicCheckpointIO(PROJECT_TARGETS)],
+        default_root_dir=str(output_dir),
+    )
 
 
 def prepare(cfg: DictConfig):
@@ -147,7 +151,11 @@ def prepare(cfg: DictConfig):
     if cfg.starting_path:
         load_weights(model, cfg.starting_path)
     if datamodule.stage == "fine":  # caches made from these weights and parameters
-        from lib.model.checkpoint import geometry_digest, geometry_digest_of_state, read_project_checkpoint
+        from lib.model.checkpoint import (
+            geometry_digest,
+            geometry_digest_of_state,
+            read_project_checkpoint,
+        )
 
         if ckpt_path is not None:
             state = read_project_checkpoint(ckpt_path)["state_dict"]

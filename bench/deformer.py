@@ -1,5 +1,6 @@
 """Benchmark of the correspondence search: exact (lib/model/deformer.py) and fast
-(lib/model/fast_deformer.py) side by side, on the same networks and points, at the original settings.
+(lib/model/fast_deformer.py) side by side, on the same networks and points, at the original
+settings.
 
 Shape legend: B batch, N points per item, I inits (5), J joints (5), S betas width (100).
 
@@ -24,7 +25,8 @@ below 1e-11), and steps (fast: Newton steps on the grid + Broyden steps through 
 Then the speed-ups and how the two modes agree, and query_occupancy in both modes. Times are the
 fastest of --repeats runs, the modes interleaved so that both see the same machine load.
 
-    .venv/bin/python bench/deformer.py [--batch 4] [--points 2250] [--threads 2] [--grid-res 12 12 12]
+    .venv/bin/python bench/deformer.py [--batch 4] [--points 2250] [--threads 2]
+                                       [--grid-res 12 12 12]
 """
 from __future__ import annotations
 
@@ -38,14 +40,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lib, not an installed one
+# this checkout's lib, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.flame.frames import FlameFrames  # noqa: E402
 from lib.model.deformer import ForwardDeformer  # noqa: E402
 from lib.model.fast_deformer import FastForwardDeformer  # noqa: E402
 
-JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
-CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
+JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45],
+          [-0.3, 0.25, 0.45]]
+CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6],
+           [-0.3, 0.22, 0.6]]
 PARENTS = [-1, 0, 1, 1, 1]
 
 
@@ -57,7 +62,8 @@ def build_networks(disp_std=0.0, seed=0):
     from lib.model.networks import LBSNetwork, build_displacement_network
     from lib.model.neutral_lbs import NeutralLBS
 
-    lbs, disp = LBSNetwork(n_joints=5, pose_feature_dim=36, n_exp=50), build_displacement_network(n_shape=100)
+    lbs = LBSNetwork(n_joints=5, pose_feature_dim=36, n_exp=50)
+    disp = build_displacement_network(n_shape=100)
     if disp_std > 0:
         g = torch.Generator().manual_seed(seed + 2)
         with torch.no_grad():
@@ -76,7 +82,8 @@ def fit_weights(lbs_net, betas, steps, n=2048, seed=0, tau=0.15):
     opt = torch.optim.Adam(lbs_net.lbs.parameters(), lr=1e-3)
     loss = torch.zeros(())
     for _ in range(steps):
-        x = (torch.rand(betas.shape[0], n // betas.shape[0], 3, generator=g) * 2 - 1).to(betas.device)
+        x = torch.rand(betas.shape[0], n // betas.shape[0], 3, generator=g) * 2 - 1
+        x = x.to(betas.device)
         target = torch.softmax(-((x[:, :, None] - centres) ** 2).sum(-1) / tau, dim=-1)
         loss = ((lbs_net(x, betas)[0] - target) ** 2).mean()
         opt.zero_grad()
@@ -111,7 +118,8 @@ def transforms(R):
 
 
 def named_rotvecs(B, g):
-    """Local axis-angle rotations [B, 5, 3]: item k % 4 = jaw 0.3 rad, neck yaw 30 deg, both, random."""
+    """Local axis-angle rotations [B, 5, 3]: item k % 4 = jaw 0.3 rad, neck yaw 30 deg, both,
+    random."""
     rv = torch.zeros(B, 5, 3)
     for k in range(B):
         kind = k % 4
@@ -141,7 +149,8 @@ def make_inputs(B, N, device, seed=0, poses="named"):
                             pose_feature=(R[:, 1:] - torch.eye(3)).reshape(B, -1),
                             pose_feature_c=(R_c[:, 1:] - torch.eye(3)).reshape(B, -1),
                             exp=torch.randn(B, 50, generator=g) * 0.5, exp_c=torch.zeros(B, 50))
-    cond = dict(z_shape=torch.randn(B, 256, generator=g) * 0.1, shape=torch.randn(B, 100, generator=g) * 0.5)
+    cond = dict(z_shape=torch.randn(B, 256, generator=g) * 0.1,
+                shape=torch.randn(B, 100, generator=g) * 0.5)
     n_surf = N * 8 // 9  # 2000 "near-surface" (inside a ball) + 250 uniform per item at N=2250
     ball = nn.functional.normalize(torch.randn(B, n_surf, 3, generator=g), dim=-1)
     ball = ball * (0.5 + 0.1 * torch.randn(B, n_surf, 1, generator=g))
@@ -150,7 +159,8 @@ def make_inputs(B, N, device, seed=0, poses="named"):
 
 
 def set_blendshapes(lbs, std, seed=0):
-    """Give the zero-initialized blendshape head of LBSNetwork weights ~ N(0, std) (0: keep zeros)."""
+    """Give the zero-initialized blendshape head of LBSNetwork weights ~ N(0, std) (0: keep
+    zeros)."""
     tail = lbs.net.tail
     if std <= 0:
         return
@@ -182,7 +192,8 @@ def reference_error(ref, xc, valid, xd, cond, flame_out):
     x0 = xc.detach()[b, n, i].double()
     with torch.no_grad():
         fl = ref._checked_flame(flame_out, B, xd.double()).to(torch.float64)
-        out = ref._solve_exact(x0, b, xd.detach()[b, n].double(), cond["shape"].double(), fl, eval_mode=False)
+        out = ref._solve_exact(x0, b, xd.detach()[b, n].double(), cond["shape"].double(), fl,
+                               eval_mode=False)
     err = (out["result"] - x0).norm(dim=-1)
     return float(err.mean()), float(err.max()), int((~out["valid_ids"]).sum())
 
@@ -220,8 +231,10 @@ def timed_once(fn, sync):
 
 def steps_text(info):
     if "grid_steps" in info:
-        extra = f", {info['n_further']} further, {info['n_fallback']} fallback" if info["n_solved"] else ""
-        return f"{info['grid_steps']} grid + {info['n_steps']} net ({info['n_polished']} polished{extra})"
+        extra = (f", {info['n_further']} further, {info['n_fallback']} fallback"
+                 if info["n_solved"] else "")
+        return (f"{info['grid_steps']} grid + {info['n_steps']} net "
+                f"({info['n_polished']} polished{extra})")
     return f"{info['n_steps']} net"
 
 
@@ -237,16 +250,21 @@ def main():
     ap.add_argument("--max-steps", type=int, default=50)
     ap.add_argument("--chunk-size", type=int, default=20000)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--fit-steps", type=int, default=200, help="Adam steps fitting the LBS weights (0: untrained)")
-    ap.add_argument("--tau", type=float, default=0.15, help="width of the fitted skinning (smaller: sharper)")
-    ap.add_argument("--blendshapes", type=float, default=0.003, help="std of the blendshape head weights (0: zeros)")
+    ap.add_argument("--fit-steps", type=int, default=200,
+                    help="Adam steps fitting the LBS weights (0: untrained)")
+    ap.add_argument("--tau", type=float, default=0.15,
+                    help="width of the fitted skinning (smaller: sharper)")
+    ap.add_argument("--blendshapes", type=float, default=0.003,
+                    help="std of the blendshape head weights (0: zeros)")
     ap.add_argument("--disp", type=float, default=0.01,
-                    help="std of the displacement network's output weights (0: zeros, the identity warp)")
+                    help="std of the displacement network's output weights (0: zeros, the "
+                         "identity warp)")
     ap.add_argument("--poses", choices=("named", "random"), default="named")
     ap.add_argument("--grid-res", type=int, nargs=3, default=(12, 12, 12), metavar=("D", "H", "W"))
     ap.add_argument("--upsample", type=int, default=4)
     ap.add_argument("--exact-steps", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (fastest is kept)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed runs per measurement (fastest is kept)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--no-occupancy", action="store_true", help="skip the query_occupancy rows")
     ap.add_argument("--seed", type=int, default=0, help="network initialization and inputs")
@@ -259,13 +277,14 @@ def main():
     torch.manual_seed(args.seed)
     lbs_net, lbs, disp_net = build_networks(args.disp, seed=args.seed)
     lbs_net = lbs_net.to(device)  # moves the referenced displacement network too
-    xd, cond, flame_out = make_inputs(args.batch, args.points, device, seed=args.seed, poses=args.poses)
+    xd, cond, flame_out = make_inputs(args.batch, args.points, device, seed=args.seed,
+                                      poses=args.poses)
     n_pts = xd.shape[0] * xd.shape[1]
     if args.fit_steps > 0:
         t0 = time.perf_counter()
         mse = fit_weights(lbs_net, cond["shape"], args.fit_steps, tau=args.tau)
-        print(f"fitted LBS weights to a smooth skinning (tau {args.tau}): {args.fit_steps} steps, mse {mse:.2e}, "
-              f"{time.perf_counter() - t0:.1f} s (not timed below)")
+        print(f"fitted LBS weights to a smooth skinning (tau {args.tau}): {args.fit_steps} "
+              f"steps, mse {mse:.2e}, {time.perf_counter() - t0:.1f} s (not timed below)")
         lbs_net.zero_grad(set_to_none=True)
     set_blendshapes(lbs, args.blendshapes)
     with torch.no_grad():
@@ -276,20 +295,23 @@ def main():
     modes = {"exact": ForwardDeformer(counted, **common).to(device),
              "fast": FastForwardDeformer(counted, grid_res=args.grid_res, upsample=args.upsample,
                                          exact_steps=args.exact_steps, **common).to(device)}
-    ref = ForwardDeformer(copy.deepcopy(lbs_net).double(), max_steps=30, cvg_thresh=1e-11, dvg_thresh=1e9,
-                          chunk_size=args.chunk_size).to(device)
+    ref = ForwardDeformer(copy.deepcopy(lbs_net).double(), max_steps=30, cvg_thresh=1e-11,
+                          dvg_thresh=1e9, chunk_size=args.chunk_size).to(device)
     fast = modes["fast"]
-    print(f"networks: LBS at x + disp(x, betas) (lib/model/neutral_lbs.py), mean |disp| {disp_mean:.3f}; "
-          f"device {device}, torch threads {torch.get_num_threads()}; {args.batch} x "
-          f"{args.points} = {n_pts} points, {fast.n_init} inits, max_steps {args.max_steps}, poses {args.poses}, "
+    print(f"networks: LBS at x + disp(x, betas) (lib/model/neutral_lbs.py), mean |disp| "
+          f"{disp_mean:.3f}; device {device}, torch threads {torch.get_num_threads()}; "
+          f"{args.batch} x {args.points} = {n_pts} points, {fast.n_init} inits, max_steps "
+          f"{args.max_steps}, poses {args.poses}, "
           f"mean offset {offsets_size(lbs_net, cond, flame_out):.3f}")
+    box = f"{tuple(fast.bbox_min.tolist())}..{tuple(fast.bbox_max.tolist())}"
     print(f"fast: grid {fast.grid_res} (LBS evaluations per item) refined to {fast.lookup_res}, "
-          f"exact_steps {fast.exact_steps}, box {tuple(fast.bbox_min.tolist())}..{tuple(fast.bbox_max.tolist())}")
+          f"exact_steps {fast.exact_steps}, box {box}")
     for d in modes.values():  # warm-up (first-call allocations)
         d(xd[:, :64], cond, flame_out, eval_mode=False)
 
-    print(f"\n{'phase':<6s} {'mode':<6s} {'pts/s':>10s} {'wall s':>8s} {'cpu s':>7s} {'LBS/pt':>7s} "
-          f"{'valid inits':>12s} {'pts w/ root':>12s} {'err mean':>10s} {'err max':>10s}  steps")
+    print(f"\n{'phase':<6s} {'mode':<6s} {'pts/s':>10s} {'wall s':>8s} {'cpu s':>7s} "
+          f"{'LBS/pt':>7s} {'valid inits':>12s} {'pts w/ root':>12s} {'err mean':>10s} "
+          f"{'err max':>10s}  steps")
     summary = []
     for phase, text, eval_mode, grad in PHASES:
         def run(d, eval_mode=eval_mode, grad=grad):
@@ -297,18 +319,23 @@ def main():
                 if grad:
                     return d(xd, cond, flame_out, eval_mode=eval_mode, return_info=True)
                 return d.search(xd, cond, flame_out, eval_mode=eval_mode, return_info=True)
-        wall, cpu, out, evals = {n: float("inf") for n in modes}, {n: float("inf") for n in modes}, {}, {}
-        for _ in range(max(1, args.repeats)):  # modes interleaved, so that both see the same machine load
+
+        wall, cpu = {n: float("inf") for n in modes}, {n: float("inf") for n in modes}
+        out, evals = {}, {}
+        # modes interleaved, so that both see the same machine load
+        for _ in range(max(1, args.repeats)):
             for name, d in modes.items():
                 counted.count = 0
                 t, c, out[name] = timed_once(lambda d=d: run(d), sync)
-                wall[name], cpu[name], evals[name] = min(wall[name], t), min(cpu[name], c), counted.count
+                wall[name], cpu[name] = min(wall[name], t), min(cpu[name], c)
+                evals[name] = counted.count
         for name in modes:
             xc, valid, info = out[name]
             err = reference_error(ref, xc, valid, xd, cond, flame_out)
-            print(f"{phase:<6s} {name:<6s} {n_pts / wall[name]:10.0f} {wall[name]:8.3f} {cpu[name]:7.2f} "
-                  f"{evals[name] / n_pts:7.1f} {valid.float().mean():12.5f} {valid.any(-1).float().mean():12.5f} "
-                  f"{err[0]:10.2e} {err[1]:10.2e}  {steps_text(info)}"
+            print(f"{phase:<6s} {name:<6s} {n_pts / wall[name]:10.0f} {wall[name]:8.3f} "
+                  f"{cpu[name]:7.2f} {evals[name] / n_pts:7.1f} {valid.float().mean():12.5f} "
+                  f"{valid.any(-1).float().mean():12.5f} {err[0]:10.2e} {err[1]:10.2e}  "
+                  f"{steps_text(info)}"
                   + ("" if err[2] == 0 else f"  ({err[2]} refinements failed)"))
             if grad:
                 t, _, _ = timed_once(lambda: (xc[valid] ** 2).sum().backward(), sync)
@@ -318,11 +345,12 @@ def main():
         (xe, ve, _), (xf, vf, _) = out["exact"], out["fast"]
         both = ve & vf
         d = (xe - xf).detach().norm(dim=-1)[both]
-        summary.append(f"{phase:<6s} ({text}): fast/exact {wall['exact'] / wall['fast']:.1f}x wall, "
-                       f"{cpu['exact'] / cpu['fast']:.1f}x CPU, {evals['exact'] / max(evals['fast'], 1):.1f}x "
-                       f"fewer LBS evaluations; valid inits differ on {(ve != vf).float().mean():.5f}; on inits "
-                       f"valid in both |xc_fast - xc_exact| max {d.max() if d.numel() else float('nan'):.1e}, "
-                       f"{int((d > 1e-4).sum())} above 1e-4")
+        summary.append(
+            f"{phase:<6s} ({text}): fast/exact {wall['exact'] / wall['fast']:.1f}x wall, "
+            f"{cpu['exact'] / cpu['fast']:.1f}x CPU, {evals['exact'] / max(evals['fast'], 1):.1f}x "
+            f"fewer LBS evaluations; valid inits differ on {(ve != vf).float().mean():.5f}; on "
+            f"inits valid in both |xc_fast - xc_exact| max "
+            f"{d.max() if d.numel() else float('nan'):.1e}, {int((d > 1e-4).sum())} above 1e-4")
     print("\n" + "\n".join(summary))
 
     if not args.no_occupancy:
@@ -330,10 +358,11 @@ def main():
         occ = {}
         for name, d in modes.items():
             with torch.no_grad():
-                t, _, occ[name] = timed_once(lambda d=d: d.query_occupancy(xd, cond, flame_out, occ_fn,
-                                                                           disp_net=disp_net, eval_mode=True), sync)
-            print(f"eval {name:<5s} query_occupancy (+disp net) {n_pts / t:10.0f} pts/s {t:8.3f} s  "
-                  f"inside {(occ[name] > 0).float().mean():.4f}")
+                t, _, occ[name] = timed_once(
+                    lambda d=d: d.query_occupancy(xd, cond, flame_out, occ_fn,
+                                                  disp_net=disp_net, eval_mode=True), sync)
+            print(f"eval {name:<5s} query_occupancy (+disp net) {n_pts / t:10.0f} pts/s "
+                  f"{t:8.3f} s  inside {(occ[name] > 0).float().mean():.4f}")
         flips = ((occ["exact"] > 0) != (occ["fast"] > 0)).float().mean()
         print(f"occupancy: inside/outside labels differ on {flips:.5f} of the points; "
               f"max |logit difference| {(occ['exact'] - occ['fast']).abs().max():.2e}")

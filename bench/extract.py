@@ -24,8 +24,12 @@ import time
 import torch
 from torch import nn
 
-from lib.utils.extraction import (dense_grid_values, hierarchical_grid_values, mesh_from_grid,
-                                  padded_box)
+from lib.utils.extraction import (
+    dense_grid_values,
+    hierarchical_grid_values,
+    mesh_from_grid,
+    padded_box,
+)
 
 
 def smooth_max(a: torch.Tensor, b: torch.Tensor, k: float = 0.05) -> torch.Tensor:

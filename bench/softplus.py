@@ -4,7 +4,8 @@ output difference.
 
     .venv/bin/python bench/softplus.py [--ckpt outputs/fine_holdout/checkpoints/last.ckpt]
                                        [--points 6000] [--repeats 6] [--threads 2]
-                                       [--fine-step --flame_model data/synthetic/flame/generic_model.pkl]
+                                       [--fine-step
+                                        --flame_model data/synthetic/flame/generic_model.pkl]
 
 Networks: the normal network (8 x 256, stage 2) and the occupancy network (4 x 256, stage 1,
 on a random 64-channel feature), the LBS network (4 x 128). Weights: freshly initialized, and
@@ -46,9 +47,11 @@ def cases(ckpt: Path | None):
     state = {}
     if ckpt is not None:
         state = read_project_checkpoint(ckpt)["state_dict"]
-    specs = [("normal 8x256", "norm_network.", N.build_normal_network, 128 + 229),
-             ("occupancy 4x256", "occ_network.", lambda: N.build_geometry_network(feature_dim=64), 64),
-             ("LBS 4x128", "deformer.lbs_net.", N.LBSNetwork, 256)]
+    specs = [
+        ("normal 8x256", "norm_network.", N.build_normal_network, 128 + 229),
+        ("occupancy 4x256", "occ_network.", lambda: N.build_geometry_network(feature_dim=64), 64),
+        ("LBS 4x128", "deformer.lbs_net.", N.LBSNetwork, 256),
+    ]
     for label, prefix, build, cdim in specs:
         torch.manual_seed(0)
         net = build()
@@ -82,7 +85,8 @@ def fine_step(ckpt: Path, flame_model: Path, repeats: int) -> None:
                                                        "+experiments=fine_cpu"])
     checkpoint = read_project_checkpoint(ckpt)
     model = GANHead(n_subjects=checkpoint["state_dict"]["z_shapes.weight"].shape[0],
-                    output_dir=tempfile.mkdtemp(), **OmegaConf.to_container(cfg.model, resolve=True))
+                    output_dir=tempfile.mkdtemp(),
+                    **OmegaConf.to_container(cfg.model, resolve=True))
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=False)
     opt = model.configure_optimizers()
@@ -105,9 +109,11 @@ def fine_step(ckpt: Path, flame_model: Path, repeats: int) -> None:
             if step:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"stage-2 step (fine_cpu, {ckpt.name}'s trained networks, {len(mlps)} implicit networks): "
-          f"nn.Softplus {med['nn.Softplus']:.2f} s, clamped {med['clamped']:.2f} s "
-          f"({med['nn.Softplus'] / med['clamped']:.1f}x)")
+    print(
+        f"stage-2 step (fine_cpu, {ckpt.name}'s trained networks, {len(mlps)} implicit networks): "
+        f"nn.Softplus {med['nn.Softplus']:.2f} s, clamped {med['clamped']:.2f} s "
+        f"({med['nn.Softplus'] / med['clamped']:.1f}x)"
+    )
 
 
 def main() -> None:
@@ -116,14 +122,19 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=6000)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fine-step", action="store_true", help="also time stage-2 steps (needs a fine_cpu --ckpt)")
-    ap.add_argument("--flame_model", type=Path, default=ROOT / "data/synthetic/flame/generic_model.pkl")
+    ap.add_argument("--fine-step", action="store_true",
+                    help="also time stage-2 steps (needs a fine_cpu --ckpt)")
+    ap.add_argument("--flame_model", type=Path,
+                    default=ROOT / "data/synthetic/flame/generic_model.pkl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.fine_step and args.ckpt is None:
-        raise SystemExit("bench/softplus.py: --fine-step needs --ckpt (a fine_cpu stage-2 checkpoint)")
-    print(f"device cpu, {torch.get_num_threads()} threads, torch {torch.__version__}; 2 x {args.points} points")
-    print(f"{'network':44s} {'nn.Softplus ms':>15s} {'clamped ms':>11s} {'speed-up':>9s} {'max |diff|':>11s}")
+        raise SystemExit("bench/softplus.py: --fine-step needs --ckpt (a fine_cpu stage-2 "
+                         "checkpoint)")
+    print(f"device cpu, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"2 x {args.points} points")
+    print(f"{'network':44s} {'nn.Softplus ms':>15s} {'clamped ms':>11s} {'speed-up':>9s} "
+          f"{'max |diff|':>11s}")
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, args.points, 3, generator=g) * 1.6 - 0.8
     for label, net, cdim in cases(args.ckpt):

@@ -156,9 +156,10 @@ class CoarseRun:
             self.model.on_load_checkpoint(checkpoint)  # checks the head model, drops FLAME arrays
             missing, unexpected = self.model.load_state_dict(state, strict=False)
             if unexpected or any(not k.startswith(("disc_",)) for k in missing):
-                raise ValueError(f"{ckpt} does not fit the '{size}' networks: missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}")
-        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=1e-3)
+                raise ValueError(f"{ckpt} does not fit the '{size}' networks: missing "
+                                 f"{missing[:3]}, unexpected {unexpected[:3]}")
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
+                                    lr=1e-3)
         dm = cfg.datamodule
         self.size, self.mode, self.batch_size = size, mode, dm.batch_size
         self.n_points = dm.points_per_frame + dm.points_per_frame // 8
@@ -178,8 +179,9 @@ class CoarseRun:
         loss.backward()
         self.opt.step()
         if record:
-            self.rows.append((time.perf_counter() - t0, float(terms["valid_frac"]), self.spent["search"],
-                              self.spent["_implicit_correction"], self.spent["generator"]))
+            self.rows.append((time.perf_counter() - t0, float(terms["valid_frac"]),
+                              self.spent["search"], self.spent["_implicit_correction"],
+                              self.spent["generator"]))
 
     def generator_time(self) -> float:
         """The generator's forward and backward alone (shared by both modes: a floor under the
@@ -195,9 +197,10 @@ class CoarseRun:
 
     def result(self) -> dict:
         med = lambda i: statistics.median(r[i] for r in self.rows)  # noqa: E731
-        return {"size": self.size, "mode": self.mode, "batch": self.batch_size, "points": self.n_points,
-                "s_per_step": med(0), "valid": med(1), "search": med(2), "correction": med(3),
-                "generator": med(4), "generator_fb": self.generator_time()}
+        return {"size": self.size, "mode": self.mode, "batch": self.batch_size,
+                "points": self.n_points, "s_per_step": med(0), "valid": med(1),
+                "search": med(2), "correction": med(3), "generator": med(4),
+                "generator_fb": self.generator_time()}
 
 
 def _time_calls(spent: dict, owner, names, forward: bool = False) -> None:
@@ -254,8 +257,9 @@ def main() -> None:
 def run_coarse(args, flame_path: Path) -> None:
     """Per size: one model per mode, their steps interleaved (so that every mode sees the same
     machine load), the median of --steps timed steps after one warm-up step each."""
-    print(f"{'size':8s} {'mode':6s} {'batch':>5s} {'points':>7s} {'s/step':>8s} {'valid':>6s}   forward "
-          f"seconds per step in: {'search':>7s} {'correction':>10s} {'generator':>9s}   generator fwd+bwd")
+    print(f"{'size':8s} {'mode':6s} {'batch':>5s} {'points':>7s} {'s/step':>8s} {'valid':>6s}"
+          f"   forward seconds per step in: {'search':>7s} {'correction':>10s} "
+          f"{'generator':>9s}   generator fwd+bwd")
     for size in args.sizes:
         runs = []
         for mode in args.modes:
@@ -270,10 +274,13 @@ def run_coarse(args, flame_path: Path) -> None:
         for r in results:
             print(f"{r['size']:8s} {r['mode']:6s} {r['batch']:5d} {r['points']:7d} "
                   f"{r['s_per_step']:8.2f} {r['valid']:6.3f}   {'':29s}{r['search']:7.3f} "
-                  f"{r['correction']:10.3f} {r['generator']:9.3f}   {r['generator_fb']:8.3f}", flush=True)
+                  f"{r['correction']:10.3f} {r['generator']:9.3f}   {r['generator_fb']:8.3f}",
+                  flush=True)
         if len(results) > 1:
-            print(f"  {size}: step speed-up over {results[0]['mode']}: " + ", ".join(
-                f"{r['mode']} {results[0]['s_per_step'] / r['s_per_step']:.2f}x" for r in results[1:]))
+            base = results[0]
+            print(f"  {size}: step speed-up over {base['mode']}: "
+                  + ", ".join(f"{r['mode']} {base['s_per_step'] / r['s_per_step']:.2f}x"
+                              for r in results[1:]))
 
 
 if __name__ == "__main__":

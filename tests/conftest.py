@@ -92,10 +92,10 @@ def add_fine_data(processed: Path, model_path: Path, res: int = 32, n_views: int
     colours mapped to [-1, 1] without per-scan normalization) and `multi_view_<res>/` normal
     and colour renders of the 9 views (same colours, so both targets agree)."""
     from lib.dataset.scan_render import save_views, view_transforms
-    from lib.utils.surface import area_samples
     from lib.flame import FLAMEServer
     from lib.render.images import to_uint8
     from lib.render.shading import render_normals, render_vertex_colors
+    from lib.utils.surface import area_samples
 
     server = FLAMEServer(str(model_path))
     faces = server.flame.faces

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib.utils.atomic import TMP_MARK, atomic_path, atomic_pickle, atomic_write_bytes, \
-    is_temp_name
+from lib.utils.atomic import TMP_MARK, atomic_path, atomic_pickle, atomic_write_bytes, is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +94,7 @@ def test_killed_writer_leaves_temp_recognised_by_marker(tmp_path):
     assert len(left) == 1 and is_temp_name(left[0]) and left[0].read_bytes() == b"half"
     assert not is_temp_name(target) and not is_temp_name(tmp_path / "x.tmp-1.npz")
 
-    from lib.dataset.preprocessing import remove_stray_temps    # the resume step deletes it
+    from lib.dataset.preprocessing import remove_stray_temps  # the resume step deletes it
     (target.parent / "occupancy.npz").write_bytes(b"kept")
     remove_stray_temps(target.parent)
     assert [p.name for p in target.parent.iterdir()] == ["occupancy.npz"]

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from test_train import ROOT, TINY
 
 NETS = [o for o in TINY if not o.startswith("+experiments")]

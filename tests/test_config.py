@@ -204,7 +204,9 @@ def test_option_types_are_checked():
     assert fit.flame.orientations == ("flip_yz",) and fit.flame.n_points == 2000
     assert ReenactOptions.from_config({"max_frames": None}).max_frames is None
     assert ReenactOptions.from_config({"max_frames": 5}).max_frames == 5
-    with pytest.raises(InferenceError, match=r"test.reenact.max_frames must be int or None, got 2.5"):
+    with pytest.raises(
+        InferenceError, match=r"test.reenact.max_frames must be int or None, got 2.5"
+    ):
         ReenactOptions.from_config({"max_frames": 2.5})
     with pytest.raises(Exception, match="cannot assign"):  # frozen
         fit.shape_lr = 2.0

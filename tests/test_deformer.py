@@ -18,15 +18,17 @@ import torch
 from torch import nn
 
 from lib.flame.frames import FlameFrames
-from lib.model.broyden import broyden
 from lib.flame.lbs import deform_canonical
+from lib.model.broyden import broyden
 from lib.model.deformer import SKIPPED_LOGIT, ForwardDeformer, inv3
 from lib.model.networks import LBSNetwork, build_displacement_network
 from lib.model.neutral_lbs import NeutralLBS
 
 PARENTS = [-1, 0, 1, 1, 1]
-JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45], [-0.3, 0.25, 0.45]]
-CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6], [-0.3, 0.22, 0.6]]
+JOINTS = [[0.0, -0.6, -0.1], [0.0, -0.35, -0.1], [0.0, -0.15, 0.05], [0.3, 0.25, 0.45],
+          [-0.3, 0.25, 0.45]]
+CENTRES = [[0.0, -0.95, -0.1], [0.0, 0.3, -0.15], [0.0, -0.45, 0.4], [0.3, 0.22, 0.6],
+           [-0.3, 0.22, 0.6]]
 K_EXP, N_BETAS = 10, 100
 
 
@@ -42,7 +44,8 @@ def rodrigues(r):
 
 
 def chain(rot, joints, transl):
-    """rot [B,J,3,3], joints [J,3], transl [B,3] -> bone transforms [B,J,4,4] (rest joint removed)."""
+    """rot [B, J, 3, 3], joints [J, 3], transl [B, 3] -> bone transforms [B, J, 4, 4] (rest
+    joint removed)."""
     B, J = rot.shape[:2]
     G = []
     for j in range(J):
@@ -57,7 +60,8 @@ def chain(rot, joints, transl):
 
 
 class Field(nn.Module):
-    """Analytic LBS field: (xc [B,N,3], betas [B,S]) -> w [B,N,5], pose_dirs [B,N,36,3], expr_dirs [B,N,3,K]."""
+    """Analytic LBS field: (xc [B, N, 3], betas [B, S]) -> w [B, N, 5], pose_dirs [B, N, 36, 3],
+    expr_dirs [B, N, 3, K]."""
 
     def __init__(self, tau=0.15, amp=0.02, seed=0, dtype=torch.float32):
         super().__init__()
@@ -77,7 +81,8 @@ class Field(nn.Module):
         c = self.centres + 0.05 * torch.tanh(betas[:, :15]).reshape(B, 1, 5, 3)
         w = torch.softmax(-((xc[:, :, None, :] - c) ** 2).sum(-1) / self.tau, dim=-1)
         pd = self.amp * torch.sin(torch.einsum("bnd,pcd->bnpc", xc, self.fp) + self.pp)
-        ed = self.amp * self.expr_scale * torch.sin(torch.einsum("bnd,ckd->bnck", xc, self.fe) + self.pe)
+        phase = torch.einsum("bnd,ckd->bnck", xc, self.fe) + self.pe
+        ed = self.amp * self.expr_scale * torch.sin(phase)
         return w, pd, ed
 
 
@@ -92,11 +97,14 @@ def make_flame(B, max_deg=35.0, seed=1, dtype=torch.float32):
     rv_c[:, 2, 0] = 0.2
     rot_c = rodrigues(rv_c)
     eye = torch.eye(3, dtype=f64)
-    out = FlameFrames(tfs=chain(rot, joints, torch.randn(B, 3, generator=g, dtype=f64) * 0.05),
-                      tfs_c=chain(rot_c, joints, torch.zeros(B, 3, dtype=f64)),
-                      pose_feature=(rot[:, 1:] - eye).reshape(B, -1),
-                      pose_feature_c=(rot_c[:, 1:] - eye).reshape(B, -1),
-                      exp=torch.randn(B, K_EXP, generator=g, dtype=f64), exp_c=torch.zeros(B, K_EXP, dtype=f64))
+    out = FlameFrames(
+        tfs=chain(rot, joints, torch.randn(B, 3, generator=g, dtype=f64) * 0.05),
+        tfs_c=chain(rot_c, joints, torch.zeros(B, 3, dtype=f64)),
+        pose_feature=(rot[:, 1:] - eye).reshape(B, -1),
+        pose_feature_c=(rot_c[:, 1:] - eye).reshape(B, -1),
+        exp=torch.randn(B, K_EXP, generator=g, dtype=f64),
+        exp_c=torch.zeros(B, K_EXP, dtype=f64),
+    )
     return out.to(dtype)
 
 
@@ -139,7 +147,8 @@ def test_broyden_solves_sine_system_and_flags_divergence():
     assert 0 < out["n_steps"] < 50
     # only active points are evaluated: the rootless ones drop out after their first step
     assert sizes[0] == sizes[1] == M and sizes[2] <= M - bad.sum() and sizes[-1] < sizes[2]
-    again = broyden(g_fn, torch.zeros(M, 3, dtype=torch.float64), J0, max_steps=50, cvg_thresh=1e-10)
+    again = broyden(g_fn, torch.zeros(M, 3, dtype=torch.float64), J0, max_steps=50,
+                    cvg_thresh=1e-10)
     assert torch.equal(again["result"], out["result"])  # deterministic
 
 
@@ -147,22 +156,24 @@ def test_broyden_linear_system_exact_jacobian_and_max_steps():
     A = torch.tensor([[2.0, 0.3, 0.0], [0.1, 1.5, -0.2], [0.0, 0.4, 1.0]], dtype=torch.float64)
     b = torch.randn(10, 3, dtype=torch.float64)
     g_fn = lambda x, mask: x @ A.T - b[mask]  # noqa: E731
-    out = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64), torch.linalg.inv(A).repeat(10, 1, 1))
+    out = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64),
+                  torch.linalg.inv(A).repeat(10, 1, 1))
     assert out["n_steps"] == 1 and out["valid_ids"].all()
     assert torch.allclose(out["result"], torch.linalg.solve(A, b.T).T, atol=1e-12)
     # Broyden terminates on a linear n-dim system within 2n steps (Gay 1979), from any H0
     eye = torch.eye(3, dtype=torch.float64).repeat(10, 1, 1)
-    lin = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64), eye, cvg_thresh=1e-9, dvg_thresh=1e9)
+    lin = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64), eye, cvg_thresh=1e-9,
+                  dvg_thresh=1e9)
     assert lin["valid_ids"].all() and lin["n_steps"] <= 7
     assert torch.allclose(lin["result"], torch.linalg.solve(A, b.T).T, atol=1e-8)
-    zero = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64), torch.eye(3, dtype=torch.float64).repeat(10, 1, 1),
-                   max_steps=0)
+    zero = broyden(g_fn, torch.zeros(10, 3, dtype=torch.float64),
+                   torch.eye(3, dtype=torch.float64).repeat(10, 1, 1), max_steps=0)
     assert zero["n_steps"] == 0 and not zero["valid_ids"].any()
     with pytest.raises(ValueError, match="broyden.py"):
         broyden(g_fn, torch.zeros(10, 2), torch.eye(3).repeat(10, 1, 1))
 
 
-# ---------------------------------------------------------------------------------- forward deformation
+# ----------------------------------------------------------------------------- forward deformation
 def _pointwise_reference(xc, w, pd, ed, fl, b):
     """The forward deformation of one point (docs/design.md, Forward skinning) in float64, with
     4x4 solves: xc [3], w [J], pd [Q, 3], ed [3, X], frame b of fl (FlameFrames) -> xd [3]."""
@@ -184,7 +195,8 @@ def test_forward_deform_matches_pointwise_reference():
             ref = _pointwise_reference(xc[b, n], w[b, n], pd[b, n], ed[b, n], fl, b)
             assert torch.allclose(xd[b, n], ref, atol=1e-12)
     same = replace(fl, tfs=fl.tfs_c, pose_feature=fl.pose_feature_c, exp=fl.exp_c)
-    assert torch.allclose(d.forward_deform(xc, cond, same), xc, atol=1e-12)  # canonical -> canonical
+    # canonical -> canonical
+    assert torch.allclose(d.forward_deform(xc, cond, same), xc, atol=1e-12)
 
 
 def test_explicit_mesh_deformation_matches_pointwise_reference():
@@ -265,9 +277,10 @@ def test_point_mask_skips_points():
     assert recovered(xc, valid, xc_true)[mask].float().mean() >= 0.99
 
 
-# ---------------------------------------------------------------------------------- implicit gradient
+# ----------------------------------------------------------------------------- implicit gradient
 def test_implicit_gradient_matches_finite_differences():
-    d, field, cond, fl, _, _ = setup_problem(B=2, N=3, dtype=torch.float64, max_steps=100, cvg_thresh=1e-13)
+    d, field, cond, fl, _, _ = setup_problem(B=2, N=3, dtype=torch.float64, max_steps=100,
+                                             cvg_thresh=1e-13)
     g = torch.Generator().manual_seed(5)
     xc_true = torch.rand(2, 3, 3, generator=g, dtype=torch.float64) * 1.2 - 0.6
     xd0 = d.forward_deform(xc_true, cond, fl).detach()
@@ -315,7 +328,7 @@ def test_implicit_gradient_reaches_lbs_parameters():
     assert field.shift.grad is not None and field.shift.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------------- GANHead's fields
+# ----------------------------------------------------------------------------- GANHead's fields
 def neutral_fields(seed=0, dtype=torch.float64):
     """NeutralLBS (lib/model/neutral_lbs.py) on small real networks, every parameter perturbed
     (the zero-initialized blendshape head and displacement output included, so that the warp and
@@ -395,7 +408,8 @@ def test_implicit_gradient_reaches_the_displacement_network_finite_differences()
 
     named = dict(disp.named_parameters())
     grads = dict(zip(named, torch.autograd.grad(loss_of(xc), list(named.values()))))
-    assert all(gr.abs().max() > 0 for gr in grads.values()), {k: float(v.abs().max()) for k, v in grads.items()}
+    assert all(gr.abs().max() > 0 for gr in grads.values()), \
+        {k: float(v.abs().max()) for k, v in grads.items()}
     picks = [(name, tuple(int(i) for i in torch.unravel_index(gr.abs().argmax(), gr.shape)))
              for name, gr in grads.items()]
     first_v = grads["layers.0.parametrizations.weight.original1"].abs()
@@ -432,8 +446,10 @@ def test_query_occupancy_sphere_and_skipping():
     assert (occ[ok] >= truth[ok] - 1e-3).all()
     assert ((occ - truth).abs()[ok] < 1e-3).float().mean() > 0.97
     # far-point skipping: "vertices" only near half of the points
-    verts = xd[:, :100].repeat_interleave(10, dim=1)  # every 10th vertex is one of the first 100 points
-    occ_skip = d.query_occupancy(xd, cond, replace(fl, verts=verts), sphere, disp_net=disp_net, skip_far=True)
+    # every 10th vertex is one of the first 100 points
+    verts = xd[:, :100].repeat_interleave(10, dim=1)
+    occ_skip = d.query_occupancy(xd, cond, replace(fl, verts=verts), sphere, disp_net=disp_net,
+                                 skip_far=True)
     near = torch.cdist(xd, xd[:, :100]).amin(-1) <= 0.11
     assert (occ_skip[~near] == SKIPPED_LOGIT).all()
     assert torch.allclose(occ_skip[near], occ[near], atol=1e-4)

@@ -7,9 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from lib.model.discriminator import (Blur, Discriminator, EqualConv2d, EqualLinear, LazyR1,
-                                     MinibatchStd, d_logistic_loss, g_nonsaturating_loss,
-                                     r1_penalty)
+from lib.model.discriminator import (
+    Blur,
+    Discriminator,
+    EqualConv2d,
+    EqualLinear,
+    LazyR1,
+    MinibatchStd,
+    d_logistic_loss,
+    g_nonsaturating_loss,
+    r1_penalty,
+)
 
 SMALL = dict(channel_mul=8, channel_max=16)  # 8 channels at full resolution, then 16: fast on CPU
 

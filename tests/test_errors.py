@@ -10,7 +10,8 @@ def test_module_errors_name_the_file_and_keep_the_class():
     e = err("chunk must be >= 1, got 0")
     assert type(e) is ValueError and str(e) == "lib/model/query.py: chunk must be >= 1, got 0"
     e = err("file x.npz does not exist", FileNotFoundError)
-    assert type(e) is FileNotFoundError and str(e) == "lib/model/query.py: file x.npz does not exist"
+    assert type(e) is FileNotFoundError
+    assert str(e) == "lib/model/query.py: file x.npz does not exist"
 
 
 def test_a_module_raises_through_it():

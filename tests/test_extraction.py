@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.utils.extraction import (EmptyMeshError, dense_grid_values, extract_mesh,
-                                  mesh_from_grid)
+from lib.utils.extraction import EmptyMeshError, dense_grid_values, extract_mesh, mesh_from_grid
 
 
 def sphere_logit(center, radius, sharpness=10.0):

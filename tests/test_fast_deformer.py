@@ -25,6 +25,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+
+# the analytic skeleton and Rodrigues formula of the exact deformer's tests
+from test_deformer import CENTRES, JOINTS, PARENTS, rodrigues  # noqa: E402
 from torch import nn
 
 from lib.flame.frames import FlameFrames
@@ -33,12 +36,10 @@ from lib.model.fast_deformer import BakedGrid, FastForwardDeformer, spline_matri
 from lib.model.networks import ImplicitNetwork, LBSNetwork, build_displacement_network
 from lib.model.neutral_lbs import NeutralLBS
 
-# the analytic skeleton and Rodrigues formula of the exact deformer's tests
-from test_deformer import CENTRES, JOINTS, PARENTS, rodrigues  # noqa: E402
-
 
 def chain(rot):
-    """Local rotations [B, 5, 3, 3] -> bone transforms [B, 5, 4, 4] (FLAME hierarchy, rest joints removed)."""
+    """Local rotations [B, 5, 3, 3] -> bone transforms [B, 5, 4, 4] (FLAME hierarchy, rest
+    joints removed)."""
     B = rot.shape[0]
     joints = torch.tensor(JOINTS, dtype=rot.dtype)
     G = []
@@ -67,7 +68,8 @@ def make_problem(N=300, seed=0, dtype=torch.float32):
     eye = torch.eye(3, dtype=f64)
     fl = FlameFrames(tfs=chain(R), tfs_c=chain(R_c), pose_feature=(R[:, 1:] - eye).reshape(4, -1),
                      pose_feature_c=(R_c[:, 1:] - eye).reshape(4, -1),
-                     exp=torch.randn(4, 50, generator=g, dtype=f64) * 0.5, exp_c=torch.zeros(4, 50, dtype=f64))
+                     exp=torch.randn(4, 50, generator=g, dtype=f64) * 0.5,
+                     exp_c=torch.zeros(4, 50, dtype=f64))
     cond = dict(shape=torch.randn(4, 100, generator=g, dtype=f64) * 0.5)
     n_ball = N * 8 // 9
     ball = nn.functional.normalize(torch.randn(4, n_ball, 3, generator=g, dtype=f64), dim=-1)
@@ -78,7 +80,8 @@ def make_problem(N=300, seed=0, dtype=torch.float32):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tensors here are small: one thread avoids OpenMP oversubscription on shared 2-core machines."""
+    """The tensors here are small: one thread avoids OpenMP oversubscription on shared 2-core
+    machines."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -127,7 +130,8 @@ def residual(d, xc, xd, cond, fl):
 
 
 def assert_agree(xe, ve, xf, vf, tol=1e-4, frac_pp=0.5):
-    """Fast vs exact: valid fractions within frac_pp points, correspondences valid in both within tol."""
+    """Fast vs exact: valid fractions within frac_pp points, correspondences valid in both
+    within tol."""
     assert abs(vf.float().mean() - ve.float().mean()) * 100 <= frac_pp
     both = ve & vf
     assert both.float().mean() > 0.95
@@ -141,7 +145,8 @@ def test_spline_matrix_reproduces_cubics_and_interpolates():
         xs, xf = np.linspace(0, 1, n), np.linspace(0, 1, m)
         for coef in ([1.0, -2.0, 0.5, 3.0], [0.2, 0.0, -1.0, 0.0]):
             p = np.polynomial.Polynomial(coef)
-            assert np.allclose(M.numpy() @ p(xs), p(xf), atol=1e-10)  # not-a-knot is exact on cubics
+            # not-a-knot is exact on cubics
+            assert np.allclose(M.numpy() @ p(xs), p(xf), atol=1e-10)
         if (m - 1) % (n - 1) == 0:  # fine nodes on the coarse ones reproduce the samples
             step = (m - 1) // (n - 1)
             assert torch.allclose(M[::step], torch.eye(n, dtype=torch.float64), atol=1e-12)
@@ -152,9 +157,11 @@ def test_spline_matrix_reproduces_cubics_and_interpolates():
 
 
 def test_baked_grid_is_exact_on_trilinear_fields_inside_and_outside():
-    """A trilinear polynomial field is reproduced exactly, with its Jacobian, also when extrapolated."""
+    """A trilinear polynomial field is reproduced exactly, with its Jacobian, also when
+    extrapolated."""
     g = torch.Generator().manual_seed(0)
-    coef = torch.randn(2, 8, 3, generator=g, dtype=torch.float64)  # two slots, 8 monomials, 3 channels
+    # two slots, 8 monomials, 3 channels
+    coef = torch.randn(2, 8, 3, generator=g, dtype=torch.float64)
 
     def field(p, k):  # p [..., 3] -> [..., 3]
         x, y, z = p[..., 0:1], p[..., 1:2], p[..., 2:3]
@@ -173,7 +180,8 @@ def test_baked_grid_is_exact_on_trilinear_fields_inside_and_outside():
     truth = torch.stack([field(p[i], int(slot[i])) for i in range(400)])
     assert torch.allclose(val.t(), truth, atol=1e-10)
     for k in range(2):
-        Jt = torch.autograd.functional.jacobian(lambda q: field(q, k), p[slot == k][:5])  # [5,3,5,3]
+        # [5, 3, 5, 3]
+        Jt = torch.autograd.functional.jacobian(lambda q: field(q, k), p[slot == k][:5])
         Jt = torch.stack([Jt[i, :, i] for i in range(5)])
         assert torch.allclose(jac.permute(2, 0, 1)[slot == k][:5], Jt, atol=1e-10)
 
@@ -181,8 +189,9 @@ def test_baked_grid_is_exact_on_trilinear_fields_inside_and_outside():
 # ---------------------------------------------------------------------------------- bake
 def test_bake_samples_forward_deform_on_the_lattice(net):
     xd, cond, fl = make_problem(N=9)
-    fd = FastForwardDeformer(net, grid_res=(5, 6, 7), bbox_min=(-0.9, -1.0, -0.8), bbox_max=(1.0, 0.9, 0.7),
-                             upsample=3)
+    fd = FastForwardDeformer(
+        net, grid_res=(5, 6, 7), bbox_min=(-0.9, -1.0, -0.8), bbox_max=(1.0, 0.9, 0.7), upsample=3
+    )
     with torch.no_grad():
         grid = fd.bake(cond["shape"], fd._checked_flame(fl, 4, xd))
         lo, hi = fd.bbox_min, fd.bbox_max
@@ -204,7 +213,8 @@ def test_bake_samples_forward_deform_on_the_lattice(net):
         with torch.no_grad():
             g12 = f12.bake(cond["shape"], f12._checked_flame(fl, 4, xd))
             exact = f12.forward_deform(p, cond, fl).reshape(-1, 3)
-        errs.append((g12(p.reshape(-1, 3).t().contiguous(), slot)[0].t() - exact).norm(dim=-1).median())
+        err = (g12(p.reshape(-1, 3).t().contiguous(), slot)[0].t() - exact).norm(dim=-1)
+        errs.append(err.median())
     assert errs[0] < 0.5 * errs[1] and errs[0] < 1e-3
 
 
@@ -233,7 +243,8 @@ def test_fast_matches_exact_on_four_named_poses(net, eval_mode):
 
 
 def test_gradients_match_exact_float64(net):
-    """Implicit-differentiation gradients (LBS parameters and x_d) of fast and exact correspondences."""
+    """Implicit-differentiation gradients (LBS parameters and x_d) of fast and exact
+    correspondences."""
     net64 = copy.deepcopy(net).double()
     xd, cond, fl = make_problem(N=12, dtype=torch.float64)
     kw = dict(cvg_thresh=1e-11, max_steps=60)
@@ -243,11 +254,13 @@ def test_gradients_match_exact_float64(net):
         runs.append((x,) + tuple(d(x, cond, fl, return_info=True)))
     (x_e, xe, ve, _), (x_f, xf, vf, info) = runs
     both = ve & vf
-    assert info["n_polished"] > 0 and both.float().mean() > 0.95 and (xe - xf).norm(dim=-1)[both].max() < 1e-9
+    assert info["n_polished"] > 0 and both.float().mean() > 0.95
+    assert (xe - xf).norm(dim=-1)[both].max() < 1e-9
     w = torch.randn(xe.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     params = [p for p in all_params(net64) if p.requires_grad]
-    out = [torch.autograd.grad((torch.where(both[..., None], xc, torch.zeros_like(xc)) * w).sum(), params + [x],
-                               allow_unused=True) for x, xc in ((x_e, xe), (x_f, xf))]
+    out = [torch.autograd.grad((torch.where(both[..., None], xc, torch.zeros_like(xc)) * w).sum(),
+                               params + [x], allow_unused=True)
+           for x, xc in ((x_e, xe), (x_f, xf))]
     n_checked = 0
     for ge, gf in zip(*out):
         assert (ge is None) == (gf is None)
@@ -274,24 +287,30 @@ def test_gradients_match_exact_float32_default_settings(net):
         grads.append(torch.cat([p.grad.flatten() for p in all_params(net) if p.grad is not None]))
     for p in all_params(net):
         p.grad = None
-    # correspondences differ by up to ~2e-5 (two searches stopping below 1e-5); measured ~1e-5 relative
+    # correspondences differ by up to ~2e-5 (two searches stopping below 1e-5); measured ~1e-5
+    # relative
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-3 * float(grads[0].abs().max()))
     assert (grads[1] - grads[0]).norm() < 1e-3 * grads[0].norm()
 
 
-# ---------------------------------------------------------------------------------- failures, box, masks
+# ----------------------------------------------------------------------------- failures, box, masks
 def test_polish_failures_are_invalid_or_solved_by_the_fallback(net):
     xd, cond, fl = make_problem(N=200)
     exact = ForwardDeformer(net)
     coarse = dict(grid_res=(3, 3, 3), upsample=1, exact_steps=1)
     with torch.no_grad():
         xe, ve = exact(xd, cond, fl)
-        xn, vn, info_n = FastForwardDeformer(net, fallback=False, **coarse)(xd, cond, fl, return_info=True)
-        xf, vf, info_f = FastForwardDeformer(net, fallback=True, **coarse)(xd, cond, fl, return_info=True)
-    # a 3^3 lattice is far too coarse for one polishing step: many inits stay unconverged and are invalid
-    assert vn.float().mean() < ve.float().mean() - 0.05 and info_n["n_fallback"] == info_n["n_further"] == 0
+        fast_n = FastForwardDeformer(net, fallback=False, **coarse)
+        fast_f = FastForwardDeformer(net, fallback=True, **coarse)
+        xn, vn, info_n = fast_n(xd, cond, fl, return_info=True)
+        xf, vf, info_f = fast_f(xd, cond, fl, return_info=True)
+    # a 3^3 lattice is far too coarse for one polishing step: many inits stay unconverged and
+    # are invalid
+    assert vn.float().mean() < ve.float().mean() - 0.05
+    assert info_n["n_fallback"] == info_n["n_further"] == 0
     assert (residual(exact, xn, xd, cond, fl)[vn] < 1.2e-5).all()
-    assert torch.isinf(info_n["diff"][~vn]).sum() + (info_n["diff"][~vn] >= 1e-5).sum() == (~vn).sum()
+    diff_n = info_n["diff"][~vn]
+    assert torch.isinf(diff_n).sum() + (diff_n >= 1e-5).sum() == (~vn).sum()
     # with the fallback they are polished further: same answers as the exact mode
     assert info_f["n_further"] > 0
     assert_agree(xe, ve, xf, vf)
@@ -330,7 +349,8 @@ def test_points_without_a_grid_root_get_the_exact_search(net):
 
 
 def test_roots_outside_the_grid_box(net):
-    """Canonical roots outside a small box: the boundary cells are extrapolated, the networks decide."""
+    """Canonical roots outside a small box: the boundary cells are extrapolated, the networks
+    decide."""
     xd, cond, fl = make_problem(N=200)
     box = dict(bbox_min=(-0.4, -0.4, -0.4), bbox_max=(0.4, 0.4, 0.4))
     exact = ForwardDeformer(net)
@@ -341,7 +361,8 @@ def test_roots_outside_the_grid_box(net):
         xn, vn = FastForwardDeformer(net, fallback=False, **box)(xd, cond, fl)
         xf, vf = FastForwardDeformer(net, **box)(xd, cond, fl)
     assert (residual(exact, xn, xd, cond, fl)[vn] < 1.2e-5).all()
-    assert (vn & outside).sum() > 0.5 * outside.sum()  # most are found from the extrapolated grid alone
+    # most are found from the extrapolated grid alone
+    assert (vn & outside).sum() > 0.5 * outside.sum()
     assert_agree(xe, ve, xf, vf)
 
 
@@ -384,7 +405,8 @@ def test_deduplicated_correction_equals_the_parent_one(net):
             p.grad = None
         x = xd.clone().requires_grad_(True)
         s = fast._checked_flame(fl, B, x)
-        corr = fn(fast, xc.reshape(-1, 3)[v], v // (N * I), x.reshape(-1, 3)[v // I], cond["shape"], s)
+        corr = fn(fast, xc.reshape(-1, 3)[v], v // (N * I), x.reshape(-1, 3)[v // I],
+                  cond["shape"], s)
         (corr * torch.linspace(-1, 1, corr.numel()).reshape(corr.shape)).sum().backward()
         out.append((corr.detach(), x.grad, [p.grad for p in all_params(net) if p.grad is not None]))
     for p in all_params(net):
@@ -400,8 +422,9 @@ def test_state_dict_and_argument_errors(net):
     exact, fast = ForwardDeformer(net), FastForwardDeformer(net)
     assert exact.state_dict().keys() == fast.state_dict().keys()  # checkpoints load in either mode
     fast.load_state_dict(exact.state_dict())
-    for kw in (dict(grid_res=(16, 16)), dict(grid_res=(1, 16, 16)), dict(bbox_min=(0, 0, 0), bbox_max=(1, 1, 0)),
-               dict(upsample=0), dict(exact_steps=0)):
+    for kw in (dict(grid_res=(16, 16)), dict(grid_res=(1, 16, 16)),
+               dict(bbox_min=(0, 0, 0), bbox_max=(1, 1, 0)), dict(upsample=0),
+               dict(exact_steps=0)):
         with pytest.raises(ValueError, match="fast_deformer.py"):
             FastForwardDeformer(net, **kw)
     xd, cond, fl = make_problem(N=5)
@@ -455,8 +478,8 @@ def test_folded_lbs_equals_the_plain_network_float64(net, variant):
         fields = copy.deepcopy(net).double()
     else:  # positional encodings, skip layers and the betas at two layers of the displacement
         torch.manual_seed(3)
-        disp = ImplicitNetwork(d_in=3, d_out=3, width=48, depth=3, skip_layer=2, multires=2, cond_dim=100,
-                               cond_layers=(0, 2))
+        disp = ImplicitNetwork(d_in=3, d_out=3, width=48, depth=3, skip_layer=2, multires=2,
+                               cond_dim=100, cond_layers=(0, 2))
         fields = _perturbed(NeutralLBS(LBSNetwork(multires=4, skip_layer=2), disp).double(), 0.05)
     xd, cond, fl, x, bidx = _float64_points(60, seed=5)
     with torch.no_grad():
@@ -491,7 +514,8 @@ def test_folded_deformation_keeps_the_plain_gradients_float64(net):
         betas = cond["shape"].clone().requires_grad_(True)
         checked = d._checked_flame(fl, B, xd)
         flg = replace(checked, tfs=checked.tfs.clone().requires_grad_(True),
-                      tfs_c=checked.tfs_c.clone().requires_grad_(True), exp=checked.exp.clone().requires_grad_(True))
+                      tfs_c=checked.tfs_c.clone().requires_grad_(True),
+                      exp=checked.exp.clone().requires_grad_(True))
         x = x0.clone().requires_grad_(True)
         out = d.folded_deform(betas, flg)(x, bidx)
         leaves = [x, betas, flg.tfs, flg.tfs_c, flg.exp] + all_params(fields)
@@ -507,7 +531,8 @@ def test_folded_deformation_keeps_the_plain_gradients_float64(net):
             continue
         torch.testing.assert_close(gf, gp, rtol=1e-9, atol=1e-11)
         n_nonzero += int(gp.abs().max() > 0)
-    assert n_nonzero >= 20  # x, betas, transforms, expression and both networks' layers get gradients
+    # x, betas, transforms, expression and both networks' layers get gradients
+    assert n_nonzero >= 20
 
 
 def test_folded_skinning_matches_deform_canonical_values_and_gradients():
@@ -545,8 +570,9 @@ def test_folded_skinning_matches_deform_canonical_values_and_gradients():
                 + torch.einsum("aqc,aq->ac", pl, (pfl - pf_c)[bidx])
             out = FoldedSkinning(tl, tcl)(xl, wl, offset, bidx)
         else:
-            out = deform_canonical(xl, wl, el, pl, exl[bidx], pfl[bidx], tl[bidx], exp_c[bidx], pf_c[bidx],
-                                   tcl[bidx])
+            out = deform_canonical(
+                xl, wl, el, pl, exl[bidx], pfl[bidx], tl[bidx], exp_c[bidx], pf_c[bidx], tcl[bidx]
+            )
         return out.detach(), torch.autograd.grad((out * weight).sum(), leaves)
 
     ref, grad_ref = run(False)
@@ -557,7 +583,8 @@ def test_folded_skinning_matches_deform_canonical_values_and_gradients():
         torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-11)
     # the singular point: x_r = offset (inverse 0), then the target blend
     off0 = ed[0] @ (exp - exp_c)[0] + pd[0].T @ (pf - pf_c)[0]
-    torch.testing.assert_close(out[0], tfs[0, 0, :3, :3] @ off0 + tfs[0, 0, :3, 3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[0], tfs[0, 0, :3, :3] @ off0 + tfs[0, 0, :3, 3], rtol=0,
+                               atol=1e-12)
 
 
 def test_folded_search_equals_the_plain_search(net):
@@ -585,8 +612,8 @@ def test_inits_with_equal_rigid_maps_are_searched_once(net):
 
 def test_occupancy_once_per_distinct_root_same_values_and_gradients(net):
     """The fast deformer's occupancy_of_valid evaluates one init per distinct root: the logits
-    and the gradients (occupancy network, LBS and displacement networks) equal ForwardDeformer's evaluation of
-    every valid init on the same correspondences."""
+    and the gradients (occupancy network, LBS and displacement networks) equal
+    ForwardDeformer's evaluation of every valid init on the same correspondences."""
     torch.manual_seed(4)
     occ_net = nn.Sequential(nn.Linear(3, 32), nn.Softplus(beta=10), nn.Linear(32, 1)).double()
     net = copy.deepcopy(net).double()
@@ -603,7 +630,8 @@ def test_occupancy_once_per_distinct_root_same_values_and_gradients(net):
 
     params = list(occ_net.parameters()) + all_params(net)
     out = {}
-    for name, fn in (("all", ForwardDeformer.occupancy_of_valid), ("distinct", FastForwardDeformer.occupancy_of_valid)):
+    for name, fn in (("all", ForwardDeformer.occupancy_of_valid),
+                     ("distinct", FastForwardDeformer.occupancy_of_valid)):
         occ = fn(fast, xc, valid, cond, occ_fn)
         weight = torch.linspace(-1, 1, occ.numel(), dtype=occ.dtype).view_as(occ)
         grads = torch.autograd.grad((occ * weight).sum(), params,

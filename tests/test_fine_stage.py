@@ -9,16 +9,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import random_flame_params
+from test_train import ROOT, TINY, read_metric
 from torch import nn
 
-from conftest import random_flame_params
 from lib.model.checkpoint import read_project_checkpoint
-from test_train import ROOT, TINY, read_metric
 
 # test_train's tiny network sizes, without its stage-1 experiment (one experiment per run)
 TINY_NETS = [o for o in TINY if not o.startswith("+experiments")]

@@ -17,9 +17,16 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from lib.flame import FLAME, FLAMEServer, FlameFrames, FlameModelError, load_flame_model
-from lib.flame.lbs import (batch_rodrigues, deform_canonical, matrix_to_axis_angle,
-                           pose_to_feature, rigid_chain, skin_offset, skin_points)
+from lib.flame import FLAME, FlameFrames, FlameModelError, FLAMEServer, load_flame_model
+from lib.flame.lbs import (
+    batch_rodrigues,
+    deform_canonical,
+    matrix_to_axis_angle,
+    pose_to_feature,
+    rigid_chain,
+    skin_offset,
+    skin_points,
+)
 
 try:
     from flame_reference import reference_flame
@@ -267,7 +274,8 @@ def test_flame_frames_methods_match_the_plain_tensors(server):
     assert out.verts.requires_grad
     det = out.detach()
     for name in names:
-        assert not getattr(det, name).requires_grad and torch.equal(getattr(det, name), getattr(out, name))
+        assert not getattr(det, name).requires_grad
+        assert torch.equal(getattr(det, name), getattr(out, name))
     # to: every field cast
     f64 = det.to(torch.float64)
     for name in names:
@@ -314,7 +322,9 @@ def test_view_params_and_scan_transform(server):
 
 def test_matrix_to_axis_angle_inverts_rodrigues():
     g = torch.Generator().manual_seed(3)
-    axis = torch.nn.functional.normalize(torch.randn(500, 3, generator=g, dtype=torch.float64), dim=-1)
+    axis = torch.nn.functional.normalize(
+        torch.randn(500, 3, generator=g, dtype=torch.float64), dim=-1
+    )
     angle = torch.rand(500, 1, generator=g, dtype=torch.float64) * (math.pi - 1e-3)
     rv = torch.cat([axis * angle, torch.zeros(1, 3, dtype=torch.float64),
                     torch.tensor([[1e-9, 0.0, 0.0], [0.0, 0.0, math.pi]], dtype=torch.float64)])

@@ -104,7 +104,9 @@ def test_forward_matches_float64_reference():
     assert torch.allclose(out, _reference_forward(gen, z), atol=1e-10)
     # align_corners=False upsampling would be a different function
     h = torch.randn(1, 1, 2, 3, 2, dtype=f64)
-    wrong = torch.nn.functional.interpolate(h, scale_factor=2, mode="trilinear", align_corners=False)
+    wrong = torch.nn.functional.interpolate(
+        h, scale_factor=2, mode="trilinear", align_corners=False
+    )
     assert (wrong - _up2(h)).abs().max() > 1e-2
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import head_colors, random_flame_params
 from test_fine_stage import RES, TINY_NETS, _run
 from test_train import ROOT
@@ -280,8 +279,8 @@ def test_stage1_checkpoint_geometry_only(trained, tmp_path):
 
 
 def test_reenact_mouth_follows_the_jaw(trained, tmp_path):
-    from lib.flame import FLAMEServer
     from lib.dataset.motion import save_motion_npz
+    from lib.flame import FLAMEServer
     from lib.utils.knn import nearest_neighbor
 
     pose = np.zeros((3, 15), np.float32)
@@ -406,8 +405,8 @@ def test_missing_checkpoint_is_a_clear_cli_error(trained, tmp_path):
 
 
 def test_bad_inputs_are_named(trained, tmp_path):
-    from lib.inference.loading import InferenceError
     from lib.dataset.motion import MotionFormatError
+    from lib.inference.loading import InferenceError
 
     bad = tmp_path / "motion.npz"
     np.savez(bad, expression=np.zeros((4, 50)))

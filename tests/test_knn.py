@@ -20,8 +20,8 @@ def test_cpu_tree_and_brute_force_match_float64_reference():
         np.testing.assert_allclose(d.numpy(), ref_d, atol=1e-5)
         # indices agree except where two references are (nearly) equally close
         same = i.numpy() == ref_i
-        gap = np.take_along_axis(np.linalg.norm(x.numpy()[:, :, None] - y.numpy()[:, None], axis=-1),
-                                 i.numpy()[..., None], -1)[..., 0] - ref_d
+        dist = np.linalg.norm(x.numpy()[:, :, None] - y.numpy()[:, None], axis=-1)
+        gap = np.take_along_axis(dist, i.numpy()[..., None], -1)[..., 0] - ref_d
         assert (same | (np.abs(gap) < 1e-5)).all()
     assert (nearest_neighbor(x, y)[1].numpy() == ref_i).mean() > 0.999
 
@@ -39,7 +39,8 @@ def test_exact_helpers_match_float64_reference():
     xs = [rng.uniform(-1, 1, (n, 3)) for n in (200, 50)]
     tree = NearestTree(torch.from_numpy(y).float())  # a tensor is read as float64 numbers
     for x in xs:
-        ref_d, ref_i = (r[0] for r in _reference(x[None], y.astype(np.float32).astype(np.float64)[None]))
+        ref_d, ref_i = (r[0] for r in _reference(x[None],
+                                                 y.astype(np.float32).astype(np.float64)[None]))
         d, i = tree.query(x)
         assert d.dtype == np.float64 and i.dtype == np.int64
         np.testing.assert_allclose(d, ref_d, rtol=0, atol=1e-12)

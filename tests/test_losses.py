@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_flame_params
 from pytorch_lightning.utilities.parsing import AttributeDict
 from torch import nn
 
-from conftest import random_flame_params
 from lib.model import adversarial, fine_losses, losses
 
 PARENTS = [-1, 0, 1, 1, 1]  # FLAME: root, neck, jaw, two eyes
@@ -106,9 +106,9 @@ def test_joint_weight_targets_are_the_nine_of_the_original():
 def _coarse_model(flame, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+    from test_train import ROOT, TINY
 
     from lib.model.ganhead import GANHead
-    from test_train import ROOT, TINY
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="config",
@@ -290,7 +290,6 @@ def test_critic_loss_and_lazy_r1_by_hand():
 # ---------------------------------------------------------------------------- defaults
 def test_objective_defaults_are_the_originals():
     from hydra import compose, initialize_config_dir
-
     from test_train import ROOT
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

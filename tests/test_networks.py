@@ -7,8 +7,15 @@ import torch.nn.functional as F
 
 from lib.model.embedder import PositionalEncoding
 from lib.model.generator import Generator, sample_volume
-from lib.model.networks import (ImplicitNetwork, LBSNetwork, build_displacement_network, build_geometry_network,
-                                build_head_networks, build_normal_network, build_texture_network)
+from lib.model.networks import (
+    ImplicitNetwork,
+    LBSNetwork,
+    build_displacement_network,
+    build_geometry_network,
+    build_head_networks,
+    build_normal_network,
+    build_texture_network,
+)
 
 
 def _small_generator(**kw):
@@ -45,7 +52,9 @@ def test_derived_dimensions():
     x = torch.rand(2, 7, 3) * 2 - 1
     out, feat = geo(x, torch.randn(2, 64), return_features=True)
     assert out.shape == (2, 7, 1) and feat.shape == (2, 7, 229)
-    n, nfeat = normal(x, torch.cat([torch.randn(2, 7, 128), feat], -1).detach(), return_features=True)
+    n, nfeat = normal(
+        x, torch.cat([torch.randn(2, 7, 128), feat], -1).detach(), return_features=True
+    )
     assert n.shape == (2, 7, 3) and nfeat.shape == (2, 7, 256)
     assert torch.allclose(n.norm(dim=-1), torch.ones(2, 7), atol=1e-5)
     cond = torch.cat([torch.randn(2, 7, 129), feat, nfeat], -1)
@@ -56,7 +65,9 @@ def test_derived_dimensions():
 def test_forward_matches_manual_reference():
     """A float64 re-derivation of the wiring: encoding, cond at 0, skip / sqrt(2), softplus(100)."""
     torch.manual_seed(0)
-    net = ImplicitNetwork(d_out=2, width=32, depth=4, skip_layer=2, multires=2, cond_dim=5, cond_layers=[0, 3])
+    net = ImplicitNetwork(
+        d_out=2, width=32, depth=4, skip_layer=2, multires=2, cond_dim=5, cond_layers=[0, 3]
+    )
     x, c = torch.randn(3, 4, 3), torch.randn(3, 5)
     W = [lin.weight.detach().double() for lin in net.layers]
     b = [lin.bias.detach().double() for lin in net.layers]
@@ -100,9 +111,12 @@ def test_geometric_init_columns_of_the_geometry_network():
     assert (W[4] - (-math.sqrt(math.pi) / 16.0)).abs().max() < 1e-3  # no zeroed column
     assert net.layers[4].bias.item() == 1.0
     # a skip into a hidden layer zeroes the sinusoids of the re-fed encoding there
-    hidden_skip = ImplicitNetwork(width=64, depth=4, multires=4, skip_layer=2, cond_dim=8, geometric_init=True)
+    hidden_skip = ImplicitNetwork(
+        width=64, depth=4, multires=4, skip_layer=2, cond_dim=8, geometric_init=True
+    )
     w2 = hidden_skip.layers[2].weight.detach()  # [64, 37 hidden | 27 encoding]
-    assert torch.count_nonzero(w2[:, 37 + 3:]) == 0 and torch.count_nonzero(w2[:, :37 + 3]) == w2[:, :40].numel()
+    assert torch.count_nonzero(w2[:, 37 + 3:]) == 0
+    assert torch.count_nonzero(w2[:, :37 + 3]) == w2[:, :40].numel()
 
 
 def _seed_mean_output(make, pts, n_seeds=6):
@@ -126,7 +140,8 @@ def test_geometric_init_is_a_sphere_when_the_skip_is_hidden():
     single nets differ from it by about 0.1-0.3 of the radius; softplus adds a small offset)."""
     dirs, rs = _directions(), torch.tensor([0.5, 0.75, 1.0, 1.5], dtype=torch.float64)
     pts = (rs[:, None, None] * dirs[None]).reshape(1, -1, 3)
-    mean, _ = _seed_mean_output(lambda: ImplicitNetwork(width=256, depth=4, multires=4, skip_layer=2, cond_dim=64,
+    mean, _ = _seed_mean_output(lambda: ImplicitNetwork(width=256, depth=4, multires=4,
+                                                        skip_layer=2, cond_dim=64,
                                                         geometric_init=True, bias=1.0), pts)
     per_radius = mean.reshape(len(rs), -1).mean(1)
     assert ((per_radius - (1.0 - rs)).abs() < 0.08).all(), per_radius
@@ -145,7 +160,10 @@ def test_geometry_network_init_follows_the_skip_into_the_output_layer():
     assert ((mean - ref).abs().mean(1) < 0.06).all(), (mean - ref).abs().mean(1)
     assert ((mean - (1.0 - rs[:, None])).abs().mean(1) > 0.2).all()  # the formula is what tells
     with torch.no_grad():
-        origin = [build_geometry_network()(torch.zeros(1, 1, 3), torch.zeros(1, 64)).item() for _ in range(3)]
+        origin = [
+            build_geometry_network()(torch.zeros(1, 1, 3), torch.zeros(1, 64)).item()
+            for _ in range(3)
+        ]
     assert all(-0.3 < v < 0.1 for v in origin), origin  # the centre starts (just) outside
 
 
@@ -155,7 +173,8 @@ def test_lbs_zero_blendshapes_and_softmax_weights():
     lbs = LBSNetwork()
     xc = torch.rand(2, 50, 3) * 2 - 1
     w, pose_dirs, expr_dirs, logits = lbs(xc, return_logits=True)
-    assert w.shape == (2, 50, 5) and pose_dirs.shape == (2, 50, 36, 3) and expr_dirs.shape == (2, 50, 3, 50)
+    assert w.shape == (2, 50, 5) and pose_dirs.shape == (2, 50, 36, 3)
+    assert expr_dirs.shape == (2, 50, 3, 50)
     assert torch.count_nonzero(pose_dirs) == 0 and torch.count_nonzero(expr_dirs) == 0
     assert torch.allclose(w, torch.softmax(20.0 * logits, -1))
     assert torch.allclose(w.sum(-1), torch.ones(2, 50), atol=1e-6)
@@ -186,14 +205,17 @@ def test_non_geometric_networks_use_default_linear_init(which):
         assert w.abs().max() <= bound * (1 + 1e-5) and b.abs().max() <= bound * (1 + 1e-5)
         if w.numel() > 1000:
             assert abs(w.std().item() * math.sqrt(3 * w.shape[1]) - 1.0) < 0.05
-    assert torch.count_nonzero(net.layers[0].weight[:, -net.cond_dim:]) == net.layers[0].weight[:, -net.cond_dim:].numel()
+    cond_w = net.layers[0].weight[:, -net.cond_dim:]
+    assert torch.count_nonzero(cond_w) == cond_w.numel()
 
 
 def test_texture_output_is_linear():
     """rgb is the last Linear's output itself: no squashing, so it leaves [-1, 1] when that
     layer says so."""
     torch.manual_seed(0)
-    net = build_texture_network(color_dim=4, pose_exp_dim=5, geometry_feature_dim=6, normal_feature_dim=7, width=64)
+    net = build_texture_network(
+        color_dim=4, pose_exp_dim=5, geometry_feature_dim=6, normal_feature_dim=7, width=64
+    )
     seen = []
     net.layers[-1].register_forward_hook(lambda mod, inp, out: seen.append(out))
     x, c = torch.rand(2, 9, 3) * 2 - 1, torch.randn(2, 9, 22)
@@ -214,8 +236,10 @@ def test_state_dict_layout_is_weight_normed_layers(which):
     expected = set()
     for l, lin in enumerate(net.layers):
         p = f"layers.{l}."
-        expected |= {p + "bias", p + "parametrizations.weight.original0", p + "parametrizations.weight.original1"}
-        g, v = sd[p + "parametrizations.weight.original0"], sd[p + "parametrizations.weight.original1"]
+        expected |= {p + "bias", p + "parametrizations.weight.original0",
+                     p + "parametrizations.weight.original1"}
+        g = sd[p + "parametrizations.weight.original0"]
+        v = sd[p + "parametrizations.weight.original1"]
         assert g.shape == (lin.out_features, 1) and v.shape == (lin.out_features, lin.in_features)
         torch.testing.assert_close(lin.weight, g * v / v.norm(dim=1, keepdim=True))
     assert set(sd) == expected
@@ -249,7 +273,8 @@ def test_generator_shape_and_style():
 def test_sample_volume_reproduces_linear_field():
     D, H, W = 5, 7, 9  # distinct sizes catch an axis mix-up
     lo, hi = torch.tensor([-0.8, -1.2, -0.5]), torch.tensor([0.9, 1.1, 0.4])
-    zs, ys, xs = (torch.linspace(float(lo[i]), float(hi[i]), n) for i, n in ((2, D), (1, H), (0, W)))
+    zs, ys, xs = (torch.linspace(float(lo[i]), float(hi[i]), n)
+                  for i, n in ((2, D), (1, H), (0, W)))
     zz, yy, xx = torch.meshgrid(zs, ys, xs, indexing="ij")
     vol = torch.stack([xx, yy, zz])[None].double()  # [1, 3, D, H, W], channels = (x, y, z)
     pts = (lo + (hi - lo) * torch.rand(3, 100, 3)).double()
@@ -275,7 +300,8 @@ def test_gradients_reach_every_parameter():
     geo = build_geometry_network(feature_dim=gen.out_channels, width=64, depth=4, multires=4)
     lbs = LBSNetwork(width=32)
     normal = build_normal_network(detail_dim=8, geometry_feature_dim=geo.feature_dim, width=64)
-    texture = build_texture_network(color_dim=4, pose_exp_dim=5, geometry_feature_dim=geo.feature_dim,
+    texture = build_texture_network(color_dim=4, pose_exp_dim=5,
+                                    geometry_feature_dim=geo.feature_dim,
                                     normal_feature_dim=normal.feature_dim, width=64)
     z = torch.randn(2, 16)
     xc = torch.rand(2, 20, 3) * 2 - 1
@@ -283,9 +309,11 @@ def test_gradients_reach_every_parameter():
     w, pd, ed = lbs(xc)
     n, nfeat = normal(xc, torch.cat([torch.randn(2, 20, 8), gfeat], -1), return_features=True)
     rgb = texture(xc, torch.cat([torch.randn(2, 20, 9), gfeat, nfeat], -1))
-    loss = occ.square().mean() + (w * torch.randn_like(w)).sum() + pd.sum() + ed.sum() + n.sum() + rgb.sum()
+    loss = (occ.square().mean() + (w * torch.randn_like(w)).sum() + pd.sum() + ed.sum()
+            + n.sum() + rgb.sum())
     loss.backward()
-    for m, name in ((gen, "generator"), (geo, "geometry"), (lbs, "lbs"), (normal, "normal"), (texture, "texture")):
+    for m, name in ((gen, "generator"), (geo, "geometry"), (lbs, "lbs"), (normal, "normal"),
+                    (texture, "texture")):
         _assert_all_grads(m, name)
 
 
@@ -320,7 +348,8 @@ def test_cuda_parity():
         w = nets_c["lbs"](xc.to(dev))[0]
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
-    assert torch.allclose(occ.cpu(), cpu_occ, atol=1e-4) and torch.allclose(w.cpu(), cpu_w, atol=1e-4)
+    assert torch.allclose(occ.cpu(), cpu_occ, atol=1e-4)
+    assert torch.allclose(w.cpu(), cpu_w, atol=1e-4)
 
 
 def test_softplus_matches_torch_softplus_float64():

@@ -33,9 +33,9 @@ RESULTS: list = []  # (quantity, max abs, max relative) of every comparison, pri
 def _print_table():
     yield
     if RESULTS:
-        print("\n%-40s %12s %12s" % ("quantity", "max abs", "max rel"))
+        print(f"\n{'quantity':<40s} {'max abs':>12s} {'max rel':>12s}")
         for name, err, rel in RESULTS:
-            print("%-40s %12.3g %12.3g" % (name, err, rel))
+            print(f"{name:<40s} {err:12.3g} {rel:12.3g}")
 
 
 def _tool():
@@ -390,7 +390,9 @@ def test_unconverted_original_file_is_refused_with_the_command(converted, tmp_pa
 
     path = tmp_path / "hostile.ckpt"
     torch.save({**ckpt, "callbacks": {"x": Hostile()}}, path)
-    with pytest.raises(CheckpointError, match="refused: it names posix.system|refused: it names nt.system"):
+    with pytest.raises(
+        CheckpointError, match="refused: it names posix.system|refused: it names nt.system"
+    ):
         read_foreign_checkpoint(path)
     assert not marker.exists()
 

@@ -19,11 +19,7 @@ import pytest
 import scipy.sparse as sp
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # preprocess.py is a script at the repository root
-    sys.path.insert(0, str(ROOT))
-
-import preprocess  # noqa: E402
+import preprocess
 from lib.dataset.faceverse_io import flame_to_scan_space, save_flame_params
 from lib.dataset.preprocessing import SampleSizes, is_complete
 from lib.dataset.scan_sampling import occupancy_samples, surface_samples, texture_colors
@@ -31,6 +27,7 @@ from lib.dataset.winding import inside_mask, winding_number, winding_number_exac
 from lib.utils.mesh_io import MeshLoadError, load_obj, save_obj, save_ply
 from lib.utils.surface import face_areas_normals, sample_faces
 
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- meshes
 def uv_sphere(radius=1.0, n_lat=24, n_lon=48, center=(0.0, 0.0, 0.0), y_min=None):
@@ -200,7 +197,8 @@ def test_colour_sampling_known_texture():
     X, Y = np.meshgrid(g, g)
     v = np.stack([X.ravel(), Y.ravel(), np.zeros(X.size)], 1)
     idx = np.arange(121).reshape(11, 11)
-    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
+    a, b = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel()
+    c, d = idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
     f = np.concatenate([np.stack([a, b, d], 1), np.stack([a, d, c], 1)])
     uv = (v[:, :2] + 1) / 2
     s = surface_samples(v, f, uv, f, tex, np.random.default_rng(0), n=5000)
@@ -516,7 +514,8 @@ def test_earlier_outputs_are_redone(dataset, reference, capsys):
             del rec["settings"][k]
         rec_path.write_text(json.dumps(rec))
         with np.load(out / name / "occupancy.npz") as z:
-            np.savez(out / name / "occupancy.npz", flame_params=z["flame_params"].astype(np.float32),
+            np.savez(out / name / "occupancy.npz",
+                     flame_params=z["flame_params"].astype(np.float32),
                      scan_name=z["scan_name"], pts_d=z["pts_d"], occ_gt=z["occ_gt"])
         assert is_complete(out / name, N_VIEWS, RES, SIZES)   # the earlier arrays are valid
     (out / "g_b" / "provenance.json").unlink()               # no record: kept as it is
@@ -564,7 +563,8 @@ def test_kill_and_resume_is_identical(dataset, reference):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)   # mid-scan: g_a's renders and the others are missing
     proc.wait()
-    assert not (out.parent / "killed.csv").exists() and not is_complete(out / "g_c", N_VIEWS, RES, SIZES)
+    assert not (out.parent / "killed.csv").exists()
+    assert not is_complete(out / "g_c", N_VIEWS, RES, SIZES)
     assert preprocess.main(cli(dataset, out)) == 0
     assert tree_digest(out) == tree_digest(reference)
 

@@ -3,9 +3,9 @@ the same way: the stage-1 datasets and data module and the stage-2 dataset give 
 items from both folders.
 
 The original's layout is written by tools/original_layout.py from its documented formats (what
-its preprocess.py saves; lib/dataset/processed_layout.py): occupancy.npz by `np.savez` with scan_name,
-flame_params float64 (169,) with 1, 0, 0, 0 in [0:4], scan_colors, scan_verts, scan_faces,
-pts_d, occ_gt; surface.npz; multi_view_256/ with 9 RGBA PNG pairs whose alpha is the
+its preprocess.py saves; lib/dataset/processed_layout.py): occupancy.npz by `np.savez` with
+scan_name, flame_params float64 (169,) with 1, 0, 0, 0 in [0:4], scan_colors, scan_verts,
+scan_faces, pts_d, occ_gt; surface.npz; multi_view_256/ with 9 RGBA PNG pairs whose alpha is the
 rasterizer's coverage of the view (255 on the mesh, 0 off it) and whose RGB is the picture
 on a white background. The content is this project's processing of the scan (so the test
 asks whether the readers treat both layouts alike, not whether two samplers agree).
@@ -17,11 +17,11 @@ import csv
 import numpy as np
 import pytest
 import torch
+from test_preprocess import cli, make_flame_model, write_scan
+from test_processed_layout import assert_same_items
 
 import preprocess
 from lib.dataset.processed_layout import detect_layout, read_view
-from test_preprocess import cli, make_flame_model, write_scan
-from test_processed_layout import assert_same_items
 from tools.original_layout import write_original_scan
 
 N_VIEWS, RES, LOAD_RES = 9, 256, 64

@@ -16,11 +16,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import add_fine_data, make_processed_dataset
 from PIL import Image
 
-from conftest import add_fine_data, make_processed_dataset
-from lib.dataset.processed_layout import (LayoutError, detect_layout, read_flame_params,
-                                          read_png, read_view)
+from lib.dataset.processed_layout import (
+    LayoutError,
+    detect_layout,
+    read_flame_params,
+    read_png,
+    read_view,
+)
 
 ORIG_VIEWS, ORIG_RES = 9, 256
 
@@ -206,9 +211,10 @@ def _state(folder: Path) -> dict:
 
 
 def test_preprocess_keeps_the_originals_outputs(tmp_path, capsys):
+    from test_preprocess import N_VIEWS, RES, SIZES, cli, make_flame_model, write_scan
+
     import preprocess
     from lib.dataset.preprocessing import is_complete
-    from test_preprocess import N_VIEWS, RES, SIZES, cli, make_flame_model, write_scan
 
     (tmp_path / "flame").mkdir()
     z_shift = make_flame_model(tmp_path / "generic_model.pkl")

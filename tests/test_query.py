@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_flame_params
 from test_checkpoint_trust import _model
 
@@ -148,7 +147,7 @@ def test_surface_normals_skin_with_the_neutral_point_weights_and_target_transfor
     """surface()'s normal, recomputed by hand: weights of the LBS network at the shape-neutral
     point x_c + disp(x_c, betas), the normal network's canonical normal, then the inverse-
     transpose of the blended TARGET transforms (float64); the canonical transforms play no part."""
-    from lib.model.query import query_fine, pose_exp_condition
+    from lib.model.query import pose_exp_condition, query_fine
 
     params = torch.from_numpy(random_flame_params(np.random.default_rng(5), jaw=0.2))[None]
     xd = _posed_points(fine_model, params, n=60, seed=2)
@@ -157,8 +156,9 @@ def test_surface_normals_skin_with_the_neutral_point_weights_and_target_transfor
     saved = out_layer.weight.detach().clone()
     try:
         with torch.no_grad():  # a non-trivial warp (the fresh network's output is exactly 0)
-            out_layer.weight.copy_(torch.randn(saved.shape, generator=torch.Generator().manual_seed(0))
-                                   * 0.01)
+            out_layer.weight.copy_(
+                torch.randn(saved.shape, generator=torch.Generator().manual_seed(0)) * 0.01
+            )
             out = fine_model.surface(xd, params, codes)
             flame_out = fine_model.flame_server(params)
             xc, valid = out["xc"], out["valid"][0]
@@ -166,7 +166,8 @@ def test_surface_normals_skin_with_the_neutral_point_weights_and_target_transfor
             assert (xn - xc)[0, valid].norm(dim=-1).mean() > 1e-3
             w = fine_model.deformer.lbs_net.lbs(xn)[0][0].double()                     # [N, J]
             normal_c, _ = query_fine(fine_model, xc, codes["z_shape"], flame_out.shape,
-                                     codes["z_detail"], codes["z_color"], pose_exp_condition(flame_out))
+                                     codes["z_detail"], codes["z_color"],
+                                     pose_exp_condition(flame_out))
     finally:
         with torch.no_grad():
             out_layer.weight.copy_(saved)
@@ -196,8 +197,7 @@ def test_render_cache_of_neutral_points_matches_the_shaped_queries(fine_model):
     per pixel, the normal and colour that the shaped-point path (query_fine at x_c, weights of
     NeutralLBS at x_c) gives; and the surface samples (`extra`, shaped) agree likewise."""
     from lib.model.cache_render import render_cache
-    from lib.model.query import (blend_transforms, pose_exp_condition, query_fine,
-                                 skin_normals)
+    from lib.model.query import blend_transforms, pose_exp_condition, query_fine, skin_normals
 
     params = torch.from_numpy(random_flame_params(np.random.default_rng(6), jaw=0.1))[None]
     server = fine_model.flame_server
@@ -216,11 +216,13 @@ def test_render_cache_of_neutral_points_matches_the_shaped_queries(fine_model):
             out_layer.weight.copy_(torch.randn(saved.shape, generator=g) * 0.01)
             xn = xc + fine_model.disp_net(xc, flame_out.shape)
             assert (xn - xc).norm(dim=-1).mean() > 1e-3
-            got = render_cache(fine_model, xn.reshape(1, R, R, 3), mask, flame_out, flame_view, codes,
-                               extra=extra)
+            got = render_cache(
+                fine_model, xn.reshape(1, R, R, 3), mask, flame_out, flame_view, codes, extra=extra
+            )
             pts = torch.cat([xc, extra], dim=1)
             n_c, rgb = query_fine(fine_model, pts, codes["z_shape"], flame_out.shape,
-                                  codes["z_detail"], codes["z_color"], pose_exp_condition(flame_out))
+                                  codes["z_detail"], codes["z_color"],
+                                  pose_exp_condition(flame_out))
             w = fine_model.deformer.lbs_net(pts, flame_out.shape)[0]
     finally:
         with torch.no_grad():

@@ -8,10 +8,25 @@ import pytest
 import torch
 import trimesh
 
-from lib.render import (add_label, interpolate, make_grid, pixel_centers, pixel_to_ndc,
-                        project, rasterize, render_depth, render_normals, render_shaded,
-                        render_texture, render_vertex_colors, sample_texture, save_png,
-                        save_video, to_uint8, vertex_normals)
+from lib.render import (
+    add_label,
+    interpolate,
+    make_grid,
+    pixel_centers,
+    pixel_to_ndc,
+    project,
+    rasterize,
+    render_depth,
+    render_normals,
+    render_shaded,
+    render_texture,
+    render_vertex_colors,
+    sample_texture,
+    save_png,
+    save_video,
+    to_uint8,
+    vertex_normals,
+)
 from lib.render.rasterizer import rasterize_reference
 
 
@@ -46,7 +61,9 @@ def test_camera_convention():
     assert torch.allclose(pix[..., 0], jj.double()) and torch.allclose(pix[..., 1], ii.double())
     assert torch.allclose(pixel_to_ndc(pix, res), pc)
     # the top-left corner (-1, 1) is the outer corner of pixel (0, 0)
-    assert torch.allclose(project(torch.tensor([[-1.0, 1.0, 0.0]]), res), torch.tensor([[-.5, -.5]]))
+    assert torch.allclose(
+        project(torch.tensor([[-1.0, 1.0, 0.0]]), res), torch.tensor([[-0.5, -0.5]])
+    )
 
 
 # ---------------------------------------------------------------- sphere
@@ -132,8 +149,9 @@ def test_nearer_triangle_wins(swap):
     both = frags.mask[0] & (p[..., 0].abs() > 0.05)
     exp = torch.where(p[..., 0] > 0, itilt, 1 - itilt)
     # where both cover: tilted wins iff x > 0 (its z exceeds 0.1)
-    cov = rasterize(V[3 * (1 - itilt):3 * (1 - itilt) + 3], torch.tensor([[0, 1, 2]]), res).mask[0] \
-        & rasterize(V[3 * itilt:3 * itilt + 3], torch.tensor([[0, 1, 2]]), res).mask[0]
+    tri = torch.tensor([[0, 1, 2]])
+    cov = rasterize(V[3 * (1 - itilt):3 * (1 - itilt) + 3], tri, res).mask[0] \
+        & rasterize(V[3 * itilt:3 * itilt + 3], tri, res).mask[0]
     sel = both & cov
     assert sel.sum() > 100
     assert torch.equal(frags.face_idx[0][sel], exp[sel])
@@ -190,8 +208,8 @@ def test_watertight_shared_edges_drawn_once():
         assert fr.mask[0][interior].all()
         # per-face depth +k then -k: double coverage would change the winner
         zf = torch.arange(Fd.shape[0], dtype=dt).repeat_interleave(3)
-        up = Vd.to(dt).clone(); up[:, 2] = zf
-        dn = Vd.to(dt).clone(); dn[:, 2] = -zf
+        up, dn = Vd.to(dt).clone(), Vd.to(dt).clone()
+        up[:, 2], dn[:, 2] = zf, -zf
         a, b = rasterize(up, Fd, res), rasterize(dn, Fd, res)
         assert a.mask[0][interior].all()
         assert torch.equal(a.face_idx, b.face_idx)
@@ -218,7 +236,9 @@ def test_sample_texture_analytic():
     # v = 0 is the bottom row (the last row), u = 0 the first column; clamped outside
     marked = torch.zeros(Ht, Wt, 3)
     marked[-1, 0] = 1.0
-    assert torch.allclose(sample_texture(marked, torch.tensor([[0.5 / Wt, 0.5 / Ht]])), torch.ones(1, 3))
+    assert torch.allclose(
+        sample_texture(marked, torch.tensor([[0.5 / Wt, 0.5 / Ht]])), torch.ones(1, 3)
+    )
     assert torch.allclose(sample_texture(marked, torch.tensor([[-3.0, -2.0]])), torch.ones(1, 3))
     assert torch.allclose(sample_texture(tex, torch.tensor([[2.0, 2.0]])),
                           tex[0, -1][None])

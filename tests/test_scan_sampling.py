@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lib.dataset.scan_sampling import (SamplingError, occupancy_samples, surface_samples,
-                                       vertex_colors, vertex_region_samples)
+from lib.dataset.scan_sampling import (
+    SamplingError,
+    occupancy_samples,
+    surface_samples,
+    vertex_colors,
+    vertex_region_samples,
+)
 
 
 def grid_mesh(n: int = 6, spacing: float = 0.2, z_of=lambda x, y: 0.3 * x):

@@ -23,20 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_preprocess import N_VIEWS, RES, SIZES, cli, make_flame_model, uv_sphere, write_scan
+
+import preprocess
+from lib.dataset.faceverse import DataListError, read_data_list, validate_scan_id
+from lib.dataset.faceverse_io import load_flame_params, save_flame_params
+from lib.dataset.preprocessing import PROVENANCE_NAME, check_scan_fit, is_complete, load_scan
+from lib.utils.mesh_io import STRAY_FRACTION, STRAY_MIN, MeshLoadError, load_obj, save_obj
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # preprocess.py is a script at the repository root
-    sys.path.insert(0, str(ROOT))
-
-import preprocess  # noqa: E402
-from lib.dataset.faceverse import DataListError, read_data_list, validate_scan_id  # noqa: E402
-from lib.dataset.faceverse_io import load_flame_params, save_flame_params  # noqa: E402
-from lib.dataset.preprocessing import (PROVENANCE_NAME, check_scan_fit, is_complete,  # noqa: E402
-                                       load_scan)
-from lib.utils.mesh_io import (STRAY_FRACTION, STRAY_MIN, MeshLoadError, load_obj,  # noqa: E402
-                               save_obj)
-from test_preprocess import (N_VIEWS, RES, SIZES, cli, make_flame_model, uv_sphere,  # noqa: E402
-                             write_scan)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -127,7 +122,7 @@ def test_generator_scans_pass_and_a_few_stray_vertices_are_tolerated(gen, tmp_pa
     at = data.index(b"\nvt ") + 1  # after the last vertex line: face indices stay valid
     for n, ok in ((8, True), (allowed, True), (allowed + 1, False)):
         pts = rng.uniform(-0.1, 0.1, (n, 3))
-        extra = "".join("v %.6f %.6f %.6f\n" % tuple(p) for p in pts).encode()
+        extra = "".join("v {:.6f} {:.6f} {:.6f}\n".format(*p) for p in pts).encode()
         d = copy_variant(src.parent, root / "flame_params" / f"{sid}_flame.pkl",
                          tmp_path / "scans", tmp_path / "flame", f"stray{n}",
                          data[:at] + extra + data[at:])
@@ -381,7 +376,9 @@ def test_provenance_records_and_reruns(spheres, capsys):
     with open(pkl, "rb") as fh:
         raw = pickle.load(fh)
     # the scan is moved into FLAME space by scale / transl; its vector carries 1, 0, 0, 0
-    expect = np.concatenate([[1.0, 0.0, 0.0, 0.0]] + [raw[k].reshape(-1) for k in ("pose", "betas")])
+    expect = np.concatenate(
+        [[1.0, 0.0, 0.0, 0.0]] + [raw[k].reshape(-1) for k in ("pose", "betas")]
+    )
     expect = expect.astype(np.float32)
     np.testing.assert_array_equal(np.load(out / "g_b" / "occupancy.npz")["flame_params"], expect)
     assert json.loads((out / "g_b" / PROVENANCE_NAME).read_text())["sources"][-1]["sha256"] \

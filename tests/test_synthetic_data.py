@@ -20,12 +20,18 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from lib.utils.atomic import is_temp_name
-from lib.dataset.faceverse_io import (FlameParamsError, PARAM_DIM, flame_to_scan_space,
-                                      load_flame_params, params_to_vector, save_flame_params,
-                                      scan_to_flame_space)
+from lib.dataset.faceverse_io import (
+    PARAM_DIM,
+    FlameParamsError,
+    flame_to_scan_space,
+    load_flame_params,
+    params_to_vector,
+    save_flame_params,
+    scan_to_flame_space,
+)
 from lib.dataset.motion import MotionFormatError, load_motion, save_motion_json, save_motion_npz
 from lib.synthetic.motion import make_motion
+from lib.utils.atomic import is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_HEAD = importlib.util.find_spec("lib.synthetic.head_model") is not None

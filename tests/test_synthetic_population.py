@@ -14,8 +14,16 @@ import pytest
 from scipy.stats import chi2
 
 from lib.synthetic.hair import HAIR_STYLES
-from lib.synthetic.population import (LEADING, N_SHAPE, OOD_RADIUS, TRAIN_QUANTILE, Population,
-                                      draw_person, draw_shape, leading_radius)
+from lib.synthetic.population import (
+    LEADING,
+    N_SHAPE,
+    OOD_RADIUS,
+    TRAIN_QUANTILE,
+    Population,
+    draw_person,
+    draw_shape,
+    leading_radius,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

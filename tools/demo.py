@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 from lib.model.checkpoint import read_project_checkpoint  # noqa: E402
 from lib.utils.checkpoint_io import last_checkpoint  # noqa: E402
 
-
 TIMES: dict[str, float] = {}
 
 
@@ -236,7 +235,8 @@ def scan_pictures(data: Path, out: Path, max_scans: int = 6, res: int = 256) -> 
         tex = torch.as_tensor(mesh.texture, dtype=torch.float32) / 255.0
         front = render_texture(verts, faces, uvs, fuv, tex, res)[0]
         side = render_texture(_rotate_y(verts, np.pi / 2), faces, uvs, fuv, tex, res)[0]
-        tiles.append(add_label(torch.cat([front, side], dim=1).numpy(), f"{sid} ({len(faces)} faces)"))
+        tile = torch.cat([front, side], dim=1).numpy()
+        tiles.append(add_label(tile, f"{sid} ({len(faces)} faces)"))
     path = out / "scans.png"
     save_png(path, make_grid(tiles, ncols=3))
     return path
@@ -288,10 +288,11 @@ def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
             key: (f"fit {metrics['fit'][key]:.4g}  |  FLAME only {metrics['flame_only'][key]:.4g}")
             for key in ("chamfer_l1", "chamfer_l2", "normal_consistency", "fscore_1pct",
                         "fscore_2pct") if key in metrics.get("fit", {})}
-    div_rows = {"training persons": f"{div['training']['mean']:.4f} (std "
-                                    f"{div['training']['std']:.4f}, {div['training']['meshes']} meshes)",
-                "sampled avatars": f"{div['meshes']['mean']:.4f} (std {div['meshes']['std']:.4f}, "
-                                   f"{div['meshes']['meshes']} meshes)",
+    tr, sa = div["training"], div["meshes"]
+    div_rows = {"training persons": f"{tr['mean']:.4f} (std {tr['std']:.4f}, "
+                                    f"{tr['meshes']} meshes)",
+                "sampled avatars": f"{sa['mean']:.4f} (std {sa['std']:.4f}, "
+                                   f"{sa['meshes']} meshes)",
                 "samples / training": f"{div['ratio']:.3f}"}
     reen = json.loads((fine / "reenact" / "summary.json").read_text())
     fps = {k: v for k, v in reen.items() if isinstance(v, (int, float))}

@@ -60,7 +60,8 @@ def write_original_scan(ours: Path, dst: Path, flame_model, scan_id: str | None 
 
     ours, dst = Path(ours), Path(dst)
     need = ["occupancy.npz", "surface.npz"] + [f"multi_view_{RES}/{k:04d}_{kind}.png"
-                                               for k in range(N_VIEWS) for kind in ("normal", "rgb")]
+                                               for k in range(N_VIEWS)
+                                               for kind in ("normal", "rgb")]
     missing = [n for n in need if not (ours / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{ours}: lacks {missing[:3]} (process it with preprocess.py "

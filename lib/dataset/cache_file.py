@@ -124,7 +124,8 @@ def find_cache(cache_dir, scan_id: str):
 
 def read_cache(cache_dir, scan_id: str, hint: str = "run precompute.py"):
     """A scan's cache in either layout -> (cache [K, R, R, 4] float32 as stored (outside the
-    mask: 0 in ours, 1 in the original's), view_params [K, P] float32, path for messages). Raises CacheFileError naming the files."""
+    mask: 0 in ours, 1 in the original's), view_params [K, P] float32, path for messages).
+    Raises CacheFileError naming the files."""
     found = find_cache(cache_dir, scan_id)
     d = Path(cache_dir)
     if found is None:

@@ -10,8 +10,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from lib.dataset.faceverse import (DataListError, ScanOccupancyDataset, ScanUniformDataset,
-                                   read_data_list)
+from lib.dataset.faceverse import (
+    DataListError,
+    ScanOccupancyDataset,
+    ScanUniformDataset,
+    read_data_list,
+)
 
 
 class ScanDataModule(pl.LightningDataModule):
@@ -77,8 +81,13 @@ class ScanDataModule(pl.LightningDataModule):
         the scan's current FLAME parameters. geometry: lib/model/checkpoint.geometry_digest of
         the weights the run starts or resumes from (None: nothing to compare with); source:
         that checkpoint's path (for the message)."""
-        from lib.dataset.cache_file import (CACHE_CONTENT, RECORD_KEYS, find_cache,
-                                            params_digest, read_source)
+        from lib.dataset.cache_file import (
+            CACHE_CONTENT,
+            RECORD_KEYS,
+            find_cache,
+            params_digest,
+            read_source,
+        )
         from lib.dataset.processed_layout import LayoutError, read_flame_params
 
         if self.cache_dir is None:

@@ -10,7 +10,8 @@ original GANHead's (lib/dataset/processed_layout.py tells them apart by their fi
     <processed_dir>/<id>/multi_view_<res>/{k:04d}_normal.png, {k:04d}_rgb.png  (res: view_res,
                                                     or load_res if present, else 256)
     <processed_dir>/<id>/surface.npz                surface_points / _normals / _colors (M, 3)
-    <cache_dir>/<id>.npz                            cache (n_views, R, R, 4), view_params (n_views, P)
+    <cache_dir>/<id>.npz                            cache (n_views, R, R, 4),
+                                                    view_params (n_views, P)
       or the original's <cache_dir>/<id>.npy with <id>_pose.npy (lib/dataset/cache_file.py)
 The cache is written by precompute.py from the stage-1 checkpoint: per view and pixel the
 shape-neutral canonical point it shows (xyz) and a mask channel (> 0.5 = a correspondence).
@@ -37,17 +38,16 @@ by the item index (validation is the same every epoch).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.dataset.faceverse import read_data_list
 from lib.dataset.cache_file import CacheFileError, read_cache
-from lib.dataset.processed_layout import (LayoutError, load_npz_keys, read_flame_params,
-                                          read_view)
+from lib.dataset.faceverse import read_data_list
+from lib.dataset.processed_layout import LayoutError, load_npz_keys, read_flame_params, read_view
 from lib.utils.errors import ModuleErrors
 
 __all__ = ["FineDataError", "ScanImageDataset"]
@@ -109,9 +109,9 @@ class ScanImageDataset(Dataset):
 
     def __init__(self, processed_dir: str | os.PathLike, data_list: str | os.PathLike,
                  cache_dir: str | os.PathLike, n_views: int = 9, load_res: int = 256,
-                 surface_points: int = 2000, repeat: int = 10, subset: Optional[int] = None,
-                 fixed_view: bool = False, seed: Optional[int] = None,
-                 view_res: Optional[int] = None, views: Optional[Sequence[int]] = None):
+                 surface_points: int = 2000, repeat: int = 10, subset: int | None = None,
+                 fixed_view: bool = False, seed: int | None = None,
+                 view_res: int | None = None, views: Sequence[int] | None = None):
         if cache_dir is None:
             raise _err("cache_dir is not set; run precompute.py on the stage-1 checkpoint and pass "
                        "its cache folder", FineDataError)

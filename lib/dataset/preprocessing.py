@@ -74,14 +74,26 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.dataset.faceverse_io import (FlameParamsError, PARAM_DIM, load_flame_params,
-                                      params_to_vector, scan_to_flame_space)
-from lib.dataset.processed_layout import (LAYOUT_KEY, ORIGINAL, PROJECT, layout_of,
-                                          original_problem)
-from lib.dataset.scan_sampling import (COLOUR_SCALE, COLOUR_SOURCES, OCC_SAMPLING,
-                                       SamplingError, occupancy_samples, surface_pieces,
-                                       surface_samples, texture_float, vertex_colors)
+from lib.dataset.faceverse_io import (
+    PARAM_DIM,
+    FlameParamsError,
+    load_flame_params,
+    params_to_vector,
+    scan_to_flame_space,
+)
+from lib.dataset.processed_layout import LAYOUT_KEY, ORIGINAL, PROJECT, layout_of, original_problem
 from lib.dataset.scan_render import VIEWS, render_views, save_views, view_paths, views_valid
+from lib.dataset.scan_sampling import (
+    COLOUR_SCALE,
+    COLOUR_SOURCES,
+    OCC_SAMPLING,
+    SamplingError,
+    occupancy_samples,
+    surface_pieces,
+    surface_samples,
+    texture_float,
+    vertex_colors,
+)
 from lib.utils.atomic import atomic_path
 from lib.utils.mesh_io import MeshLoadError, load_obj, obj_source_files, save_npz
 from lib.utils.npz import npz_headers

@@ -145,7 +145,8 @@ def read_occupancy(scan_dir) -> dict[str, np.ndarray]:
     """The stage-1 arrays of a processed scan (either layout): flame_params (P,) float32
     (read_flame_params), pts_d (N, 3) float32, occ_gt (N, 1) float32. Only these arrays are
     decompressed (the original's scan_verts etc. are not read). Raises LayoutError."""
-    path = Path(scan_dir) / "occupancy.npz"  # the layout is checked once up front (datamodule.check)
+    # the layout is checked once up front (datamodule.check)
+    path = Path(scan_dir) / "occupancy.npz"
     d = load_npz_keys(path, ("flame_params", "pts_d", "occ_gt"))
     n = d["pts_d"].shape[0]
     if d["pts_d"].shape != (n, 3) or d["occ_gt"].size != n or d["flame_params"].size != PARAM_DIM:

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.render.rasterizer import rasterize
-from lib.render.shading import render_normals, render_texture, render_vertex_colors
 from lib.dataset.scan_sampling import COLOUR_SOURCES, texture_float, vertex_colors
 from lib.render.images import save_png, to_uint8
+from lib.render.rasterizer import rasterize
+from lib.render.shading import render_normals, render_texture, render_vertex_colors
 
 __all__ = ["view_dir", "view_paths", "views_valid", "view_transforms", "render_views",
            "save_views", "VIEWS"]

@@ -48,11 +48,15 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from lib.dataset.winding import inside_mask
 from lib.render.shading import sample_texture
-from lib.utils.surface import (SamplingError, area_samples, barycentric_points,
-                               face_areas_normals, sample_faces)
-
-from .winding import inside_mask
+from lib.utils.surface import (
+    SamplingError,
+    area_samples,
+    barycentric_points,
+    face_areas_normals,
+    sample_faces,
+)
 
 
 def surface_pieces(verts, faces) -> int:
@@ -158,7 +162,8 @@ def occupancy_samples(verts, faces, rng, n_face: int = 70000, n_rest: int = 3000
 def texture_float(texture) -> torch.Tensor:
     """texture: [H, W, C] uint8 (0..255) or float (0..1), numpy or torch -> float32 tensor in
     [0, 1] (no copy when it already is one)."""
-    tex = texture if torch.is_tensor(texture) else torch.from_numpy(np.require(texture, requirements="CW"))
+    tex = (texture if torch.is_tensor(texture)
+           else torch.from_numpy(np.require(texture, requirements="CW")))
     return tex.float() / 255.0 if tex.dtype == torch.uint8 else tex.float()
 
 

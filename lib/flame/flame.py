@@ -19,9 +19,15 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .lbs import batch_rodrigues, blend_offsets, pose_offsets, pose_to_feature, rigid_chain, \
-    skin_points
-from .loader import EXPR_OFFSET, N_JOINTS, load_flame_model
+from lib.flame.lbs import (
+    batch_rodrigues,
+    blend_offsets,
+    pose_offsets,
+    pose_to_feature,
+    rigid_chain,
+    skin_points,
+)
+from lib.flame.loader import EXPR_OFFSET, N_JOINTS, load_flame_model
 
 __all__ = ["FLAME", "FlameOutput", "expand_pose", "SCALE_FACTOR"]
 
@@ -121,16 +127,16 @@ class FLAME(nn.Module):
         swapped or moved joints differ) and
         the used identity, expression and pose-corrective bases."""
         d = lambda t: float(t.detach().double().sum())  # noqa: E731
+        rank = torch.arange(1, len(self.parents) + 1, device=self.lbs_weights.device)
         return {"n_vertices": int(self.v_template.shape[0]), "n_faces": int(self.faces.shape[0]),
                 "n_joints": len(self.parents), "n_shape": self.n_shape, "n_exp": self.n_exp,
-                "v_template_sum": d(self.v_template), "abs_v_template_sum": d(self.v_template.abs()),
-                "lbs_weights_sum": d(self.lbs_weights * torch.arange(1, len(self.parents) + 1,
-                                                                     device=self.lbs_weights.device)),
+                "v_template_sum": d(self.v_template),
+                "abs_v_template_sum": d(self.v_template.abs()),
+                "lbs_weights_sum": d(self.lbs_weights * rank),
                 "shapedirs_sum": d(self.shapedirs.abs()), "expdirs_sum": d(self.expdirs.abs()),
                 "posedirs_sum": d(self.posedirs.abs()),
                 "J_regressor_sum": d((self.J_regressor.double() @ self.v_template.double())
-                                     * torch.arange(1, len(self.parents) + 1,
-                                                    device=self.J_regressor.device)[:, None])}
+                                     * rank.to(self.J_regressor.device)[:, None])}
 
     def to_scaled(self, x: torch.Tensor) -> torch.Tensor:
         """FLAME meters -> scaled space. x: [..., 3] -> [..., 3]."""

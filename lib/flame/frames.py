@@ -11,14 +11,14 @@ names what is missing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
 
 import torch
 
 __all__ = ["FlameFrames"]
 
-Tensor = Optional[torch.Tensor]
+Tensor = torch.Tensor | None
 
 
 @dataclass
@@ -66,7 +66,7 @@ class FlameFrames:
             raise ValueError("FlameFrames holds no tensor, so it has no batch size")
         return int(getattr(self, names[0]).shape[0])
 
-    def require(self, *names: str, where: str = "FlameFrames") -> "FlameFrames":
+    def require(self, *names: str, where: str = "FlameFrames") -> FlameFrames:
         """self, after checking that the fields `names` are present; ValueError naming `where`,
         the missing fields and the present ones otherwise."""
         missing = [n for n in names if getattr(self, n) is None]
@@ -75,7 +75,7 @@ class FlameFrames:
         return self
 
     @staticmethod
-    def check(obj, where: str) -> "FlameFrames":
+    def check(obj, where: str) -> FlameFrames:
         """obj when it is a FlameFrames; TypeError naming `where` otherwise (e.g. an old dict)."""
         if not isinstance(obj, FlameFrames):
             raise TypeError(f"{where}: expected the FLAME server's FlameFrames "
@@ -83,11 +83,11 @@ class FlameFrames:
         return obj
 
     # ------------------------------------------------------------------ per-field maps
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "FlameFrames":
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FlameFrames:
         """A new FlameFrames with fn applied to every present field (absent ones stay None)."""
         return replace(self, **{n: fn(getattr(self, n)) for n in self.present()})
 
-    def index(self, idx) -> "FlameFrames":
+    def index(self, idx) -> FlameFrames:
         """Every present field indexed along the batch dim: idx an int tensor [A] (items may
         repeat: -> leading dim A), a bool mask [B] or a slice. An int is kept as a length-1
         slice so that the result still has a batch dim."""
@@ -95,15 +95,15 @@ class FlameFrames:
             idx = slice(idx, idx + 1)
         return self._map(lambda v: v[idx])
 
-    def detach(self) -> "FlameFrames":
+    def detach(self) -> FlameFrames:
         """Every present field detached from the graph."""
         return self._map(torch.Tensor.detach)
 
-    def to(self, *args, **kwargs) -> "FlameFrames":
+    def to(self, *args, **kwargs) -> FlameFrames:
         """Every present field moved / cast by torch.Tensor.to(*args, **kwargs)."""
         return self._map(lambda v: v.to(*args, **kwargs))
 
-    def expand(self, B: int, where: str = "FlameFrames") -> "FlameFrames":
+    def expand(self, B: int, where: str = "FlameFrames") -> FlameFrames:
         """Every present field with leading dim B: a leading dim of 1 is broadcast (a view), any
         other size than B is a ValueError naming `where` and the field."""
         def one(name):

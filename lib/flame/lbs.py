@@ -226,7 +226,8 @@ def skin_offset(xc: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, tfs: to
         x_d = (sum_j w_j tfs[j]) ((sum_j w_j tfs_c[j])^-1 x_c + offset).
     Where the canonical blend is singular its inverse is taken as 0 (inv3's rule)."""
     wj = w[..., :, None, None]
-    A_c = (wj * tfs_c[..., :3, :]).sum(-3)  # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
+    # [..., 3, 4] blended; elementwise sums beat tiny bmm on CPU
+    A_c = (wj * tfs_c[..., :3, :]).sum(-3)
     A_d = (wj * tfs[..., :3, :]).sum(-3)
     Ac_inv, _ = inv3(A_c[..., :3])
     x_r = _matvec(Ac_inv, xc - A_c[..., 3]) + offset
@@ -247,7 +248,8 @@ def deform_canonical(xc, w, expr_dirs, pose_dirs, exp, pose_feature, tfs,
     pose_feature / pose_feature_c: [..., Q]; tfs / tfs_c: [..., J, 4, 4] target / canonical
     joint transforms (scaled space). Returns xd: [..., 3]:
 
-        x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c + E exp + Pd^T pose_feature
+        x_r = (sum_j w_j tfs_c[j])^-1 x_c - Pd^T pose_feature_c - E exp_c
+              + E exp + Pd^T pose_feature
         x_d = (sum_j w_j tfs[j]) x_r
     """
     offset = (expr_dirs * (exp - exp_c)[..., None, :]).sum(-1) \

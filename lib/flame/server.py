@@ -15,9 +15,9 @@ import math
 import torch
 from torch import nn
 
-from .flame import FLAME, expand_pose
-from .frames import FlameFrames
-from .lbs import batch_rodrigues, matrix_to_axis_angle, rigid_inverse
+from lib.flame.flame import FLAME, expand_pose
+from lib.flame.frames import FlameFrames
+from lib.flame.lbs import batch_rodrigues, matrix_to_axis_angle, rigid_inverse
 
 __all__ = ["FLAMEServer"]
 

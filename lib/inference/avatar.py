@@ -31,10 +31,9 @@ from lib.inference.loading import InferenceError, is_stage2
 from lib.model.explicit import deform_mesh, mesh_fields
 from lib.model.query import blend_transforms, query_fine, skin_normals
 from lib.model.validation import extract_canonical_mesh
-from lib.utils.extraction import EmptyMeshError
 from lib.render.rasterizer import rasterize
-from lib.render.shading import (render_normals, render_shaded, render_vertex_colors,
-                                vertex_normals)
+from lib.render.shading import render_normals, render_shaded, render_vertex_colors, vertex_normals
+from lib.utils.extraction import EmptyMeshError
 
 __all__ = ["Avatar", "make_params", "yaw_pose", "side_by_side"]
 
@@ -86,7 +85,7 @@ class Avatar:
         self._mesh = self._fields = self._surface = None
 
     @classmethod
-    def from_codes(cls, model, codes: dict, **kwargs) -> "Avatar":
+    def from_codes(cls, model, codes: dict, **kwargs) -> Avatar:
         """codes: dict with z_shape, z_detail, z_color, betas (each [1, ...])."""
         return cls(model, codes["z_shape"], codes["z_detail"], codes["z_color"], codes["betas"],
                    **kwargs)
@@ -97,7 +96,7 @@ class Avatar:
         return is_stage2(self.model)
 
     def with_codes(self, z_detail: torch.Tensor | None = None,
-                   z_color: torch.Tensor | None = None) -> "Avatar":
+                   z_color: torch.Tensor | None = None) -> Avatar:
         """A copy with other detail/colour codes that shares this avatar's mesh and fields."""
         other = Avatar(self.model, self.z_shape, self.z_detail if z_detail is None else z_detail,
                        self.z_color if z_color is None else z_color, self.betas, self.mesh_res,

@@ -36,8 +36,7 @@ from lib.inference.options import ConfigOptions
 from lib.inference.sampling import code_gaussians
 from lib.inference.scan import ScanData, Similarity, load_scan, scan_samples
 from lib.render.images import add_label, make_grid, save_png
-from lib.render.shading import (render_normals, render_shaded, render_texture,
-                                render_vertex_colors)
+from lib.render.shading import render_normals, render_shaded, render_texture, render_vertex_colors
 from lib.utils.atomic import atomic_path
 
 __all__ = ["FitOptions", "FlameFitOptions", "faceverse_similarity", "render_scan", "run_fit"]

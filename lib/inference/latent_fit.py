@@ -25,8 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lib.model.deformer import SKIPPED_LOGIT
-from lib.model.query import (blend_transforms, pose_exp_condition, query_fine, skin_normals,
-                             surface_correspondences)
+from lib.model.query import (
+    blend_transforms,
+    pose_exp_condition,
+    query_fine,
+    skin_normals,
+    surface_correspondences,
+)
 
 __all__ = ["occupancy_samples", "fit_shape", "fit_detail_color"]
 

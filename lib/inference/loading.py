@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 __all__ = ["InferenceError", "load_model", "is_stage2", "require_stage2", "Subject",
            "resolve_subject", "subject_codes"]
 

@@ -21,7 +21,6 @@ import torch
 from lib.utils.knn import nearest_exact
 from lib.utils.surface import area_samples
 
-
 __all__ = ["sample_surface", "head_size", "point_metrics", "mesh_metrics", "THRESHOLDS"]
 
 THRESHOLDS = (0.01, 0.02)  # fractions of the head size for the F-scores

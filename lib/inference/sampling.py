@@ -15,9 +15,10 @@ colour code from the detail code's statistics: a bug), with the deviations scale
 `std_scale` (< 1 trades variety for typicality). Sampled avatars get the mean FLAME shape
 (betas 0) unless one is given.
 
-`run_sample` (options: `SampleOptions`, the `test.sample` block) writes, per avatar `sample_<k>/`: `canonical.ply` and `posed.ply` (vertex colours
-and normals), `turntable.mp4` (RGB | normal per frame) and `turntable.png` (a grid: RGB views
-over normal views); and `samples.png` (front RGB and normal of every sample).
+`run_sample` (options: `SampleOptions`, the `test.sample` block) writes, per avatar
+`sample_<k>/`: `canonical.ply` and `posed.ply` (vertex colours and normals), `turntable.mp4`
+(RGB | normal per frame) and `turntable.png` (a grid: RGB views over normal views); and
+`samples.png` (front RGB and normal of every sample).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ whatever grad mode the caller chose (the deformer calls it under ``torch.no_grad
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 
@@ -44,7 +44,7 @@ def broyden(
     max_steps: int = 50,
     cvg_thresh: float = 1e-5,
     dvg_thresh: float = 1.0,
-) -> Dict[str, object]:
+) -> dict[str, object]:
     """Solve g(x) = 0 for M independent 3D systems with Broyden's (good) method.
 
     Args:
@@ -127,5 +127,6 @@ def _checked(g: ResidualFn, x_active: torch.Tensor, mask: torch.Tensor) -> torch
     """Call the residual callback and check its shape: x_active [A, 3] -> [A, 3]."""
     out = g(x_active, mask)
     if tuple(out.shape) != tuple(x_active.shape):
-        raise _err(f"residual callback returned {tuple(out.shape)} for input {tuple(x_active.shape)}")
+        raise _err(f"residual callback returned {tuple(out.shape)} for input "
+                   f"{tuple(x_active.shape)}")
     return out.detach().to(x_active.dtype)

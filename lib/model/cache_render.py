@@ -1,8 +1,9 @@
 """Stage-2 images rendered from the precompute cache: each pixel's shape-neutral canonical
-point (from precompute.py, or the original's `cache_img_dvr_pyrender` files) is queried by the normal and texture networks, its normal skinned to the
-view, and the results scattered back into images. Stage-2 training (lib/model/fine_stage.py)
-and the reconstruction scores of inference (lib/inference/reconstruction.py) render with
-`render_cache`, so what is scored is what was trained.
+point (from precompute.py, or the original's `cache_img_dvr_pyrender` files) is queried by
+the normal and texture networks, its normal skinned to the view, and the results scattered
+back into images. Stage-2 training (lib/model/fine_stage.py) and the reconstruction scores of
+inference (lib/inference/reconstruction.py) render with `render_cache`, so what is scored is
+what was trained.
 
 Shape legend: B batch, R image size, L most cached pixels of an item, M extra canonical
 points, J joints, P the FLAME parameter vector (169).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lib.flame.frames import FlameFrames
-from lib.model.query import (blend_transforms, pose_exp_condition, query_fine, skin_normals)
+from lib.model.query import blend_transforms, pose_exp_condition, query_fine, skin_normals
 
 __all__ = ["pack_points", "scatter_image", "render_cache", "masked_psnr"]
 
@@ -75,7 +76,8 @@ def render_cache(model, cache_pts: torch.Tensor, cache_mask: torch.Tensor, flame
         with torch.no_grad():
             volume = model.generator(z_shape)
     normal_c, rgb = query_fine(model, pts, z_shape, flame_out.shape, codes["z_detail"],
-                               codes["z_color"], pose_exp_condition(flame_out), volume, neutral=True)
+                               codes["z_color"], pose_exp_condition(flame_out), volume,
+                               neutral=True)
     with torch.no_grad():
         w = model.deformer.lbs_net.lbs(pts)[0]  # [B, L + M, J]: neutral points, no warp
         rot_view = blend_transforms(w[:, :L], flame_view.tfs)

@@ -28,8 +28,9 @@ import torch
 from lib.model.builders import ALLOWED_TARGETS
 from lib.utils.checkpoint_io import CheckpointError, read_checkpoint
 
-__all__ = ["load_ganhead", "read_project_checkpoint", "geometry_digest", "geometry_digest_of_state", "checkpoint_scan_ids",
-           "GEOMETRY_PREFIXES", "PROJECT_TARGETS"]
+__all__ = ["load_ganhead", "read_project_checkpoint", "geometry_digest",
+           "geometry_digest_of_state", "checkpoint_scan_ids", "GEOMETRY_PREFIXES",
+           "PROJECT_TARGETS"]
 
 # the only `_target_` names a checkpoint of this project may hold: its network builders and
 # deformer classes

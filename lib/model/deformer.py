@@ -26,7 +26,7 @@ the LBS fields (and the inputs) by implicit differentiation.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -63,19 +63,30 @@ class ForwardDeformer(nn.Module):
             skip_stride-th posed FLAME vertex).
     """
 
-    def __init__(self, lbs_net: Callable, n_joints: int = 5, max_steps: int = 50, cvg_thresh: float = 1e-5,
-                 dvg_thresh: float = 1.0, chunk_size: int = 20000, init_bones: Sequence[int] = (0, 1, 2, 3, 4),
-                 skip_thresh: float = 0.11, skip_stride: int = 10):
+    def __init__(
+        self,
+        lbs_net: Callable,
+        n_joints: int = 5,
+        max_steps: int = 50,
+        cvg_thresh: float = 1e-5,
+        dvg_thresh: float = 1.0,
+        chunk_size: int = 20000,
+        init_bones: Sequence[int] = (0, 1, 2, 3, 4),
+        skip_thresh: float = 0.11,
+        skip_stride: int = 10,
+    ):
         super().__init__()
         self.lbs_net = lbs_net
         self.n_joints = int(n_joints)
-        self.max_steps, self.cvg_thresh, self.dvg_thresh = int(max_steps), float(cvg_thresh), float(dvg_thresh)
+        self.max_steps = int(max_steps)
+        self.cvg_thresh, self.dvg_thresh = float(cvg_thresh), float(dvg_thresh)
         self.chunk_size = int(chunk_size)
         if self.chunk_size < 1:
             raise _err(f"chunk_size must be >= 1, got {chunk_size}")
         bones = [int(j) for j in init_bones]
         if not bones or any(j < 0 or j >= self.n_joints for j in bones):
-            raise _err(f"init_bones must be non-empty indices in [0, {self.n_joints}), got {init_bones}")
+            raise _err(f"init_bones must be non-empty indices in [0, {self.n_joints}), "
+                       f"got {init_bones}")
         self.register_buffer("init_bones", torch.tensor(bones, dtype=torch.long), persistent=False)
         self.skip_thresh, self.skip_stride = float(skip_thresh), int(skip_stride)
 
@@ -97,11 +108,12 @@ class ForwardDeformer(nn.Module):
         out = out.to(dtype=ref.dtype).expand(B, where=where)
         for name, tfs in (("tfs", out.tfs), ("tfs_c", out.tfs_c)):
             if tuple(tfs.shape[1:]) != (self.n_joints, 4, 4):
-                raise _err(f"FLAME output '{name}' must be [B, {self.n_joints}, 4, 4], got {tuple(tfs.shape)}")
+                raise _err(f"FLAME output '{name}' must be [B, {self.n_joints}, 4, 4], "
+                           f"got {tuple(tfs.shape)}")
         return out
 
     @staticmethod
-    def _betas(cond: Dict[str, torch.Tensor], B: int) -> torch.Tensor:
+    def _betas(cond: dict[str, torch.Tensor], B: int) -> torch.Tensor:
         """cond['shape'] [B, S] (checked): the LBS fields' per-item condition."""
         if "shape" not in cond:
             raise _err(f"cond lacks 'shape' (FLAME betas, has {sorted(cond)})")
@@ -111,7 +123,8 @@ class ForwardDeformer(nn.Module):
         return betas
 
     def _fields(self, xc: torch.Tensor, betas: torch.Tensor):
-        """LBS fields at xc [B, N, 3] with betas [B, S] -> w [B,N,J], pose_dirs [B,N,Q,3], expr_dirs [B,N,3,X]."""
+        """LBS fields at xc [B, N, 3] with betas [B, S] -> w [B, N, J], pose_dirs [B, N, Q, 3],
+        expr_dirs [B, N, 3, X]."""
         w, pose_dirs, expr_dirs = self.lbs_net(xc, betas)
         if w.shape[-1] != self.n_joints or w.shape[:2] != xc.shape[:2]:
             raise _err(f"lbs_net returned weights {tuple(w.shape)} for points {tuple(xc.shape)}")
@@ -128,7 +141,7 @@ class ForwardDeformer(nn.Module):
         return deform_canonical(xc, w[:, 0], ed[:, 0], pd[:, 0], g.exp, g.pose_feature, g.tfs,
                                 g.exp_c, g.pose_feature_c, g.tfs_c)
 
-    def forward_deform(self, xc: torch.Tensor, cond: Dict[str, torch.Tensor],
+    def forward_deform(self, xc: torch.Tensor, cond: dict[str, torch.Tensor],
                        flame_out: FlameFrames) -> torch.Tensor:
         """Deform canonical points to the target pose/expression. xc: [B, N, 3] -> xd: [B, N, 3]."""
         B = xc.shape[0]
@@ -144,25 +157,34 @@ class ForwardDeformer(nn.Module):
 
     # ------------------------------------------------------------------ initialization
     def init_maps(self, fl: FlameFrames) -> torch.Tensor:
-        """Rigid map of each init bone, tfs_c[j] @ inv(tfs[j]): fl (_checked_flame's) -> [B, I, 4, 4]."""
+        """Rigid map of each init bone, tfs_c[j] @ inv(tfs[j]): fl (_checked_flame's) ->
+        [B, I, 4, 4]."""
         return fl.tfs_c[:, self.init_bones] @ torch.linalg.inv(fl.tfs[:, self.init_bones])
 
     def init_points(self, xd: torch.Tensor, flame_out: FlameFrames) -> torch.Tensor:
-        """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d. xd [B,N,3] -> [B,N,I,3]."""
-        T = self.init_maps(self._checked_flame(flame_out, xd.shape[0], xd))             # [B, I, 4, 4]
+        """Rigid inverse per init bone: x_init = tfs_c[j] @ inv(tfs[j]) x_d.
+        xd [B, N, 3] -> [B, N, I, 3]."""
+        T = self.init_maps(self._checked_flame(flame_out, xd.shape[0], xd))  # [B, I, 4, 4]
         return torch.einsum("birc,bnc->bnir", T[:, :, :3, :3], xd) + T[:, None, :, :3, 3]
 
     @staticmethod
     def _jacobian(f: torch.Tensor, x: torch.Tensor, keep_graph: bool) -> torch.Tensor:
-        """d f / d x for per-point maps: f [A, 3] (graph from x), x [A, 3] -> J [A, 3, 3], J[a,k,l] = df_k/dx_l."""
+        """d f / d x for per-point maps: f [A, 3] (graph from x), x [A, 3] -> J [A, 3, 3],
+        J[a,k,l] = df_k/dx_l."""
         rows = []
         for k in range(3):
             (gk,) = torch.autograd.grad(f[:, k].sum(), x, retain_graph=keep_graph or k < 2)
             rows.append(gk)
         return torch.stack(rows, dim=1)
 
-    def _init_J_inv(self, x0: torch.Tensor, bidx: torch.Tensor, betas: torch.Tensor, fl: FlameFrames,
-                    eval_mode: bool):
+    def _init_J_inv(
+        self,
+        x0: torch.Tensor,
+        bidx: torch.Tensor,
+        betas: torch.Tensor,
+        fl: FlameFrames,
+        eval_mode: bool,
+    ):
         """Initial inverse Jacobians at x0 [A, 3] -> [A, 3, 3] (identity where singular).
 
         eval_mode: the inverse of the blended target transform (sum_j w_j tfs[j])[:3, :3], w the
@@ -205,13 +227,21 @@ class ForwardDeformer(nn.Module):
             pts = point_mask.reshape(-1).nonzero().squeeze(1)
         return xd0, betas, fl, x_init, x_init.clone(), valid, diff, pts
 
-    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
-               eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+    def search(
+        self,
+        xd: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        flame_out: FlameFrames,
+        eval_mode: bool = False,
+        point_mask: torch.Tensor | None = None,
+        return_info: bool = False,
+    ):
         """Roots of forward_deform(x_c) = x_d from every init, without gradients.
 
         xd: [B, N, 3]; point_mask: optional [B, N] bool, points to solve (others stay at their
         inits and are invalid). Returns xc [B, N, I, 3], valid_ids [B, N, I] bool, and with
-        return_info a dict(diff [B, N, I] residual norms, n_steps int = most Broyden steps of a chunk).
+        return_info a dict(diff [B, N, I] residual norms, n_steps int = most Broyden steps of a
+        chunk).
         """
         if xd.dim() != 3 or xd.shape[-1] != 3:
             raise _err(f"xd must be [B, N, 3], got {tuple(xd.shape)}")
@@ -226,7 +256,8 @@ class ForwardDeformer(nn.Module):
                 p = pts[s:s + self.chunk_size]                      # [c]
                 bidx = (p // N).repeat_interleave(I)                # [c*I]
                 target = xd_flat[p].repeat_interleave(I, dim=0)     # [c*I, 3]
-                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, betas, fl, eval_mode)
+                out = self._solve_exact(x_init[p].reshape(-1, 3), bidx, target, betas, fl,
+                                        eval_mode)
                 xc[p] = out["result"].reshape(-1, I, 3)
                 valid[p] = out["valid_ids"].reshape(-1, I)
                 diff[p] = out["diff"].reshape(-1, I)
@@ -236,10 +267,18 @@ class ForwardDeformer(nn.Module):
             return xc, valid, dict(diff=diff.reshape(B, N, I), n_steps=n_steps)
         return xc, valid
 
-    def _solve_exact(self, x0: torch.Tensor, bidx: torch.Tensor, target: torch.Tensor, betas: torch.Tensor,
-                     fl: FlameFrames,
-                     eval_mode: bool, max_steps: Optional[int] = None, J_inv: Optional[torch.Tensor] = None,
-                     deform: Optional[Callable] = None):
+    def _solve_exact(
+        self,
+        x0: torch.Tensor,
+        bidx: torch.Tensor,
+        target: torch.Tensor,
+        betas: torch.Tensor,
+        fl: FlameFrames,
+        eval_mode: bool,
+        max_steps: int | None = None,
+        J_inv: torch.Tensor | None = None,
+        deform: Callable | None = None,
+    ):
         """Broyden through the networks from x0 [A, 3] (batch items bidx [A], targets x_d [A, 3]).
 
         J_inv: initial inverse Jacobians [A, 3, 3] (default: _init_J_inv); max_steps defaults to
@@ -258,10 +297,12 @@ class ForwardDeformer(nn.Module):
         return broyden(residual, x0, J0, steps, self.cvg_thresh, self.dvg_thresh)
 
     def _implicit_correction(self, xc_star, bidx, target, betas, fl: FlameFrames) -> torch.Tensor:
-        """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d, J = dr/dx_c at x_c*.
+        """x_c = x_c* - J^-1 (r(x_c*) - r(x_c*).detach()), r = forward_deform - x_d,
+        J = dr/dx_c at x_c*.
 
-        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, betas, the FLAME outputs and x_d.
-        xc_star [A, 3], bidx [A], target (x_d, may carry a graph) [A, 3] -> [A, 3].
+        Value unchanged; gradients d x_c = -J^-1 d r reach the LBS fields, betas, the FLAME
+        outputs and x_d. xc_star [A, 3], bidx [A], target (x_d, may carry a graph) [A, 3] ->
+        [A, 3].
         """
         with torch.enable_grad():
             x = xc_star.detach().requires_grad_(True)
@@ -271,8 +312,15 @@ class ForwardDeformer(nn.Module):
         r = f - target
         return x.detach() - (J_inv @ (r - r.detach())[..., None])[..., 0]
 
-    def forward(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
-                eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+    def forward(
+        self,
+        xd: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        flame_out: FlameFrames,
+        eval_mode: bool = False,
+        point_mask: torch.Tensor | None = None,
+        return_info: bool = False,
+    ):
         """Canonical correspondences of deformed points.
 
         xd: [B, N, 3]; eval_mode picks the cheap Jacobian initialization; point_mask [B, N] as in
@@ -296,32 +344,42 @@ class ForwardDeformer(nn.Module):
     def to_neutral(xc: torch.Tensor, shape: torch.Tensor, disp_net: Callable) -> torch.Tensor:
         """Map to the shape-neutral canonical space: x_c + disp_net(x_c, shape).
 
-        xc: [B, ..., 3] (e.g. [B, N, I, 3]); shape: [B, 100]; disp_net: (x [B, M, 3], shape) -> dx [B, M, 3].
-        Returns [B, ..., 3]."""
+        xc: [B, ..., 3] (e.g. [B, N, I, 3]); shape: [B, 100]; disp_net: (x [B, M, 3], shape) ->
+        dx [B, M, 3]. Returns [B, ..., 3]."""
         B = xc.shape[0]
         flat = xc.reshape(B, -1, 3)
         return (flat + disp_net(flat, shape)).reshape(xc.shape)
 
     def near_mask(self, xd: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
-        """True where x_d is within skip_thresh of every skip_stride-th vertex. xd [B,N,3], verts [B,V,3] -> [B,N]."""
+        """True where x_d is within skip_thresh of every skip_stride-th vertex.
+        xd [B, N, 3], verts [B, V, 3] -> [B, N]."""
         sub = verts[:, ::self.skip_stride].to(xd.dtype)
         if sub.shape[0] == 1 and xd.shape[0] > 1:
             sub = sub.expand(xd.shape[0], -1, -1)
         out = []
         for s in range(0, xd.shape[1], self.chunk_size):
-            out.append(torch.cdist(xd[:, s:s + self.chunk_size], sub).amin(dim=-1) <= self.skip_thresh)
+            dist = torch.cdist(xd[:, s:s + self.chunk_size], sub).amin(dim=-1)
+            out.append(dist <= self.skip_thresh)
         return torch.cat(out, dim=1)
 
-    def query_occupancy(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
-                        occ_fn: Callable, disp_net: Optional[Callable] = None, eval_mode: bool = False,
-                        skip_far: bool = False) -> torch.Tensor:
+    def query_occupancy(
+        self,
+        xd: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        flame_out: FlameFrames,
+        occ_fn: Callable,
+        disp_net: Callable | None = None,
+        eval_mode: bool = False,
+        skip_far: bool = False,
+    ) -> torch.Tensor:
         """Occupancy logits of deformed points: max over valid inits of occ_fn at the neutral x_c.
 
         xd: [B, N, 3]; occ_fn: (x [B, M, 3], cond) -> logits [B, M, 1] (or [B, M]); disp_net as in
         to_neutral (uses cond['shape']), None to skip the neutral mapping; skip_far: points farther
         than skip_thresh from flame_out.verts are not searched (inference).
-        Returns occ [B, N, 1]; SKIPPED_LOGIT (-1000) where no init is valid or the point was skipped.
-        Only valid correspondences are sent to disp_net / occ_fn (packed per batch item).
+        Returns occ [B, N, 1]; SKIPPED_LOGIT (-1000) where no init is valid or the point was
+        skipped. Only valid correspondences are sent to disp_net / occ_fn (packed per batch
+        item).
         """
         B, N, _ = xd.shape
         if skip_far:
@@ -337,8 +395,14 @@ class ForwardDeformer(nn.Module):
             outs.append(self.occupancy_of_valid(xc, valid, cond, occ_fn, disp_net))
         return torch.cat(outs, dim=1)
 
-    def occupancy_of_valid(self, xc: torch.Tensor, valid: torch.Tensor, cond: Dict[str, torch.Tensor],
-                           occ_fn: Callable, disp_net: Optional[Callable] = None) -> torch.Tensor:
+    def occupancy_of_valid(
+        self,
+        xc: torch.Tensor,
+        valid: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        occ_fn: Callable,
+        disp_net: Callable | None = None,
+    ) -> torch.Tensor:
         """Occupancy from given correspondences: xc [B, n, I, 3], valid [B, n, I] -> occ [B, n, 1].
 
         Max over valid inits of occ_fn(to_neutral(xc)); SKIPPED_LOGIT where none is valid. Only
@@ -350,7 +414,8 @@ class ForwardDeformer(nn.Module):
         L = int(flat_valid.sum(dim=1).max()) if flat_valid.numel() else 0
         if L > 0:
             b, m = flat_valid.nonzero(as_tuple=True)
-            pos = (torch.cumsum(flat_valid.long(), dim=1) - 1)[b, m]  # rank among the valid of item b
+            # rank among the valid of item b
+            pos = (torch.cumsum(flat_valid.long(), dim=1) - 1)[b, m]
             packed = xc.new_zeros(B, L, 3).index_put((b, pos), xc.reshape(B, n * I, 3)[b, m])
             if disp_net is not None:
                 if "shape" not in cond:

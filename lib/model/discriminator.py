@@ -43,7 +43,6 @@ this. A typical discriminator step (the caller owns the optimizer):
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -264,7 +263,7 @@ class LazyR1:
         return self.lambda_r1 / 2.0 * self.d_reg_every
 
     def __call__(self, d: nn.Module, real_images: torch.Tensor,
-                 step: int) -> Optional[torch.Tensor]:
+                 step: int) -> torch.Tensor | None:
         if not self.due(step):
             return None
         real = real_images.detach().requires_grad_(True)

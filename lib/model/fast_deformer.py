@@ -51,7 +51,7 @@ through the plain networks (tested against them in float64).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -78,10 +78,10 @@ def spline_matrix(n: int, n_fine: int) -> torch.Tensor:
     return torch.from_numpy(spline(np.linspace(0.0, 1.0, n_fine)))
 
 
-def _unique_rows(key: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact duplicate rows: key [A, C] -> first [U] (index of one row per distinct row), inverse [A]
-    (key[i] == key[first[inverse[i]]]). Lexicographic order by stable column sorts (torch.unique
-    with dim=0 loops over rows on CPU)."""
+def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact duplicate rows: key [A, C] -> first [U] (index of one row per distinct row),
+    inverse [A] (key[i] == key[first[inverse[i]]]). Lexicographic order by stable column sorts
+    (torch.unique with dim=0 loops over rows on CPU)."""
     A = key.shape[0]
     order = torch.arange(A, device=key.device)
     for c in reversed(range(key.shape[1])):
@@ -104,10 +104,12 @@ class BakedGrid:
     [3, 3, A] (J[r, c, a] = dF_r / dx_c). Outside [lo, hi] the boundary cell is extrapolated.
     """
 
-    def __init__(self, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, channels_first: bool = False):
+    def __init__(
+        self, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, channels_first: bool = False
+    ):
         if channels_first:
             _, K, D, H, W = values.shape
-            self.flat = values.contiguous().reshape(-1)                                # [3 * K*D'*H'*W']
+            self.flat = values.contiguous().reshape(-1)  # [3 * K*D'*H'*W']
         else:
             K, D, H, W, _ = values.shape
             self.flat = values.reshape(-1, 3).t().contiguous().reshape(-1)
@@ -115,46 +117,52 @@ class BakedGrid:
             raise _err(f"a baked lattice needs >= 2 nodes per axis, got {(D, H, W)}")
         self.dims = (D, H, W)
         dev, dt = values.device, values.dtype
-        self.n_cells = torch.tensor([W - 1, H - 1, D - 1], device=dev, dtype=dt)[:, None]   # [3, 1] x, y, z
+        # [3, 1] x, y, z
+        self.n_cells = torch.tensor([W - 1, H - 1, D - 1], device=dev, dtype=dt)[:, None]
         self.lo = lo.to(device=dev, dtype=dt)[:, None]
-        self.scale = self.n_cells / (hi.to(device=dev, dtype=dt)[:, None] - self.lo)       # cells per unit
+        # cells per unit
+        self.scale = self.n_cells / (hi.to(device=dev, dtype=dt)[:, None] - self.lo)
         # flat offsets of channel r and corner k (bit order dz, dy, dx): [3, 8, 1]
-        corners = torch.tensor([(dz * H + dy) * W + dx for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)],
-                               device=dev)
-        self.offsets = (torch.arange(3, device=dev) * (K * D * H * W))[:, None, None] + corners[None, :, None]
+        corners = torch.tensor([(dz * H + dy) * W + dx for dz in (0, 1) for dy in (0, 1)
+                                for dx in (0, 1)], device=dev)
+        self.offsets = ((torch.arange(3, device=dev) * (K * D * H * W))[:, None, None]
+                        + corners[None, :, None])
 
-    def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         D, H, W = self.dims
-        u = (x - self.lo) * self.scale                                                  # [3, A] in cells
+        u = (x - self.lo) * self.scale                             # [3, A] in cells
         i0 = torch.minimum(torch.nan_to_num(u.floor(), nan=0.0).clamp_(min=0), self.n_cells - 1)
-        t = u - i0                                                                      # outside [0,1]: extrapolation
+        t = u - i0                                                 # outside [0,1]: extrapolation
         il = i0.long()
-        base = ((slot * D + il[2]) * H + il[1]) * W + il[0]                             # [A]
-        c = self.flat.take(self.offsets + base).view(3, 4, 2, -1)                       # [3, x-edge, end, A]
+        base = ((slot * D + il[2]) * H + il[1]) * W + il[0]        # [A]
+        c = self.flat.take(self.offsets + base).view(3, 4, 2, -1)  # [3, x-edge, end, A]
         tx, ty, tz = t[0], t[1], t[2]
-        ex = c[:, :, 1] - c[:, :, 0]                                                    # x-differences [3, 4, A]
-        a = (c[:, :, 0] + tx * ex).view(3, 2, 2, -1)                                    # x-lerps, edge = (dz, dy)
+        ex = c[:, :, 1] - c[:, :, 0]                               # x-differences [3, 4, A]
+        a = (c[:, :, 0] + tx * ex).view(3, 2, 2, -1)               # x-lerps, edge = (dz, dy)
         ex = ex.view(3, 2, 2, -1)
-        ey = a[:, :, 1] - a[:, :, 0]                                                    # [3, 2, A]
-        b = a[:, :, 0] + ty * ey                                                        # y-lerps, by dz
+        ey = a[:, :, 1] - a[:, :, 0]                               # [3, 2, A]
+        b = a[:, :, 0] + ty * ey                                   # y-lerps, by dz
         exy = ex[:, :, 0] + ty * (ex[:, :, 1] - ex[:, :, 0])
         ez = b[:, 1] - b[:, 0]
         val = b[:, 0] + tz * ez
         jx = exy[:, 0] + tz * (exy[:, 1] - exy[:, 0])
         jy = ey[:, 0] + tz * (ey[:, 1] - ey[:, 0])
-        jac = torch.stack([jx * self.scale[0], jy * self.scale[1], ez * self.scale[2]], dim=1)   # [3, 3, A]
-        return val, jac
+        jac = torch.stack([jx * self.scale[0], jy * self.scale[1], ez * self.scale[2]], dim=1)
+        return val, jac  # jac: [3, 3, A]
 
 
 def _sqnorm(v: torch.Tensor) -> torch.Tensor:
-    """Squared norm of channels-first vectors: v [3, A] -> [A] (faster than a reduction over dim 0)."""
+    """Squared norm of channels-first vectors: v [3, A] -> [A] (faster than a reduction over
+    dim 0)."""
     return v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
 
 
-def _solve3(jac: torch.Tensor, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] -> (jac^-1 r [3, A], ok [A])."""
+def _solve3(jac: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channels-first 3x3 solves by Cramer's rule: jac [3, 3, A], r [3, A] ->
+    (jac^-1 r [3, A], ok [A])."""
     adj, det, ok = adjugate3(jac)
-    sol = (adj[0] * r[0] + adj[1] * r[1] + adj[2] * r[2]) / torch.where(ok, det, torch.ones_like(det))
+    sol = ((adj[0] * r[0] + adj[1] * r[1] + adj[2] * r[2])
+           / torch.where(ok, det, torch.ones_like(det)))
     return sol, ok
 
 
@@ -179,12 +187,27 @@ class FastForwardDeformer(ForwardDeformer):
             item; same values to float rounding) when lbs_net has it; False: the plain path.
     """
 
-    def __init__(self, lbs_net, n_joints: int = 5, max_steps: int = 50, cvg_thresh: float = 1e-5,
-                 dvg_thresh: float = 1.0, chunk_size: int = 20000, init_bones: Sequence[int] = (0, 1, 2, 3, 4),
-                 skip_thresh: float = 0.11, skip_stride: int = 10, grid_res: Sequence[int] = (12, 12, 12),
-                 bbox_min: Sequence[float] = (-1.0, -1.0, -1.0), bbox_max: Sequence[float] = (1.0, 1.0, 1.0),
-                 exact_steps: int = 2, upsample: int = 4, merge_tol: float = 1e-4, grid_tol: float = 1e-3,
-                 fallback: bool = True, folded: bool = True):
+    def __init__(
+        self,
+        lbs_net,
+        n_joints: int = 5,
+        max_steps: int = 50,
+        cvg_thresh: float = 1e-5,
+        dvg_thresh: float = 1.0,
+        chunk_size: int = 20000,
+        init_bones: Sequence[int] = (0, 1, 2, 3, 4),
+        skip_thresh: float = 0.11,
+        skip_stride: int = 10,
+        grid_res: Sequence[int] = (12, 12, 12),
+        bbox_min: Sequence[float] = (-1.0, -1.0, -1.0),
+        bbox_max: Sequence[float] = (1.0, 1.0, 1.0),
+        exact_steps: int = 2,
+        upsample: int = 4,
+        merge_tol: float = 1e-4,
+        grid_tol: float = 1e-3,
+        fallback: bool = True,
+        folded: bool = True,
+    ):
         super().__init__(lbs_net, n_joints=n_joints, max_steps=max_steps, cvg_thresh=cvg_thresh,
                          dvg_thresh=dvg_thresh, chunk_size=chunk_size, init_bones=init_bones,
                          skip_thresh=skip_thresh, skip_stride=skip_stride)
@@ -194,21 +217,26 @@ class FastForwardDeformer(ForwardDeformer):
         lo = torch.as_tensor(bbox_min, dtype=torch.float32).reshape(-1)
         hi = torch.as_tensor(bbox_max, dtype=torch.float32).reshape(-1)
         if lo.numel() != 3 or hi.numel() != 3 or not bool((hi > lo).all()):
-            raise _err(f"bbox_min {tuple(bbox_min)} must be 3 values below bbox_max {tuple(bbox_max)}")
+            raise _err(f"bbox_min {tuple(bbox_min)} must be 3 values below bbox_max "
+                       f"{tuple(bbox_max)}")
         if int(upsample) < 1 or int(exact_steps) < 1:
             raise _err(f"upsample and exact_steps must be >= 1, got {upsample}, {exact_steps}")
         self.grid_res, self.upsample, self.exact_steps = res, int(upsample), int(exact_steps)
-        self.merge_tol, self.grid_tol, self.fallback = float(merge_tol), float(grid_tol), bool(fallback)
+        self.merge_tol, self.grid_tol = float(merge_tol), float(grid_tol)
+        self.fallback = bool(fallback)
         self.folded = bool(folded)
         self.register_buffer("bbox_min", lo, persistent=False)
         self.register_buffer("bbox_max", hi, persistent=False)
-        zz, yy, xx = torch.meshgrid(*[torch.linspace(0.0, 1.0, n, dtype=torch.float64) for n in res], indexing="ij")
-        self.register_buffer("lattice_unit", torch.stack([xx, yy, zz], -1).reshape(-1, 3).float(), persistent=False)
+        zz, yy, xx = torch.meshgrid(*[torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+                                      for n in res], indexing="ij")
+        self.register_buffer("lattice_unit", torch.stack([xx, yy, zz], -1).reshape(-1, 3).float(),
+                             persistent=False)
         for name, n in zip(("up_z", "up_y", "up_x"), res):
-            self.register_buffer(name, spline_matrix(n, (n - 1) * self.upsample + 1).float(), persistent=False)
+            self.register_buffer(name, spline_matrix(n, (n - 1) * self.upsample + 1).float(),
+                                 persistent=False)
 
     @property
-    def lookup_res(self) -> Tuple[int, int, int]:
+    def lookup_res(self) -> tuple[int, int, int]:
         """(D', H', W') of the refined lattice."""
         return tuple((n - 1) * self.upsample + 1 for n in self.grid_res)
 
@@ -220,7 +248,8 @@ class FastForwardDeformer(ForwardDeformer):
         holds no graph (the search); with grad enabled gradients flow as through the plain path
         (the implicit correction)."""
         make = getattr(self.lbs_net, "folded", None) if self.folded else None
-        fold = None if make is None else make(betas, fl.pose_feature - fl.pose_feature_c, fl.exp - fl.exp_c)
+        fold = None if make is None else make(betas, fl.pose_feature - fl.pose_feature_c,
+                                              fl.exp - fl.exp_c)
         if fold is None:
             return lambda x, slot: self._deform_flat(x, slot, betas, fl)
 
@@ -232,8 +261,8 @@ class FastForwardDeformer(ForwardDeformer):
         return deform
 
     def bake(self, betas: torch.Tensor, fl: FlameFrames, deform=None) -> BakedGrid:
-        """Deformed positions of the lattice for K items: betas [K, S], fl (_checked_flame's, leading
-        dim K); deform: folded_deform(betas, fl) when the caller has it already.
+        """Deformed positions of the lattice for K items: betas [K, S], fl (_checked_flame's,
+        leading dim K); deform: folded_deform(betas, fl) when the caller has it already.
 
         The network sees about chunk_size * I lattice points per call.
         Returns the refined BakedGrid over [bbox_min, bbox_max]."""
@@ -248,7 +277,7 @@ class FastForwardDeformer(ForwardDeformer):
             chunk = pts[s:s + g]
             x = chunk.expand(K, -1, -1).reshape(-1, 3)
             vals.append(deform(x, slots.repeat_interleave(chunk.shape[0])).reshape(K, -1, 3))
-        F = torch.cat(vals, dim=1).permute(2, 0, 1).reshape(3, K, *self.grid_res)       # [3, K, D, H, W]
+        F = torch.cat(vals, dim=1).permute(2, 0, 1).reshape(3, K, *self.grid_res)  # [3, K, D, H, W]
         if self.upsample > 1:  # channels-first throughout: the lookups want [3, ...] rows
             F = torch.einsum("ad,ckdhw->ckahw", self.up_z.to(dt), F)
             F = torch.einsum("bh,ckahw->ckabw", self.up_y.to(dt), F)
@@ -256,7 +285,9 @@ class FastForwardDeformer(ForwardDeformer):
         return BakedGrid(F, lo, hi, channels_first=True)
 
     # ------------------------------------------------------------------ grid search
-    def _grid_newton(self, grid: BakedGrid, x0: torch.Tensor, slot: torch.Tensor, target: torch.Tensor):
+    def _grid_newton(
+        self, grid: BakedGrid, x0: torch.Tensor, slot: torch.Tensor, target: torch.Tensor
+    ):
         """Damped Newton on grid(x) = target, channels-first: x0 [3, A], slot [A], target [3, A].
 
         Returns the best iterate [3, A], its interpolant residual norm [A] and the iterations run.
@@ -267,15 +298,15 @@ class FastForwardDeformer(ForwardDeformer):
         A = x0.shape[1]
         out_x, out_r = x0.clone(), torch.full((A,), float("inf"), dtype=x0.dtype, device=x0.device)
         idx, x, sl, tg = torch.arange(A, device=x0.device), x0, slot, target
-        bx, br = x0, out_r.clone()                                # best so far = last accepted iterate
-        step, lam = torch.zeros_like(x0), torch.ones_like(out_r)  # last Newton step, its fraction taken
+        bx, br = x0, out_r.clone()                         # best so far = last accepted iterate
+        step, lam = torch.zeros_like(x0), torch.ones_like(out_r)  # last Newton step, its fraction
         steps = 0
         for it in range(self.max_steps + 1):
             val, jac = grid(x, sl)
             r = val - tg
             rn = _sqnorm(r).sqrt()
-            better = rn < br                                                           # False for NaN
-            retry = ~better & (lam > 0.07)                                             # halve the step
+            better = rn < br  # False for NaN
+            retry = ~better & (lam > 0.07)  # halve the step
             br = torch.where(better, rn, br)
             bx = torch.where(better, x, bx)
             if it == self.max_steps:
@@ -298,7 +329,7 @@ class FastForwardDeformer(ForwardDeformer):
         return out_x, out_r, steps
 
     @staticmethod
-    def _merge(xg: torch.Tensor, ok: torch.Tensor, tol: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _merge(xg: torch.Tensor, ok: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Group the inits of each point by grid root: xg [P, I, 3], ok [P, I] bool.
 
         Init i follows the first leader j < i whose root is within tol; an ok init that follows
@@ -324,10 +355,11 @@ class FastForwardDeformer(ForwardDeformer):
         Merged inits share their root exactly, so their network term is computed once and
         gathered; the x_d term (r is linear in x_d) stays per row. Values and gradients equal the
         parent's. xc_star [A, 3], bidx [A], target [A, 3] (may carry a graph) -> [A, 3]."""
-        first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype), xc_star.detach()], dim=1))
+        first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype),
+                                                 xc_star.detach()], dim=1))
         with torch.enable_grad():
             x = xc_star.detach()[first].requires_grad_(True)                          # [U, 3]
-            f = self.folded_deform(betas, fl)(x, bidx[first])  # folded with its graph (see folded_lbs)
+            f = self.folded_deform(betas, fl)(x, bidx[first])  # folded with its graph (folded_lbs)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
         d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                          # [U, 3]
@@ -335,15 +367,23 @@ class FastForwardDeformer(ForwardDeformer):
         return xc_star.detach() - d_net[inverse] + d_tgt
 
     # ------------------------------------------------------------------ occupancy
-    def occupancy_of_valid(self, xc: torch.Tensor, valid: torch.Tensor, cond: Dict[str, torch.Tensor],
-                           occ_fn, disp_net=None) -> torch.Tensor:
+    def occupancy_of_valid(
+        self,
+        xc: torch.Tensor,
+        valid: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        occ_fn,
+        disp_net=None,
+    ) -> torch.Tensor:
         """ForwardDeformer.occupancy_of_valid, evaluating occ_fn (and disp_net) once per distinct
         root of a point: xc [B, n, I, 3], valid [B, n, I] -> occ [B, n, 1].
 
         Merged and coincident inits carry bit-identical roots, so their logits are equal; the max
         over a point's inits is the same with one of them, and so is its gradient (amax shares it
-        evenly among equal entries whose graphs meet in the same root; here one entry takes it all)."""
-        return super().occupancy_of_valid(xc, valid & ~self.repeated_roots(xc, valid), cond, occ_fn, disp_net)
+        evenly among equal entries whose graphs meet in the same root; here one entry takes it
+        all)."""
+        return super().occupancy_of_valid(xc, valid & ~self.repeated_roots(xc, valid), cond,
+                                          occ_fn, disp_net)
 
     @staticmethod
     def repeated_roots(xc: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -357,16 +397,24 @@ class FastForwardDeformer(ForwardDeformer):
         return rep
 
     # ------------------------------------------------------------------ search
-    def search(self, xd: torch.Tensor, cond: Dict[str, torch.Tensor], flame_out: FlameFrames,
-               eval_mode: bool = False, point_mask: Optional[torch.Tensor] = None, return_info: bool = False):
+    def search(
+        self,
+        xd: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        flame_out: FlameFrames,
+        eval_mode: bool = False,
+        point_mask: torch.Tensor | None = None,
+        return_info: bool = False,
+    ):
         """Roots of forward_deform(x_c) = x_d from every init, without gradients (same contract as
         ForwardDeformer.search).
 
         xd: [B, N, 3]; point_mask: optional [B, N] bool. Returns xc [B, N, I, 3], valid_ids
-        [B, N, I] and with return_info a dict: diff [B, N, I] the networks' residual norms (inf where
-        none was taken), n_steps (most Broyden steps through the networks of a polish or fallback),
-        grid_steps (most Newton steps on the grid), n_solved (inits searched), n_polished (grid
-        roots polished), n_further (polished further), n_fallback (inits given the exact search).
+        [B, N, I] and with return_info a dict: diff [B, N, I] the networks' residual norms (inf
+        where none was taken), n_steps (most Broyden steps through the networks of a polish or
+        fallback), grid_steps (most Newton steps on the grid), n_solved (inits searched),
+        n_polished (grid roots polished), n_further (polished further), n_fallback (inits given
+        the exact search).
         eval_mode only affects the fallback's initial Jacobian (as in the exact search).
         """
         if xd.dim() != 3 or xd.shape[-1] != 3:
@@ -384,15 +432,15 @@ class FastForwardDeformer(ForwardDeformer):
                 betas_k, fl_k = betas[items], fl.index(items)
                 deform_k = self.folded_deform(betas_k, fl_k)                           # by slot
 
-                def deform(x, b):                                                      # by batch index
+                def deform(x, b):  # by batch index
                     return deform_k(x, slot_of[b])
                 grid = self.bake(betas_k, fl_k, deform_k)
                 init_rep = self._same_inits(fl)                                        # [B, I]
                 for s in range(0, pts.numel(), self.chunk_size):
                     p = pts[s:s + self.chunk_size]
-                    xc[p], valid[p], diff[p] = self._solve_chunk(grid, slot_of, p, N, x_init[p],
-                                                                 xd0.reshape(B * N, 3)[p], betas, fl, eval_mode, info,
-                                                                 deform, init_rep)
+                    xc[p], valid[p], diff[p] = self._solve_chunk(
+                        grid, slot_of, p, N, x_init[p], xd0.reshape(B * N, 3)[p], betas, fl,
+                        eval_mode, info, deform, init_rep)
         xc, valid = xc.reshape(B, N, I, 3), valid.reshape(B, N, I)
         if return_info:
             return xc, valid, dict(info, diff=diff.reshape(B, N, I))
@@ -401,21 +449,22 @@ class FastForwardDeformer(ForwardDeformer):
     def _same_inits(self, fl: FlameFrames, tol: float = 1e-6) -> torch.Tensor:
         """For each item and init bone, the first init bone with the same rigid map
         tfs_c[j] inv(tfs[j]) (entries within tol): [B, I] long (itself when unique)."""
-        T = self.init_maps(fl)                                                         # [B, I, 4, 4]
+        T = self.init_maps(fl)  # [B, I, 4, 4]
         I = T.shape[1]
         same = (T[:, :, None] - T[:, None, :]).abs().flatten(-2).amax(-1) <= tol      # [B, I, I]
         lower = torch.ones(I, I, dtype=torch.bool, device=T.device).tril()
-        return (same & lower).int().argmax(dim=-1)                                    # first True per row
+        return (same & lower).int().argmax(dim=-1)  # first True per row
 
     def _grid_j_inv(self, grid: BakedGrid, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Inverse interpolant Jacobians at x [U, 3] (lattices slot [U]) -> [U, 3, 3]; identity where singular."""
+        """Inverse interpolant Jacobians at x [U, 3] (lattices slot [U]) -> [U, 3, 3]; identity
+        where singular."""
         _, jac = grid(x.t(), slot)
         j_inv, ok = inv3(jac.permute(2, 0, 1))
         eye = torch.eye(3, dtype=j_inv.dtype, device=j_inv.device).expand_as(j_inv)
         return torch.where(ok[:, None, None], j_inv, eye)
 
     def _polish(self, grid: BakedGrid, x0: torch.Tensor, bidx: torch.Tensor, slot: torch.Tensor,
-                target: torch.Tensor, deform) -> Dict[str, object]:
+                target: torch.Tensor, deform) -> dict[str, object]:
         """Chord Newton through the networks from grid roots: x0 [U, 3], bidx [U] batch items,
         slot [U] their lattices, target [U, 3]; deform (x [A, 3], bidx [A]) -> x_d [A, 3].
 
@@ -428,7 +477,7 @@ class FastForwardDeformer(ForwardDeformer):
         diff [U], valid_ids [U], n_steps)."""
         U = x0.shape[0]
         _, jac = grid(x0.t(), slot)
-        adj, det, ok = adjugate3(jac)                                                 # G^-1 v = sum_k adj[k] v_k / det
+        adj, det, ok = adjugate3(jac)  # G^-1 v = sum_k adj[k] v_k / det
         g_inv = torch.where(ok, adj / torch.where(ok, det, torch.ones_like(det)),
                             torch.eye(3, dtype=x0.dtype, device=x0.device)[:, :, None])
         g_inv = g_inv.permute(2, 0, 1)                                                # [U, k, i]
@@ -458,13 +507,14 @@ class FastForwardDeformer(ForwardDeformer):
         diff[ids] = torch.where(take, out["diff"], diff[ids])
         valid[ids] = out["valid_ids"]
 
-    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, betas, fl, eval_mode, info, deform=None, init_rep=None):
+    def _solve_chunk(self, grid, slot_of, p, N, x0, xd_p, betas, fl, eval_mode, info,
+                     deform=None, init_rep=None):
         """Grid search, merge, polish and fallback for points p [c] (flat indices into B*N).
 
         x0: [c, I, 3] rigid inits; xd_p: [c, 3]; deform: (x [A, 3], batch index [A]) -> x_d [A, 3]
-        for the Broyden residuals (default the plain networks); init_rep: [B, I] the init each init
-        copies its grid root from (_same_inits; default: itself). Returns xc [c, I, 3], valid [c, I],
-        diff [c, I]; updates the counters in info."""
+        for the Broyden residuals (default the plain networks); init_rep: [B, I] the init each
+        init copies its grid root from (_same_inits; default: itself). Returns xc [c, I, 3],
+        valid [c, I], diff [c, I]; updates the counters in info."""
         c, I = p.numel(), self.n_init
         bidx = (p // N).repeat_interleave(I)                                           # [c*I]
         slot = slot_of[bidx]
@@ -472,14 +522,16 @@ class FastForwardDeformer(ForwardDeformer):
         x0f = x0.reshape(-1, 3)
         # inits of bones whose rigid map equals an earlier bone's (e.g. eyes and neck at rest)
         # start at the same point: search once, copy the root
-        rep_b = init_rep[p // N] if init_rep is not None else torch.arange(I, device=p.device).expand(c, I)
+        rep_b = (init_rep[p // N] if init_rep is not None
+                 else torch.arange(I, device=p.device).expand(c, I))
         src = (torch.arange(c, device=p.device)[:, None] * I + rep_b).reshape(-1)      # [c*I]
         own = src == torch.arange(c * I, device=p.device)
-        xs, rs, g_steps = self._grid_newton(grid, x0f[own].t().contiguous(), slot[own], target[own].t().contiguous())
+        xs, rs, g_steps = self._grid_newton(grid, x0f[own].t().contiguous(), slot[own],
+                                            target[own].t().contiguous())
         xg = torch.empty_like(x0f)
         rg = torch.empty(c * I, dtype=x0f.dtype, device=x0f.device)
         xg[own], rg[own] = xs.t(), rs
-        xg, rg = xg[src], rg[src]                                                      # [c*I, 3], [c*I]
+        xg, rg = xg[src], rg[src]  # [c*I, 3], [c*I]
         found = (rg < self.grid_tol).reshape(c, I)
         leader, rep = self._merge(xg.reshape(c, I, 3), found, self.merge_tol)
         xc, valid = xg.clone(), torch.zeros(c * I, dtype=torch.bool, device=xg.device)
@@ -493,10 +545,12 @@ class FastForwardDeformer(ForwardDeformer):
             self._update(lead, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
         further = lead[~valid[lead] & (diff[lead] <= self.dvg_thresh)] if lead.numel() else lead
-        if self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps:  # from the best iterate
-            out = self._solve_exact(xc[further], bidx[further], target[further], betas, fl, eval_mode,
-                                    max_steps=self.max_steps - self.exact_steps,
-                                    J_inv=self._grid_j_inv(grid, xc[further], slot[further]), deform=deform)
+        if self.fallback and further.numel() > 0 and self.max_steps > self.exact_steps:
+            # from the best iterate
+            out = self._solve_exact(xc[further], bidx[further], target[further], betas, fl,
+                                    eval_mode, max_steps=self.max_steps - self.exact_steps,
+                                    J_inv=self._grid_j_inv(grid, xc[further], slot[further]),
+                                    deform=deform)
             self._update(further, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], self.exact_steps + out["n_steps"])
             info["n_further"] += int(further.numel())
@@ -506,9 +560,11 @@ class FastForwardDeformer(ForwardDeformer):
             src = (foll // I) * I + rep.reshape(-1)[foll]
             xc[foll], valid[foll], diff[foll] = xc[src], valid[src], diff[src]
         # points left without any root: the exact search from the rigid inits
-        rest = (~valid.reshape(c, I).any(-1, keepdim=True)).expand(c, I).reshape(-1).nonzero().squeeze(1)
+        no_root = ~valid.reshape(c, I).any(-1, keepdim=True)
+        rest = no_root.expand(c, I).reshape(-1).nonzero().squeeze(1)
         if self.fallback and rest.numel() > 0:
-            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], betas, fl, eval_mode, deform=deform)
+            out = self._solve_exact(x0f[rest], bidx[rest], target[rest], betas, fl, eval_mode,
+                                    deform=deform)
             self._update(rest, out, xc, valid, diff)
             info["n_steps"] = max(info["n_steps"], out["n_steps"])
             info["n_fallback"] += int(rest.numel())

@@ -30,7 +30,6 @@ compares values and gradients.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -52,7 +51,7 @@ class FoldedMLP:
     head, or None when it has none). Differentiable like the plain network when built and
     called with grad enabled (gradients reach the parameters, cond and x)."""
 
-    def __init__(self, net, cond: Optional[torch.Tensor], dtype: torch.dtype):
+    def __init__(self, net, cond: torch.Tensor | None, dtype: torch.dtype):
         if net.out_activation is not None:
             raise _err(f"FoldedMLP folds networks without an output "
                        f"activation, got {net.out_activation!r}")
@@ -97,7 +96,9 @@ class FoldedLBS:
     gradients reach both networks' parameters, betas, d_pose, d_exp and x as through the plain
     networks (the implicit correction)."""
 
-    def __init__(self, lbs, disp_net, betas: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor):
+    def __init__(
+        self, lbs, disp_net, betas: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor
+    ):
         dt = betas.dtype
         self.disp = FoldedMLP(disp_net, betas, dt)
         self.lbs = FoldedMLP(lbs.net, None, dt)
@@ -108,7 +109,8 @@ class FoldedLBS:
         zeros_p, zeros_x = d_pose.new_zeros(B, P).to(dt), d_exp.new_zeros(B, X).to(dt)
         rows = []
         for r in range(3):
-            pose_part = torch.stack([d_pose.to(dt) if c == r else zeros_p for c in range(3)], dim=-1)
+            pose_part = torch.stack([d_pose.to(dt) if c == r else zeros_p for c in range(3)],
+                                    dim=-1)
             exp_part = [d_exp.to(dt) if c == r else zeros_x for c in range(3)]
             rows.append(torch.cat([pose_part.reshape(B, 3 * P)] + exp_part, dim=-1))
         M = torch.stack(rows, dim=1)                                                # [B, 3, T]
@@ -138,17 +140,20 @@ class FoldedSkinning:
 
     def __init__(self, tfs: torch.Tensor, tfs_c: torch.Tensor):
         B, J = tfs.shape[:2]
-        rows = torch.stack([tfs_c[:, :, :3, :], tfs[:, :, :3, :]], dim=1)             # [B, 2, J, 3, 4]
+        rows = torch.stack([tfs_c[:, :, :3, :], tfs[:, :, :3, :]], dim=1)  # [B, 2, J, 3, 4]
         self.T = rows.permute(2, 0, 1, 3, 4).reshape(J, B * 24).contiguous()          # [J, 24 B]
         self.B = B
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, bidx: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, w: torch.Tensor, offset: torch.Tensor, bidx: torch.Tensor
+    ) -> torch.Tensor:
         A = x.shape[0]
         M = (w.to(self.T.dtype) @ self.T).view(A, self.B, 24)
         M = M[torch.arange(A, device=x.device), bidx].t()                        # [24, A]
         c, d = M[:12].view(3, 4, A), M[12:].view(3, 4, A)                         # blended rows
         v = x.t() - c[:, 3]                                                       # [3, A]
         adj, det, ok = adjugate3(c[:, :3])
-        inv_det = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+        inv_det = torch.where(ok, 1.0 / torch.where(ok, det, torch.ones_like(det)),
+                              torch.zeros_like(det))
         xr = (adj[0] * v[0] + adj[1] * v[1] + adj[2] * v[2]) * inv_det + offset.t()  # [3, A]
         return (d[:, 0] * xr[0] + d[:, 1] * xr[1] + d[:, 2] * xr[2] + d[:, 3]).t()

@@ -26,7 +26,7 @@ the box and are exactly 0 beyond).
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +34,15 @@ from torch import nn
 
 from lib.utils.errors import ModuleErrors
 
-BoxBound = Union[float, Sequence[float], torch.Tensor]
+BoxBound = float | Sequence[float] | torch.Tensor
 
 
 _err = ModuleErrors(__name__)
 
 
-def sample_volume(volume: torch.Tensor, x: torch.Tensor, bbox_min: BoxBound, bbox_max: BoxBound) -> torch.Tensor:
+def sample_volume(
+    volume: torch.Tensor, x: torch.Tensor, bbox_min: BoxBound, bbox_max: BoxBound
+) -> torch.Tensor:
     """Trilinear lookup of a feature volume at points.
 
     Args:
@@ -112,13 +114,21 @@ class Generator(nn.Module):
 
     negative_slope = 0.01
 
-    def __init__(self, z_dim: int = 256, base_channels: int = 256, base_shape: Sequence[int] = (2, 8, 8),
-                 channels: Sequence[int] = (128, 64, 64),
-                 bbox_min: BoxBound = (-1.0, -1.0, -1.0), bbox_max: BoxBound = (1.0, 1.0, 1.0)):
+    def __init__(
+        self,
+        z_dim: int = 256,
+        base_channels: int = 256,
+        base_shape: Sequence[int] = (2, 8, 8),
+        channels: Sequence[int] = (128, 64, 64),
+        bbox_min: BoxBound = (-1.0, -1.0, -1.0),
+        bbox_max: BoxBound = (1.0, 1.0, 1.0),
+    ):
         super().__init__()
         if len(base_shape) != 3 or len(channels) < 1:
-            raise _err(f"base_shape must be (D, H, W) and channels non-empty, got {base_shape}, {channels}")
-        self.z_dim, self.base_shape, self.channels = int(z_dim), tuple(int(s) for s in base_shape), tuple(channels)
+            raise _err(f"base_shape must be (D, H, W) and channels non-empty, got {base_shape}, "
+                       f"{channels}")
+        self.z_dim, self.channels = int(z_dim), tuple(channels)
+        self.base_shape = tuple(int(s) for s in base_shape)
         self.const = nn.Parameter(0.002 * torch.randn(1, base_channels, *self.base_shape))
         self.adain0 = AdaIN3d(base_channels, z_dim)
         self.convs = nn.ModuleList()
@@ -130,10 +140,9 @@ class Generator(nn.Module):
                 self.adains.append(AdaIN3d(c_out, z_dim))
             c_in = c_out
         # the box is rebuilt from the arguments, not stored in checkpoints
-        self.register_buffer("bbox_min", torch.as_tensor(bbox_min, dtype=torch.float32).expand(3).clone(),
-                             persistent=False)
-        self.register_buffer("bbox_max", torch.as_tensor(bbox_max, dtype=torch.float32).expand(3).clone(),
-                             persistent=False)
+        for name, value in (("bbox_min", bbox_min), ("bbox_max", bbox_max)):
+            box = torch.as_tensor(value, dtype=torch.float32).expand(3).clone()
+            self.register_buffer(name, box, persistent=False)
 
     @property
     def out_channels(self) -> int:
@@ -160,5 +169,6 @@ class Generator(nn.Module):
         return h
 
     def sample(self, volume: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-        """volume: [B, C, D, H, W], xc: [B, N, 3] canonical points -> [B, N, C] (box of the constructor)."""
+        """volume: [B, C, D, H, W], xc: [B, N, 3] canonical points -> [B, N, C] (box of the
+        constructor)."""
         return sample_volume(volume, xc, self.bbox_min, self.bbox_max)

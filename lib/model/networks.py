@@ -41,7 +41,8 @@ Initialization (as in the original GANHead code):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,8 @@ class Softplus(nn.Module):
         and no graph needs)."""
         if torch.is_grad_enabled() and x.requires_grad:
             return _ClampedSoftplus.apply(x, self.beta, self.floor)
-        return F.softplus(x.clamp_(min=self.floor) if inplace else x.clamp(min=self.floor), beta=self.beta)
+        return F.softplus(x.clamp_(min=self.floor) if inplace else x.clamp(min=self.floor),
+                          beta=self.beta)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, floor={self.floor}"
@@ -98,10 +100,11 @@ class _ClampedSoftplus(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors  # clamped here, so that a double backward sees the clamp
-        return torch.ops.aten.softplus_backward(grad, x.clamp(min=ctx.floor), ctx.beta, 20.0), None, None
+        dx = torch.ops.aten.softplus_backward(grad, x.clamp(min=ctx.floor), ctx.beta, 20.0)
+        return dx, None, None
 
 
-def _as_layer_list(layers: Union[None, int, Sequence[int]]) -> list[int]:
+def _as_layer_list(layers: None | int | Sequence[int]) -> list[int]:
     if layers is None:
         return []
     if isinstance(layers, int):
@@ -112,7 +115,7 @@ def _as_layer_list(layers: Union[None, int, Sequence[int]]) -> list[int]:
 class ImplicitOutput(NamedTuple):
     out: torch.Tensor  # [B, N, d_out] after the output activation
     features: torch.Tensor  # [B, N, F] last hidden activations
-    tail: Optional[torch.Tensor]  # [B, N, zero_init_tail] or None
+    tail: torch.Tensor | None  # [B, N, zero_init_tail] or None
 
 
 class ImplicitNetwork(nn.Module):
@@ -141,20 +144,21 @@ class ImplicitNetwork(nn.Module):
         d_out: int = 1,
         width: int = 256,
         depth: int = 4,
-        skip_layer: Union[None, int, Sequence[int]] = None,
+        skip_layer: None | int | Sequence[int] = None,
         multires: int = 0,
         cond_dim: int = 0,
-        cond_layers: Union[None, int, Sequence[int]] = (0,),
+        cond_layers: None | int | Sequence[int] = (0,),
         geometric_init: bool = False,
         bias: float = 1.0,
         weight_norm: bool = True,
         zero_init_tail: int = 0,
-        tail_layer: Optional[int] = None,
-        out_activation: Optional[str] = None,
+        tail_layer: int | None = None,
+        out_activation: str | None = None,
     ):
         super().__init__()
         self.embedder = PositionalEncoding(d_in, multires)
-        self.d_in, self.d_out, self.width, self.depth = int(d_in), int(d_out), int(width), int(depth)
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.width, self.depth = int(width), int(depth)
         self.skip_layers = _as_layer_list(skip_layer)
         self.cond_dim = int(cond_dim)
         self.cond_layers = _as_layer_list(cond_layers) if self.cond_dim > 0 else []
@@ -175,11 +179,13 @@ class ImplicitNetwork(nn.Module):
             raise _err(f"zero_init_tail needs tail_layer in 1..depth={depth}, got {tail_layer}")
 
         # hidden output widths: the layer before a skip leaves room for the re-fed encoding
-        self._hidden_dims = [width - E if (l + 1) in self.skip_layers else width for l in range(depth)]
+        self._hidden_dims = [width - E if (l + 1) in self.skip_layers else width
+                             for l in range(depth)]
         layers = []
         for l in range(depth + 1):
             prev = E if l == 0 else self._hidden_dims[l - 1]
-            n_in = prev + (E if l in self.skip_layers else 0) + (self.cond_dim if l in self.cond_layers else 0)
+            n_in = (prev + (E if l in self.skip_layers else 0)
+                    + (self.cond_dim if l in self.cond_layers else 0))
             n_out = d_out if l == depth else self._hidden_dims[l]
             lin = nn.Linear(n_in, n_out)
             if geometric_init:
@@ -223,7 +229,7 @@ class ImplicitNetwork(nn.Module):
         """F: width of the last hidden layer (returned as features)."""
         return self._hidden_dims[-1]
 
-    def forward_all(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None) -> ImplicitOutput:
+    def forward_all(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> ImplicitOutput:
         """Evaluate the network.
 
         Args:
@@ -259,7 +265,8 @@ class ImplicitNetwork(nn.Module):
                 # [h | cond] W^T + b = h W_h^T + (cond W_c^T + b): the condition's part once per
                 # item (same values and gradients, none of the [B, N, C] work)
                 W = lin.weight
-                h = F.linear(h, W[:, :-self.cond_dim]) + F.linear(cond, W[:, -self.cond_dim:], lin.bias)
+                h = (F.linear(h, W[:, :-self.cond_dim])
+                     + F.linear(cond, W[:, -self.cond_dim:], lin.bias))
             elif l in self.cond_layers:
                 h = lin(torch.cat([h, cond], dim=-1))
             else:
@@ -270,7 +277,9 @@ class ImplicitNetwork(nn.Module):
             h = F.normalize(h, dim=-1, eps=1e-6)
         return ImplicitOutput(h, features, tail)
 
-    def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None, return_features: bool = False):
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor | None = None, return_features: bool = False
+    ):
         """x: [B, N, d_in], cond: [B, C] / [B, N, C] / None -> out [B, N, d_out]
         (and features [B, N, F] when `return_features`)."""
         res = self.forward_all(x, cond)
@@ -295,11 +304,13 @@ class LBSNetwork(nn.Module):
                  width: int = 128, depth: int = 4, multires: int = 0, skip_layer=None,
                  tail_layer: int = 3, softmax_scale: float = 20.0, weight_norm: bool = True):
         super().__init__()
-        self.n_joints, self.pose_feature_dim, self.n_exp = int(n_joints), int(pose_feature_dim), int(n_exp)
+        self.n_joints, self.n_exp = int(n_joints), int(n_exp)
+        self.pose_feature_dim = int(pose_feature_dim)
         self.softmax_scale = float(softmax_scale)
-        self.net = ImplicitNetwork(d_in=3, d_out=self.n_joints, width=width, depth=depth, skip_layer=skip_layer,
-                                   multires=multires, cond_dim=0, weight_norm=weight_norm,
-                                   zero_init_tail=self.blendshape_dim, tail_layer=tail_layer)
+        self.net = ImplicitNetwork(d_in=3, d_out=self.n_joints, width=width, depth=depth,
+                                   skip_layer=skip_layer, multires=multires, cond_dim=0,
+                                   weight_norm=weight_norm, zero_init_tail=self.blendshape_dim,
+                                   tail_layer=tail_layer)
 
     @property
     def blendshape_dim(self) -> int:
@@ -322,15 +333,22 @@ class LBSNetwork(nn.Module):
         return w, pose_dirs, expr_dirs
 
 
-def build_geometry_network(feature_dim: int = 64, width: int = 256, depth: int = 4, multires: int = 4,
-                           skip_layer=4, bias: float = 1.0, weight_norm: bool = True) -> ImplicitNetwork:
+def build_geometry_network(
+    feature_dim: int = 64,
+    width: int = 256,
+    depth: int = 4,
+    multires: int = 4,
+    skip_layer=4,
+    bias: float = 1.0,
+    weight_norm: bool = True,
+) -> ImplicitNetwork:
     """Occupancy logits x_c [B, N, 3] + volume feature [B, N, feature_dim] -> [B, N, 1].
     `feature_dim` must equal the generator's `out_channels`. Geometric init with output bias
     `bias`; the skip enters the output layer (skip_layer == depth by default), so the initial
     zero level is a rippled blob rather than a sphere of radius `bias`."""
-    return ImplicitNetwork(d_in=3, d_out=1, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
-                           cond_dim=feature_dim, cond_layers=[0], geometric_init=True, bias=bias,
-                           weight_norm=weight_norm)
+    return ImplicitNetwork(d_in=3, d_out=1, width=width, depth=depth, skip_layer=skip_layer,
+                           multires=multires, cond_dim=feature_dim, cond_layers=[0],
+                           geometric_init=True, bias=bias, weight_norm=weight_norm)
 
 
 def build_displacement_network(n_shape: int = 100, width: int = 128, depth: int = 4,
@@ -348,25 +366,42 @@ def build_normal_network(detail_dim: int = 128, geometry_feature_dim: int = 229,
     Pass `geometry_feature_dim=geometry_net.feature_dim`. Normalized at the output; normal
     skinning is linear in the normal and renormalizes, so the skinned direction (and its
     gradient) is that of normalizing only after skinning."""
-    return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
-                           cond_dim=detail_dim + geometry_feature_dim, cond_layers=[0], weight_norm=weight_norm,
-                           out_activation="normalize")
+    return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer,
+                           multires=multires, cond_dim=detail_dim + geometry_feature_dim,
+                           cond_layers=[0], weight_norm=weight_norm, out_activation="normalize")
 
 
-def build_texture_network(color_dim: int = 64, pose_exp_dim: int = 65, geometry_feature_dim: int = 229,
-                          normal_feature_dim: int = 256, width: int = 256, depth: int = 8, multires: int = 6,
-                          skip_layer=4, weight_norm: bool = True) -> ImplicitNetwork:
+def build_texture_network(
+    color_dim: int = 64,
+    pose_exp_dim: int = 65,
+    geometry_feature_dim: int = 229,
+    normal_feature_dim: int = 256,
+    width: int = 256,
+    depth: int = 8,
+    multires: int = 6,
+    skip_layer=4,
+    weight_norm: bool = True,
+) -> ImplicitNetwork:
     """x_c + cat(z_color, pose/expression, geometry features, normal features) -> rgb [B, N, 3],
     linear (unbounded; trained toward [-1, 1] targets, clamped only where written as images).
     Pass the feature widths from `geometry_net.feature_dim` and `normal_net.feature_dim`."""
-    return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer, multires=multires,
-                           cond_dim=color_dim + pose_exp_dim + geometry_feature_dim + normal_feature_dim,
-                           cond_layers=[0], weight_norm=weight_norm)
+    cond_dim = color_dim + pose_exp_dim + geometry_feature_dim + normal_feature_dim
+    return ImplicitNetwork(d_in=3, d_out=3, width=width, depth=depth, skip_layer=skip_layer,
+                           multires=multires, cond_dim=cond_dim, cond_layers=[0],
+                           weight_norm=weight_norm)
 
 
-def build_head_networks(volume_feature_dim: int = 64, detail_dim: int = 128,
-                        color_dim: int = 64, n_shape: int = 100, n_exp: int = 50, n_pose: int = 15,
-                        n_joints: int = 5, pose_feature_dim: int = 36, geometry_bias: float = 1.0) -> nn.ModuleDict:
+def build_head_networks(
+    volume_feature_dim: int = 64,
+    detail_dim: int = 128,
+    color_dim: int = 64,
+    n_shape: int = 100,
+    n_exp: int = 50,
+    n_pose: int = 15,
+    n_joints: int = 5,
+    pose_feature_dim: int = 36,
+    geometry_bias: float = 1.0,
+) -> nn.ModuleDict:
     """All five networks with the default architecture (docs/design.md, Networks) and every
     derived width taken from the built networks: keys geometry, lbs, displacement, normal,
     texture."""

@@ -34,7 +34,8 @@ class NeutralLBS(nn.Module):
     """fields(x_c, betas) = lbs(x_c + disp_net(x_c, betas)).
 
     Args:
-        lbs: lib.model.networks.LBSNetwork (unconditioned): x_n [B, N, 3] -> (w, pose_dirs, expr_dirs).
+        lbs: lib.model.networks.LBSNetwork (unconditioned): x_n [B, N, 3] -> (w, pose_dirs,
+            expr_dirs).
         disp_net: displacement network (x_c [B, N, 3], betas [B, S]) -> dx [B, N, 3]
             (lib.model.networks.build_displacement_network); referenced, not registered.
     """
@@ -42,7 +43,8 @@ class NeutralLBS(nn.Module):
     def __init__(self, lbs: nn.Module, disp_net: nn.Module):
         super().__init__()
         self.lbs = lbs
-        object.__setattr__(self, "disp_net", disp_net)  # a reference: not in state_dict / parameters()
+        # a reference: not in state_dict / parameters()
+        object.__setattr__(self, "disp_net", disp_net)
 
     @property
     def n_joints(self) -> int:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -293,7 +293,8 @@ def _discriminator_rules(theirs: str, ours: str) -> list[Rule]:
         (r"disc_out\.final_linear\.1\.(weight|bias)", lambda m: f"fc.{m.group(1)}"),
         (r"disc_out\.final_linear\.2\.(weight|bias)", lambda m: f"out.{m.group(1)}"),
     ]
-    return [(re.compile(rf"^{t}{pat}$"), (lambda f: lambda m: ours + f(m))(fn)) for pat, fn in table]
+    return [(re.compile(rf"^{t}{pat}$"), (lambda f: lambda m: ours + f(m))(fn))
+            for pat, fn in table]
 
 
 def _network_rules() -> list[Rule]:
@@ -354,11 +355,13 @@ def _size_overrides(state: dict, where: str) -> tuple[list[str], dict]:
             else occ["width"]
         norm = implicit_sizes(state, "norm_network.", dims["detail"] + geo_feat, where)
         sizes.update({f"norm_network.{k}": v for k, v in norm.items()})
-        norm_feat = norm["width"] - (3 + 6 * norm["multires"]) if norm["skip_layer"] == norm["depth"] \
-            else norm["width"]
-        tex = implicit_sizes(state, "tex_network.", dims["color"] + 65 + geo_feat + norm_feat, where)
+        norm_feat = norm["width"] - (3 + 6 * norm["multires"]) \
+            if norm["skip_layer"] == norm["depth"] else norm["width"]
+        tex = implicit_sizes(state, "tex_network.", dims["color"] + 65 + geo_feat + norm_feat,
+                             where)
         sizes.update({f"tex_network.{k}": v for k, v in tex.items()})
-    for name, prefix in (("normal", "gan_loss.discriminator."), ("color", "gan_loss_color.discriminator.")):
+    for name, prefix in (("normal", "gan_loss.discriminator."),
+                         ("color", "gan_loss_color.discriminator.")):
         w = state.get(prefix + "conv_in.0.weight")
         if w is None:
             continue

@@ -167,14 +167,20 @@ def skin_normals(blend: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def surface_correspondences(model, pts_d: torch.Tensor, z_shape: torch.Tensor, flame_out: FlameFrames,
-                            eval_mode: bool = False, volume: torch.Tensor | None = None):
+def surface_correspondences(
+    model,
+    pts_d: torch.Tensor,
+    z_shape: torch.Tensor,
+    flame_out: FlameFrames,
+    eval_mode: bool = False,
+    volume: torch.Tensor | None = None,
+):
     """Canonical points of posed surface samples through the deformer (no gradient).
 
     pts_d: [B, S, 3] in the scan's posed space; z_shape: [B, Z]; flame_out: the FLAME server's
-    FlameFrames of the scan's parameters; volume as in geometry_features. Among the valid inits the one
-    with the highest occupancy is kept. Returns xc [B, S, 3] (0 where none is valid) and
-    valid [B, S] bool."""
+    FlameFrames of the scan's parameters; volume as in geometry_features. Among the valid inits
+    the one with the highest occupancy is kept. Returns xc [B, S, 3] (0 where none is valid)
+    and valid [B, S] bool."""
     cond = {"z_shape": z_shape, "shape": flame_out.shape}
     xc, valid = model.deformer(pts_d, cond, flame_out, eval_mode=eval_mode)  # [B, S, I, 3]
     B, S, I, _ = xc.shape

@@ -1,11 +1,18 @@
 """The project's one renderer: orthographic camera from +z onto [-1,1]^2 (camera.py),
 exact vectorized rasterizer (rasterizer.py), normal/colour/texture/shaded images
 (shading.py) and image/video saving helpers (images.py)."""
-from .camera import pixel_centers, pixel_to_ndc, project
-from .images import add_label, make_grid, save_png, save_video, to_float, to_uint8
-from .rasterizer import Fragments, interpolate, interpolate_face_attr, rasterize
-from .shading import (render_depth, render_normals, render_shaded, render_texture,
-                      render_vertex_colors, sample_texture, vertex_normals)
+from lib.render.camera import pixel_centers, pixel_to_ndc, project
+from lib.render.images import add_label, make_grid, save_png, save_video, to_float, to_uint8
+from lib.render.rasterizer import Fragments, interpolate, interpolate_face_attr, rasterize
+from lib.render.shading import (
+                      render_depth,
+                      render_normals,
+                      render_shaded,
+                      render_texture,
+                      render_vertex_colors,
+                      sample_texture,
+                      vertex_normals,
+)
 
 __all__ = [
     "pixel_centers", "pixel_to_ndc", "project",

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lib.render.camera import check_res, project
 from lib.utils.errors import ModuleErrors
-
-from .camera import check_res, project
 
 __all__ = ["Fragments", "rasterize", "interpolate", "interpolate_face_attr",
            "rasterize_reference"]

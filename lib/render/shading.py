@@ -20,9 +20,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as nnf
 
+from lib.render.rasterizer import (
+    Fragments,
+    _check_mesh,
+    interpolate,
+    interpolate_face_attr,
+    rasterize,
+)
 from lib.utils.errors import ModuleErrors
-
-from .rasterizer import Fragments, _check_mesh, interpolate, interpolate_face_attr, rasterize
 
 __all__ = ["vertex_normals", "sample_texture", "render_normals", "render_vertex_colors",
            "render_texture", "render_shaded", "render_depth", "DEFAULT_LIGHT"]

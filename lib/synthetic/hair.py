@@ -27,8 +27,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from ..utils.knn import NearestTree
-from .texture import ValueNoise
+from lib.synthetic.texture import ValueNoise
+from lib.utils.knn import NearestTree
 
 __all__ = ["HAIR_STYLES", "HairVolume", "MeshDistance", "barycentric", "mesh_components",
            "scalp_weights", "smooth_union"]

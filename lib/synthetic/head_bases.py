@@ -17,8 +17,14 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from lib.synthetic.head_geometry import EYE_RADIUS, MOUTH_Y, NECK_BOTTOM, NOSE_TIP_Y, \
-    mouth_mask, sdf_normals
+from lib.synthetic.head_geometry import (
+    EYE_RADIUS,
+    MOUTH_Y,
+    NECK_BOTTOM,
+    NOSE_TIP_Y,
+    mouth_mask,
+    sdf_normals,
+)
 
 # rest joint targets (the regressor reproduces them from the template)
 ROOT = np.array([0.0, -0.112, -0.026])
@@ -198,7 +204,7 @@ def identity_bases(r, rng):
 def _semantic_expression(r):
     """Named expression fields (no relative vertical motion across the mouth line, so the
     lips never cross). -> list of (name, [Vh, 3])"""
-    p, (x, y, z), front = r.p, r.p.T, r.front
+    p, (x, y, _), front = r.p, r.p.T, r.front
     zero = np.zeros_like(x)
     sx = np.tanh(x / 0.012)                 # smooth sign: no tearing at the midline
     out = []

@@ -18,8 +18,14 @@ works on a loaded file as well.
 import numpy as np
 import scipy.spatial
 
-from lib.synthetic.head_bases import Rig, expression_bases, identity_bases, joint_regressor, \
-    pose_correctives, skinning_weights
+from lib.synthetic.head_bases import (
+    Rig,
+    expression_bases,
+    identity_bases,
+    joint_regressor,
+    pose_correctives,
+    skinning_weights,
+)
 from lib.synthetic.head_geometry import build_geometry
 from lib.utils.atomic import atomic_pickle
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import chi2
 
-from .hair import HAIR_STYLES
-from .texture import HAIR_COLORS, IRIS_COLORS, SKIN_TONES
+from lib.synthetic.hair import HAIR_STYLES
+from lib.synthetic.texture import HAIR_COLORS, IRIS_COLORS, SKIN_TONES
 
 __all__ = ["Population", "draw_person", "draw_shape", "leading_radius", "N_SHAPE", "LEADING",
            "TRAIN_QUANTILE", "OOD_RADIUS", "DYED_COLORS"]

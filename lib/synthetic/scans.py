@@ -32,12 +32,19 @@ from PIL import Image
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
-from ..dataset.faceverse_io import flame_to_scan_space, save_flame_params
-from ..utils.atomic import atomic_write_bytes
-from ..utils.knn import NearestTree
-from .hair import HAIR_STYLES, HairVolume, MeshDistance, mesh_components, scalp_weights
-from .texture import HAIR_COLORS, IRIS_COLORS, SKIN_TONES, ValueNoise, bake_texture, \
-    paint_colors, spherical_uvs
+from lib.dataset.faceverse_io import flame_to_scan_space, save_flame_params
+from lib.synthetic.hair import HAIR_STYLES, HairVolume, MeshDistance, mesh_components, scalp_weights
+from lib.synthetic.texture import (
+    HAIR_COLORS,
+    IRIS_COLORS,
+    SKIN_TONES,
+    ValueNoise,
+    bake_texture,
+    paint_colors,
+    spherical_uvs,
+)
+from lib.utils.atomic import atomic_write_bytes
+from lib.utils.knn import NearestTree
 
 __all__ = ["ScanMesh", "HeadContext", "make_style", "make_scan", "write_scan", "STYLE_ORDER"]
 
@@ -81,12 +88,12 @@ class HeadContext:
         self.components = mesh_components(V, self.faces)
 
     @classmethod
-    def from_path(cls, model_path, flame=None) -> "HeadContext":
+    def from_path(cls, model_path, flame=None) -> HeadContext:
         """Load FLAME (unless given) and the synthetic model's region labels from a
         generic_model.pkl."""
-        from ..flame import FLAME
-        from ..flame.loader import load_flame_model
-        from .head_model import region_labels
+        from lib.flame import FLAME
+        from lib.flame.loader import load_flame_model
+        from lib.synthetic.head_model import region_labels
 
         flame = FLAME(str(model_path)) if flame is None else flame
         return cls(flame, region_labels(load_flame_model(str(model_path))))
@@ -402,9 +409,9 @@ def write_scan(out_dir, scan_id: str, scan: ScanMesh, scale: float, transl_xy, z
     atomic_write_bytes(paths["mtl"], mtl.encode())
     fv = np.stack([scan.faces, scan.face_uvs], 2).reshape(-1, 6) + 1  # v/vt per corner
     text = f"mtllib {scan_id}.mtl\nusemtl material_0\n"
-    text += "".join("v %.7f %.7f %.7f\n" % tuple(r) for r in v_scan)
-    text += "".join("vt %.7f %.7f\n" % tuple(r) for r in scan.uvs)
-    text += "".join("f %d/%d %d/%d %d/%d\n" % tuple(r) for r in fv)
+    text += "".join("v {:.7f} {:.7f} {:.7f}\n".format(*r) for r in v_scan)
+    text += "".join("vt {:.7f} {:.7f}\n".format(*r) for r in scan.uvs)
+    text += "".join("f {}/{} {}/{} {}/{}\n".format(*r) for r in fv.tolist())
     atomic_write_bytes(paths["obj"], text.encode())
     betas = np.concatenate([np.asarray(scan.shape, np.float32).reshape(-1),
                             np.asarray(scan.expression, np.float32).reshape(-1)])

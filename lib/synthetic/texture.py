@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..render.rasterizer import rasterize
+from lib.render.rasterizer import rasterize
 
 __all__ = ["ValueNoise", "spherical_uvs", "paint_colors", "bake_texture",
            "SKIN_TONES", "HAIR_COLORS", "IRIS_COLORS"]
@@ -201,7 +201,8 @@ def bake_texture(tex_size: int, uvs: np.ndarray, face_uvs: np.ndarray, color_fn)
     Uncovered texels take the nearest covered texel's colour (no dark seams when filtered).
     """
     # the atlas is the view of the project's camera onto the uv square drawn as the plane
-    # (2u - 1, 2v - 1, 0): texel (row i, col j) has its centre at uv ((j + .5) / S, 1 - (i + .5) / S)
+    # (2u - 1, 2v - 1, 0): texel (row i, col j) has its centre at
+    # uv ((j + .5) / S, 1 - (i + .5) / S)
     uv = torch.as_tensor(np.asarray(uvs, dtype=np.float64))
     plane = torch.cat([uv * 2.0 - 1.0, torch.zeros(len(uv), 1, dtype=uv.dtype)], dim=1)
     frags = rasterize(plane, torch.as_tensor(np.asarray(face_uvs, dtype=np.int64)), tex_size)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -123,11 +123,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.allowed_targets = frozenset(allowed_targets)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path,
-                        storage_options: Optional[Any] = None) -> None:
+                        storage_options: Any | None = None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None,
-                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, path, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path, map_location=map_location or "cpu",
                                allowed_targets=self.allowed_targets)

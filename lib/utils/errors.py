@@ -7,7 +7,7 @@ writes `_err.where` into warnings and log lines.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,7 +15,8 @@ __all__ = ["ModuleErrors", "module_path", "finite_vector"]
 
 
 def module_path(name: str) -> str:
-    """A module's __name__ -> its file in the repository: 'lib.model.query' -> 'lib/model/query.py'."""
+    """A module's __name__ -> its file in the repository: 'lib.model.query' ->
+    'lib/model/query.py'."""
     if not name or name.startswith("__"):
         raise ValueError(f"lib/utils/errors.py: need a module's dotted name, got {name!r}")
     return name.replace(".", "/") + ".py"

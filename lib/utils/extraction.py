@@ -35,8 +35,8 @@ An occupancy with no crossing of `level` inside the box raises `EmptyMeshError`
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

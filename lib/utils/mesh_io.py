@@ -402,13 +402,13 @@ def save_obj(path, verts, faces, uvs=None, face_uvs=None, texture_name=None) -> 
             tmp.write_text(f"newmtl material0\nKd 1 1 1\nmap_Kd {texture_name}\n")
         out += [f"mtllib {mtl.name}", "usemtl material0"]
     body = ["\n".join(out)] if out else []
-    body.append("\n".join("v %.7g %.7g %.7g" % tuple(r) for r in v))
+    body.append("\n".join("v {:.7g} {:.7g} {:.7g}".format(*r) for r in v))
     if uvs is not None:
         fu = (np.asarray(face_uvs, dtype=np.int64) if face_uvs is not None else f - 1) + 1
-        body.append("\n".join("vt %.7g %.7g" % tuple(r) for r in np.asarray(uvs)))
-        body.append("\n".join("f %d/%d %d/%d %d/%d" % (a, ta, b, tb, c, tc)
-                              for (a, b, c), (ta, tb, tc) in zip(f, fu)))
+        body.append("\n".join("vt {:.7g} {:.7g}".format(*r) for r in np.asarray(uvs)))
+        body.append("\n".join(f"f {a}/{ta} {b}/{tb} {c}/{tc}"
+                              for (a, b, c), (ta, tb, tc) in zip(f.tolist(), fu.tolist())))
     else:
-        body.append("\n".join("f %d %d %d" % tuple(r) for r in f))
+        body.append("\n".join("f {} {} {}".format(*r) for r in f.tolist()))
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(body) + "\n")
