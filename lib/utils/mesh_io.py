@@ -114,9 +114,9 @@ def _floats(path, lines: list[str], ncols: int, what: str) -> np.ndarray:
 
 
 def _resolve(path, idx: np.ndarray, count_before, total: int, what: str):
-    """idx: [K] raw OBJ indices (1-based, or negative = relative to the elements defined
-    before the line); count_before: callable -> [K] those counts (only called when a
-    negative index occurs) -> [K] 0-based int64."""
+    """idx: [n] raw OBJ indices (1-based, or negative = relative to the elements defined
+    before the line); count_before: callable -> [n] those counts (only called when a
+    negative index occurs) -> [n] 0-based int64."""
     if (idx == 0).any():
         raise MeshLoadError(path, f"face refers to {what} index 0 (OBJ indices start at 1)")
     out = idx - 1
