@@ -3,7 +3,8 @@
 Written independently of lib/flame: one sample at a time, plain loops over joints,
 scipy's Rotation for axis-angle, explicit 4x4 matrices.
 
-Shape legend: V vertices, J joints (5), K shapedirs components.
+Shape legend: V vertices, J joints (5), Sf shapedirs columns, S shape and X expression
+components used, Q = 9 (J - 1) pose-corrective feature.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def reference_flame(model: dict, shape: np.ndarray, exp: np.ndarray, pose: np.nd
                     scale: float = 6.0) -> dict:
     """One FLAME evaluation.
 
-    model: dict with the FLAME pickle keys (numpy / scipy.sparse); shape [S]; exp [E];
+    model: dict with the FLAME pickle keys (numpy / scipy.sparse); shape [S]; exp [X];
     pose [15] or [6] axis-angle. Returns dict (scaled space):
-    vertices [V,3], joints [J,3], T [J,4,4], pose_feature [(J-1)*9], z_shift float.
+    vertices [V,3], joints [J,3], T [J,4,4], pose_feature [Q], z_shift float.
     """
     vt = np.asarray(model["v_template"], np.float64)
     sd = np.asarray(model["shapedirs"], np.float64)
@@ -43,12 +44,12 @@ def reference_flame(model: dict, shape: np.ndarray, exp: np.ndarray, pose: np.nd
         full[0:3] = pose[0:3]
         full[6:9] = pose[3:6]
         pose = full
-    S, E = len(shape), len(exp)
+    S, X = len(shape), len(exp)
 
     v_shaped = vt.copy()
     for k in range(S):
         v_shaped += sd[:, :, k] * shape[k]
-    for k in range(E):
+    for k in range(X):
         v_shaped += sd[:, :, EXPR_START + k] * exp[k]
     joints = jr @ v_shaped  # [J, 3]
 

@@ -1,6 +1,7 @@
 """Tests of lib/model/broyden.py and lib/model/deformer.py against analytic truths.
 
-Shape legend: B batch, N points, I inits, J joints (5), K expression comps, P pose feature (36).
+Shape legend: B batch, N points, I inits, J joints (5), X expression components, Q pose
+feature (36).
 
 The stand-in LBS fields are an analytic smooth field: skinning weights are a softmax of negative
 squared distances to 5 centres (shifted by the item's betas, cond['shape'], so per-item
@@ -60,8 +61,8 @@ def chain(rot, joints, transl):
 
 
 class Field(nn.Module):
-    """Analytic LBS field: (xc [B, N, 3], betas [B, S]) -> w [B, N, 5], pose_dirs [B, N, 36, 3],
-    expr_dirs [B, N, 3, K]."""
+    """Analytic LBS field: (xc [B, N, 3], betas [B, S]) -> w [B, N, 5], pose_dirs [B, N, Q, 3],
+    expr_dirs [B, N, 3, X]."""
 
     def __init__(self, tau=0.15, amp=0.02, seed=0, dtype=torch.float32):
         super().__init__()

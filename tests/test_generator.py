@@ -31,7 +31,7 @@ def _up_matrix(n: int) -> torch.Tensor:
 
 
 def _up2(x: torch.Tensor) -> torch.Tensor:
-    """Separable trilinear x2 upsampling of [B, C, D, H, W] (align_corners=True)."""
+    """Separable trilinear x2 upsampling of [B, Ch, Gz, Gy, Gx] (align_corners=True)."""
     d, h, w = x.shape[2:]
     return torch.einsum("Ii,Jj,Kk,bcijk->bcIJK", _up_matrix(d), _up_matrix(h), _up_matrix(w), x)
 
@@ -146,15 +146,15 @@ def test_default_layout_and_init():
 
 def test_sample_volume_zero_padding_and_trilinear():
     torch.manual_seed(0)
-    C, D, H, W = 2, 3, 4, 5
-    vol = torch.randn(1, C, D, H, W, dtype=f64)
+    Ch, Gz, Gy, Gx = 2, 3, 4, 5
+    vol = torch.randn(1, Ch, Gz, Gy, Gx, dtype=f64)
     lo, hi = torch.tensor([-0.6, -1.0, 0.2], dtype=f64), torch.tensor([0.9, 1.0, 1.0], dtype=f64)
 
     def reference(p):
-        # continuous lattice coordinates: lo -> 0, hi -> n - 1 on each axis (x->W, y->H, z->D)
-        u = [(p[a] - lo[a]) / (hi[a] - lo[a]) * (n - 1) for a, n in ((0, W), (1, H), (2, D))]
+        # continuous lattice coordinates: lo -> 0, hi -> n - 1 on each axis (x->Gx, y->Gy, z->Gz)
+        u = [(p[a] - lo[a]) / (hi[a] - lo[a]) * (n - 1) for a, n in ((0, Gx), (1, Gy), (2, Gz))]
         base = [math.floor(v) for v in u]
-        val = torch.zeros(C, dtype=f64)
+        val = torch.zeros(Ch, dtype=f64)
         for dx in (0, 1):
             for dy in (0, 1):
                 for dz in (0, 1):
@@ -162,18 +162,18 @@ def test_sample_volume_zero_padding_and_trilinear():
                     wgt = ((u[0] - base[0]) if dx else (1 - (u[0] - base[0]))) * \
                           ((u[1] - base[1]) if dy else (1 - (u[1] - base[1]))) * \
                           ((u[2] - base[2]) if dz else (1 - (u[2] - base[2])))
-                    if 0 <= ix < W and 0 <= iy < H and 0 <= iz < D:  # zero padding
+                    if 0 <= ix < Gx and 0 <= iy < Gy and 0 <= iz < Gz:  # zero padding
                         val += wgt * vol[0, :, iz, iy, ix]
         return val
 
     inside = lo + (hi - lo) * torch.rand(40, 3, dtype=f64)
-    cell = (hi - lo) / torch.tensor([W - 1, H - 1, D - 1], dtype=f64)
+    cell = (hi - lo) / torch.tensor([Gx - 1, Gy - 1, Gz - 1], dtype=f64)
     near = torch.stack([hi + 0.5 * cell, lo - 0.3 * cell])         # within one cell outside
     far = torch.stack([hi + 1.5 * cell, lo - torch.tensor([5.0, 0.0, 0.0], dtype=f64),
                        torch.tensor([0.0, 0.0, 7.0], dtype=f64)])  # beyond one cell
     pts = torch.cat([inside, near, far])[None]                     # [1, 45, 3]
     got = sample_volume(vol, pts, lo, hi)
-    assert got.shape == (1, 45, C)
+    assert got.shape == (1, 45, Ch)
     ref = torch.stack([reference(p) for p in pts[0]])
     assert torch.allclose(got[0], ref, atol=1e-12)
     assert torch.count_nonzero(got[0, -3:]) == 0

@@ -2,7 +2,7 @@
 truths: FLAME's pickle layout, mesh topology (trimesh), exact winding numbers, an exact
 edge-triangle intersection search, a reference numpy LBS and rigid-motion identities.
 
-Shape legend: V vertices, F faces, E edges, J joints.
+Shape legend: V vertices, F faces, J joints; edges are [n_edges, 2].
 """
 import os
 import pickle
@@ -95,7 +95,7 @@ def _sorted_unique(a):
 
 
 def _edges(f):
-    """Unique undirected edges of faces [F, 3] -> [E, 2]."""
+    """Unique undirected edges of faces [F, 3] -> [n_edges, 2]."""
     e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), 1)
     n = int(f.max()) + 1
     key = _sorted_unique(e[:, 0] * n + e[:, 1])

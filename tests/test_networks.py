@@ -271,12 +271,12 @@ def test_generator_shape_and_style():
 
 
 def test_sample_volume_reproduces_linear_field():
-    D, H, W = 5, 7, 9  # distinct sizes catch an axis mix-up
+    Gz, Gy, Gx = 5, 7, 9  # distinct sizes catch an axis mix-up
     lo, hi = torch.tensor([-0.8, -1.2, -0.5]), torch.tensor([0.9, 1.1, 0.4])
     zs, ys, xs = (torch.linspace(float(lo[i]), float(hi[i]), n)
-                  for i, n in ((2, D), (1, H), (0, W)))
+                  for i, n in ((2, Gz), (1, Gy), (0, Gx)))
     zz, yy, xx = torch.meshgrid(zs, ys, xs, indexing="ij")
-    vol = torch.stack([xx, yy, zz])[None].double()  # [1, 3, D, H, W], channels = (x, y, z)
+    vol = torch.stack([xx, yy, zz])[None].double()  # [1, 3, Gz, Gy, Gx], channels = (x, y, z)
     pts = (lo + (hi - lo) * torch.rand(3, 100, 3)).double()
     got = sample_volume(vol, pts, lo, hi)  # the volume is shared by the 3 batches
     assert got.shape == (3, 100, 3)
@@ -374,8 +374,9 @@ def test_softplus_matches_torch_softplus_float64():
 
 
 def test_per_item_condition_gives_the_per_point_gradients_float64():
-    """A [B, C] condition (folded into a per-item bias) and the same condition repeated per point
-    ([B, N, C], concatenated) give equal outputs and gradients for x, the condition and weights."""
+    """A [B, cond_dim] condition (folded into a per-item bias) and the same condition repeated
+    per point ([B, N, cond_dim], concatenated) give equal outputs and gradients for x, the
+    condition and weights."""
     torch.manual_seed(1)
     net = ImplicitNetwork(d_out=2, width=32, depth=4, skip_layer=2, multires=2, cond_dim=5,
                           cond_layers=[0, 3]).double()

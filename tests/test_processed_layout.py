@@ -31,7 +31,7 @@ ORIG_VIEWS, ORIG_RES = 9, 256
 
 
 def _upsample(img: np.ndarray, res: int) -> np.ndarray:
-    """uint8 [h, w, C] -> [res, res, C], nearest pixel (for res a multiple of h: repetition)."""
+    """uint8 [h, w, Ch] -> [res, res, Ch], nearest pixel (for res a multiple of h: repetition)."""
     return np.asarray(Image.fromarray(img).resize((res, res), Image.NEAREST))
 
 

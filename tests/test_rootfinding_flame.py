@@ -20,8 +20,8 @@ from lib.utils.knn import nearest_neighbor
 class NearestVertexFields(torch.nn.Module):
     """Stand-in LBS network: fields of the nearest canonical FLAME vertex.
 
-    verts_c: [V, 3] canonical vertices; weights [V, J]; pose_dirs [V, P, 3]; expr_dirs [V, 3, K].
-    forward(xc [B, N, 3], betas) -> (w [B, N, J], pose_dirs [B, N, P, 3], expr_dirs [B, N, 3, K]).
+    verts_c: [V, 3] canonical vertices; weights [V, J]; pose_dirs [V, Q, 3]; expr_dirs [V, 3, X].
+    forward(xc [B, N, 3], betas) -> (w [B, N, J], pose_dirs [B, N, Q, 3], expr_dirs [B, N, 3, X]).
     """
 
     def __init__(self, verts_c, weights, pose_dirs, expr_dirs):

@@ -75,5 +75,5 @@ def test_sample_codes_passes_covariance_to_every_code():
     for name in ("z_shape", "z_detail", "z_color"):
         rows = tables[name + "s"].weight.double()
         d = torch.cat([c[name] for c in codes]).double() - rows.mean(0)
-        basis = bases[name + "s"]                                # [3, K]: the rows' subspace
+        basis = bases[name + "s"]                                # [3, dim]: the rows' subspace
         assert (d - (d @ basis.T) @ basis).abs().max() < 1e-5 * d.abs().max()

@@ -63,7 +63,7 @@ def test_vertex_jitter_follows_chi_with_three_dof():
     near = pts[:4000].astype(np.float64)
     dist = np.linalg.norm(near[:, None] - v[None, :-1], axis=-1).min(1)
     assert stats.kstest(dist, "chi", args=(3, 0, sigma)).pvalue > 1e-3
-    assert abs(dist.mean() - sigma * 2 * np.sqrt(2 / np.pi)) < 0.05 * sigma  # E chi(3) = 1.596
+    assert abs(dist.mean() - sigma * 2 * np.sqrt(2 / np.pi)) < 0.05 * sigma  # mean chi(3): 1.596
     # the uniform part: in [-1, 1]^3
     assert (np.abs(pts[4000:]) <= 1).all()
 
@@ -81,7 +81,7 @@ def test_vertex_region_fallback_and_errors():
 
 
 # ----------------------------------------------------------------------------- colours
-S = 256
+TEX_SIZE = 256
 
 
 def colour_fn(u, v):
@@ -91,9 +91,10 @@ def colour_fn(u, v):
 
 
 def analytic_texture():
-    """colour_fn at the texel centres (OBJ convention: row 0 is the top, v = 1 - (i + .5) / S),
-    float64: bilinear lookups between centres err by at most (1/S)^2 / 8 * max |f''|."""
-    t = (np.arange(S) + 0.5) / S
+    """colour_fn at the texel centres (OBJ convention: row 0 is the top,
+    v = 1 - (i + .5) / TEX_SIZE), float64: bilinear lookups between centres err by at most
+    (1/TEX_SIZE)^2 / 8 * max |f''|."""
+    t = (np.arange(TEX_SIZE) + 0.5) / TEX_SIZE
     U, Vv = np.meshgrid(t, 1.0 - t)                 # [row, col]
     return colour_fn(U, Vv)
 

@@ -171,7 +171,7 @@ class ScanImageDataset(Dataset):
                                 f"load_res={cache.shape[1]}")
         if vp.ndim != 2 or vp.shape[0] != self.n_views:
             raise FineDataError(f"{path}: view_params has shape {vp.shape}, expected "
-                                f"({self.n_views}, K); {hint}")
+                                f"({self.n_views}, P); {hint}")
         view = cache[k].astype(np.float32, copy=False)
         return view[..., :3], view[..., 3] > 0.5, vp[k].astype(np.float32).reshape(-1)
 

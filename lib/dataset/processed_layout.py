@@ -1,7 +1,7 @@
 """Processed scan folders in either layout: this project's or the original GANHead's.
 
 Shape legend: P = 169 FLAME parameter vector, N occupancy samples (near-surface half, then
-uniform half), M surface samples, V/F/T scan vertices/faces/texture coordinates, H/W image
+uniform half), M surface samples, V/F/U scan vertices/faces/texture coordinates, H/W image
 rows/columns.
 
 A processed scan folder `<processed>/<id>/` is read as it is, whichever code wrote it; the
@@ -21,7 +21,7 @@ layout is told by the files, never by an option:
 - 'original' (the original GANHead's preprocess.py, `np.savez`, uncompressed):
       occupancy.npz   flame_params (P,) f64 (entries 0:4 = 1, 0, 0, 0), scan_name, pts_d
                       (200000, 3) f32, occ_gt (200000, 1) f32, and the extra keys scan_verts
-                      (V, 3) f32, scan_faces (F, 3) int64, scan_colors (T, 3) f32 (one
+                      (V, 3) f32, scan_faces (F, 3) int64, scan_colors (U, 3) f32 (one
                       colour per texture coordinate); scan_name a 0-d unicode array
       surface.npz     the same three keys as ours, (100000, 3) f32, colours stretched per
                       scan by their min and max to [-1, 1] (ours: c * 2 - 1, unstretched)

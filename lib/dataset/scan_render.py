@@ -1,7 +1,8 @@
 """Multi-view normal and colour renders of a textured scan (docs/design.md, Camera and
 views), with the project's one renderer (lib/render) and camera.
 
-Shape legend: V vertices, F faces, K views, H/W image rows/columns (res), T uv coordinates.
+Shape legend: V vertices, F faces, K views, H/W image rows/columns (res), U uv coordinates,
+Ht/Wt texture rows/columns.
 
 View k of K: the scan (in FLAME space, posed by its parameters) is moved by
 `FLAMEServer.scan_view_transform(params, k, K)` = T_view[root] @ inverse(T_scan[root]), i.e.
@@ -91,8 +92,8 @@ def render_views(mesh, params, flame_server, n_views: int = 9, res: int = 256, d
                  colour_source: str = "vertices", vertex_colours=None):
     """Render the K views of a textured scan already in FLAME space.
 
-    mesh: TexturedMesh (verts [V,3], faces [F,3], uvs [T,2], face_uvs [F,3],
-    texture [H_t,W_t,3] uint8 or float in [0,1]); params: (169,); colour_source: one of
+    mesh: TexturedMesh (verts [V,3], faces [F,3], uvs [U,2], face_uvs [F,3],
+    texture [Ht,Wt,3] uint8 or float in [0,1]); params: (169,); colour_source: one of
     COLOUR_SOURCES (module docstring); vertex_colours: optional [V,3] in [0,1] (computed
     from the texture when None) -> (normal [K,H,W,3] uint8, rgb [K,H,W,3] uint8).
     """

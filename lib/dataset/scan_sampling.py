@@ -1,6 +1,7 @@
 """Point samples of a (textured) scan: occupancy training points and coloured surface samples.
 
-Shape legend: V vertices, F faces, N samples, T texture coordinates, H/W texture image.
+Shape legend: V vertices, F faces, N samples, U texture coordinates, Ht/Wt texture image
+rows/columns, Ch channels.
 
 - `occupancy_samples`: `pts_d`/`occ_gt` of occupancy.npz (docs/design.md, Processed scan
   folder): n_face near-surface points from the face region z > max_z/2, n_rest from
@@ -160,7 +161,7 @@ def occupancy_samples(verts, faces, rng, n_face: int = 70000, n_rest: int = 3000
 
 
 def texture_float(texture) -> torch.Tensor:
-    """texture: [H, W, C] uint8 (0..255) or float (0..1), numpy or torch -> float32 tensor in
+    """texture: [Ht, Wt, Ch] uint8 (0..255) or float (0..1), numpy or torch -> float32 tensor in
     [0, 1] (no copy when it already is one)."""
     tex = (texture if torch.is_tensor(texture)
            else torch.from_numpy(np.require(texture, requirements="CW")))
@@ -168,7 +169,7 @@ def texture_float(texture) -> torch.Tensor:
 
 
 def texture_colors(texture, uv):
-    """texture: [H, W, 3] uint8 or float in [0, 1]; uv: [N, 2] OBJ convention -> [N, 3]
+    """texture: [Ht, Wt, 3] uint8 or float in [0, 1]; uv: [N, 2] OBJ convention -> [N, 3]
     float64 in [0, 1], bilinear, with the renderer's `sample_texture` (one convention)."""
     uv = torch.from_numpy(np.asarray(uv, dtype=np.float32))
     return sample_texture(texture_float(texture), uv).double().numpy()
@@ -180,7 +181,7 @@ COLOUR_SCALE = "raw"
 
 
 def colour_targets(colors):
-    """colors: [N, C] in [0, 1] -> [N, C] float32 targets c * 2 - 1 in [-1, 1] (values
+    """colors: [N, Ch] in [0, 1] -> [N, Ch] float32 targets c * 2 - 1 in [-1, 1] (values
     outside [0, 1] are clipped first)."""
     c = np.clip(np.asarray(colors, dtype=np.float64), 0.0, 1.0)
     return (c * 2.0 - 1.0).astype(np.float32)
@@ -189,7 +190,7 @@ def colour_targets(colors):
 def vertex_colors(n_verts: int, faces, uvs, face_uvs, texture) -> np.ndarray:
     """One colour per vertex (module docstring): the texture at the vertex's uv, the mean
     over its distinct uvs where it has several (uv seams); 0 for vertices no face uses.
-    n_verts: V; faces, face_uvs: [F, 3]; uvs: [T, 2]; texture: [H, W, 3] ->
+    n_verts: V; faces, face_uvs: [F, 3]; uvs: [U, 2]; texture: [Ht, Wt, 3] ->
     [V, 3] float64 in [0, 1]."""
     f = np.asarray(faces, dtype=np.int64).reshape(-1)
     fu = np.asarray(face_uvs, dtype=np.int64).reshape(-1)
@@ -198,7 +199,7 @@ def vertex_colors(n_verts: int, faces, uvs, face_uvs, texture) -> np.ndarray:
     n_uv = len(uvs)
     pairs = np.unique(f * n_uv + fu)                               # distinct (vertex, uv)
     vid, tid = pairs // n_uv, pairs % n_uv
-    col = texture_colors(texture, np.asarray(uvs)[tid])[:, :3]     # [P, 3]
+    col = texture_colors(texture, np.asarray(uvs)[tid])[:, :3]     # [n_pairs, 3]
     count = np.bincount(vid, minlength=int(n_verts))
     out = np.stack([np.bincount(vid, col[:, c], minlength=int(n_verts)) for c in range(3)], 1)
     return out / np.maximum(count, 1)[:, None]
@@ -207,7 +208,7 @@ def vertex_colors(n_verts: int, faces, uvs, face_uvs, texture) -> np.ndarray:
 def surface_samples(verts, faces, uvs, face_uvs, texture, rng, n: int = 100000,
                     colour_source: str = "vertices", vertex_colours=None):
     """Coloured surface samples of a textured scan (module docstring).
-    verts: [V, 3]; faces: [F, 3]; uvs: [T, 2]; face_uvs: [F, 3]; texture: [H, W, 3];
+    verts: [V, 3]; faces: [F, 3]; uvs: [U, 2]; face_uvs: [F, 3]; texture: [Ht, Wt, 3];
     colour_source: one of COLOUR_SOURCES; vertex_colours: optional [V, 3] in [0, 1]
     (`vertex_colors` of this mesh; computed when None) ->
     dict(surface_points [n,3], surface_normals [n,3] unit face normals,

@@ -14,10 +14,11 @@ We load it with a restricted :class:`pickle.Unpickler` whose ``find_class`` admi
 Every other global (``os.system``, ``builtins.eval``, ...) raises :class:`FlameModelError`
 before anything is called. After loading, each chumpy stand-in becomes a numpy array.
 
-Shape legend: V vertices, F faces, J joints (5 for FLAME), K blendshape components.
+Shape legend: V vertices, F faces, J joints (5 for FLAME), Sf shape-blendshape columns
+(identity, then expression), Q = 9 (J - 1) pose-corrective feature.
 Returned dict (float64 / int64 numpy arrays; ``J_regressor`` may stay scipy sparse):
     v_template  [V, 3]        f            [F, 3] int64
-    shapedirs   [V, 3, K]     posedirs     [V, 3, (J-1)*9]
+    shapedirs   [V, 3, Sf]    posedirs     [V, 3, Q]
     J_regressor [J, V]        weights      [V, J]
     kintree_table [2, J] int64 (root parent 2**32-1)   parents list[int] (root -1)
 plus any other keys of the file that convert cleanly.

@@ -1,6 +1,6 @@
 """How well a stage-2 model reproduces its training scans' renders, view by view.
 
-Shape legend: R image size (the cache's and load_res), V views scored.
+Shape legend: R image size (the cache's and load_res), H/W rows/columns of a grid image.
 
 For a (scan, view) pair the model's normal and colour images are rendered exactly as stage-2
 training renders them (from the precompute cache's canonical points,

@@ -1,19 +1,20 @@
 """New avatars from the learned latent spaces (docs/design.md, Inference; eval_mode=sample).
 
-Shape legend: S training subjects, K dimensions of one code (Z, D or C), N samples,
-T frames/steps, B frames, V vertices, H/W image rows/columns.
+Shape legend: n_subjects training subjects (rows of a latent table), Z|D|C the width of one
+code (Z, D or C for z_shape, z_detail, z_color), S FLAME shape components (betas), X
+expression components, T frames/steps, B frames, V vertices, H/W image rows/columns.
 
-Each embedding (z_shape, z_detail, z_color) gets its own Gaussian, fitted to its S learned
-rows. With `covariance="diagonal"` (the original's) it is per dimension: the mean and standard
-deviation of every column. With `covariance="full"` (this project's opt-in) it is the rows'
-sample covariance, of rank at most S - 1: a draw is the mean plus a random Gaussian mix of the
-rows' deviations from it, so it stays in the span of the learned codes. The per-dimension draw
-spreads its variance over all K dimensions, most of them ones the networks never saw vary; its
-heads are near copies of the mean head (README, Differences from the original, has the measured
-diversity of both). A sample draws every code from its own Gaussian (the original drew the
-colour code from the detail code's statistics: a bug), with the deviations scaled by
-`std_scale` (< 1 trades variety for typicality). Sampled avatars get the mean FLAME shape
-(betas 0) unless one is given.
+Each embedding (z_shape, z_detail, z_color) gets its own Gaussian, fitted to its n_subjects
+learned rows. With `covariance="diagonal"` (the original's) it is per dimension: the mean and
+standard deviation of every column. With `covariance="full"` (this project's opt-in) it is the
+rows' sample covariance, of rank at most n_subjects - 1: a draw is the mean plus a random
+Gaussian mix of the rows' deviations from it, so it stays in the span of the learned codes. The
+per-dimension draw spreads its variance over all Z|D|C dimensions, most of them ones the
+networks never saw vary; its heads are near copies of the mean head (README, Differences from
+the original, has the measured diversity of both). A sample draws every code from its own
+Gaussian (the original drew the colour code from the detail code's statistics: a bug), with the
+deviations scaled by `std_scale` (< 1 trades variety for typicality). Sampled avatars get the
+mean FLAME shape (betas 0) unless one is given.
 
 `run_sample` (options: `SampleOptions`, the `test.sample` block) writes, per avatar
 `sample_<k>/`: `canonical.ply` and `posed.ply` (vertex colours and normals), `turntable.mp4`
@@ -45,9 +46,9 @@ COVARIANCES = ("diagonal", "full")
 
 @dataclass
 class GaussianFit:
-    """The Gaussian of S code rows: mean [K], per-dimension std [K], and the scaled deviations
-    [S, K] ((rows - mean) / sqrt(S - 1)), whose Gram matrix deviations^T deviations is the
-    rows' sample covariance [K, K]."""
+    """The Gaussian of n_subjects code rows: mean [Z|D|C], per-dimension std [Z|D|C], and the
+    scaled deviations [n_subjects, Z|D|C] ((rows - mean) / sqrt(n_subjects - 1)), whose Gram
+    matrix deviations^T deviations is the rows' sample covariance [Z|D|C, Z|D|C]."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -55,10 +56,10 @@ class GaussianFit:
 
     def sample(self, n: int, std_scale: float = 1.0, generator: torch.Generator | None = None,
                covariance: str = "diagonal") -> torch.Tensor:
-        """n draws [n, K] (noise drawn on the CPU so a seed gives the same codes on every device):
-        covariance "diagonal": mean + std_scale * std * N(0, I_K);
-        covariance "full": mean + std_scale * N(0, I_S) @ deviations, a draw of N(mean,
-        std_scale^2 * sample covariance)."""
+        """n draws [n, Z|D|C] (noise drawn on the CPU so a seed gives the same codes on every
+        device): covariance "diagonal": mean + std_scale * std * N(0, I) (identity of size
+        Z|D|C); covariance "full": mean + std_scale * N(0, I) @ deviations (identity of size
+        n_subjects), a draw of N(mean, std_scale^2 * sample covariance)."""
         if covariance == "diagonal":
             eps = torch.randn(n, self.mean.shape[0], generator=generator, dtype=torch.float32)
             return self.mean[None] + float(std_scale) * self.std[None] * eps.to(self.mean)
@@ -70,11 +71,13 @@ class GaussianFit:
 
 
 def fit_gaussian(rows: torch.Tensor) -> GaussianFit:
-    """Gaussian of rows [S, K]: the mean and the (unbiased; 0 for S = 1) standard deviation of
-    every column, and the deviations (rows - mean) / sqrt(S - 1) [S, K] (0 for S = 1)."""
+    """Gaussian of rows [n_subjects, Z|D|C]: the mean and the (unbiased; 0 for one row)
+    standard deviation of every column, and the deviations (rows - mean) / sqrt(n_subjects - 1)
+    [n_subjects, Z|D|C] (0 for one row)."""
     rows = rows.detach().float()
     if rows.dim() != 2 or rows.shape[0] < 1:
-        raise ValueError(f"fit_gaussian: rows must be [S >= 1, K], got {tuple(rows.shape)}")
+        raise ValueError(f"fit_gaussian: rows must be [n_subjects >= 1, Z|D|C], got "
+                         f"{tuple(rows.shape)}")
     mean = rows.mean(dim=0)
     n = rows.shape[0]
     std = rows.std(dim=0) if n > 1 else torch.zeros_like(rows[0])
@@ -118,7 +121,7 @@ def evenly(n_items: int, n_pick: int) -> list[int]:
 def turntable(avatar: Avatar, n_frames: int, res: int, pose: torch.Tensor | None = None,
               exp: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rendered turntable: the head turned about the vertical axis by 2 pi k / n_frames.
-    pose: [15] pose of the head besides the turn (default neutral), exp: [E].
+    pose: [15] pose of the head besides the turn (default neutral), exp: [X].
     Returns rgb and normal images [T, H, W, 3] (float32 numpy)."""
     ref = avatar.betas
     angles = [2.0 * math.pi * k / n_frames for k in range(n_frames)]
@@ -131,8 +134,8 @@ def turntable(avatar: Avatar, n_frames: int, res: int, pose: torch.Tensor | None
 
 def default_posed_frame(ref: torch.Tensor, n_exp: int, motion: dict | None, rng: np.random.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pose [15] and expression [E] of a sample's posed mesh: a random frame of `motion`
-    (dict of numpy expression [T, E] and pose [T, 15]) when given, else the head turned a
+    """The pose [15] and expression [X] of a sample's posed mesh: a random frame of `motion`
+    (dict of numpy expression [T, X] and pose [T, 15]) when given, else the head turned a
     little with the jaw open."""
     if motion is not None:
         t = int(rng.integers(0, motion["pose"].shape[0]))

@@ -21,9 +21,9 @@ __all__ = ["pack_points", "scatter_image", "render_cache", "masked_psnr"]
 def pack_points(points: torch.Tensor, mask: torch.Tensor):
     """Pack the masked points of each item to the front.
 
-    points: [B, P, 3]; mask: [B, P] bool. Returns packed [B, L, 3] (L = max(1, most masked
-    points of an item); padding rows are 0) and index (b [T], p [T], pos [T]) with
-    packed[b, pos] = points[b, p] for the T masked entries.
+    points: [B, N, 3]; mask: [B, N] bool. Returns packed [B, L, 3] (L = max(1, most masked
+    points of an item); padding rows are 0) and index (b [A], p [A], pos [A]) with
+    packed[b, pos] = points[b, p] for the A masked entries.
     """
     B = points.shape[0]
     b, p = mask.nonzero(as_tuple=True)

@@ -1,7 +1,8 @@
 """Residual image discriminator (the original GANHead critic) and its losses for the optional
 stage-2 GAN.
 
-Shape legend: B batch, C channels, H/W image rows/columns (H = W = img_res, a power of two).
+Shape legend: B batch, Ch channels (Ch_in, Ch_out of a layer), H/W image rows/columns
+(H = W = img_res, a power of two).
 
 Plain torch (no custom CUDA ops): every layer works on CPU and CUDA, float32 by default.
 
@@ -66,7 +67,7 @@ class Blur(nn.Module):
     """Depthwise FIR filter with explicit zero padding: a true 2D convolution with the stored
     kernel [4, 4] = [1,3,3,1] x [1,3,3,1] / 64.
 
-    x: [B, C, H, W] -> [B, C, H + pad0 + pad1 - 3, W + pad0 + pad1 - 3]
+    x: [B, Ch, H, W] -> [B, Ch, H + pad0 + pad1 - 3, W + pad0 + pad1 - 3]
     """
 
     def __init__(self, pad: tuple[int, int]):
@@ -85,9 +86,9 @@ class Blur(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Conv2d with equalized learning rate. weight: [C_out, C_in, k, k] ~ N(0,1), used times
-    1/sqrt(C_in k^2); bias [C_out] (optional), added before the activation.
-    x: [B, C_in, H, W] -> [B, C_out, H', W'] (optionally leaky-ReLU'd)."""
+    """Conv2d with equalized learning rate. weight: [Ch_out, Ch_in, k, k] ~ N(0,1), used times
+    1/sqrt(Ch_in k^2); bias [Ch_out] (optional), added before the activation.
+    x: [B, Ch_in, H, W] -> [B, Ch_out, H', W'] (optionally leaky-ReLU'd)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True, activate: bool = False):
@@ -105,8 +106,8 @@ class EqualConv2d(nn.Module):
 
 
 class EqualLinear(nn.Module):
-    """Linear layer with equalized learning rate. weight: [C_out, C_in] ~ N(0,1), used times
-    1/sqrt(C_in); bias [C_out]. x: [B, C_in] -> [B, C_out] (optionally leaky-ReLU'd)."""
+    """Linear layer with equalized learning rate. weight: [Ch_out, Ch_in] ~ N(0,1), used times
+    1/sqrt(Ch_in); bias [Ch_out]. x: [B, Ch_in] -> [B, Ch_out] (optionally leaky-ReLU'd)."""
 
     def __init__(self, in_features: int, out_features: int, activate: bool = False):
         super().__init__()
@@ -129,7 +130,7 @@ class MinibatchStd(nn.Module):
     call; the result is returned in the input order. The group size G is the largest divisor
     of B that is <= group_size, so any batch size works (B=6, group 4 -> groups of 3; a prime
     B=5 -> groups of 1, i.e. a constant map).
-    x: [B, C, H, W] -> [B, C + num_channels, H, W]
+    x: [B, Ch, H, W] -> [B, Ch + num_channels, H, W]
     """
 
     def __init__(self, group_size: int = 4, num_channels: int = 1):
@@ -147,18 +148,18 @@ class MinibatchStd(nn.Module):
         b, c, h, w = x.shape
         g, f = self.group_for(b), self.num_channels
         if c % f:
-            raise _err(f"MinibatchStd needs C ({c}) divisible by "
+            raise _err(f"MinibatchStd needs a channel count ({c}) divisible by "
                        f"num_channels ({f})")
         perm = torch.randperm(b, device=x.device)             # [B]
-        y = x[perm].reshape(g, -1, f, c // f, h, w)            # [G, n, F, c, H, W]
-        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()       # [n, F, c, H, W]
-        y = y.mean(dim=(2, 3, 4)).repeat(g, 1)                 # [B, F], shuffled order
-        y = y[torch.argsort(perm)]                             # [B, F], input order
+        y = x[perm].reshape(g, -1, f, c // f, h, w)            # [g, n, f, c/f, H, W]
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()       # [n, f, c/f, H, W]
+        y = y.mean(dim=(2, 3, 4)).repeat(g, 1)                 # [B, f], shuffled order
+        y = y[torch.argsort(perm)]                             # [B, f], input order
         return torch.cat([x, y[:, :, None, None].expand(b, f, h, w)], dim=1)
 
 
 class DiscriminatorBlock(nn.Module):
-    """Residual downsampling block. x: [B, C_in, r, r] -> [B, C_out, r/2, r/2]."""
+    """Residual downsampling block. x: [B, Ch_in, r, r] -> [B, Ch_out, r/2, r/2]."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -230,7 +231,7 @@ def g_nonsaturating_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
-    """R1 gradient penalty. real_logits: [B, 1] computed from real_images [B, C, H, W], which
+    """R1 gradient penalty. real_logits: [B, 1] computed from real_images [B, Ch, H, W], which
     must require grad. Returns the scalar mean over b of sum |d sum(logits) / d image_b|^2
     (the graph is kept, so the penalty can be back-propagated into the discriminator)."""
     if not real_images.requires_grad:
@@ -243,7 +244,7 @@ def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Te
 class LazyR1:
     """Lazy R1 regularization: every `d_reg_every` steps, lambda_r1 / 2 * r1 * d_reg_every.
 
-    __call__(d, real_images [B, C, H, W], step) -> scalar loss tensor, or None when the
+    __call__(d, real_images [B, Ch, H, W], step) -> scalar loss tensor, or None when the
     step is not a regularization step (step % d_reg_every != 0). The images are detached
     and re-marked as requiring grad, so any tensor may be passed. `0 * logits` is added so
     every discriminator output takes part in the graph (keeps DDP happy).

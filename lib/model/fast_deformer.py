@@ -1,9 +1,10 @@
 """Fast correspondence search: the deformation baked into a grid, finished through the networks.
 
 Shape legend:
-    B batch, N points, I initializations (5), J joints (5), S betas width, K baked batch items
-    (<= B), D/H/W network lattice along z/y/x (grid_res), D'/H'/W' refined lookup lattice,
-    A flattened inits (each with a batch index), U inits polished through the networks.
+    B batch items (also the items of one bake: those with points to search), N points,
+    I initializations (5), J joints (5), S betas width, Gz/Gy/Gx network lattice along z/y/x
+    (grid_res), Gz'/Gy'/Gx' refined lookup lattice, A entries flattened across the batch, each
+    with a batch index (inits, the inits polished through the networks, points of a chunk).
 
 Same problem as lib/model/deformer.py (find x_c with forward_deform(x_c) = x_d from I rigid
 initializations), solved in stages (Fast-SNARF's idea, in plain torch):
@@ -12,7 +13,7 @@ initializations), solved in stages (Fast-SNARF's idea, in plain torch):
    canonical point, F(x_c) = forward_deform(x_c), depends only on the skinning weights (J) and
    the pose/expression offset (3) there. The LBS fields (displacement network, then the LBS
    network at the shape-neutral point) are evaluated once per item on a
-   D x H x W lattice over [bbox_min, bbox_max] and F itself is stored: 3 channels that already
+   Gz x Gy x Gx lattice over [bbox_min, bbox_max] and F itself is stored: 3 channels that already
    combine the J + 3 field values with the item's joint transforms, so a search step needs no
    skinning algebra.
 2. Refine. A not-a-knot cubic spline along each axis resamples the lattice to (n-1)*upsample+1
@@ -79,9 +80,9 @@ def spline_matrix(n: int, n_fine: int) -> torch.Tensor:
 
 
 def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact duplicate rows: key [A, C] -> first [U] (index of one row per distinct row),
-    inverse [A] (key[i] == key[first[inverse[i]]]). Lexicographic order by stable column sorts
-    (torch.unique with dim=0 loops over rows on CPU)."""
+    """Exact duplicate rows: key [A, n_cols] -> first [A'] (index of one row per distinct row,
+    A' <= A), inverse [A] (key[i] == key[first[inverse[i]]]). Lexicographic order by stable
+    column sorts (torch.unique with dim=0 loops over rows on CPU)."""
     A = key.shape[0]
     order = torch.arange(A, device=key.device)
     for c in reversed(range(key.shape[1])):
@@ -97,10 +98,11 @@ def _unique_rows(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class BakedGrid:
     """Trilinear interpolant of deformed positions on a lattice, one lattice per baked item.
 
-    values: [K, D', H', W', 3] (node (k, d, h, w) at x = lo + (w, h, d) * step), or with
-    channels_first [3, K, D', H', W'] (stored as is, no transposing copy); lo, hi: [3] (x, y, z).
+    values: [B, Gz', Gy', Gx', 3] (node (b, iz, iy, ix) at x = lo + (ix, iy, iz) * step), or
+    with channels_first [3, B, Gz', Gy', Gx'] (stored as is, no transposing copy); lo, hi: [3]
+    (x, y, z).
     Points are passed channels-first (structure of arrays, contiguous rows vectorize better):
-    call with x [3, A] and slot [A] (which of the K lattices) -> value [3, A] and Jacobian
+    call with x [3, A] and slot [A] (which of the B lattices) -> value [3, A] and Jacobian
     [3, 3, A] (J[r, c, a] = dF_r / dx_c). Outside [lo, hi] the boundary cell is extrapolated.
     """
 
@@ -108,33 +110,33 @@ class BakedGrid:
         self, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, channels_first: bool = False
     ):
         if channels_first:
-            _, K, D, H, W = values.shape
-            self.flat = values.contiguous().reshape(-1)  # [3 * K*D'*H'*W']
+            _, B, Gz, Gy, Gx = values.shape
+            self.flat = values.contiguous().reshape(-1)  # [3 * B*Gz'*Gy'*Gx']
         else:
-            K, D, H, W, _ = values.shape
+            B, Gz, Gy, Gx, _ = values.shape
             self.flat = values.reshape(-1, 3).t().contiguous().reshape(-1)
-        if min(D, H, W) < 2:
-            raise _err(f"a baked lattice needs >= 2 nodes per axis, got {(D, H, W)}")
-        self.dims = (D, H, W)
+        if min(Gz, Gy, Gx) < 2:
+            raise _err(f"a baked lattice needs >= 2 nodes per axis, got {(Gz, Gy, Gx)}")
+        self.dims = (Gz, Gy, Gx)
         dev, dt = values.device, values.dtype
         # [3, 1] x, y, z
-        self.n_cells = torch.tensor([W - 1, H - 1, D - 1], device=dev, dtype=dt)[:, None]
+        self.n_cells = torch.tensor([Gx - 1, Gy - 1, Gz - 1], device=dev, dtype=dt)[:, None]
         self.lo = lo.to(device=dev, dtype=dt)[:, None]
         # cells per unit
         self.scale = self.n_cells / (hi.to(device=dev, dtype=dt)[:, None] - self.lo)
         # flat offsets of channel r and corner k (bit order dz, dy, dx): [3, 8, 1]
-        corners = torch.tensor([(dz * H + dy) * W + dx for dz in (0, 1) for dy in (0, 1)
+        corners = torch.tensor([(dz * Gy + dy) * Gx + dx for dz in (0, 1) for dy in (0, 1)
                                 for dx in (0, 1)], device=dev)
-        self.offsets = ((torch.arange(3, device=dev) * (K * D * H * W))[:, None, None]
+        self.offsets = ((torch.arange(3, device=dev) * (B * Gz * Gy * Gx))[:, None, None]
                         + corners[None, :, None])
 
     def __call__(self, x: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        D, H, W = self.dims
+        Gz, Gy, Gx = self.dims
         u = (x - self.lo) * self.scale                             # [3, A] in cells
         i0 = torch.minimum(torch.nan_to_num(u.floor(), nan=0.0).clamp_(min=0), self.n_cells - 1)
         t = u - i0                                                 # outside [0,1]: extrapolation
         il = i0.long()
-        base = ((slot * D + il[2]) * H + il[1]) * W + il[0]        # [A]
+        base = ((slot * Gz + il[2]) * Gy + il[1]) * Gx + il[0]     # [A]
         c = self.flat.take(self.offsets + base).view(3, 4, 2, -1)  # [3, x-edge, end, A]
         tx, ty, tz = t[0], t[1], t[2]
         ex = c[:, :, 1] - c[:, :, 0]                               # x-differences [3, 4, A]
@@ -171,8 +173,8 @@ class FastForwardDeformer(ForwardDeformer):
 
     Args (besides ForwardDeformer's: lbs_net, n_joints, max_steps, cvg_thresh, dvg_thresh,
     chunk_size, init_bones, skip_thresh, skip_stride):
-        grid_res: (D, H, W) network lattice along (z, y, x); the LBS network is evaluated
-            D*H*W times per batch item and search call (12^3 = 1728: 0.8 evaluations per point
+        grid_res: (Gz, Gy, Gx) network lattice along (z, y, x); the LBS network is evaluated
+            Gz*Gy*Gx times per batch item and search call (12^3 = 1728: 0.8 evaluations per point
             at 2250 points per item, enough for smooth skinning; sharper fields polish longer).
         bbox_min, bbox_max: (x, y, z) corners of the canonical box the lattice spans.
         exact_steps: chord-Newton steps through the networks from each grid root (the polish).
@@ -213,7 +215,7 @@ class FastForwardDeformer(ForwardDeformer):
                          skip_thresh=skip_thresh, skip_stride=skip_stride)
         res = tuple(int(r) for r in grid_res)
         if len(res) != 3 or min(res) < 2:
-            raise _err(f"grid_res must be 3 sizes (D, H, W) >= 2, got {grid_res}")
+            raise _err(f"grid_res must be 3 sizes (Gz, Gy, Gx) >= 2, got {grid_res}")
         lo = torch.as_tensor(bbox_min, dtype=torch.float32).reshape(-1)
         hi = torch.as_tensor(bbox_max, dtype=torch.float32).reshape(-1)
         if lo.numel() != 3 or hi.numel() != 3 or not bool((hi > lo).all()):
@@ -237,13 +239,13 @@ class FastForwardDeformer(ForwardDeformer):
 
     @property
     def lookup_res(self) -> tuple[int, int, int]:
-        """(D', H', W') of the refined lattice."""
+        """(Gz', Gy', Gx') of the refined lattice."""
         return tuple((n - 1) * self.upsample + 1 for n in self.grid_res)
 
     # ------------------------------------------------------------------ bake
     def folded_deform(self, betas: torch.Tensor, fl: FlameFrames):
-        """The forward deformation of K items: betas [K, S], fl (_checked_flame's, leading dim K) ->
-        callable (x [A, 3], slot [A] in 0..K-1) -> x_d [A, 3]. Folded (lib/model/folded_lbs.py)
+        """The forward deformation of B items: betas [B, S], fl (_checked_flame's, leading dim B) ->
+        callable (x [A, 3], slot [A] in 0..B-1) -> x_d [A, 3]. Folded (lib/model/folded_lbs.py)
         when enabled and lbs_net supports it, else the plain networks. Called under no_grad it
         holds no graph (the search); with grad enabled gradients flow as through the plain path
         (the implicit correction)."""
@@ -261,23 +263,24 @@ class FastForwardDeformer(ForwardDeformer):
         return deform
 
     def bake(self, betas: torch.Tensor, fl: FlameFrames, deform=None) -> BakedGrid:
-        """Deformed positions of the lattice for K items: betas [K, S], fl (_checked_flame's,
-        leading dim K); deform: folded_deform(betas, fl) when the caller has it already.
+        """Deformed positions of the lattice for B items: betas [B, S], fl (_checked_flame's,
+        leading dim B); deform: folded_deform(betas, fl) when the caller has it already.
 
         The network sees about chunk_size * I lattice points per call.
         Returns the refined BakedGrid over [bbox_min, bbox_max]."""
-        K, dt = betas.shape[0], fl.tfs.dtype
+        B, dt = betas.shape[0], fl.tfs.dtype
         deform = self.folded_deform(betas, fl) if deform is None else deform
         lo, hi = self.bbox_min.to(dt), self.bbox_max.to(dt)
-        pts = lo + self.lattice_unit.to(dt) * (hi - lo)                                # [G, 3]
-        g = max(1, (self.chunk_size * self.n_init) // max(K, 1))
-        slots = torch.arange(K, device=betas.device)
+        pts = lo + self.lattice_unit.to(dt) * (hi - lo)                       # [Gz*Gy*Gx, 3]
+        g = max(1, (self.chunk_size * self.n_init) // max(B, 1))
+        slots = torch.arange(B, device=betas.device)
         vals = []
         for s in range(0, pts.shape[0], g):
             chunk = pts[s:s + g]
-            x = chunk.expand(K, -1, -1).reshape(-1, 3)
-            vals.append(deform(x, slots.repeat_interleave(chunk.shape[0])).reshape(K, -1, 3))
-        F = torch.cat(vals, dim=1).permute(2, 0, 1).reshape(3, K, *self.grid_res)  # [3, K, D, H, W]
+            x = chunk.expand(B, -1, -1).reshape(-1, 3)
+            vals.append(deform(x, slots.repeat_interleave(chunk.shape[0])).reshape(B, -1, 3))
+        # [3, B, Gz, Gy, Gx]
+        F = torch.cat(vals, dim=1).permute(2, 0, 1).reshape(3, B, *self.grid_res)
         if self.upsample > 1:  # channels-first throughout: the lookups want [3, ...] rows
             F = torch.einsum("ad,ckdhw->ckahw", self.up_z.to(dt), F)
             F = torch.einsum("bh,ckahw->ckabw", self.up_y.to(dt), F)
@@ -330,14 +333,14 @@ class FastForwardDeformer(ForwardDeformer):
 
     @staticmethod
     def _merge(xg: torch.Tensor, ok: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Group the inits of each point by grid root: xg [P, I, 3], ok [P, I] bool.
+        """Group the inits of each point by grid root: xg [A, I, 3], ok [A, I] bool.
 
         Init i follows the first leader j < i whose root is within tol; an ok init that follows
-        no one leads. Returns leader [P, I] bool (inits to polish) and rep [P, I] long (the leader
+        no one leads. Returns leader [A, I] bool (inits to polish) and rep [A, I] long (the leader
         standing for each init: itself for leaders and for inits that are not ok)."""
-        P, I, _ = xg.shape
+        A, I, _ = xg.shape
         leader = ok.clone()
-        rep = torch.arange(I, device=xg.device).repeat(P, 1)
+        rep = torch.arange(I, device=xg.device).repeat(A, 1)
         for i in range(1, I):
             free = ok[:, i].clone()
             for j in range(i):
@@ -358,11 +361,11 @@ class FastForwardDeformer(ForwardDeformer):
         first, inverse = _unique_rows(torch.cat([bidx[:, None].to(xc_star.dtype),
                                                  xc_star.detach()], dim=1))
         with torch.enable_grad():
-            x = xc_star.detach()[first].requires_grad_(True)                          # [U, 3]
+            x = xc_star.detach()[first].requires_grad_(True)                         # [A', 3]
             f = self.folded_deform(betas, fl)(x, bidx[first])  # folded with its graph (folded_lbs)
             J = self._jacobian(f, x, keep_graph=True)
         J_inv, _ = inv3(J.detach())  # zero (no gradient) where singular
-        d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                          # [U, 3]
+        d_net = (J_inv @ (f - f.detach())[..., None])[..., 0]                         # [A', 3]
         d_tgt = (J_inv[inverse] @ (target - target.detach())[..., None])[..., 0]       # [A, 3]
         return xc_star.detach() - d_net[inverse] + d_tgt
 
@@ -426,7 +429,7 @@ class FastForwardDeformer(ForwardDeformer):
             xd0, betas, fl, x_init, xc, valid, diff, pts = self._search_setup(xd, cond, flame_out,
                                                                           point_mask)
             if pts.numel() > 0:
-                items = torch.unique(pts // N)                                         # [K]
+                items = torch.unique(pts // N)                             # [B'], B' <= B
                 slot_of = torch.full((B,), -1, dtype=torch.long, device=xd.device)
                 slot_of[items] = torch.arange(items.numel(), device=xd.device)
                 betas_k, fl_k = betas[items], fl.index(items)
@@ -456,7 +459,7 @@ class FastForwardDeformer(ForwardDeformer):
         return (same & lower).int().argmax(dim=-1)  # first True per row
 
     def _grid_j_inv(self, grid: BakedGrid, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Inverse interpolant Jacobians at x [U, 3] (lattices slot [U]) -> [U, 3, 3]; identity
+        """Inverse interpolant Jacobians at x [A, 3] (lattices slot [A]) -> [A, 3, 3]; identity
         where singular."""
         _, jac = grid(x.t(), slot)
         j_inv, ok = inv3(jac.permute(2, 0, 1))
@@ -465,26 +468,26 @@ class FastForwardDeformer(ForwardDeformer):
 
     def _polish(self, grid: BakedGrid, x0: torch.Tensor, bidx: torch.Tensor, slot: torch.Tensor,
                 target: torch.Tensor, deform) -> dict[str, object]:
-        """Chord Newton through the networks from grid roots: x0 [U, 3], bidx [U] batch items,
-        slot [U] their lattices, target [U, 3]; deform (x [A, 3], bidx [A]) -> x_d [A, 3].
+        """Chord Newton through the networks from grid roots: x0 [A, 3], bidx [A] batch items,
+        slot [A] their lattices, target [A, 3]; deform (x [A', 3], bidx [A']) -> x_d [A', 3].
 
         Up to exact_steps steps x <- x - G^-1 (deform(x) - x_d), G the interpolant's Jacobian at
         x0 (identity where singular), kept for every step: near the root G differs from the
         networks' Jacobian by the interpolation error only, so each step shrinks the residual by
         about that factor, without Broyden's per-step matrix updates. Rules of broyden(): an init
         stops below cvg_thresh, is dropped after a step above dvg_thresh or not finite, and its
-        iterate with the smallest residual is kept. Returns broyden's dict (result [U, 3],
-        diff [U], valid_ids [U], n_steps)."""
-        U = x0.shape[0]
+        iterate with the smallest residual is kept. Returns broyden's dict (result [A, 3],
+        diff [A], valid_ids [A], n_steps)."""
+        A = x0.shape[0]
         _, jac = grid(x0.t(), slot)
         adj, det, ok = adjugate3(jac)  # G^-1 v = sum_k adj[k] v_k / det
         g_inv = torch.where(ok, adj / torch.where(ok, det, torch.ones_like(det)),
                             torch.eye(3, dtype=x0.dtype, device=x0.device)[:, :, None])
-        g_inv = g_inv.permute(2, 0, 1)                                                # [U, k, i]
-        best_x, best = x0.clone(), torch.full((U,), float("inf"), dtype=x0.dtype, device=x0.device)
-        idx, x, n_steps = torch.arange(U, device=x0.device), x0, 0
+        g_inv = g_inv.permute(2, 0, 1)                                                # [A, k, i]
+        best_x, best = x0.clone(), torch.full((A,), float("inf"), dtype=x0.dtype, device=x0.device)
+        idx, x, n_steps = torch.arange(A, device=x0.device), x0, 0
         for it in range(self.exact_steps + 1):
-            r = deform(x, bidx[idx]) - target[idx]                                   # [A, 3]
+            r = deform(x, bidx[idx]) - target[idx]                                  # [A', 3]
             rn = r.norm(dim=-1)
             fin = torch.isfinite(rn)
             better = fin & (rn < best[idx])
@@ -501,7 +504,7 @@ class FastForwardDeformer(ForwardDeformer):
         return dict(result=best_x, diff=best, valid_ids=best < self.cvg_thresh, n_steps=n_steps)
 
     def _update(self, ids, out, xc, valid, diff) -> None:
-        """Write a Broyden result for inits ids [U] where it converged or lowered the residual."""
+        """Write a Broyden result for inits ids [A] where it converged or lowered the residual."""
         take = out["valid_ids"] | (out["diff"] < diff[ids])
         xc[ids] = torch.where(take[:, None], out["result"], xc[ids])
         diff[ids] = torch.where(take, out["diff"], diff[ids])
@@ -536,7 +539,7 @@ class FastForwardDeformer(ForwardDeformer):
         leader, rep = self._merge(xg.reshape(c, I, 3), found, self.merge_tol)
         xc, valid = xg.clone(), torch.zeros(c * I, dtype=torch.bool, device=xg.device)
         diff = torch.full((c * I,), float("inf"), dtype=xg.dtype, device=xg.device)
-        lead = leader.reshape(-1).nonzero().squeeze(1)                                 # [U]
+        lead = leader.reshape(-1).nonzero().squeeze(1)                                # [A']
         if lead.numel() > 0:  # polish
             if deform is None:
                 def deform(x, b):

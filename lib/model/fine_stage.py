@@ -215,7 +215,7 @@ class FineStage(TrainingStage):
 
 def comparison_picture(out: dict, i: int):
     """Item i side by side: real normal | rendered normal | real rgb | rendered rgb, each
-    [R, R, 3] in [0, 1]. Returns a float32 numpy grid [R', W', 3]."""
+    [R, R, 3] in [0, 1]. Returns a float32 numpy grid [H', W', 3]."""
     from lib.render.images import add_label, make_grid
 
     tiles = []

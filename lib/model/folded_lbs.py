@@ -1,8 +1,9 @@
 """The skinning fields folded for one correspondence search: same values, less work.
 
 Shape legend: B batch, A points flattened across the batch (each with a batch index), S FLAME
-shape parameters (betas, 100), J joints, P pose-feature size (36), X expression components
-(50), T = 3 P + 3 X blendshape coefficients (258), E encoded point width, n hidden width.
+shape parameters (betas, 100), J joints, Q pose-feature size (36), X expression components
+(50), E encoded point width, n hidden width; `blendshape_dim` = 3 Q + 3 X = 258 blendshape
+coefficients, `cond_dim` a network's condition width.
 
 The fields of a shaped canonical point x (lib/model/neutral_lbs.py) are the unconditioned LBS
 network at the shape-neutral point x + disp(x, betas). Within one search the networks' weights
@@ -17,7 +18,7 @@ point and every step:
   and expression changes, giving one 3-vector offset; the tail layer and that contraction fold
   into one [3, n] matrix per item.
 Per point that leaves the two encodings, the hidden layers, J skinning logits and a 3 x n
-product, and none of the plain path's [A, S] and [A, T] tensors.
+product, and none of the plain path's [A, S] and [A, blendshape_dim] tensors.
 
 `FoldedLBS(lbs, disp_net, betas, d_pose, d_exp)(x, bidx) -> (w [A, J], offset [A, 3])`;
 `FoldedSkinning(tfs, tfs_c)(x, w, offset, bidx) -> x_d [A, 3]` finishes the deformation as
@@ -45,7 +46,7 @@ class FoldedMLP:
     """An ImplicitNetwork (lib/model/networks.py) frozen at a per-item condition: weights read
     once, the condition's columns of each conditioned layer folded into a per-item bias.
 
-    net: the network (output activation None); cond: [B, C] per-item condition (None for an
+    net: the network (output activation None); cond: [B, cond_dim] per-item condition (None for an
     unconditioned network); dtype: of the evaluation. Call with x [A, 3], bidx [A] ->
     (out [A, d_out] the output layer's value, h_tail [A, n] the input of the network's tail
     head, or None when it has none). Differentiable like the plain network when built and
@@ -63,10 +64,10 @@ class FoldedMLP:
             if cond is None or cond.dim() != 2 or cond.shape[1] != net.cond_dim:
                 raise _err(f"the network needs a [B, {net.cond_dim}] "
                            f"condition, got {None if cond is None else tuple(cond.shape)}")
-            C, c = net.cond_dim, cond.to(dtype)
+            cond_dim, c = net.cond_dim, cond.to(dtype)
             for l in net.cond_layers:
-                self.cond_bias[l] = c @ self.W[l][:, -C:].t() + self.b[l]            # [B, n_l]
-                self.W[l] = self.W[l][:, :-C].contiguous()
+                self.cond_bias[l] = c @ self.W[l][:, -cond_dim:].t() + self.b[l]     # [B, n_l]
+                self.W[l] = self.W[l][:, :-cond_dim].contiguous()
 
     def __call__(self, x: torch.Tensor, bidx: torch.Tensor):
         net = self.net
@@ -89,12 +90,12 @@ class FoldedMLP:
 class FoldedLBS:
     """The fields of lib/model/neutral_lbs.NeutralLBS frozen for one search: lbs (LBSNetwork,
     unconditioned) evaluated at x + disp_net(x, betas), with betas [B, S], pose-feature change
-    d_pose [B, P] (pose_feature - pose_feature_c) and expression change d_exp [B, X]
+    d_pose [B, Q] (pose_feature - pose_feature_c) and expression change d_exp [B, X]
     (exp - exp_c). Call with x [A, 3] shaped canonical points, bidx [A] -> w [A, J] (softmax
-    weights), offset [A, 3] (E d_exp + Pd^T d_pose at x). Built under torch.no_grad() it holds
-    no graph (the search); built with grad enabled, the folding is part of the graph, so
-    gradients reach both networks' parameters, betas, d_pose, d_exp and x as through the plain
-    networks (the implicit correction)."""
+    weights), offset [A, 3] (Ed d_exp + Pd^T d_pose at x: expression and pose-corrective
+    bases Ed, Pd). Built under torch.no_grad() it holds no graph (the search); built with grad
+    enabled, the folding is part of the graph, so gradients reach both networks' parameters,
+    betas, d_pose, d_exp and x as through the plain networks (the implicit correction)."""
 
     def __init__(
         self, lbs, disp_net, betas: torch.Tensor, d_pose: torch.Tensor, d_exp: torch.Tensor
@@ -103,17 +104,17 @@ class FoldedLBS:
         self.disp = FoldedMLP(disp_net, betas, dt)
         self.lbs = FoldedMLP(lbs.net, None, dt)
         self.scale = float(lbs.softmax_scale)
-        P, X = lbs.pose_feature_dim, lbs.n_exp
+        Q, X = lbs.pose_feature_dim, lbs.n_exp
         B = betas.shape[0]
-        # offset_r = sum_p tail[3 p + r] d_pose[p] + sum_k tail[3 P + X r + k] d_exp[k]
-        zeros_p, zeros_x = d_pose.new_zeros(B, P).to(dt), d_exp.new_zeros(B, X).to(dt)
+        # offset_r = sum_p tail[3 p + r] d_pose[p] + sum_k tail[3 Q + X r + k] d_exp[k]
+        zeros_p, zeros_x = d_pose.new_zeros(B, Q).to(dt), d_exp.new_zeros(B, X).to(dt)
         rows = []
         for r in range(3):
             pose_part = torch.stack([d_pose.to(dt) if c == r else zeros_p for c in range(3)],
                                     dim=-1)
             exp_part = [d_exp.to(dt) if c == r else zeros_x for c in range(3)]
-            rows.append(torch.cat([pose_part.reshape(B, 3 * P)] + exp_part, dim=-1))
-        M = torch.stack(rows, dim=1)                                                # [B, 3, T]
+            rows.append(torch.cat([pose_part.reshape(B, 3 * Q)] + exp_part, dim=-1))
+        M = torch.stack(rows, dim=1)                                    # [B, 3, blendshape_dim]
         Wt, bt = lbs.net.tail.weight.to(dt), lbs.net.tail.bias.to(dt)
         # all items' folded tails side by side: one [A, n] x [n, 3 B] product, then each
         # point keeps its item's 3 columns (cheaper than a gathered [A, 3, n] per point)

@@ -1,7 +1,7 @@
 """3D feature-volume generator (AdaIN-modulated 3D convolutions) and trilinear volume sampling.
 
-Shape legend: B batch, N points, Z latent width (z_shape, 256), C channels,
-D/H/W volume depth/height/width.
+Shape legend: B batch, N points, Z latent width (z_shape, 256), Ch channels,
+Gz/Gy/Gx volume cells along z/y/x.
 
 Generator (the original GANHead generator):
     h = lrelu(AdaIN(const, z))                         const: [1, 256, 2, 8, 8]
@@ -9,15 +9,15 @@ Generator (the original GANHead generator):
     last stage:               h = lrelu(conv3(up2(h)))   (no modulation)
 with up2 a trilinear x2 upsampling with align_corners=True, conv3 a 3x3x3 convolution
 (padding 1), lrelu a leaky ReLU of slope 0.01 and AdaIN(x, z) = x_hat * std(z) + mean(z),
-where [mean(z) | std(z)] = Linear(z) (2 C outputs, the first C the mean) and x_hat is x
-normalized per item and channel over (D, H, W) with the unbiased variance:
+where [mean(z) | std(z)] = Linear(z) (2 Ch outputs, the first Ch the mean) and x_hat is x
+normalized per item and channel over (Gz, Gy, Gx) with the unbiased variance:
 x_hat = (x - mean) / sqrt(var_unbiased + 1e-5). The predicted std is not constrained.
 The constant starts at 0.002 N(0, 1); every layer keeps torch's default initialization.
 
-Axis order (fixed): a volume is `[B, C, D, H, W]` with D along z, H along y and W along
-x of the canonical space (the default output `[B, 64, 16, 64, 64]` is therefore 64 cells
-in x and y and 16 in z). `F.grid_sample` reads the last grid dimension as (x, y, z),
-i.e. (W, H, D), so points are passed in their natural (x, y, z) order. A point is
+Axis order (fixed): a volume is `[B, Ch, Gz, Gy, Gx]` with Gz cells along z, Gy along y
+and Gx along x of the canonical space (the default output `[B, 64, 16, 64, 64]` is therefore
+64 cells in x and y and 16 in z). `F.grid_sample` reads the last grid dimension as (x, y, z),
+i.e. (Gx, Gy, Gz), so points are passed in their natural (x, y, z) order. A point is
 normalized by the canonical bounding box to [-1, 1]^3 and sampled with
 `align_corners=True` (-1 and +1 are the centres of the first and last cells, so the
 cells span the box including its faces) and zero padding (the trilinear weights of
@@ -46,14 +46,14 @@ def sample_volume(
     """Trilinear lookup of a feature volume at points.
 
     Args:
-        volume: [B, C, D, H, W] (D = z, H = y, W = x); B may be 1 to share one volume.
+        volume: [B, Ch, Gz, Gy, Gx]; B may be 1 to share one volume.
         x: [B, N, 3] points (x, y, z) in the space of the bounding box.
         bbox_min, bbox_max: box corners, scalars, sequences of 3, [3] or [B, 3] tensors.
     Returns:
-        [B, N, C] features; lattice points outside the box read as 0 (zero padding).
+        [B, N, Ch] features; lattice points outside the box read as 0 (zero padding).
     """
     if volume.dim() != 5:
-        raise _err(f"volume must be [B, C, D, H, W], got {tuple(volume.shape)}")
+        raise _err(f"volume must be [B, Ch, Gz, Gy, Gx], got {tuple(volume.shape)}")
     if x.dim() != 3 or x.shape[-1] != 3:
         raise _err(f"x must be [B, N, 3], got {tuple(x.shape)}")
     if volume.shape[0] != x.shape[0]:
@@ -70,30 +70,30 @@ def sample_volume(
         hi = hi[:, None, :]
     if bool((hi <= lo).any()):
         raise _err("bbox_max must exceed bbox_min on every axis")
-    grid = 2.0 * (x - lo) / (hi - lo) - 1.0  # [B, N, 3] in (x, y, z) = (W, H, D)
+    grid = 2.0 * (x - lo) / (hi - lo) - 1.0  # [B, N, 3] in (x, y, z) = (Gx, Gy, Gz)
     out = F.grid_sample(volume.to(x.dtype), grid[:, :, None, None, :], mode="bilinear",
-                        padding_mode="zeros", align_corners=True)  # [B, C, N, 1, 1]
+                        padding_mode="zeros", align_corners=True)  # [B, Ch, N, 1, 1]
     return out[:, :, :, 0, 0].transpose(1, 2)
 
 
 class AdaIN3d(nn.Module):
-    """Adaptive instance norm: x normalized per item and channel over (D, H, W) (unbiased
+    """Adaptive instance norm: x normalized per item and channel over (Gz, Gy, Gx) (unbiased
     variance, eps 1e-5 under the square root), then x_hat * std + mean with [mean | std]
     predicted from the style vector by one linear layer.
 
     Args:
-        channels: C; style_dim: width of the style vector.
+        channels: Ch; style_dim: width of the style vector.
     """
 
     def __init__(self, channels: int, style_dim: int, eps: float = 1e-5):
         super().__init__()
         self.channels, self.eps = int(channels), float(eps)
-        self.style = nn.Linear(style_dim, 2 * channels)  # weight [2C, style_dim], bias [2C]
+        self.style = nn.Linear(style_dim, 2 * channels)  # weight [2 Ch, style_dim], bias [2 Ch]
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, D, H, W], style: [B, style_dim] -> [B, C, D, H, W]."""
-        mean, std = self.style(style).chunk(2, dim=-1)  # [B, C] each
-        flat = x.flatten(2)  # [B, C, D*H*W]
+        """x: [B, Ch, Gz, Gy, Gx], style: [B, style_dim] -> [B, Ch, Gz, Gy, Gx]."""
+        mean, std = self.style(style).chunk(2, dim=-1)  # [B, Ch] each
+        flat = x.flatten(2)  # [B, Ch, Gz*Gy*Gx]
         mu = flat.mean(dim=2)[:, :, None, None, None]
         sigma = (flat.var(dim=2, unbiased=True) + self.eps).sqrt()[:, :, None, None, None]
         return (x - mu) / sigma * std[:, :, None, None, None] + mean[:, :, None, None, None]
@@ -106,7 +106,7 @@ class Generator(nn.Module):
     Args:
         z_dim: Z (z_shape width, 256).
         base_channels: channels of the constant volume (256).
-        base_shape: (D, H, W) of the constant volume ((2, 8, 8)); each stage doubles it.
+        base_shape: (Gz, Gy, Gx) of the constant volume ((2, 8, 8)); each stage doubles it.
         channels: output channels of the upsampling stages ((128, 64, 64)); the last stage
             has no AdaIN, every earlier one has.
         bbox_min, bbox_max: canonical box used by `sample` (default [-1, 1]^3).
@@ -125,7 +125,7 @@ class Generator(nn.Module):
     ):
         super().__init__()
         if len(base_shape) != 3 or len(channels) < 1:
-            raise _err(f"base_shape must be (D, H, W) and channels non-empty, got {base_shape}, "
+            raise _err(f"base_shape must be (Gz, Gy, Gx) and channels non-empty, got {base_shape}, "
                        f"{channels}")
         self.z_dim, self.channels = int(z_dim), tuple(channels)
         self.base_shape = tuple(int(s) for s in base_shape)
@@ -146,17 +146,17 @@ class Generator(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        """C of the output volume (64 by default)."""
+        """Ch of the output volume (64 by default)."""
         return int(self.channels[-1])
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
-        """(D, H, W) of the output volume ((16, 64, 64) by default)."""
+        """(Gz, Gy, Gx) of the output volume ((16, 64, 64) by default)."""
         f = 2 ** len(self.channels)
         return tuple(s * f for s in self.base_shape)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [B, Z] -> volume [B, out_channels, D, H, W] (D = z, H = y, W = x)."""
+        """z: [B, Z] -> volume [B, out_channels, Gz, Gy, Gx]."""
         if z.dim() != 2 or z.shape[1] != self.z_dim:
             raise _err(f"z must be [B, {self.z_dim}], got {tuple(z.shape)}")
         h = self.const.expand(z.shape[0], -1, -1, -1, -1).to(z.dtype)
@@ -169,6 +169,6 @@ class Generator(nn.Module):
         return h
 
     def sample(self, volume: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
-        """volume: [B, C, D, H, W], xc: [B, N, 3] canonical points -> [B, N, C] (box of the
+        """volume: [B, Ch, Gz, Gy, Gx], xc: [B, N, 3] canonical points -> [B, N, Ch] (box of the
         constructor)."""
         return sample_volume(volume, xc, self.bbox_min, self.bbox_max)

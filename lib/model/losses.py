@@ -103,5 +103,5 @@ def deshape_loss(verts_c: torch.Tensor, dx: torch.Tensor, verts_c_neutral: torch
 
 
 def latent_reg(z: torch.Tensor) -> torch.Tensor:
-    """Mean square of the latent codes. z: [B, D]. Returns a scalar."""
+    """Mean square of the latent codes. z: [B, Z|D|C] (any code). Returns a scalar."""
     return (z ** 2).mean()

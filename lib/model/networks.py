@@ -1,8 +1,8 @@
 """Implicit MLPs of GANHead: occupancy, skinning/blendshapes, displacement, normal, texture.
 
-Shape legend: B batch, N points, C conditioning channels, E positional-encoding width,
-F feature width (`ImplicitNetwork.feature_dim`), J joints, Q pose-feature size (36),
-X expression count (50).
+Shape legend: B batch, N points, E positional-encoding width, J joints, Q pose-feature
+size (36), X expression count (50); the condition width `cond_dim`, the feature width
+`ImplicitNetwork.feature_dim` and the extra head's width `zero_init_tail` go by their names.
 
 Layer numbering used by every argument below: an `ImplicitNetwork` of depth `depth` has
 layers 0..depth; layers 0..depth-1 are hidden (softplus, beta=100) and layer `depth` is
@@ -114,7 +114,7 @@ def _as_layer_list(layers: None | int | Sequence[int]) -> list[int]:
 
 class ImplicitOutput(NamedTuple):
     out: torch.Tensor  # [B, N, d_out] after the output activation
-    features: torch.Tensor  # [B, N, F] last hidden activations
+    features: torch.Tensor  # [B, N, feature_dim] last hidden activations
     tail: torch.Tensor | None  # [B, N, zero_init_tail] or None
 
 
@@ -127,7 +127,7 @@ class ImplicitNetwork(nn.Module):
         width, depth: hidden width and number of hidden layers.
         skip_layer: layer(s) (1..depth) that re-receive the encoded point, or None.
         multires: positional-encoding octaves (0: raw coordinates).
-        cond_dim: width C of the conditioning vector (0: unconditioned).
+        cond_dim: width of the conditioning vector (0: unconditioned).
         cond_layers: layers (0..depth) whose input gets the condition concatenated.
         geometric_init: IDR sphere init (module docstring); otherwise torch's default init.
         bias: output bias of the geometric init (the sphere's radius when no skip enters
@@ -226,7 +226,7 @@ class ImplicitNetwork(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        """F: width of the last hidden layer (returned as features)."""
+        """Width of the last hidden layer (returned as features)."""
         return self._hidden_dims[-1]
 
     def forward_all(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> ImplicitOutput:
@@ -234,9 +234,11 @@ class ImplicitNetwork(nn.Module):
 
         Args:
             x: [B, N, d_in] points.
-            cond: [B, C] (shared by all points), [B, N, C], or None when C == 0.
+            cond: [B, cond_dim] (shared by all points), [B, N, cond_dim], or None when
+                cond_dim == 0.
         Returns:
-            ImplicitOutput(out [B, N, d_out], features [B, N, F], tail [B, N, T] or None).
+            ImplicitOutput(out [B, N, d_out], features [B, N, feature_dim],
+            tail [B, N, zero_init_tail] or None).
         """
         if x.dim() != 3 or x.shape[-1] != self.d_in:
             raise _err(f"x must be [B, N, {self.d_in}], got {tuple(x.shape)}")
@@ -263,7 +265,7 @@ class ImplicitNetwork(nn.Module):
                 h = torch.cat([h, emb], dim=-1) / math.sqrt(2.0)
             if l in self.cond_layers and per_item:
                 # [h | cond] W^T + b = h W_h^T + (cond W_c^T + b): the condition's part once per
-                # item (same values and gradients, none of the [B, N, C] work)
+                # item (same values and gradients, none of the [B, N, cond_dim] work)
                 W = lin.weight
                 h = (F.linear(h, W[:, :-self.cond_dim])
                      + F.linear(cond, W[:, -self.cond_dim:], lin.bias))
@@ -280,8 +282,8 @@ class ImplicitNetwork(nn.Module):
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor | None = None, return_features: bool = False
     ):
-        """x: [B, N, d_in], cond: [B, C] / [B, N, C] / None -> out [B, N, d_out]
-        (and features [B, N, F] when `return_features`)."""
+        """x: [B, N, d_in], cond: [B, cond_dim] / [B, N, cond_dim] / None -> out [B, N, d_out]
+        (and features [B, N, feature_dim] when `return_features`)."""
         res = self.forward_all(x, cond)
         return (res.out, res.features) if return_features else res.out
 

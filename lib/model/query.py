@@ -1,9 +1,10 @@
 """Queries of a GANHead: its learned codes, occupancy at deformed points and the surface
 attributes (canonical point, skinned normal, colour) of deformed surface points.
 
-Shape legend: B batch, N points, I deformer inits, J joints, Z/D/C widths of z_shape /
-z_detail / z_color, P the FLAME parameter vector (169: scale, translation, pose 15, shape
-100, expression 50), F feature widths.
+Shape legend: B batch, N points, M points queried together (surface samples, canonical
+points), I deformer inits, J joints, Z/D/C widths of z_shape / z_detail / z_color, P the
+FLAME parameter vector (169: scale, translation, pose 15, shape 100, expression 50), Ch
+feature widths, Gz/Gy/Gx the feature volume's cells along z/y/x.
 
 The model's methods `codes`, `occupancy` and `surface` (lib/model/ganhead.py) call the
 functions of the same names here; training (lib/model/fine_stage.py), precompute, inference
@@ -122,9 +123,9 @@ def geometry_features(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: tor
                       volume: torch.Tensor | None = None, neutral: bool = False):
     """Frozen geometry at canonical points. xc: [B, M, 3] shaped canonical points (neutral:
     already shape-neutral, as the precompute cache holds them); z_shape: [B, Z];
-    shape: [B, 100]; volume: the generator's [B, C, D, H, W] for z_shape (computed when None).
+    shape: [B, 100]; volume: the generator's [B, Ch, Gz, Gy, Gx] for z_shape (computed when None).
     Returns x_n [B, M, 3] (shape-neutral points: xc + disp(xc, shape), or xc itself when
-    neutral) and the occupancy network's last hidden features [B, M, F_geo]."""
+    neutral) and the occupancy network's last hidden features [B, M, Ch]."""
     volume = model.generator(z_shape) if volume is None else volume
     xn = xc if neutral else xc + model.disp_net(xc, shape)
     feat = sample_volume(volume, xn, model.bbox_min, model.bbox_max)
@@ -143,7 +144,7 @@ def query_fine(model, xc: torch.Tensor, z_shape: torch.Tensor, shape: torch.Tens
     xn, gfeat = geometry_features(model, xc, z_shape, shape, volume, neutral=neutral)
     M = xc.shape[1]
 
-    def rows(z: torch.Tensor) -> torch.Tensor:  # [B, C] -> [B, M, C]
+    def rows(z: torch.Tensor) -> torch.Tensor:  # [B, Ch] -> [B, M, Ch]
         return z[:, None, :].expand(-1, M, -1)
 
     normal_c, nfeat = model.norm_network(xn, torch.cat([rows(z_detail), gfeat], dim=-1),
@@ -177,16 +178,16 @@ def surface_correspondences(
 ):
     """Canonical points of posed surface samples through the deformer (no gradient).
 
-    pts_d: [B, S, 3] in the scan's posed space; z_shape: [B, Z]; flame_out: the FLAME server's
+    pts_d: [B, M, 3] in the scan's posed space; z_shape: [B, Z]; flame_out: the FLAME server's
     FlameFrames of the scan's parameters; volume as in geometry_features. Among the valid inits
-    the one with the highest occupancy is kept. Returns xc [B, S, 3] (0 where none is valid)
-    and valid [B, S] bool."""
+    the one with the highest occupancy is kept. Returns xc [B, M, 3] (0 where none is valid)
+    and valid [B, M] bool."""
     cond = {"z_shape": z_shape, "shape": flame_out.shape}
-    xc, valid = model.deformer(pts_d, cond, flame_out, eval_mode=eval_mode)  # [B, S, I, 3]
-    B, S, I, _ = xc.shape
+    xc, valid = model.deformer(pts_d, cond, flame_out, eval_mode=eval_mode)  # [B, M, I, 3]
+    B, M, I, _ = xc.shape
     xc = torch.where(valid[..., None], xc, torch.zeros_like(xc))  # diverged inits may be NaN
-    occ = model.canonical_occupancy(xc.reshape(B, S * I, 3), z_shape, flame_out.shape, volume)
-    occ = occ.reshape(B, S, I).masked_fill(~valid, float("-inf"))
-    best = occ.argmax(dim=-1)  # [B, S]
-    xc = torch.gather(xc, 2, best[..., None, None].expand(B, S, 1, 3))[:, :, 0]
+    occ = model.canonical_occupancy(xc.reshape(B, M * I, 3), z_shape, flame_out.shape, volume)
+    occ = occ.reshape(B, M, I).masked_fill(~valid, float("-inf"))
+    best = occ.argmax(dim=-1)  # [B, M]
+    xc = torch.gather(xc, 2, best[..., None, None].expand(B, M, 1, 3))[:, :, 0]
     return xc, valid.any(dim=-1)

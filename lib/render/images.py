@@ -1,7 +1,8 @@
 """Saving rendered images: uint8 conversion, PNG, grids, captions, videos.
 
-Shape legend: H/W image rows/columns; images are [H, W, 3] (or [H, W] / [H, W, 1] grey,
-or [H, W, 4] RGBA) floats in [0, 1] (numpy or torch, any device) or uint8 arrays.
+Shape legend: H/W image rows/columns, Ch channels; images are [H, W, 3] (or [H, W] /
+[H, W, 1] grey, or [H, W, 4] RGBA) floats in [0, 1] (numpy or torch, any device) or uint8
+arrays.
 
 All files are written atomically (temporary name in the same folder, then os.replace).
 """
@@ -35,7 +36,7 @@ def _to_numpy(img) -> np.ndarray:
 
 
 def to_uint8(img) -> np.ndarray:
-    """img: [H,W,3] float in [0,1] (clipped; NaN -> 0) or uint8. Returns uint8 [H,W,C]."""
+    """img: [H,W,3] float in [0,1] (clipped; NaN -> 0) or uint8. Returns uint8 [H,W,Ch]."""
     img = _to_numpy(img)
     if img.dtype == np.uint8:
         return img
@@ -44,7 +45,7 @@ def to_uint8(img) -> np.ndarray:
 
 
 def to_float(img) -> np.ndarray:
-    """img: uint8 or float image. Returns float32 [H,W,C] in [0,1]."""
+    """img: uint8 or float image. Returns float32 [H,W,Ch] in [0,1]."""
     img = _to_numpy(img)
     if img.dtype == np.uint8:
         return img.astype(np.float32) / 255.0
@@ -71,13 +72,13 @@ def make_grid(images, ncols: int | None = None, pad: int = 2, pad_value: float =
     imgs = [to_float(i) for i in images]
     if not imgs:
         raise _err("make_grid needs at least one image")
-    H, W, C = imgs[0].shape
-    if any(i.shape != (H, W, C) for i in imgs):
+    H, W, Ch = imgs[0].shape
+    if any(i.shape != (H, W, Ch) for i in imgs):
         raise _err(f"make_grid images differ in size: "
                    f"{sorted({i.shape for i in imgs})}")
     ncols = len(imgs) if ncols is None else max(1, min(int(ncols), len(imgs)))
     nrows = (len(imgs) + ncols - 1) // ncols
-    grid = np.full((pad + nrows * (H + pad), pad + ncols * (W + pad), C), pad_value,
+    grid = np.full((pad + nrows * (H + pad), pad + ncols * (W + pad), Ch), pad_value,
                    np.float32)
     for k, im in enumerate(imgs):
         r, c = divmod(k, ncols)

@@ -1,7 +1,7 @@
 """Exact, vectorized triangle rasterizer for the orthographic camera of `camera.py`.
 
 Shape legend: B batch, V vertices, F faces, H/W image rows/columns (H = W = res),
-C attribute channels, T candidate (face, pixel) pairs of one chunk.
+Ch attribute channels, A candidate (face, pixel) pairs of one chunk.
 
 Method.  Vertices are projected to continuous pixel coordinates (pixel centres on
 integers).  For every face, the pixel centres inside its clipped bounding box become
@@ -85,11 +85,11 @@ def _check_mesh(verts: torch.Tensor, faces: torch.Tensor):
 def _edge_setup(tri: torch.Tensor, orient: torch.Tensor):
     """Canonical edge data of faces.
 
-    tri: [N, 3, 2] projected (col, row) vertices; orient: [N] +-1 sign of the area.
+    tri: [F, 3, 2] projected (col, row) vertices; orient: [F] +-1 sign of the area.
     Edge k is the one opposite vertex k: (v_{k+1}, v_{k+2}).
-    Returns A [N,3,2] canonical edge start and D [N,3,2] canonical direction times the
+    Returns A [F,3,2] canonical edge start and D [F,3,2] canonical direction times the
     sign that makes w_k(p) = D_col (p_row - A_row) - D_row (p_col - A_col) positive
-    inside (negation is exact, so shared edges stay bit-antisymmetric), and OWN [N,3]
+    inside (negation is exact, so shared edges stay bit-antisymmetric), and OWN [F,3]
     bool: the face owns centres lying exactly on edge k.
     """
     a = torch.cat([tri[:, 1:], tri[:, :1]], 1)
@@ -105,8 +105,8 @@ def _edge_setup(tri: torch.Tensor, orient: torch.Tensor):
 def _merge(pix, z, f, bary, zbuf, fbuf, bbuf, big):
     """Merge candidate hits into the running per-pixel buffers (in place).
 
-    pix [T] long flat pixel index, z [T], f [T] long face index, bary [T,3];
-    zbuf [P], fbuf [P] long (big = unset), bbuf [P,3].
+    pix [A] long flat pixel index, z [A], f [A] long face index, bary [A,3];
+    zbuf [B*H*W], fbuf [B*H*W] long (big = unset), bbuf [B*H*W,3].
     """
     old = zbuf.clone()
     zbuf.scatter_reduce_(0, pix, z, reduce="amax", include_self=True)
@@ -132,11 +132,11 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, res: int,
     B, _, _ = verts.shape
     F = faces.shape[0]
     dev, dt = verts.device, verts.dtype
-    P = B * res * res
-    zbuf = torch.full((P,), float("-inf"), device=dev, dtype=dt)
+    n_pix = B * res * res
+    zbuf = torch.full((n_pix,), float("-inf"), device=dev, dtype=dt)
     big = torch.iinfo(torch.long).max
-    fbuf = torch.full((P,), big, device=dev, dtype=torch.long)
-    bbuf = torch.zeros((P, 3), device=dev, dtype=dt)
+    fbuf = torch.full((n_pix,), big, device=dev, dtype=torch.long)
+    bbuf = torch.zeros((n_pix, 3), device=dev, dtype=dt)
 
     if F > 0:
         scr = project(verts, res)                                  # [B, V, 2]
@@ -208,13 +208,14 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, res: int,
 
 
 def _blend(frags: Fragments, flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """flat [M, C] values, idx [B, H*W, 3] rows of flat per pixel corner.
+    """flat [n_rows, Ch] values (per vertex or per face corner), idx [B, H*W, 3] rows of flat
+    per pixel corner.
 
-    Returns [B, H, W, C]: bary-weighted sum, zeros on background.
+    Returns [B, H, W, Ch]: bary-weighted sum, zeros on background.
     """
     B, H, W = frags.face_idx.shape
-    C = flat.shape[-1]
-    vals = flat.index_select(0, idx.reshape(-1)).view(B, H, W, 3, C)
+    Ch = flat.shape[-1]
+    vals = flat.index_select(0, idx.reshape(-1)).view(B, H, W, 3, Ch)
     w = frags.bary.to(flat.dtype).unsqueeze(-1)                    # [B, H, W, 3, 1]
     out = vals[..., 0, :] * w[..., 0, :] + vals[..., 1, :] * w[..., 1, :] \
         + vals[..., 2, :] * w[..., 2, :]
@@ -225,14 +226,14 @@ def _blend(frags: Fragments, flat: torch.Tensor, idx: torch.Tensor) -> torch.Ten
 def interpolate_face_attr(frags: Fragments, face_attr: torch.Tensor) -> torch.Tensor:
     """Interpolate per-face-corner attributes (e.g. OBJ uvs) at every pixel.
 
-    face_attr: [F, 3, C] or [B, F, 3, C] (B may be 1 to broadcast).
-    Returns [B, H, W, C], zeros on background.
+    face_attr: [F, 3, Ch] or [B, F, 3, Ch] (B may be 1 to broadcast).
+    Returns [B, H, W, Ch], zeros on background.
     """
     B = frags.face_idx.shape[0]
     if face_attr.dim() == 3:
         face_attr = face_attr.unsqueeze(0)
     if face_attr.dim() != 4 or face_attr.shape[2] != 3 or face_attr.shape[0] not in (1, B):
-        raise _err(f"face_attr must be [F,3,C] or [B,F,3,C] with B={B}, "
+        raise _err(f"face_attr must be [F,3,Ch] or [B,F,3,Ch] with B={B}, "
                    f"got {tuple(face_attr.shape)}")
     Ba, F = face_attr.shape[:2]
     fi = frags.face_idx.clamp(min=0).reshape(B, -1, 1) * 3
@@ -245,14 +246,14 @@ def interpolate_face_attr(frags: Fragments, face_attr: torch.Tensor) -> torch.Te
 def interpolate(frags: Fragments, faces: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
     """Interpolate per-vertex attributes at every pixel (hit point = interpolate(verts)).
 
-    faces: [F, 3] long; attr: [V, C] or [B, V, C] (B may be 1 to broadcast).
-    Returns [B, H, W, C], zeros on background.
+    faces: [F, 3] long; attr: [V, Ch] or [B, V, Ch] (B may be 1 to broadcast).
+    Returns [B, H, W, Ch], zeros on background.
     """
     B = frags.face_idx.shape[0]
     if attr.dim() == 2:
         attr = attr.unsqueeze(0)
     if attr.dim() != 3 or attr.shape[0] not in (1, B):
-        raise _err(f"attr must be [V,C] or [B,V,C] with B={B}, "
+        raise _err(f"attr must be [V,Ch] or [B,V,Ch] with B={B}, "
                    f"got {tuple(attr.shape)}")
     Ba, V = attr.shape[:2]
     fi = frags.face_idx.clamp(min=0).reshape(-1)

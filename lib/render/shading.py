@@ -1,7 +1,7 @@
 """Images from rasterized meshes: normals, vertex colours, textures, shading, depth.
 
-Shape legend: B batch, V vertices, F faces, T texture-coordinate vertices, N points,
-H/W image rows/columns (H = W = res), Ht/Wt texture rows/columns.
+Shape legend: B batch, V vertices, F faces, U texture-coordinate vertices, N points,
+H/W image rows/columns (H = W = res), Ht/Wt texture rows/columns, Ch channels.
 
 Every `render_*` function takes verts [V,3] or [B,V,3] and faces [F,3] long, rasterizes
 with `rasterizer.rasterize` (or reuses `frags=` from an earlier call on the same mesh
@@ -37,11 +37,11 @@ DEFAULT_LIGHT = (0.3, 0.4, 1.0)
 
 
 def _batched(x: torch.Tensor, B: int, name: str) -> torch.Tensor:
-    """[V,C] or [1|B,V,C] -> [B,V,C]."""
+    """[V,Ch] or [1|B,V,Ch] -> [B,V,Ch]."""
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if x.dim() != 3 or x.shape[0] not in (1, B):
-        raise _err(f"{name} must be [V,C] or [B,V,C] with B={B}, "
+        raise _err(f"{name} must be [V,Ch] or [B,V,Ch] with B={B}, "
                    f"got {tuple(x.shape)}")
     return x.expand(B, -1, -1)
 
@@ -79,13 +79,13 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """Bilinear texture lookup with the OBJ uv convention (module docstring).
 
-    texture: [Ht, Wt, C] float; uv: [..., 2]. Returns [..., C] in texture's dtype.
+    texture: [Ht, Wt, Ch] float; uv: [..., 2]. Returns [..., Ch] in texture's dtype.
     """
     if texture.dim() != 3:
-        raise _err(f"texture must be [Ht, Wt, C], got {tuple(texture.shape)}")
+        raise _err(f"texture must be [Ht, Wt, Ch], got {tuple(texture.shape)}")
     if uv.shape[-1] != 2:
         raise _err(f"uv must be [..., 2], got {tuple(uv.shape)}")
-    Ht, Wt, C = texture.shape
+    Ht, Wt, Ch = texture.shape
     shp = uv.shape[:-1]
     uv = uv.reshape(-1, 2).to(texture.dtype)
     x = (uv[:, 0] * Wt - 0.5).clamp(0, Wt - 1)                    # column, texel centres on ints
@@ -94,14 +94,14 @@ def sample_texture(texture: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     y0 = torch.floor(y).long().clamp(max=max(Ht - 2, 0))
     fx, fy = (x - x0).unsqueeze(1), (y - y0).unsqueeze(1)
     x1, y1 = (x0 + 1).clamp(max=Wt - 1), (y0 + 1).clamp(max=Ht - 1)
-    flat = texture.reshape(-1, C)
+    flat = texture.reshape(-1, Ch)
     t00 = flat.index_select(0, y0 * Wt + x0)
     t01 = flat.index_select(0, y0 * Wt + x1)
     t10 = flat.index_select(0, y1 * Wt + x0)
     t11 = flat.index_select(0, y1 * Wt + x1)
     top = t00 + (t01 - t00) * fx
     bot = t10 + (t11 - t10) * fx
-    return (top + (bot - top) * fy).reshape(*shp, C)
+    return (top + (bot - top) * fy).reshape(*shp, Ch)
 
 
 def _pixel_normals(verts, faces, frags, normals, face_camera):
@@ -142,7 +142,7 @@ def render_texture(verts, faces, uvs, face_uvs, texture, res: int,
                    frags: Fragments | None = None) -> torch.Tensor:
     """Textured render with bilinear sampling (OBJ uv convention, module docstring).
 
-    uvs: [T,2]; face_uvs: [F,3] long indices into uvs; texture: [Ht,Wt,3] float in [0,1].
+    uvs: [U,2]; face_uvs: [F,3] long indices into uvs; texture: [Ht,Wt,3] float in [0,1].
     Returns [B,H,W,3], white background.
     """
     verts, faces, frags = _frags(verts, faces, res, frags)

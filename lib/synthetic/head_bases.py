@@ -2,7 +2,8 @@
 bases and pose correctives, all in FLAME's layout and conventions (meters).
 
 Shape legend: V vertices (head surface first, then the two eyeballs), Vh head-surface
-vertices, K components, J joints (5: root, neck, jaw, left eye, right eye).
+vertices, J joints (5: root, neck, jaw, left eye, right eye), Q = 9 (J - 1) = 36
+pose-corrective features.
 
 Every field is a smooth function of the template position (near the mouth, the jaw weights
 also use which side of the mouth line a vertex was built on), so nothing depends on the
@@ -182,7 +183,7 @@ def _rms(d):
 def _ordered(semantic, random_fields, rms_first, decay):
     """Stack fields with non-increasing RMS: semantic ones sorted by their RMS, then random
     ones scaled to RMS rms_first * decay**k below the smallest semantic RMS.
-    Fields: lists of [N, 3] -> [N, 3, K]"""
+    Fields: lists of [V, 3] (or [Vh, 3]) -> [V, 3, len(semantic) + len(random_fields)]"""
     semantic = sorted(semantic, key=lambda d: -_rms(d))
     start = min(rms_first, 0.95 * _rms(semantic[-1]))
     scaled = [d * (start * decay ** k / max(_rms(d), 1e-15)) for k, d in enumerate(random_fields)]
@@ -329,41 +330,41 @@ def joint_regressor(r):
 
 
 def pose_correctives(r, rng):
-    """posedirs [V, 3, 36] for the feature (R_j - I) of joints 1..4 (row-major). Small:
+    """posedirs [V, 3, Q] for the feature (R_j - I) of joints 1..4 (row-major). Small:
     a neck bulge and twist for neck rotations, a skin correction under the chin and at the
     cheeks for jaw rotations, upper lids that follow the eyes looking down, plus tiny smooth
     fields for the remaining entries; eyeballs are never touched."""
     x, y, z = r.p.T
-    P = np.zeros((r.nh, 3, N_POSE))
+    dirs = np.zeros((r.nh, 3, N_POSE))
     neck = _ss((-0.075 - y) / 0.025) * _ss((y - NECK_BOTTOM) / 0.02)
     neck_front = neck * _ss((z + 0.01) / 0.04)
     neck_back = neck * _ss((-0.03 - z) / 0.03)
     # neck, x rotation (nod): front bulges, back stretches; sin enters at (2,1) and -(1,2)
     nod = r.along_normal(0.004 * neck_front - 0.002 * neck_back)
-    P[..., 7] += 0.5 * nod
-    P[..., 5] -= 0.5 * nod
+    dirs[..., 7] += 0.5 * nod
+    dirs[..., 5] -= 0.5 * nod
     # neck, y rotation (turn): a slight twist of the neck skin about y
     twist = 0.006 * neck[:, None] * np.stack([z - NECK[2], 0 * x, -x], 1)
-    P[..., 2] += 0.5 * twist
-    P[..., 6] -= 0.5 * twist
+    dirs[..., 2] += 0.5 * twist
+    dirs[..., 6] -= 0.5 * twist
     # neck, z rotation (tilt): the side towards the tilt bulges
     tilt = r.along_normal(0.003 * neck * np.tanh(x / 0.02))
-    P[..., 3] += 0.5 * tilt
-    P[..., 1] -= 0.5 * tilt
+    dirs[..., 3] += 0.5 * tilt
+    dirs[..., 1] -= 0.5 * tilt
     # jaw, x rotation (opening): the skin under the chin moves forward and down instead of
     # bunching up against the neck, the cheeks fill in
     sub = _gauss(r.p, (0, -0.102, 0.055), (0.03, 0.015, 0.03))
     cheek = _pair(r.p, (0.05, -0.068, 0.04), (0.02, 0.018, 0.04))
     jaw_fix = np.stack([0 * x, -0.4 * sub, sub], 1) * 0.012 + r.along_normal(0.004 * cheek)
-    P[..., 9 + 7] += 0.5 * jaw_fix
-    P[..., 9 + 5] -= 0.5 * jaw_fix
+    dirs[..., 9 + 7] += 0.5 * jaw_fix
+    dirs[..., 9 + 5] -= 0.5 * jaw_fix
     # eyes, x rotation: the upper lid follows the gaze down a little
     for j, sgn in ((3, 1.0), (4, -1.0)):
         lid = _gauss(r.p, (sgn * 0.033, 0.031, 0.07), (0.014, 0.007, 0.03)) * r.front
         d = np.stack([0 * x, 0.004 * lid, 0 * x], 1)
         base = 9 * (j - 1)
-        P[..., base + 7] += 0.5 * d
-        P[..., base + 5] -= 0.5 * d
+        dirs[..., base + 7] += 0.5 * d
+        dirs[..., base + 5] -= 0.5 * d
     # tiny smooth fields in the remaining entries, local to the joint that drives them
     regions = {1: neck, 2: _ss((-0.03 - y) / 0.03) * r.front,
                3: _gauss(r.p, (0.033, 0.024, 0.07), (0.018, 0.015, 0.04)),
@@ -371,7 +372,7 @@ def pose_correctives(r, rng):
     for k in range(N_POSE):
         region = regions[k // 9 + 1]
         f = _random_fields(r, rng, 1, (0.01, 0.03), region=region + 1e-9)[0]
-        P[..., k] += f * (3e-4 / max(np.abs(f).max(), 1e-15))
+        dirs[..., k] += f * (3e-4 / max(np.abs(f).max(), 1e-15))
     out = np.zeros((len(r.v), 3, N_POSE))
-    out[: r.nh] = P
+    out[: r.nh] = dirs
     return out

@@ -1,7 +1,8 @@
 """Procedural head-and-neck surface with two eyeballs, in FLAME's frame (meters).
 
 Shape legend: V vertices (head surface first, then left eye, then right eye), F faces,
-Vh head-surface vertices, R rows, C columns, N rays or query points.
+Vh head-surface vertices, N rays or query points; the vertex grid has n_rows rows and
+n_cols = N_COLS columns.
 
 Frame (FLAME): x to the subject's left, y up, z forward. The head surface is a *radial
 graph* around `CENTRE`: every vertex is `CENTRE + r * dir(theta, phi)`, phi the polar
@@ -183,7 +184,7 @@ def _mouth_phi():
 
 def _face_rows(phi_m):
     """Row angles for the face columns: fine around eyes, nose and chin, uniform spacing
-    ROW_STEP_MOUTH in a band with one row exactly on the mouth line. -> [R]"""
+    ROW_STEP_MOUTH in a band with one row exactly on the mouth line. -> [n_rows]"""
     h = ROW_STEP_MOUTH
     band = phi_m + h * np.arange(-MOUTH_BAND, MOUTH_BAND + 1)
 
@@ -212,8 +213,8 @@ def _face_cols(n_half):
 
 
 def grid_angles():
-    """Grid of ray angles. -> theta [R, C], phi_topo [R, C] (before the slot squeeze),
-    phi_m [R, C] (mouth-line angle of each vertex's column).
+    """Grid of ray angles. -> theta [n_rows, n_cols], phi_topo [n_rows, n_cols] (before the
+    slot squeeze), phi_m [n_rows, n_cols] (mouth-line angle of each vertex's column).
 
     Rows follow the face distribution (fine at eyes, nose, mouth, chin). Face rows use
     front-dense columns, the rows near the poles blend to uniform columns (per row, the
@@ -246,7 +247,7 @@ def grid_angles():
 
 def _mouth_shift(theta, phi_m):
     """Per-column change of the mouth-line angle that puts the mouth line on the level
-    y = MOUTH_Y (slightly lower at the corners), near the mouth only. theta: [C] -> [C]"""
+    y = MOUTH_Y (slightly lower at the corners), near the mouth only. theta: [n_cols] -> [n_cols]"""
     near = 1.0 - _smoothstep((np.abs(theta) - 0.3) / 0.35)
     target = MOUTH_Y - 0.0015 * (theta / MOUTH_HALF_WIDTH) ** 2 * near
     phi = np.full_like(theta, phi_m)
@@ -262,9 +263,9 @@ def mouth_mask(theta, fade=0.16):
 
 
 def squeeze_rows(phi_topo, theta, phi_m):
-    """Slot geometry. phi_topo, theta, phi_m: [R, C] -> (phi [R, C], depth [R, C], side [R, C]);
-    side is -1 above the mouth line (upper lip, follows the head), +1 below, 0.5 on it and
-    0 away from the mouth band."""
+    """Slot geometry. phi_topo, theta, phi_m: [n_rows, n_cols] -> (phi, depth, side), each
+    [n_rows, n_cols]; side is -1 above the mouth line (upper lip, follows the head), +1 below,
+    0.5 on it and 0 away from the mouth band."""
     h = ROW_STEP_MOUTH
     delta, big = SLOT_ROWS * h, MOUTH_BAND * h
     eps, eps_b, s0 = SLOT_HALF_ANGLE, 0.75 * SLOT_HALF_ANGLE, 1.0 / SLOT_ROWS

@@ -2,8 +2,8 @@
 tested without the licensed FLAME file (docs/design.md, Synthetic stand-ins).
 
 Shape legend: V vertices (its own count, never 5023), F faces, J = 5 joints (root, neck,
-jaw, left eye, right eye), K = 400 shape components (300 identity + 100 expression),
-P = 36 pose-corrective features.
+jaw, left eye, right eye), Sf = 400 shape-blendshape columns (300 identity + 100
+expression), Q = 36 pose-corrective features.
 
 `build_head_model(seed)` returns a dict with FLAME's keys, shapes and dtypes:
     v_template [V, 3] float64 (meters), f [F, 3] uint32, shapedirs [V, 3, 400] float64

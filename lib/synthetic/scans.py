@@ -1,7 +1,8 @@
 """Synthetic textured head scans in FaceVerse's layout and convention (docs/design.md,
 Synthetic stand-ins).
 
-Shape legend: V model vertices, F faces, N points, T uv coordinates, H/W texture image.
+Shape legend: V model vertices, F faces, N points (also the vertices of a scan mesh), M
+samples beside them, U uv coordinates, Ht/Wt texture rows/columns, Ch channels.
 
 A scan is built in the head's own frame (the root joint's frame: y up, z forward):
 
@@ -56,8 +57,8 @@ FACES_PER_AREA = 3.0  # marching-cubes faces per (area / voxel^2), measured
 class ScanMesh:
     """A textured scan in FLAME space plus the parameters of the head model it was built on.
 
-    vertices (N, 3) float64, faces (F, 3) int64, uvs (T, 2) in [0, 1] (v up), face_uvs (F, 3),
-    texture (H, W, 3) uint8; shape (100,), expression (50,), pose (15,) float32.
+    vertices (N, 3) float64, faces (F, 3) int64, uvs (U, 2) in [0, 1] (v up), face_uvs (F, 3),
+    texture (Ht, Wt, 3) uint8; shape (100,), expression (50,), pose (15,) float32.
     """
 
     vertices: np.ndarray
@@ -125,7 +126,7 @@ def make_style(index: int, rng: np.random.Generator) -> dict:
 
 
 def _lattice_samples(v: np.ndarray, faces: np.ndarray, spacing: float):
-    """Points covering triangles at most `spacing` apart -> (face (K,), bary (K, 3))."""
+    """Points covering triangles at most `spacing` apart -> (face (N,), bary (N, 3))."""
     tri = v[faces]
     edge = np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=2).max(1)
     levels = np.maximum(1, np.ceil(edge / spacing)).astype(np.int64)
@@ -174,7 +175,7 @@ def clip_below(v: np.ndarray, f: np.ndarray, y0: float):
 
 
 def _interp(values: np.ndarray, faces: np.ndarray, face: np.ndarray, bary: np.ndarray):
-    """Barycentric interpolation of per-vertex values (V,) or (V, C) at (face, bary)."""
+    """Barycentric interpolation of per-vertex values (V,) or (V, Ch) at (face, bary)."""
     vals = values[faces[face]]
     return np.einsum("mk,mk->m", bary, vals) if vals.ndim == 2 else \
         np.einsum("mk,mkc->mc", bary, vals)
@@ -208,7 +209,7 @@ def _extract(field_fn, samples: np.ndarray, lo: np.ndarray, hi: np.ndarray, h: f
              reach: int):
     """Marching cubes of field_fn's zero set on a grid of spacing h over [lo, hi].
 
-    field_fn: (N, 3) -> (N,) negative inside; samples: (K, 3) points near the zero set.
+    field_fn: (N, 3) -> (N,) negative inside; samples: (M, 3) points near the zero set.
     The field is evaluated only within `reach` voxels (per axis) of a sample; every other
     grid region takes the majority sign of the band voxels next to it.
     Returns vertices (N, 3), faces (F, 3) oriented outward.

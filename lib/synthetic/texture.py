@@ -1,6 +1,7 @@
 """Procedural texturing of synthetic scans: noise, UV atlas, painting, baking.
 
-Shape legend: N points, F faces, T uv coordinates, M texels, H/W image.
+Shape legend: N points (surface points, the points of baked texels), V vertices, F faces, U uv
+coordinates, Ht = Wt = tex_size texture rows/columns.
 
 The UV atlas is a spherical projection about the head centre in the head's own (root)
 frame: u = azimuth (seam at the back of the head, -z), v = polar angle from +y (v = 1 at
@@ -70,8 +71,8 @@ class ValueNoise:
 def spherical_uvs(v_local: np.ndarray, faces: np.ndarray, centre: np.ndarray):
     """Spherical uv atlas about `centre` in the head frame, seam at the back of the head.
 
-    v_local: (N, 3) vertices in the head's root frame (y up, z forward); faces: (F, 3);
-    centre: (3,). Returns uvs (T, 2) in [0, 1] and face_uvs (F, 3) indexing uvs.
+    v_local: (V, 3) vertices in the head's root frame (y up, z forward); faces: (F, 3);
+    centre: (3,). Returns uvs (U, 2) in [0, 1] and face_uvs (F, 3) indexing uvs.
     """
     d = np.asarray(v_local, dtype=np.float64) - centre
     r = np.linalg.norm(d, axis=1) + 1e-12
@@ -118,7 +119,7 @@ def paint_colors(p: np.ndarray, attrs: dict, look: dict, eyes: dict, noise: Valu
                  head_radius: float, centre: np.ndarray) -> np.ndarray:
     """Colours of surface points.
 
-    p: (M, 3) points in the head frame; attrs: soft labels (M,) in [0, 1] — 'brows', 'lips',
+    p: (N, 3) points in the head frame; attrs: soft labels (N,) in [0, 1] — 'brows', 'lips',
     'eyes', 'nose', 'face', 'hair' (hair coverage), 'cheek' (cheek weight) and optionally
     'mouth' (inside of the mouth) and 'beard' (where a beard grows); look: dict with
     'skin' (3,), 'hair' (3,), 'iris' (3,) colours, 'bald' bool and optionally 'brow' (3,)
@@ -126,7 +127,7 @@ def paint_colors(p: np.ndarray, attrs: dict, look: dict, eyes: dict, noise: Valu
     'centres'
     (2, 3), 'gaze' (2, 3) unit directions; head_radius: scalar setting the noise scales;
     centre: (3,) head centre (hair strands radiate from the crown above it).
-    Returns (M, 3) float64 colours in [0, 1].
+    Returns (N, 3) float64 colours in [0, 1].
     """
     q = p / head_radius
     skin = np.asarray(look["skin"], dtype=np.float64)
@@ -196,13 +197,13 @@ def paint_colors(p: np.ndarray, attrs: dict, look: dict, eyes: dict, noise: Valu
 def bake_texture(tex_size: int, uvs: np.ndarray, face_uvs: np.ndarray, color_fn) -> np.ndarray:
     """Bake colours into a (tex_size, tex_size, 3) uint8 atlas.
 
-    uvs: (T, 2) in [0, 1] (v up); face_uvs: (F, 3); color_fn(face (M,), bary (M, 3)) ->
-    (M, 3) colours in [0, 1] for the texels covered by face `face` at barycentric `bary`.
+    uvs: (U, 2) in [0, 1] (v up); face_uvs: (F, 3); color_fn(face (N,), bary (N, 3)) ->
+    (N, 3) colours in [0, 1] for the texels covered by face `face` at barycentric `bary`.
     Uncovered texels take the nearest covered texel's colour (no dark seams when filtered).
     """
     # the atlas is the view of the project's camera onto the uv square drawn as the plane
     # (2u - 1, 2v - 1, 0): texel (row i, col j) has its centre at
-    # uv ((j + .5) / S, 1 - (i + .5) / S)
+    # uv ((j + .5) / tex_size, 1 - (i + .5) / tex_size)
     uv = torch.as_tensor(np.asarray(uvs, dtype=np.float64))
     plane = torch.cat([uv * 2.0 - 1.0, torch.zeros(len(uv), 1, dtype=uv.dtype)], dim=1)
     frags = rasterize(plane, torch.as_tensor(np.asarray(face_uvs, dtype=np.int64)), tex_size)

@@ -1,14 +1,15 @@
 """How different the heads of a set are: mean pairwise Chamfer-L1 distance.
 
-Shape legend: M meshes, V vertices, F faces, N points per mesh.
+Shape legend: n_meshes meshes (or point sets), V vertices, F faces, N points per mesh, M
+those of a second mesh.
 
 Every mesh is sampled uniformly by area (`lib.utils.surface.area_samples`); samples
 below a height `min_y` are dropped, so that meshes cut at different heights (scans open at
 the neck, extracted avatars closed below it) are compared over the same part of the head.
-With d(x, Y) the distance from x to the nearest sample of Y, the Chamfer-L1 distance of two
-sets is (mean_x d(x, B) + mean_y d(y, A)) / 2, as in the fit metrics; a set's diversity is
-its mean over all M (M - 1) / 2 pairs; a sample's novelty is its distance to the nearest
-training mesh.
+With d(x, t) the distance from x to the nearest sample of a set t, the Chamfer-L1 distance
+of two sets s and t is (mean_{x in s} d(x, t) + mean_{y in t} d(y, s)) / 2, as in the fit
+metrics; a set's diversity is its mean over all n_meshes (n_meshes - 1) / 2 pairs; a sample's
+novelty is its distance to the nearest training mesh.
 """
 from __future__ import annotations
 
@@ -34,14 +35,15 @@ def mesh_points(verts, faces, n: int, seed: int = 0, min_y: float | None = None)
 
 
 def chamfer_l1(a: np.ndarray, b: np.ndarray) -> float:
-    """Symmetric Chamfer-L1 of point sets a [N, 3], b [K, 3] (module docstring)."""
+    """Symmetric Chamfer-L1 of point sets a [N, 3], b [M, 3] (module docstring)."""
     return 0.5 * float(NearestTree(b).query(a)[0].mean() + NearestTree(a).query(b)[0].mean())
 
 
 def cross_chamfer(sets_a: list[np.ndarray], sets_b: list[np.ndarray] | None = None
                   ) -> np.ndarray:
-    """[Ma, Mb] chamfer_l1 between every point set of sets_a and of sets_b; without sets_b,
-    the symmetric [Ma, Ma] matrix within sets_a (zero diagonal, each pair computed once)."""
+    """[len(sets_a), len(sets_b)] chamfer_l1 between every point set of sets_a and of sets_b;
+    without sets_b, the symmetric [len(sets_a), len(sets_a)] matrix within sets_a (zero
+    diagonal, each pair computed once)."""
     same = sets_b is None
     sets_b = sets_a if same else sets_b
     trees_a, trees_b = [NearestTree(p) for p in sets_a], [NearestTree(p) for p in sets_b]
@@ -56,7 +58,8 @@ def cross_chamfer(sets_a: list[np.ndarray], sets_b: list[np.ndarray] | None = No
 
 
 def pairwise_chamfer(point_sets: list[np.ndarray]) -> np.ndarray:
-    """[M, M] symmetric matrix of chamfer_l1 between every two point sets (zero diagonal)."""
+    """[n_meshes, n_meshes] symmetric matrix of chamfer_l1 between every two point sets (zero
+    diagonal)."""
     return cross_chamfer(point_sets)
 
 
@@ -68,8 +71,8 @@ def nearest(queries: list[np.ndarray], references: list[np.ndarray]) -> dict:
 
 
 def diversity(point_sets: list[np.ndarray]) -> dict:
-    """Mean, std, min and max of the pairwise Chamfer-L1 over the M (M - 1) / 2 pairs of
-    point sets (M >= 2), and M."""
+    """Mean, std, min and max of the pairwise Chamfer-L1 over the n_meshes (n_meshes - 1) / 2
+    pairs of point sets (n_meshes >= 2), and n_meshes."""
     if len(point_sets) < 2:
         raise ValueError(f"diversity: need at least 2 meshes, got {len(point_sets)}")
     d = pairwise_chamfer(point_sets)

@@ -1,6 +1,7 @@
 """Textured OBJ loading and atomic mesh/array writing.
 
-Shape legend: V vertices, F faces (triangles), T texture coordinates, H/W texture image.
+Shape legend: V vertices, F faces (triangles), U texture coordinates, Ht/Wt texture image
+rows/columns.
 
 `load_obj` is a numpy OBJ parser (no vertex merging or splitting, unlike trimesh, so vertex
 order and count are exactly the file's):
@@ -15,8 +16,9 @@ Every failure raises `MeshLoadError` naming the file and the problem.
 
 Damaged files are refused, not half-loaded (a copy or download cut short is the usual cause):
 - a non-empty file that does not end with a newline ends mid-line: a cut at a random byte;
-- counts stated in comments, when present (MeshLab's `# Vertices: N` / `# Faces: M`, and
-  `# N vertices` / `# M faces` forms such as MeshLab's trailer `# M faces, T coords texture`),
+- counts stated in comments, when present (MeshLab's `# Vertices: <n>` / `# Faces: <n>`, and
+  `# <n> vertices` / `# <n> faces` forms such as MeshLab's trailer
+  `# <n> faces, <n> coords texture`),
   must match the `v` / `f` lines (the total or the per-object sum of the statements);
 - a complete scan uses (nearly) all its vertices and texture coordinates: when more than
   `STRAY_FRACTION` (1%) of them and more than `STRAY_MIN` (16) are used by no face, the face
@@ -48,10 +50,10 @@ STRAY_MIN = 16
 
 # Element counts some exporters state in comments: (element, pattern) pairs.
 _COUNT_PATTERNS = (
-    ("vertices", re.compile(r"\bvertices\s*:\s*(\d+)", re.I)),        # MeshLab: '# Vertices: N'
-    ("faces", re.compile(r"\bfaces\s*:\s*(\d+)", re.I)),              # MeshLab: '# Faces: M'
-    ("vertices", re.compile(r"\b(\d+)\s+vertices\b(?!\s+normals)", re.I)),  # '# N vertices, ...'
-    ("faces", re.compile(r"\b(\d+)\s+faces\b", re.I)),                # '# M faces, T coords'
+    ("vertices", re.compile(r"\bvertices\s*:\s*(\d+)", re.I)),        # MeshLab: '# Vertices: <n>'
+    ("faces", re.compile(r"\bfaces\s*:\s*(\d+)", re.I)),              # MeshLab: '# Faces: <n>'
+    ("vertices", re.compile(r"\b(\d+)\s+vertices\b(?!\s+normals)", re.I)),  # '# <n> vertices, ...'
+    ("faces", re.compile(r"\b(\d+)\s+faces\b", re.I)),                # '# <n> faces, <n> coords'
 )
 _MTLLIB_RE = re.compile(rb"^[ \t]*mtllib[ \t]([^\r\n]*)", re.M)
 
@@ -67,9 +69,9 @@ class MeshLoadError(Exception):
 
 @dataclass
 class TexturedMesh:
-    """verts: [V, 3] float64; faces: [F, 3] int64; uvs: [T, 2] float64 or None (OBJ
+    """verts: [V, 3] float64; faces: [F, 3] int64; uvs: [U, 2] float64 or None (OBJ
     convention: v = 0 at the image bottom); face_uvs: [F, 3] int64 into uvs or None;
-    texture: [H, W, 3] uint8 or None; texture_path: where the texture came from."""
+    texture: [Ht, Wt, 3] uint8 or None; texture_path: where the texture came from."""
 
     verts: np.ndarray
     faces: np.ndarray
@@ -112,9 +114,9 @@ def _floats(path, lines: list[str], ncols: int, what: str) -> np.ndarray:
 
 
 def _resolve(path, idx: np.ndarray, count_before, total: int, what: str):
-    """idx: [K] raw OBJ indices (1-based, or negative = relative to the elements defined
-    before the line); count_before: callable -> [K] those counts (only called when a
-    negative index occurs) -> [K] 0-based int64."""
+    """idx: [n] raw OBJ indices (1-based, or negative = relative to the elements defined
+    before the line); count_before: callable -> [n] those counts (only called when a
+    negative index occurs) -> [n] 0-based int64."""
     if (idx == 0).any():
         raise MeshLoadError(path, f"face refers to {what} index 0 (OBJ indices start at 1)")
     out = idx - 1
@@ -259,7 +261,7 @@ def _find_texture(obj_path: Path, mtllibs: list[str]) -> Path | None:
 
 
 def load_texture_image(path) -> np.ndarray:
-    """path: an image file -> [H, W, 3] uint8 RGB. Raises MeshLoadError."""
+    """path: an image file -> [Ht, Wt, 3] uint8 RGB. Raises MeshLoadError."""
     from PIL import Image
 
     try:
@@ -389,7 +391,7 @@ def save_ply(path, verts, faces=None, colors=None, normals=None) -> None:
 
 
 def save_obj(path, verts, faces, uvs=None, face_uvs=None, texture_name=None) -> None:
-    """Text OBJ written atomically. verts: [V, 3]; faces: [F, 3] (0-based); uvs: [T, 2];
+    """Text OBJ written atomically. verts: [V, 3]; faces: [F, 3] (0-based); uvs: [U, 2];
     face_uvs: [F, 3] (0-based; defaults to faces when uvs has one row per vertex);
     texture_name: an image file name; if given, a .mtl next to the OBJ refers to it."""
     path = Path(path)

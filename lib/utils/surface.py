@@ -2,7 +2,8 @@
 surface sampler of the project (preprocessing's surface samples, the fit's scan samples, the
 reconstruction metrics and the diversity measure all draw through `area_samples`).
 
-Shape legend: V vertices, F faces, K candidate faces, N samples.
+Shape legend: V vertices, F faces, N samples (written n where the argument n gives their
+number), n_ids candidate faces.
 
 All randomness comes from the `rng` argument (numpy Generator): same rng state, same output.
 A sample is a face drawn with probability proportional to its area (inverse CDF of the
@@ -32,7 +33,7 @@ def face_areas_normals(verts, faces):
 
 
 def sample_faces(areas, n: int, rng: np.random.Generator, face_ids=None):
-    """Area-weighted sampling. areas: [F] face areas; n: number of samples; face_ids: [K]
+    """Area-weighted sampling. areas: [F] face areas; n: number of samples; face_ids: [n_ids]
     candidate faces (default all) -> (face [n] int64, bary [n, 3] float64)."""
     a = np.asarray(areas, dtype=np.float64)
     ids = np.arange(len(a)) if face_ids is None else np.asarray(face_ids, dtype=np.int64)
