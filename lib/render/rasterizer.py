@@ -38,7 +38,7 @@ from lib.render.camera import check_res, project
 from lib.utils.errors import ModuleErrors
 
 __all__ = ["Fragments", "rasterize", "interpolate", "interpolate_face_attr",
-           "rasterize_reference"]
+           "rasterize_reference", "vertex_attr"]
 
 _err = ModuleErrors(__name__)
 
@@ -243,6 +243,16 @@ def interpolate_face_attr(frags: Fragments, face_attr: torch.Tensor) -> torch.Te
     return _blend(frags, face_attr.reshape(Ba * F * 3, -1), idx)
 
 
+def vertex_attr(x: torch.Tensor, B: int, name: str) -> torch.Tensor:
+    """Per-vertex attributes checked for a batch of B: x [V, Ch] or [1 | B, V, Ch] ->
+    [1 | B, V, Ch] (a [V, Ch] gets a leading 1); an error naming `name` otherwise."""
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3 or x.shape[0] not in (1, B):
+        raise _err(f"{name} must be [V,Ch] or [B,V,Ch] with B={B}, got {tuple(x.shape)}")
+    return x
+
+
 def interpolate(frags: Fragments, faces: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
     """Interpolate per-vertex attributes at every pixel (hit point = interpolate(verts)).
 
@@ -250,11 +260,7 @@ def interpolate(frags: Fragments, faces: torch.Tensor, attr: torch.Tensor) -> to
     Returns [B, H, W, Ch], zeros on background.
     """
     B = frags.face_idx.shape[0]
-    if attr.dim() == 2:
-        attr = attr.unsqueeze(0)
-    if attr.dim() != 3 or attr.shape[0] not in (1, B):
-        raise _err(f"attr must be [V,Ch] or [B,V,Ch] with B={B}, "
-                   f"got {tuple(attr.shape)}")
+    attr = vertex_attr(attr, B, "attr")
     Ba, V = attr.shape[:2]
     fi = frags.face_idx.clamp(min=0).reshape(-1)
     idx = faces.index_select(0, fi).view(B, -1, 3)                 # [B, H*W, 3]

@@ -26,6 +26,7 @@ from lib.render.rasterizer import (
     interpolate,
     interpolate_face_attr,
     rasterize,
+    vertex_attr,
 )
 from lib.utils.errors import ModuleErrors
 
@@ -37,13 +38,8 @@ DEFAULT_LIGHT = (0.3, 0.4, 1.0)
 
 
 def _batched(x: torch.Tensor, B: int, name: str) -> torch.Tensor:
-    """[V,Ch] or [1|B,V,Ch] -> [B,V,Ch]."""
-    if x.dim() == 2:
-        x = x.unsqueeze(0)
-    if x.dim() != 3 or x.shape[0] not in (1, B):
-        raise _err(f"{name} must be [V,Ch] or [B,V,Ch] with B={B}, "
-                   f"got {tuple(x.shape)}")
-    return x.expand(B, -1, -1)
+    """[V,Ch] or [1|B,V,Ch] -> [B,V,Ch] (checked by lib/render/rasterizer.py vertex_attr)."""
+    return vertex_attr(x, B, name).expand(B, -1, -1)
 
 
 def _frags(verts, faces, res, frags):
