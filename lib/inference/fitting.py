@@ -24,9 +24,11 @@ Options: `FitOptions` (the `test.fit` block of configs/config.yaml; its sub-bloc
 (`FlameFitOptions`, step 2 without a parameter file), `crop` (`CropOptions`, step 3) and `init`
 (`StartOptions`, step 4)).
 Outputs under `out_dir`: `fitted.ply` (posed, FLAME space, colours and normals),
-`fitted_canonical.ply`, `flame_only.ply`, `scan_flame_space.ply`, `compare.png` (front and
-side: scan | scan normals | FLAME only | fit RGB | fit normals), `metrics.json`, `fit.json`
-(transform, FLAME parameters, loss histories) and `codes.npz`.
+`fitted_canonical.ply`, `flame_only.ply`, `scan_flame_space.ply` (the whole scan moved into
+FLAME space), `scan_head_region.ply` (what the crop kept: fitted and scored; only when it cut
+something), `compare.png` (front and side: head region | its normals | FLAME only | fit RGB |
+fit normals), `metrics.json`, `fit.json` (transform, FLAME parameters and candidates, loss
+histories) and `codes.npz`.
 """
 from __future__ import annotations
 
@@ -310,6 +312,7 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
         frames = server(params)
     flame_v = frames.verts[0]
 
+    whole = scan
     plane, crop_info = None, {"enabled": False}
     if o.crop.enabled:
         c = o.crop
@@ -413,7 +416,10 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
     from lib.utils.mesh_io import save_ply
 
     save_ply(out_dir / "flame_only.ply", flame_v.cpu().numpy(), server.flame.faces.cpu().numpy())
-    save_ply(out_dir / "scan_flame_space.ply", verts_f, scan.faces, colors=scan.vertex_colors)
+    save_ply(out_dir / "scan_flame_space.ply", transform.apply(whole.verts), whole.faces,
+             colors=whole.vertex_colors)
+    if scan is not whole:
+        save_ply(out_dir / "scan_head_region.ply", verts_f, scan.faces, colors=scan.vertex_colors)
     center = scan_v.mean(dim=0)
     tiles = []
     for angle, view in ((0.0, "front"), (math.pi / 2, "side")):

@@ -141,14 +141,18 @@ def _run(flame, uk: _Unknowns, pts: torch.Tensor, R: torch.Tensor, steps: int, l
 
 
 class _Rigid(torch.nn.Module):
-    """The scan's similarity during the rigid stage: log-scale, translation t [3] and a small
-    rotation R_d (axis-angle rvec [3]) applied after the candidate orientation."""
+    """The scan's similarity during the rigid stage, x_f = s * (x - c) @ (R_d R0).T + t_c: a
+    small rotation R_d (axis-angle rvec [3]) about the centre c [3] of the candidate's head
+    part (raw units; rotating about the raw origin would swing a scan far from it by its
+    distance times the angle), log-scale and t_c [3] (where c lands)."""
 
-    def __init__(self, s: float, t: np.ndarray):
+    def __init__(self, s: float, t: np.ndarray, centre: torch.Tensor, R0: torch.Tensor):
         super().__init__()
+        self.register_buffer("centre", centre.detach().clone())
         self.log_s = torch.nn.Parameter(torch.tensor(float(np.log(s))))
-        self.t = torch.nn.Parameter(torch.as_tensor(t, dtype=torch.float32))
-        self.rvec = torch.nn.Parameter(torch.zeros(3))
+        t_c = float(s) * centre @ R0.T + torch.as_tensor(t, dtype=centre.dtype)
+        self.t = torch.nn.Parameter(t_c.detach().clone())
+        self.rvec = torch.nn.Parameter(torch.zeros(3, dtype=centre.dtype))
 
     def rotation(self, R0: torch.Tensor) -> torch.Tensor:
         """R_d R0: [3, 3]."""
@@ -156,7 +160,13 @@ class _Rigid(torch.nn.Module):
 
     def forward(self, pts: torch.Tensor, R0: torch.Tensor) -> torch.Tensor:
         """pts [N, 3] raw -> [N, 3] in FLAME space."""
-        return torch.exp(self.log_s) * pts @ self.rotation(R0).T + self.t
+        return torch.exp(self.log_s) * (pts - self.centre) @ self.rotation(R0).T + self.t
+
+    @torch.no_grad()
+    def similarity(self, R0: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """The same map as x_f = s * x @ R.T + t: (s, R [3, 3], t [3])."""
+        s, R = float(torch.exp(self.log_s)), self.rotation(R0)
+        return s, R, self.t - s * self.centre @ R.T
 
 
 def _rigid(model: _Rigid, pts: torch.Tensor, R0: torch.Tensor, tmpl: torch.Tensor, steps: int,
@@ -234,8 +244,8 @@ def fit_flame(server, scan_pts: np.ndarray, orientations=("any",),
         R = torch.as_tensor(R0, dtype=torch.float32, device=dev)
         for h in fractions:
             s, t = initial_similarity(scan_ref, tmpl_pts, R0, h)
-            rig = _Rigid(s, t).to(dev)
             top = _top_part(pts, R, h)
+            rig = _Rigid(s, t, top.mean(0), R).to(dev)
             hist = _rigid(rig, top[:n_screen], R, tmpl_few, screen_steps, 2 * lr,
                           (sigma_rigid, sigma_rigid))
             screened.append({"name": name, "head_fraction": h, "top": top, "R": R,
@@ -250,11 +260,8 @@ def fit_flame(server, scan_pts: np.ndarray, orientations=("any",),
         if best is None or cand["rigid_loss"] < best[0]:
             best = (cand["rigid_loss"], cand, hist)
     _, cand, hist = best
-    rig = cand["model"]
-    with torch.no_grad():
-        R = rig.rotation(cand["R"])
-    uk = _Unknowns(float(torch.exp(rig.log_s.detach())), rig.t.detach().cpu().numpy(),
-                   server.n_shape, server.n_exp).to(dev)
+    s, R, t = cand["model"].similarity(cand["R"])
+    uk = _Unknowns(s, t.cpu().numpy(), server.n_shape, server.n_exp).to(dev)
     hist = hist + _run(flame, uk, pts, R, full_steps, lr, tuple(sigma_full), prior,
                        "FLAME shape/pose/expression", pair_every)
     with torch.no_grad():
