@@ -13,8 +13,8 @@ Steps of `run_fit`:
 4. the start (`start_candidates`, `lib.inference.latent_fit.pick_start`): among the training
    codes whose FLAME shapes are nearest the fitted one (`init.nearest`), the codes' mean and
    `init.samples` draws from their Gaussians, the one with the lowest occupancy BCE;
-5. z_shape (with `code_units=spread` in units of the embeddings' spread, with the codes'
-   Gaussian prior), then z_detail and z_color (`lib.inference.latent_fit`), networks frozen;
+5. z_shape (with the opt-in `code_units=spread` in units of the embeddings' spread, with the
+   codes' Gaussian prior), then z_detail and z_color (`lib.inference.latent_fit`), networks frozen;
    an untextured scan (or `geometry_only`) fits z_shape and z_detail only;
 6. metrics (`lib.inference.metrics`) in FLAME space against the (cropped) scan, for the fit,
    the FLAME-only fit (the baseline), the chosen start and the codes' mean, and what each
@@ -123,7 +123,8 @@ class FitOptions(ConfigOptions):
     res: int = 256                # compare.png tile size
     mesh_res: int = 128           # canonical mesh extraction resolution (cells per axis)
     seed: int = 42                # seed of the samples and of the fits
-    code_units: str = "spread"    # spread: z_shape moves in units of the codes' spread; raw
+    # raw: Adam on z_shape itself; spread (opt-in): in units of the codes' per-dimension spread
+    code_units: str = "raw"
     lambda_code: float = 1e-2     # weight of the codes' Gaussian prior (code_units=spread)
     # occupancy points with |winding number| strictly inside this range are dropped; None
     # keeps all
