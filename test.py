@@ -122,7 +122,9 @@ def run(cfg: DictConfig) -> dict:
         if cfg.scan is None:
             raise InferenceError("eval_mode=fit needs scan=<mesh file> (and optionally "
                                  "flame=<id>_flame.pkl)")
-        return run_fit(model, cfg.scan, out_dir, opts, flame_path=cfg.flame)
+        return run_fit(model, cfg.scan, out_dir, opts, flame_path=cfg.flame,
+                       processed_dir=cfg.datamodule.get("processed_dir"),
+                       data_list=cfg.datamodule.get("data_list"))
 
     from lib.inference.control import run_control
 

@@ -117,17 +117,18 @@ def test_network_widths_are_derived_not_typed():
 # ---------------------------------------------------------------- test.py's typed options
 def _runner_options():
     from lib.inference.control import ControlOptions
-    from lib.inference.fitting import FitOptions, FlameFitOptions
+    from lib.inference.fitting import CropOptions, FitOptions, FlameFitOptions, StartOptions
     from lib.inference.reenact import ReenactOptions
     from lib.inference.sampling import SampleOptions
 
     return {"test.sample": SampleOptions, "test.control": ControlOptions,
             "test.reenact": ReenactOptions, "test.fit": FitOptions,
-            "test.fit.flame": FlameFitOptions}
+            "test.fit.flame": FlameFitOptions, "test.fit.crop": CropOptions,
+            "test.fit.init": StartOptions}
 
 
 @pytest.mark.parametrize("block", ["test.sample", "test.control", "test.reenact", "test.fit",
-                                   "test.fit.flame"])
+                                   "test.fit.flame", "test.fit.crop", "test.fit.init"])
 def test_every_option_block_key_is_a_field_and_back(block):
     cls = _runner_options()[block]
     section = _select(_compose(), block)

@@ -7,22 +7,35 @@ Steps of `run_fit`:
 2. FLAME space: with a FaceVerse parameter file (`flame=<pkl>`), its registration (scale,
    translation, the y/z flip) and FLAME parameters; without one, `lib.inference.flame_fit`
    finds a similarity (scale, translation, orientation) and FLAME's pose, shape, expression;
-3. z_shape, then z_detail and z_color (`lib.inference.latent_fit`), networks frozen; an
-   untextured scan (or `geometry_only`) fits z_shape and z_detail only;
-4. metrics (`lib.inference.metrics`) in FLAME space against the scan, for the fit, for the
-   FLAME-only fit (the baseline) and for the starting codes (the embeddings' means).
-Options: `FitOptions` (the `test.fit` block of configs/config.yaml; its `flame` sub-block,
-`FlameFitOptions`, configures step 2 without a parameter file).
+3. the head region (`lib.inference.crop`, unless `crop.enabled` is false): the neck,
+   shoulders, torso, loose pieces and spikes beyond the fitted FLAME head are cut off; the
+   rest is what is fitted and scored;
+4. the start (`start_candidates`, `lib.inference.latent_fit.pick_start`): among the training
+   codes whose FLAME shapes are nearest the fitted one (`init.nearest`), the codes' mean and
+   `init.samples` draws from their Gaussians, the one with the lowest occupancy BCE;
+5. z_shape (with the opt-in `code_units=spread` in units of the embeddings' spread, with the
+   codes' Gaussian prior), then z_detail and z_color (`lib.inference.latent_fit`), networks frozen;
+   an untextured scan (or `geometry_only`) fits z_shape and z_detail only;
+6. metrics (`lib.inference.metrics`) in FLAME space against the (cropped) scan, for the fit,
+   the FLAME-only fit (the baseline), the chosen start and the codes' mean, and what each
+   stage bought (`stages`); `safeguard` says whether the fit beat its start and the baseline
+   (reported, never hidden or swapped: the fitted codes are written either way).
+Options: `FitOptions` (the `test.fit` block of configs/config.yaml; its sub-blocks `flame`
+(`FlameFitOptions`, step 2 without a parameter file), `crop` (`CropOptions`, step 3) and `init`
+(`StartOptions`, step 4)).
 Outputs under `out_dir`: `fitted.ply` (posed, FLAME space, colours and normals),
-`fitted_canonical.ply`, `flame_only.ply`, `scan_flame_space.ply`, `compare.png` (front and
-side: scan | scan normals | FLAME only | fit RGB | fit normals), `metrics.json`, `fit.json`
-(transform, FLAME parameters, loss histories) and `codes.npz`.
+`fitted_canonical.ply`, `flame_only.ply`, `scan_flame_space.ply` (the whole scan moved into
+FLAME space), `scan_head_region.ply` (what the crop kept: fitted and scored; only when it cut
+something), `compare.png` (front and side: head region | its normals | FLAME only | fit RGB |
+fit normals), `metrics.json`, `fit.json` (transform, FLAME parameters and candidates, loss
+histories) and `codes.npz`.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,16 +43,20 @@ import numpy as np
 import torch
 
 from lib.inference.avatar import Avatar
-from lib.inference.loading import InferenceError, is_stage2, require_stage2
+from lib.inference.loading import InferenceError, is_stage2, require_stage2, resolve_subject
 from lib.inference.metrics import head_size, mesh_metrics
 from lib.inference.options import ConfigOptions
-from lib.inference.sampling import code_gaussians
+from lib.inference.sampling import CODE_NAMES, code_gaussians, evenly
 from lib.inference.scan import ScanData, Similarity, load_scan, scan_samples
 from lib.render.images import add_label, make_grid, save_png
 from lib.render.shading import render_normals, render_shaded, render_texture, render_vertex_colors
 from lib.utils.atomic import atomic_path
 
-__all__ = ["FitOptions", "FlameFitOptions", "faceverse_similarity", "render_scan", "run_fit"]
+__all__ = ["FitOptions", "FlameFitOptions", "CropOptions", "StartOptions", "CODE_UNITS",
+           "faceverse_similarity", "render_scan", "training_betas", "start_candidates",
+           "run_fit"]
+
+CODE_UNITS = ("spread", "raw")  # test.fit.code_units
 
 
 @dataclass(frozen=True)
@@ -48,12 +65,42 @@ class FlameFitOptions(ConfigOptions):
     arguments): the `test.fit.flame` block of configs/config.yaml."""
 
     BLOCK = "test.fit.flame"
-    # candidate orientations of the scan (flip_yz: the FaceVerse layout, y down)
-    orientations: tuple[str, ...] = ("identity", "flip_yz")
-    n_points: int = 2000    # scan samples the fit matches
-    rigid_steps: int = 100  # Adam steps on scale, rotation and translation ...
-    full_steps: int = 200   # ... then on those and FLAME's pose, shape and expression
-    lr: float = 1e-2        # Adam learning rate
+    # candidate orientations of the scan: `any` (the 24 axis-to-axis rotations) or names of
+    # lib/inference/scan.ORIENTATIONS (identity, flip_yz: the FaceVerse layout, y down, ...)
+    orientations: tuple[str, ...] = ("any",)
+    # top fractions of the scan (along the candidate's up axis) tried as the head (busts)
+    head_fractions: tuple[float, ...] = (1.0, 0.6, 0.4)
+    n_points: int = 2000      # scan samples the fit matches
+    screen_points: int = 500  # of them, those that screen every candidate ...
+    screen_steps: int = 15    # ... in this many rigid steps;
+    keep_candidates: int = 6  # the best few then take
+    rigid_steps: int = 100    # Adam steps on scale, rotation and translation ...
+    full_steps: int = 200     # ... then on those and FLAME's pose, shape and expression
+    lr: float = 1e-2          # Adam learning rate
+
+
+@dataclass(frozen=True)
+class CropOptions(ConfigOptions):
+    """The head region of the scan (lib/inference/crop.crop_head's settings): the
+    `test.fit.crop` block of configs/config.yaml."""
+
+    BLOCK = "test.fit.crop"
+    enabled: bool = True      # false: the whole scan is fitted and scored
+    neck_cut: float = 0.03    # neck plane: FLAME's lowest point + this x its height (up axis)
+    margin: float = 0.15      # faces farther from FLAME than this x its height go
+    spike_edge: float = 10.0  # faces with an edge over this x the median edge go
+    min_piece: float = 0.02   # pieces under this fraction of the kept area go
+
+
+@dataclass(frozen=True)
+class StartOptions(ConfigOptions):
+    """The start of the latent fit (`start_candidates`, latent_fit.pick_start): the
+    `test.fit.init` block of configs/config.yaml. nearest = samples = 0: the codes' mean."""
+
+    BLOCK = "test.fit.init"
+    nearest: int = 3       # the training codes with the nearest FLAME shapes ...
+    samples: int = 4       # ... and draws from the codes' Gaussians (beside their mean)
+    n_points: int = 3000   # occupancy points that score them
 
 
 @dataclass(frozen=True)
@@ -76,7 +123,24 @@ class FitOptions(ConfigOptions):
     res: int = 256                # compare.png tile size
     mesh_res: int = 128           # canonical mesh extraction resolution (cells per axis)
     seed: int = 42                # seed of the samples and of the fits
+    # raw: Adam on z_shape itself; spread (opt-in): in units of the codes' per-dimension spread
+    code_units: str = "raw"
+    lambda_code: float = 1e-2     # weight of the codes' Gaussian prior (code_units=spread)
+    # occupancy points with |winding number| strictly inside this range are dropped; None
+    # keeps all
+    ambiguous: tuple[float, ...] | None = (0.3, 0.7)
     flame: FlameFitOptions = field(default_factory=FlameFitOptions)
+    crop: CropOptions = field(default_factory=CropOptions)
+    init: StartOptions = field(default_factory=StartOptions)
+
+    def __post_init__(self):
+        if self.code_units not in CODE_UNITS:
+            raise InferenceError(f"{self.BLOCK}.code_units={self.code_units!r} is not one of "
+                                 f"{', '.join(CODE_UNITS)}")
+        if self.ambiguous is not None and not (
+                len(self.ambiguous) == 2 and 0 <= self.ambiguous[0] < self.ambiguous[1]):
+            raise InferenceError(f"{self.BLOCK}.ambiguous must be null or [lo, hi] with "
+                                 f"0 <= lo < hi, got {list(self.ambiguous)}")
 
 
 def faceverse_similarity(verts: np.ndarray, scale: float, transl, z_shift: float) -> Similarity:
@@ -141,13 +205,78 @@ def _write_json(path: Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2))
 
 
+def training_betas(model, processed_dir=None, data_list=None) -> torch.Tensor | None:
+    """FLAME shapes [n_subjects, S] of the checkpoint's training subjects in embedding-row
+    order, read from processed_dir (None when processed_dir is None or any of them is
+    unknown)."""
+    if processed_dir is None:
+        return None
+    rows = []
+    for i in range(model.z_shapes.num_embeddings):
+        try:
+            sub = resolve_subject(model, i, data_list, processed_dir)
+        except InferenceError:
+            return None
+        if sub.params is None:
+            return None
+        rows.append(model.flame_server.split_params(torch.as_tensor(sub.params)[None])["shape"])
+    return torch.cat(rows).to(model.bbox_min)
+
+
+def start_candidates(model, betas: torch.Tensor, train_betas: torch.Tensor | None,
+                     nearest: int = 3, samples: int = 4, seed: int = 0) -> list[dict]:
+    """Starting codes to choose from: the embeddings' mean, the `nearest` training subjects by
+    FLAME shape (train_betas [n_subjects, S] against betas [1, S]; without train_betas, rows
+    spread evenly over the embeddings) and `samples` draws from the embeddings' Gaussians.
+    Each a dict of name, z_shape [1, Z], z_detail [1, D], z_color [1, C]."""
+    fits = code_gaussians(model)
+    ref = model.bbox_min
+    out = [{"name": "code_mean", **{k: fits[k].mean[None].to(ref) for k in CODE_NAMES}}]
+    if nearest > 0:
+        if train_betas is not None:
+            d = (train_betas - betas.reshape(1, -1).to(train_betas)).norm(dim=1)
+            rows = [int(i) for i in torch.argsort(d)[:nearest]]
+        else:
+            rows = evenly(model.z_shapes.num_embeddings, nearest)
+        for r in rows:
+            idx = torch.tensor([r], device=ref.device)
+            out.append({"name": f"training_row_{r}",
+                        **{k: getattr(model, k + "s")(idx).detach() for k in CODE_NAMES}})
+    gen = torch.Generator().manual_seed(int(seed))
+    draws = {k: fits[k].sample(samples, 1.0, gen).to(ref) for k in CODE_NAMES}
+    for i in range(samples):
+        out.append({"name": f"sample_{i}", **{k: draws[k][i:i + 1] for k in CODE_NAMES}})
+    return out
+
+
+_GAIN_KEYS = ("chamfer_l1", "fscore_1pct", "fscore_2pct", "normal_consistency")
+
+
+def _gain(after: dict, before: dict) -> dict:
+    """Metric differences after - before (negative Chamfer, positive F-score: better)."""
+    return {k: round(after[k] - before[k], 6) for k in _GAIN_KEYS}
+
+
+def _beats(fit: dict, other: dict) -> dict:
+    return {"chamfer_l1": fit["chamfer_l1"] < other["chamfer_l1"],
+            "fscore_1pct": fit["fscore_1pct"] > other["fscore_1pct"]}
+
+
 def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
-            flame_path=None) -> dict:
+            flame_path=None, processed_dir=None, data_list=None) -> dict:
     """Fit a raw scan (module docstring). options: FitOptions (None: the defaults);
     flame_path: optional FaceVerse `<id>_flame.pkl` (else FLAME is fitted with
-    options.flame). Returns the metrics dict (also written to metrics.json, with the seconds
-    per phase)."""
-    from lib.inference.latent_fit import fit_detail_color, fit_shape, occupancy_samples
+    options.flame); processed_dir / data_list: the training data (datamodule.processed_dir,
+    datamodule.data_list), whose FLAME shapes pick the nearest training codes to start from
+    (without them those rows are spread over the embeddings). Returns the metrics dict (also
+    written to metrics.json, with the seconds per phase)."""
+    from lib.inference.crop import apply_crop, crop_head
+    from lib.inference.latent_fit import (
+        fit_detail_color,
+        fit_shape,
+        occupancy_samples,
+        pick_start,
+    )
 
     o = options or FitOptions()
     seed, res, mesh_res, n_metric = o.seed, o.res, o.mesh_res, o.n_metric
@@ -177,25 +306,55 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
         ff = fit_flame(server, samples["points"], seed=seed, **asdict(o.flame))
         transform, params = ff.transform, ff.params
         flame_info = {"source": "fitted", "orientation": ff.orientation, "loss": ff.loss,
-                      "history": ff.history}
+                      "history": ff.history, "candidates": ff.candidates}
     clock("flame")
     params = params.to(ref).reshape(1, -1)
+    with torch.no_grad():
+        frames = server(params)
+    flame_v = frames.verts[0]
+
+    whole = scan
+    plane, crop_info = None, {"enabled": False}
+    if o.crop.enabled:
+        c = o.crop
+        cut = crop_head(transform.apply(scan.verts), scan.faces, flame_v, server.flame.faces,
+                        frames.tfs[0, 0, :3, :3], c.neck_cut, c.margin, c.spike_edge,
+                        c.min_piece, seed)
+        if not cut.keep.any():
+            raise InferenceError(f"fit of {scan_path}: no part of the scan lies in the head "
+                                 "region of the fitted FLAME head (check the FLAME fit, or "
+                                 "test.fit.crop.enabled=false)")
+        crop_info = {"enabled": True, **cut.stats}
+        if not cut.keep.all():
+            scan = apply_crop(scan, cut.keep)
+            samples = scan_samples(scan, o.n_surface, seed)
+        plane = (cut.plane_point, cut.plane_normal)
+    clock("crop")
     verts_f = transform.apply(scan.verts)
     pts_f = transform.apply(samples["points"])
     nrm_f = transform.apply_normals(samples["normals"])
 
-    occ_pts, occ = occupancy_samples(verts_f, scan.faces, pts_f, o.n_near, o.n_uniform,
-                                     bbox_min=ref.cpu().numpy(),
-                                     bbox_max=model.bbox_max.cpu().numpy(), seed=seed)
-    means = {k: g.mean[None].to(ref) for k, g in code_gaussians(model).items()}
+    occ_pts, occ, occ_info = occupancy_samples(
+        verts_f, scan.faces, pts_f, o.n_near, o.n_uniform, bbox_min=ref.cpu().numpy(),
+        bbox_max=model.bbox_max.cpu().numpy(), seed=seed, ambiguous=o.ambiguous, plane=plane)
+    occ_pts, occ = torch.as_tensor(occ_pts).to(ref), torch.as_tensor(occ).to(ref)
     betas = server.split_params(params)["shape"]
-    start = Avatar(model, means["z_shape"], means["z_detail"], means["z_color"], betas,
-                   mesh_res=mesh_res)
-    z_shape, shape_hist = fit_shape(model, params, torch.as_tensor(occ_pts).to(ref),
-                                    torch.as_tensor(occ).to(ref), means["z_shape"],
-                                    o.shape_steps, o.shape_lr, batch, lambda_reg, seed)
+    cands = start_candidates(model, betas, training_betas(model, processed_dir, data_list),
+                             o.init.nearest, o.init.samples, seed)
+    best, scores = pick_start(model, params, occ_pts, occ, cands, o.init.n_points, seed)
+    chosen = cands[best]
+    clock("start")
+    gauss = code_gaussians(model)["z_shape"]
+    spread = None
+    if o.code_units == "spread" and float(gauss.std.max()) > 0:
+        # a dimension whose codes do not spread (one training subject) still moves a little
+        spread = gauss.std.to(ref).clamp_min(1e-3 * float(gauss.std.max()))
+    z_shape, shape_hist = fit_shape(model, params, occ_pts, occ, chosen["z_shape"],
+                                    o.shape_steps, o.shape_lr, batch, lambda_reg, seed,
+                                    std=spread, mean=gauss.mean.to(ref),
+                                    lambda_code=o.lambda_code)
     clock("z_shape")
-    z_detail, z_color, detail_hist = means["z_detail"], means["z_color"], {}
+    z_detail, z_color, detail_hist = chosen["z_detail"], chosen["z_color"], {}
     if is_stage2(model) and o.detail_steps > 0:
         colors = None
         if use_color:
@@ -211,21 +370,45 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
     # ---------------------------------------------------------------- metrics
     scan_v = torch.as_tensor(verts_f).to(ref)
     size = head_size(verts_f)
-    with torch.no_grad():
-        flame_v = server(params).verts[0]
     fit_v, fit_n = _posed(fitted, params)
-    start_v, _ = _posed(start, params)
     faces_scan = torch.as_tensor(scan.faces, device=ref.device)
+
+    def score(verts, faces) -> dict:
+        return mesh_metrics(verts, faces, scan_v, faces_scan, n_metric, seed, size)
+
+    def score_codes(codes: dict) -> dict:
+        avatar = Avatar(model, codes["z_shape"], codes["z_detail"], codes["z_color"], betas,
+                        mesh_res=mesh_res)
+        return score(_posed(avatar, params)[0], avatar.faces)
+
+    fit_m = score(fit_v, fitted.faces)
+    flame_m = score(flame_v, server.flame.faces)
+    start_m = score_codes(chosen)
+    mean_m = start_m if best == 0 else score_codes(cands[0])
+    beats = {"start": _beats(fit_m, start_m), "flame_only": _beats(fit_m, flame_m)}
+    normal_loss = detail_hist.get("normal")
     metrics = {
         "scan": str(scan_path), "units": "FLAME space (FLAME meters x 6)", "head_size": size,
         "fscore_thresholds": {"fscore_1pct": 0.01 * size, "fscore_2pct": 0.02 * size},
-        "fit": mesh_metrics(fit_v, fitted.faces, scan_v, faces_scan, n_metric, seed, size),
-        "flame_only": mesh_metrics(flame_v, server.flame.faces, scan_v, faces_scan, n_metric,
-                                   seed, size),
-        "start": mesh_metrics(start_v, start.faces, scan_v, faces_scan, n_metric, seed, size),
+        "fit": fit_m, "flame_only": flame_m, "start": start_m, "code_mean": mean_m,
+        "stages": {"start_vs_code_mean": _gain(start_m, mean_m),
+                   "z_shape_fit_vs_start": _gain(fit_m, start_m),
+                   "fit_vs_flame_only": _gain(fit_m, flame_m),
+                   "z_detail_normal_loss": [normal_loss[0], normal_loss[-1]] if normal_loss
+                   else None},
+        "start_choice": {"chosen": chosen["name"],
+                         "candidates": [{"name": c["name"], "bce": round(sc, 5)}
+                                        for c, sc in zip(cands, scores)]},
+        "safeguard": {"fit_beats": beats,
+                      "note": "reported only: the fitted codes are written either way"},
+        "crop": crop_info, "occupancy_points": occ_info,
+        "code_units": o.code_units, "lambda_code": o.lambda_code,
         "color_fitted": bool(use_color and is_stage2(model)),
         "flame_params_from": flame_info["source"],
     }
+    if not all(beats["start"].values()):
+        warnings.warn(f"lib/inference/fitting.py: the fit of {scan_path} did not beat its start "
+                      "on every metric (metrics.json: safeguard)", stacklevel=2)
     clock("metrics")
 
     # ---------------------------------------------------------------- files
@@ -234,7 +417,10 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
     from lib.utils.mesh_io import save_ply
 
     save_ply(out_dir / "flame_only.ply", flame_v.cpu().numpy(), server.flame.faces.cpu().numpy())
-    save_ply(out_dir / "scan_flame_space.ply", verts_f, scan.faces, colors=scan.vertex_colors)
+    save_ply(out_dir / "scan_flame_space.ply", transform.apply(whole.verts), whole.faces,
+             colors=whole.vertex_colors)
+    if scan is not whole:
+        save_ply(out_dir / "scan_head_region.ply", verts_f, scan.faces, colors=scan.vertex_colors)
     center = scan_v.mean(dim=0)
     tiles = []
     for angle, view in ((0.0, "front"), (math.pi / 2, "side")):

@@ -1,21 +1,29 @@
 """Fitting an avatar's latent codes to a scan with every network frozen (eval_mode=fit).
 
-Shape legend: N points, M valid surface samples, K points per step, Z/D/C code widths,
-P parameter-vector length (169), I deformer initializations, J joints.
+Shape legend: N points (N' of them kept; per step min(batch, N)), M valid surface samples,
+Z/D/C code widths, P parameter-vector length (169), I deformer initializations, J joints.
 
 The scan is already in FLAME space and posed by FLAME parameters `params` [1, P] (from its
 FLAME file or `lib.inference.flame_fit`). Then, as in training but for the codes only:
 1. z_shape: occupancy of points around the scan (near-surface and uniform, labelled inside/
-   outside by the generalized winding number of the scan) through the learned deformer
-   (deformed -> canonical by Broyden, gradients to z_shape by implicit differentiation, the
-   occupancy network at the shape-neutral point): BCE over the points that have a valid
-   correspondence + lambda_reg * mean(z_shape^2);
+   outside by the generalized winding number w of the scan; points where w is ambiguous
+   (|w| strictly between `ambiguous[0]` and `ambiguous[1]`: next to holes and the crop's cut)
+   and points below the neck plane (where a cropped scan says nothing) are left out) through
+   the learned deformer (deformed -> canonical by Broyden, gradients to z_shape by implicit
+   differentiation, the occupancy network at the shape-neutral point): BCE over the points
+   that have a valid correspondence + lambda_reg * mean(z_shape^2) (the training prior).
+   With `std` (the per-dimension spread of the learned embeddings) the code moves in units of
+   that spread, z = z_init + std * u (Adam on u: its step then means the same for every
+   dimension, whose spreads differ by orders of magnitude from the code's raw scale), and
+   lambda_code * mean(((z - mean) / std)^2) keeps it among the learned codes;
 2. z_detail and z_color: the scan's surface samples are taken to canonical space once (with
    the fitted z_shape); the normal network's normals, skinned to the scan's pose, are pulled
    to the scan normals (1 - cos) and the texture network's colours to the scan's colours
    (squared error, colours c in [0, 1] as c * 2 - 1 as in preprocessing; skipped for
    untextured scans) + lambda_reg * (mean(z_detail^2) + mean(z_color^2)).
-Codes start from the means of the learned embeddings.
+The codes start from `pick_start`: of the candidate codes (lib/inference/fitting.py
+start_candidates), the one whose z_shape has the lowest occupancy BCE on a fixed subset of
+the points.
 """
 from __future__ import annotations
 
@@ -33,19 +41,23 @@ from lib.model.query import (
     surface_correspondences,
 )
 
-__all__ = ["occupancy_samples", "fit_shape", "fit_detail_color"]
+__all__ = ["occupancy_samples", "occupancy_bce", "pick_start", "fit_shape", "fit_detail_color"]
 
 
 def occupancy_samples(verts: np.ndarray, faces: np.ndarray, surface_pts: np.ndarray,
                       n_near: int, n_uniform: int, sigmas=(0.01, 0.05), bbox_min=(-1, -1, -1),
-                      bbox_max=(1, 1, 1), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                      bbox_max=(1, 1, 1), seed: int = 0, ambiguous=None, plane=None
+                      ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Points around a scan and their labels.
 
-    verts [V, 3], faces [F, 3]: the scan in FLAME space; surface_pts [S, 3]: samples on it.
+    verts [V, 3], faces [F, 3]: the scan in FLAME space; surface_pts [M, 3]: samples on it.
     n_near points are surface samples jittered by N(0, sigma^2) (the sigmas share them
-    equally), n_uniform are uniform in the box. Returns pts [N, 3] float32 and occ [N]
-    float32 (1 inside by winding number)."""
-    from lib.dataset.winding import inside_mask
+    equally), n_uniform are uniform in the box (N = n_near + n_uniform in all). ambiguous:
+    (lo, hi) or None: points with lo < |w| < hi are dropped; plane: (point [3], normal [3]) or
+    None: points with (x - point) . normal <= 0 are dropped. Returns pts [N', 3] float32,
+    occ [N'] float32 (1 where |w| > 1/2, inside) and the counts of drawn, dropped and kept
+    points."""
+    from lib.dataset.winding import INSIDE_THRESHOLD, winding_number
 
     rng = np.random.default_rng(seed)
     parts = []
@@ -55,21 +67,75 @@ def occupancy_samples(verts: np.ndarray, faces: np.ndarray, surface_pts: np.ndar
         parts.append(base + rng.normal(0.0, sigma, base.shape))
     parts.append(rng.uniform(bbox_min, bbox_max, (n_uniform, 3)))
     pts = np.concatenate(parts).astype(np.float32)
-    occ = inside_mask(verts, faces, pts).astype(np.float32)
-    return pts, occ
+    w = np.abs(winding_number(verts, faces, pts))
+    keep = np.ones(len(pts), dtype=bool)
+    stats = {"points": int(len(pts))}
+    if ambiguous is not None:
+        lo, hi = (float(a) for a in ambiguous)
+        unsure = (w > lo) & (w < hi)
+        stats["ambiguous_winding"] = int(unsure.sum())
+        keep &= ~unsure
+    if plane is not None:
+        below = (pts - np.asarray(plane[0])) @ np.asarray(plane[1]) <= 0
+        stats["below_neck"] = int((below & keep).sum())
+        keep &= ~below
+    stats["kept"] = int(keep.sum())
+    return pts[keep], (w[keep] > INSIDE_THRESHOLD).astype(np.float32), stats
+
+
+def occupancy_bce(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
+                  z_shape: torch.Tensor) -> torch.Tensor:
+    """BCE of the occupancy of z_shape [1, Z] at pts [N, 3] against occ [N] over the points
+    with a canonical correspondence (params [1, P]): a scalar tensor (inf when none has one)."""
+    logits = model.occupancy(pts[None], params, {"z_shape": z_shape})[0]
+    valid = logits > SKIPPED_LOGIT  # a valid correspondence was found
+    if not bool(valid.any()):
+        return logits.new_tensor(float("inf"))
+    return F.binary_cross_entropy_with_logits(logits[valid], occ[valid])
+
+
+def pick_start(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
+               candidates: list[dict], n_points: int = 3000, seed: int = 0
+               ) -> tuple[int, list[float]]:
+    """The candidate start whose z_shape ([1, Z] under the key 'z_shape') has the lowest
+    occupancy BCE on one fixed random subset of n_points of pts [N, 3] / occ [N] (params
+    [1, P]). Returns its index and every candidate's BCE."""
+    if not candidates:
+        raise ValueError("pick_start: no candidate codes")
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(pts.shape[0], generator=gen)[:n_points].to(pts.device)
+    scores = []
+    with torch.no_grad():
+        for cand in tqdm(candidates, desc="score start codes", unit="code", leave=False):
+            scores.append(float(occupancy_bce(model, params, pts[idx], occ[idx],
+                                              cand["z_shape"])))
+    return int(np.argmin(scores)), scores
 
 
 def fit_shape(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
               z_init: torch.Tensor, steps: int = 100, lr: float = 1e-2, batch: int = 2000,
-              lambda_reg: float = 1e-3, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+              lambda_reg: float = 1e-3, seed: int = 0, std: torch.Tensor | None = None,
+              mean: torch.Tensor | None = None, lambda_code: float = 0.0
+              ) -> tuple[torch.Tensor, list[float]]:
     """Optimize z_shape (step 1 of the module docstring). params: [1, P]; pts: [N, 3] and
-    occ: [N] on the model's device; z_init: [1, Z]. Returns z_shape [1, Z] (detached) and the
-    BCE per step."""
-    z = z_init.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
+    occ: [N] on the model's device; z_init: [1, Z]; std, mean: [Z] or None (the learned
+    embeddings' spread and mean: with std the code moves in units of std, and lambda_code
+    weighs its Gaussian prior around mean, else around z_init). Returns z_shape [1, Z]
+    (detached) and the BCE per step."""
+    z0 = z_init.detach().clone()
+    # the optimized variable: u (z = z0 + std * u) in units of the spread, else z itself
+    var = torch.zeros_like(z0) if std is not None else z0.clone()
+    var.requires_grad_(True)
+    opt = torch.optim.Adam([var], lr=lr)
+    centre = z0 if mean is None else mean
+
+    def code() -> torch.Tensor:
+        return z0 + std * var if std is not None else var
+
     gen = torch.Generator().manual_seed(int(seed))
     history = []
     for _ in tqdm(range(steps), desc="fit z_shape", unit="step"):
+        z = code()
         idx = torch.randint(0, pts.shape[0], (min(batch, pts.shape[0]),), generator=gen)
         idx = idx.to(pts.device)
         logits = model.occupancy(pts[idx][None], params, {"z_shape": z})[0]
@@ -79,11 +145,13 @@ def fit_shape(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
                                "scan in FLAME space (check the FLAME fit)?")
         bce = F.binary_cross_entropy_with_logits(logits[valid], occ[idx][valid])
         loss = bce + lambda_reg * (z ** 2).mean()
+        if std is not None and lambda_code > 0:
+            loss = loss + lambda_code * (((z - centre) / std) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         history.append(float(bce.detach()))
-    return z.detach(), history
+    return code().detach(), history
 
 
 def fit_detail_color(model, params: torch.Tensor, z_shape: torch.Tensor, pts: torch.Tensor,

@@ -20,7 +20,8 @@ import torch
 
 from lib.inference.loading import InferenceError
 
-__all__ = ["ScanData", "Similarity", "load_scan", "scan_samples", "ORIENTATIONS"]
+__all__ = ["ScanData", "Similarity", "load_scan", "scan_samples", "ORIENTATIONS",
+           "axis_rotations"]
 
 # Candidate orientations of a scan relative to FLAME space (row-vector convention x @ R.T).
 ORIENTATIONS = {
@@ -29,6 +30,24 @@ ORIENTATIONS = {
     "turn_y": np.diag([-1.0, 1.0, -1.0]),    # facing away from +z
     "flip_xy": np.diag([-1.0, -1.0, 1.0]),   # upside down, facing +z
 }
+
+
+def axis_rotations() -> dict[str, np.ndarray]:
+    """The 24 rotations [3, 3] that map coordinate axes onto coordinate axes (signed
+    permutation matrices of determinant +1): those of ORIENTATIONS under their names first,
+    the others as `axes_<k>`."""
+    import itertools
+
+    out = dict(ORIENTATIONS)
+    k = 0
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            R = np.zeros((3, 3))
+            R[np.arange(3), perm] = signs
+            if np.linalg.det(R) > 0 and not any(np.array_equal(R, Q) for Q in out.values()):
+                out[f"axes_{k}"] = R
+                k += 1
+    return out
 
 
 @dataclass
