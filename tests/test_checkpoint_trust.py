@@ -146,6 +146,7 @@ def test_target_in_hyper_parameters_is_refused(saved, tmp_path, where):
     assert why.get(where, "") in str(err.value)
 
 
+@pytest.mark.slow
 def test_the_allow_list_comes_from_the_caller(saved, tmp_path):
     """lib/utils/checkpoint_io allows no `_target_` unless its caller names it: a real
     checkpoint (network entries with the builders' targets) is refused by the bare reader and

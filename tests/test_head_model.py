@@ -191,6 +191,7 @@ def test_flame_layout(model):
         assert np.all(np.isfinite(model[k])), k
 
 
+@pytest.mark.slow
 def test_deterministic_and_seeded(model):
     again = build_head_model(seed=0)
     for k in KEYS - {"J_regressor", "bs_style", "bs_type"}:

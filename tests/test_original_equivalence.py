@@ -137,6 +137,7 @@ def case(request, tmp_path_factory, converted):
 
 
 
+@pytest.mark.slow
 def test_conversion_accounts_for_every_tensor(case):
     model, arrays, manifest, report, ids = case
     keys = [k for k, _ in manifest["checkpoint"]["state_dict_keys"]] \
@@ -302,6 +303,7 @@ def _convert_error(*args, **kwargs) -> str:
     return str(err.value)
 
 
+@pytest.mark.slow
 def test_converter_names_what_does_not_fit(converted):
     tmp = PATHS["tmp"]
     ckpt = torch.load(PATHS["full"], weights_only=True)
@@ -328,6 +330,7 @@ def test_converter_names_what_does_not_fit(converted):
         PATHS["converted"], PATHS["flame"], PATHS["data_list"])
 
 
+@pytest.mark.slow
 def test_a_stage1_file_converts_with_fresh_stage2_networks(converted):
     from lib.model.checkpoint import load_ganhead
     from lib.model.original_checkpoint import convert_original
@@ -364,6 +367,7 @@ class _Callback:
         return (_touch, (str(self.marker),))
 
 
+@pytest.mark.slow
 def test_unconverted_original_file_is_refused_with_the_command(converted, tmp_path):
     """An original checkpoint holding pickled objects (Lightning 1.3 stores its callbacks under
     their classes; here one whose unpickling would write a file) is refused by the loaders with
@@ -397,6 +401,7 @@ def test_unconverted_original_file_is_refused_with_the_command(converted, tmp_pa
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_convert_tool_writes_a_loadable_checkpoint(converted, tmp_path, capsys):
     from lib.model.checkpoint import load_ganhead
 
@@ -415,6 +420,7 @@ def test_convert_tool_writes_a_loadable_checkpoint(converted, tmp_path, capsys):
     assert model.scan_ids == converted[4]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_earlier_architecture_is_named(converted, tmp_path):
     """Checkpoints this project wrote before the original's architecture became the default
     (skinning network under deformer.lbs_net.net, conditioned on z_shape) get a message that

@@ -267,6 +267,7 @@ def _check_on_model(head, verts, shape, exp, pose):
 
 @pytest.mark.slow
 @needs_head
+@pytest.mark.slow
 def test_cli_layout_and_idempotence(synth):
     ids = ["001_01", "001_02"]
     for sid in ids:
@@ -287,6 +288,7 @@ def test_cli_layout_and_idempotence(synth):
 
 
 @needs_head
+@pytest.mark.slow
 def test_written_scan_lands_on_model_and_is_open_at_neck(synth, head):
     sid = "001_02"
     verts, faces, uvs, face_uvs = read_obj(synth / "faceverse_dataset" / sid / f"{sid}.obj")
@@ -338,6 +340,7 @@ def hair_scan(head):
 
 
 @needs_head
+@pytest.mark.slow
 def test_hair_scan_geometry_and_determinism(head, hair_scan):
     from lib.synthetic.scans import make_scan
 
@@ -351,6 +354,7 @@ def test_hair_scan_geometry_and_determinism(head, hair_scan):
 
 
 @needs_head
+@pytest.mark.slow
 def test_cli_scan_files_reproduce_exactly(synth, head, tmp_path):
     """The CLI's files equal a fresh in-process build from the same seeds (determinism)."""
     sys.path.insert(0, str(ROOT / "tools"))
@@ -386,6 +390,7 @@ def _texture_at(scan, faces_sel, rng, per_face=4):
 
 
 @needs_head
+@pytest.mark.slow
 def test_texture_regions_differ_as_designed(head, hair_scan):
     scan, style = hair_scan["scan"], hair_scan["style"]
     mv, _ = head["posed"](*hair_scan["args"])
