@@ -63,18 +63,10 @@ class ForwardDeformer(nn.Module):
             skip_stride-th posed FLAME vertex).
     """
 
-    def __init__(
-        self,
-        lbs_net: Callable,
-        n_joints: int = 5,
-        max_steps: int = 50,
-        cvg_thresh: float = 1e-5,
-        dvg_thresh: float = 1.0,
-        chunk_size: int = 20000,
-        init_bones: Sequence[int] = (0, 1, 2, 3, 4),
-        skip_thresh: float = 0.11,
-        skip_stride: int = 10,
-    ):
+    def __init__(self, lbs_net: Callable, n_joints: int = 5, max_steps: int = 50,
+                 cvg_thresh: float = 1e-5, dvg_thresh: float = 1.0, chunk_size: int = 20000,
+                 init_bones: Sequence[int] = (0, 1, 2, 3, 4), skip_thresh: float = 0.11,
+                 skip_stride: int = 10):
         super().__init__()
         self.lbs_net = lbs_net
         self.n_joints = int(n_joints)
@@ -227,15 +219,9 @@ class ForwardDeformer(nn.Module):
             pts = point_mask.reshape(-1).nonzero().squeeze(1)
         return xd0, betas, fl, x_init, x_init.clone(), valid, diff, pts
 
-    def search(
-        self,
-        xd: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        flame_out: FlameFrames,
-        eval_mode: bool = False,
-        point_mask: torch.Tensor | None = None,
-        return_info: bool = False,
-    ):
+    def search(self, xd: torch.Tensor, cond: dict[str, torch.Tensor], flame_out: FlameFrames,
+               eval_mode: bool = False, point_mask: torch.Tensor | None = None,
+               return_info: bool = False):
         """Roots of forward_deform(x_c) = x_d from every init, without gradients.
 
         xd: [B, N, 3]; point_mask: optional [B, N] bool, points to solve (others stay at their
@@ -312,15 +298,9 @@ class ForwardDeformer(nn.Module):
         r = f - target
         return x.detach() - (J_inv @ (r - r.detach())[..., None])[..., 0]
 
-    def forward(
-        self,
-        xd: torch.Tensor,
-        cond: dict[str, torch.Tensor],
-        flame_out: FlameFrames,
-        eval_mode: bool = False,
-        point_mask: torch.Tensor | None = None,
-        return_info: bool = False,
-    ):
+    def forward(self, xd: torch.Tensor, cond: dict[str, torch.Tensor], flame_out: FlameFrames,
+                eval_mode: bool = False, point_mask: torch.Tensor | None = None,
+                return_info: bool = False):
         """Canonical correspondences of deformed points.
 
         xd: [B, N, 3]; eval_mode picks the cheap Jacobian initialization; point_mask [B, N] as in

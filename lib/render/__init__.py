@@ -5,13 +5,13 @@ from lib.render.camera import pixel_centers, pixel_to_ndc, project
 from lib.render.images import add_label, make_grid, save_png, save_video, to_float, to_uint8
 from lib.render.rasterizer import Fragments, interpolate, interpolate_face_attr, rasterize
 from lib.render.shading import (
-                      render_depth,
-                      render_normals,
-                      render_shaded,
-                      render_texture,
-                      render_vertex_colors,
-                      sample_texture,
-                      vertex_normals,
+                                render_depth,
+                                render_normals,
+                                render_shaded,
+                                render_texture,
+                                render_vertex_colors,
+                                sample_texture,
+                                vertex_normals,
 )
 
 __all__ = [
