@@ -14,6 +14,11 @@ of configs/config.yaml with the --set overrides) with FLAME fitted (no parameter
 ambiguous-point filter and the orientation/bust search added (FLAME fitted with the
 identity and flip_yz orientations, the whole scan as the head; for comparison). Prints one
 row per scan and the means, and writes <out>/<variant>/results.json.
+
+With `--scans DIR` it fits the scans of a synthetic data set's folder instead (for example
+the out-of-distribution persons, `--scans data/synthetic/ood`: DIR/faceverse_dataset/<id>/
+<id>.obj), each with its FaceVerse parameter file DIR/flame_params/<id>_flame.pkl, or with
+FLAME fitted when `--fit-flame` is given.
 """
 from __future__ import annotations
 
@@ -110,6 +115,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--variant", choices=("new", "before"), default="new")
     ap.add_argument("--mesh-res", type=int, default=128)
     ap.add_argument("--only", type=int, nargs="*", default=None, help="person numbers")
+    ap.add_argument("--scans", type=Path, default=None,
+                    help="fit this data set folder's scans instead of generated persons")
+    ap.add_argument("--fit-flame", action="store_true",
+                    help="with --scans: fit FLAME instead of reading the parameter files")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="test.fit overrides, e.g. shape_steps=50 batch=1000")
     args = ap.parse_args(argv)
@@ -130,18 +139,36 @@ def main(argv=None) -> dict:
     if args.variant == "before":
         fit = before_options(fit)
     scans = args.out / "scans"
-    scans.mkdir(parents=True, exist_ok=True)
+    if args.scans is None:
+        scans.mkdir(parents=True, exist_ok=True)
     ctx = HeadContext.from_path(str(args.head_model))
     model = load_model(args.ckpt, str(args.head_model), "cpu")
     rows = []
-    persons = args.only if args.only else range(args.persons)
+    if args.scans is not None:
+        paths = sorted((args.scans / "faceverse_dataset").glob("*/*.obj"))
+        if not paths:
+            raise SystemExit(f"bench/fit_real.py: no scans under {args.scans}/faceverse_dataset")
+        persons = args.only if args.only else range(len(paths))
+    else:
+        persons = args.only if args.only else range(args.persons)
     for k in persons:
-        path, cond = make_person(ctx, k, args.seed, scans)
+        flame = None
+        if args.scans is not None:
+            path = paths[k]
+            cond = "FLAME fitted" if args.fit_flame else "FaceVerse parameters"
+            if not args.fit_flame:
+                flame = args.scans / "flame_params" / f"{path.stem}_flame.pkl"
+        else:
+            path, cond = make_person(ctx, k, args.seed, scans)
         t0 = time.time()
-        m = run_fit(model, path, args.out / args.variant / path.stem, fit,
+        m = run_fit(model, path, args.out / args.variant / path.stem, fit, flame_path=flame,
                     processed_dir=args.processed, data_list=args.data_list)
-        row = {"person": k, "condition": cond, "seconds": round(time.time() - t0, 1),
-               **{f"{w}_{key}": m[w][key] for w in ("fit", "flame_only", "start")
+        scored = {w: m[w] for w in ("fit", "flame_only", "start")}
+        if m.get("tuned"):  # the z_shape fit before tuning
+            scored["z_shape_fit"] = m["tuned"]["z_shape_fit"]
+        row = {"person": path.stem if args.scans is not None else k, "condition": cond,
+               "seconds": round(time.time() - t0, 1),
+               **{f"{w}_{key}": v[key] for w, v in scored.items()
                   for key in ("chamfer_l1", "fscore_1pct")},
                "start": m["start_choice"]["chosen"],
                "cropped_area": 1 - m["crop"].get("kept", {}).get("area_fraction", 1.0)}

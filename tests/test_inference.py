@@ -384,8 +384,14 @@ def test_geometry_fit_with_given_flame_parameters_on_stage1(trained, tmp_path):
     save_flame_params(tmp_path / "scan_flame.pkl", params[4:19], params[19:169], 1.2, transl)
     metrics = run_mode(trained, "fit", tmp_path, f"scan={tmp_path / 'scan.obj'}",
                        f"flame={tmp_path / 'scan_flame.pkl'}", *FIT, "test.fit.shape_steps=3",
-                       ckpt=trained["coarse"])
+                       "test.fit.tune_steps=3", ckpt=trained["coarse"])
     assert metrics["flame_params_from"].endswith("scan_flame.pkl")
+    # the opt-in tuning: scored before and after, its weights saved beside the codes
+    assert metrics["tuned"]["steps"] == 3 and metrics["tuned"]["weight_drift"] > 0
+    assert set(metrics["stages"]["tune_vs_z_shape_fit"]) == {
+        "chamfer_l1", "fscore_1pct", "fscore_2pct", "normal_consistency"}
+    state = torch.load(tmp_path / "fit" / "tuned_networks.pt", weights_only=True)
+    assert set(state) == {"generator", "occ_network"}
     assert not metrics["color_fitted"]
     # the FaceVerse registration puts the scan exactly onto FLAME (same vertices here)
     registered = _ply(tmp_path / "fit" / "scan_flame_space.ply").vertices

@@ -9,7 +9,8 @@ held-out person, out-of-distribution persons, a motion sequence, a picture of ev
 pictures of the head model and the scans, preprocessing, stage 1 (`cpu` experiment),
 precompute and stage 2 (`fine_cpu`), then test.py: sampled avatars and their diversity against
 the training persons (tools/diversity.py), a reenactment with the motion sequence and fits of
-the held-out scan and of an out-of-distribution scan; finally the training scans beside the
+the held-out scan and of an out-of-distribution scan (the shape networks tuned to each,
+`--tune-steps`); finally the training scans beside the
 model's renders (a view trained on and a held-out one), loss plots and `<out>/index.html`, a
 gallery of all of it that opens from disk.
 Everything is written under `<out>/` (data under `--data`).
@@ -284,8 +285,11 @@ def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
     fit_tables = {}
     for name, (sid, folder) in fits.items():
         metrics = json.loads((folder / "metrics.json").read_text())
+        frozen = (metrics.get("tuned") or {}).get("z_shape_fit")  # before tuning
         fit_tables[name] = {
-            key: (f"fit {metrics['fit'][key]:.4g}  |  FLAME only {metrics['flame_only'][key]:.4g}")
+            key: (f"fit {metrics['fit'][key]:.4g}  |  "
+                  + (f"networks frozen {frozen[key]:.4g}  |  " if frozen else "")
+                  + f"FLAME only {metrics['flame_only'][key]:.4g}")
             for key in ("chamfer_l1", "chamfer_l2", "normal_consistency", "fscore_1pct",
                         "fscore_2pct") if key in metrics.get("fit", {})}
     tr, sa = div["training"], div["meshes"]
@@ -332,8 +336,9 @@ def gallery(out: Path, data: Path, pics: dict, psnr: dict, views: list[int],
                    {"path": fine / "reenact" / "frames.png", "caption": "a few frames"},
                    {"kind": "table", "data": fps, "caption": "timing"}]},
         *[{"title": f"Fitting a {name} scan ({sid})",
-           "text": "A person never seen in training: FLAME fitted to the scan, then z_shape, "
-                   "z_detail and z_color optimized with the networks frozen."
+           "text": "A person never seen in training, posed by its FLAME parameters: z_shape "
+                   "optimized with the networks frozen, the shape networks then tuned to the "
+                   "scan (test.fit.tune_steps), then z_detail and z_color."
                    + (" Out of distribution: a hair style and shapes the training persons do "
                       "not have." if name != "held-out" else ""),
            "items": [{"path": folder / "compare.png", "wide": True,
@@ -366,6 +371,8 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=8, help="sampled avatars")
     ap.add_argument("--epochs", type=int, default=12, help="stage-1 epochs (cpu experiment)")
     ap.add_argument("--epochs2", type=int, default=6, help="stage-2 epochs (fine_cpu)")
+    ap.add_argument("--tune-steps", type=int, default=100,
+                    help="steps tuning the shape networks to each fitted scan (0: frozen)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -417,13 +424,14 @@ def main(argv=None) -> None:
         scan = scans[0]
         folder = out / "fine" if name == "held-out" else out / "ood"
         with phase(f"test.py fit ({name} scan)"):
+            tune = f"test.fit.tune_steps={args.tune_steps}"
             if name == "held-out":
-                test_mode("fit", data, out, fine, [*small, f"scan={scan}",
+                test_mode("fit", data, out, fine, [*small, tune, f"scan={scan}",
                           f"flame={root / 'flame_params' / (scan.stem + '_flame.pkl')}"])
             elif not is_fresh(folder / "fit" / "summary.json", fine):
                 run(["test.py", "expname=fine", *data_overrides(data, out),
                      "+experiments=fine_cpu", f"output_dir={folder}", f"ckpt={fine}",
-                     "eval_mode=fit", *small, f"scan={scan}",
+                     "eval_mode=fit", *small, tune, f"scan={scan}",
                      f"flame={root / 'flame_params' / (scan.stem + '_flame.pkl')}"])
         fits[name] = (scan.parent.name, folder / "fit")
     if "held-out" not in fits:

@@ -15,7 +15,9 @@ Steps of `run_fit`:
    `init.samples` draws from their Gaussians, the one with the lowest occupancy BCE;
 5. z_shape (with the opt-in `code_units=spread` in units of the embeddings' spread, with the
    codes' Gaussian prior), then z_detail and z_color (`lib.inference.latent_fit`), networks frozen;
-   an untextured scan (or `geometry_only`) fits z_shape and z_detail only;
+   an untextured scan (or `geometry_only`) fits z_shape and z_detail only; with the opt-in
+   `tune_steps` > 0, the shape generator and occupancy network are tuned to the scan between
+   the two (`lib.inference.tune`, the fitted z_shape held);
 6. metrics (`lib.inference.metrics`) in FLAME space against the (cropped) scan, for the fit,
    the FLAME-only fit (the baseline), the chosen start and the codes' mean, and what each
    stage bought (`stages`); `safeguard` says whether the fit beat its start and the baseline
@@ -28,7 +30,8 @@ Outputs under `out_dir`: `fitted.ply` (posed, FLAME space, colours and normals),
 FLAME space), `scan_head_region.ply` (what the crop kept: fitted and scored; only when it cut
 something), `compare.png` (front and side: head region | its normals | FLAME only | fit RGB |
 fit normals), `metrics.json`, `fit.json` (transform, FLAME parameters and candidates, loss
-histories) and `codes.npz`.
+histories) and `codes.npz`; when tuned, `tuned_networks.pt` (the tuned modules' weights)
+and the z_shape fit's metrics before tuning (`tuned.z_shape_fit`).
 """
 from __future__ import annotations
 
@@ -126,6 +129,11 @@ class FitOptions(ConfigOptions):
     # raw: Adam on z_shape itself; spread (opt-in): in units of the codes' per-dimension spread
     code_units: str = "raw"
     lambda_code: float = 1e-2     # weight of the codes' Gaussian prior (code_units=spread)
+    # opt-in: Adam steps tuning the shape generator and occupancy network to the scan after
+    # the z_shape fit (lib/inference/tune.py; 0: every network frozen, the original method)
+    tune_steps: int = 0
+    tune_lr: float = 1e-4         # Adam learning rate of the tuned weights
+    lambda_anchor: float = 1.0    # weight of the mean-square change of the tuned weights
     # occupancy points with |winding number| strictly inside this range are dropped; None
     # keeps all
     ambiguous: tuple[float, ...] | None = (0.3, 0.7)
@@ -137,6 +145,8 @@ class FitOptions(ConfigOptions):
         if self.code_units not in CODE_UNITS:
             raise InferenceError(f"{self.BLOCK}.code_units={self.code_units!r} is not one of "
                                  f"{', '.join(CODE_UNITS)}")
+        if self.tune_steps < 0:
+            raise InferenceError(f"{self.BLOCK}.tune_steps must be >= 0, got {self.tune_steps}")
         if self.ambiguous is not None and not (
                 len(self.ambiguous) == 2 and 0 <= self.ambiguous[0] < self.ambiguous[1]):
             raise InferenceError(f"{self.BLOCK}.ambiguous must be null or [lo, hi] with "
@@ -270,6 +280,21 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
     datamodule.data_list), whose FLAME shapes pick the nearest training codes to start from
     (without them those rows are spread over the embeddings). Returns the metrics dict (also
     written to metrics.json, with the seconds per phase)."""
+    o = options or FitOptions()
+    if o.tune_steps <= 0:
+        return _fit(model, scan_path, out_dir, o, flame_path, processed_dir, data_list)
+    from lib.inference.tune import restore_state, tuned_state
+
+    trained = tuned_state(model)
+    try:
+        return _fit(model, scan_path, out_dir, o, flame_path, processed_dir, data_list)
+    finally:  # the model keeps its trained weights for the next scan
+        restore_state(model, trained)
+
+
+def _fit(model, scan_path, out_dir, o: FitOptions, flame_path, processed_dir, data_list
+         ) -> dict:
+    """run_fit's work, with the options o; a tuned model is left tuned."""
     from lib.inference.crop import apply_crop, crop_head
     from lib.inference.latent_fit import (
         fit_detail_color,
@@ -278,7 +303,6 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
         pick_start,
     )
 
-    o = options or FitOptions()
     seed, res, mesh_res, n_metric = o.seed, o.res, o.mesh_res, o.n_metric
     batch, lambda_reg = o.batch, o.lambda_reg
     out_dir = Path(out_dir)
@@ -354,6 +378,32 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
                                     std=spread, mean=gauss.mean.to(ref),
                                     lambda_code=o.lambda_code)
     clock("z_shape")
+
+    scan_v = torch.as_tensor(verts_f).to(ref)
+    size = head_size(verts_f)
+    faces_scan = torch.as_tensor(scan.faces, device=ref.device)
+
+    def score(verts, faces) -> dict:
+        return mesh_metrics(verts, faces, scan_v, faces_scan, n_metric, seed, size)
+
+    def score_codes(codes: dict) -> dict:
+        avatar = Avatar(model, codes["z_shape"], codes["z_detail"], codes["z_color"], betas,
+                        mesh_res=mesh_res)
+        return score(_posed(avatar, params)[0], avatar.faces)
+
+    # the start, the codes' mean and (when tuning follows) the z_shape fit are scored with the
+    # trained networks, before tuning changes them; geometry depends on z_shape only
+    start_m = score_codes(chosen)
+    mean_m = start_m if best == 0 else score_codes(cands[0])
+    shape_m, tune_hist = None, None
+    if o.tune_steps > 0:
+        from lib.inference.tune import tune_shape_networks
+
+        shape_m = score_codes({**chosen, "z_shape": z_shape})
+        clock("metrics_before_tune")
+        tune_hist = tune_shape_networks(model, params, occ_pts, occ, z_shape, o.tune_steps,
+                                        o.tune_lr, batch, o.lambda_anchor, seed)
+        clock("tune")
     z_detail, z_color, detail_hist = chosen["z_detail"], chosen["z_color"], {}
     if is_stage2(model) and o.detail_steps > 0:
         colors = None
@@ -368,23 +418,9 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
     fitted = Avatar(model, z_shape, z_detail, z_color, betas, mesh_res=mesh_res)
 
     # ---------------------------------------------------------------- metrics
-    scan_v = torch.as_tensor(verts_f).to(ref)
-    size = head_size(verts_f)
     fit_v, fit_n = _posed(fitted, params)
-    faces_scan = torch.as_tensor(scan.faces, device=ref.device)
-
-    def score(verts, faces) -> dict:
-        return mesh_metrics(verts, faces, scan_v, faces_scan, n_metric, seed, size)
-
-    def score_codes(codes: dict) -> dict:
-        avatar = Avatar(model, codes["z_shape"], codes["z_detail"], codes["z_color"], betas,
-                        mesh_res=mesh_res)
-        return score(_posed(avatar, params)[0], avatar.faces)
-
     fit_m = score(fit_v, fitted.faces)
     flame_m = score(flame_v, server.flame.faces)
-    start_m = score_codes(chosen)
-    mean_m = start_m if best == 0 else score_codes(cands[0])
     beats = {"start": _beats(fit_m, start_m), "flame_only": _beats(fit_m, flame_m)}
     normal_loss = detail_hist.get("normal")
     metrics = {
@@ -392,7 +428,8 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
         "fscore_thresholds": {"fscore_1pct": 0.01 * size, "fscore_2pct": 0.02 * size},
         "fit": fit_m, "flame_only": flame_m, "start": start_m, "code_mean": mean_m,
         "stages": {"start_vs_code_mean": _gain(start_m, mean_m),
-                   "z_shape_fit_vs_start": _gain(fit_m, start_m),
+                   "z_shape_fit_vs_start": _gain(shape_m or fit_m, start_m),
+                   **({"tune_vs_z_shape_fit": _gain(fit_m, shape_m)} if shape_m else {}),
                    "fit_vs_flame_only": _gain(fit_m, flame_m),
                    "z_detail_normal_loss": [normal_loss[0], normal_loss[-1]] if normal_loss
                    else None},
@@ -403,6 +440,9 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
                       "note": "reported only: the fitted codes are written either way"},
         "crop": crop_info, "occupancy_points": occ_info,
         "code_units": o.code_units, "lambda_code": o.lambda_code,
+        "tuned": None if shape_m is None else {
+            "z_shape_fit": shape_m, "steps": o.tune_steps, "lr": o.tune_lr,
+            "lambda_anchor": o.lambda_anchor, "weight_drift": tune_hist["drift"]},
         "color_fitted": bool(use_color and is_stage2(model)),
         "flame_params_from": flame_info["source"],
     }
@@ -437,7 +477,12 @@ def run_fit(model, scan_path, out_dir, options: FitOptions | None = None,
     _write_json(out_dir / "fit.json", {
         "transform": transform.to_dict(), "flame": flame_info,
         "flame_params": params[0].cpu().tolist(), "shape_bce": shape_hist,
-        "detail": detail_hist})
+        "detail": detail_hist, "tune_bce": None if tune_hist is None else tune_hist["bce"]})
+    if tune_hist is not None:
+        from lib.inference.tune import tuned_state
+
+        with atomic_path(out_dir / "tuned_networks.pt") as tmp:
+            torch.save(tuned_state(model), tmp)
     from lib.utils.mesh_io import save_npz
 
     save_npz(out_dir / "codes.npz", z_shape=z_shape.cpu().numpy(),

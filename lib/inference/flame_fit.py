@@ -8,7 +8,8 @@ Unknowns: a similarity taking the scan into FLAME space, x_f = s * x @ (R_d R0).
 candidate orientation, R_d a small rotation, s and t optimized), and FLAME's global, neck and
 jaw rotations, shape and expression (eyes stay 0). Coarse to fine:
 1. candidates: every orientation R0 (`orientations`: names of
-   `lib.inference.scan.ORIENTATIONS`, or `any` for the 24 rotations that map axes onto axes)
+   `lib.inference.scan.ORIENTATIONS`, `any` for the 24 rotations that map axes onto axes,
+   `pca` for those 24 after aligning the scan's principal axes with the coordinate axes)
    times every head fraction h of `head_fractions`: scale and translation match the centroid
    and RMS radius of the top h of the rotated scan (along FLAME's up axis: a bust's head is its
    top part) to those of the FLAME template (mean shape, zero pose). Each candidate is judged
@@ -42,7 +43,8 @@ from lib.inference.scan import ORIENTATIONS, Similarity, axis_rotations
 from lib.utils.errors import ModuleErrors
 from lib.utils.knn import nearest_exact
 
-__all__ = ["FlameFit", "initial_similarity", "nearest_pairs", "robust_chamfer", "fit_flame"]
+__all__ = ["FlameFit", "initial_similarity", "principal_frame", "nearest_pairs",
+           "robust_chamfer", "fit_flame"]
 
 _err = ModuleErrors(__name__)
 
@@ -194,17 +196,37 @@ def _top_part(pts: torch.Tensor, R: torch.Tensor, h: float) -> torch.Tensor:
     return pts[y >= y.max() - h * (y.max() - y.min())]
 
 
-def _orientation_set(orientations) -> dict[str, np.ndarray]:
-    """Candidate rotations [3, 3] by name: `any` (alone or among names) -> all 24 axis
-    rotations, else the named ORIENTATIONS."""
+def principal_frame(pts: np.ndarray) -> np.ndarray:
+    """The principal axes of points pts [N, 3] as the columns of a rotation E [3, 3] (det +1),
+    largest variance first: E.T maps them onto x, y, z."""
+    x = np.asarray(pts, dtype=np.float64)
+    _, vecs = np.linalg.eigh(np.cov((x - x.mean(0)).T))
+    E = vecs[:, ::-1].copy()
+    if np.linalg.det(E) < 0:
+        E[:, 2] *= -1.0
+    return E
+
+
+def _orientation_set(orientations, scan_pts: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Candidate rotations [3, 3] by name: `any` -> all 24 axis rotations; `pca` -> the 24
+    axis rotations after the one taking the scan's principal axes (of scan_pts [N, 3]) onto
+    the coordinate axes (named `pca_<axis rotation>`: a scan in any orientation then has a
+    candidate within the principal axes' error of its own); other names: the named
+    ORIENTATIONS. Names may be combined."""
     names = [orientations] if isinstance(orientations, str) else list(orientations)
-    if "any" in names:
-        return axis_rotations()
-    unknown = [o for o in names if o not in ORIENTATIONS]
+    unknown = [o for o in names if o not in ORIENTATIONS and o not in ("any", "pca")]
     if unknown or not names:
-        raise _err(f"fit_flame: orientations must be 'any' or among {sorted(ORIENTATIONS)}, "
-                   f"got {names}")
-    return {o: ORIENTATIONS[o] for o in names}
+        raise _err(f"fit_flame: orientations must be 'any', 'pca' or among "
+                   f"{sorted(ORIENTATIONS)}, got {names}")
+    out = axis_rotations() if "any" in names else {}
+    out.update({o: ORIENTATIONS[o] for o in names if o in ORIENTATIONS})
+    if "pca" in names:
+        if scan_pts is None:
+            raise _err("fit_flame: the 'pca' orientations need the scan's points")
+        Et = principal_frame(scan_pts).T
+        out.update({f"pca_{k}": Q @ Et for k, Q in axis_rotations().items()})
+    return out
 
 
 def fit_flame(server, scan_pts: np.ndarray, orientations=("any",),
@@ -217,7 +239,7 @@ def fit_flame(server, scan_pts: np.ndarray, orientations=("any",),
 
     server: a FLAMEServer (its FLAME runs on the CPU here; the fit is small). Returns FlameFit.
     """
-    cands = _orientation_set(orientations)
+    cands = _orientation_set(orientations, scan_pts)
     fractions = [float(h) for h in head_fractions]
     if not fractions or not all(0.0 < h <= 1.0 for h in fractions):
         raise _err(f"fit_flame: head_fractions must be in (0, 1], got {fractions}")

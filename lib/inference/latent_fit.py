@@ -41,7 +41,8 @@ from lib.model.query import (
     surface_correspondences,
 )
 
-__all__ = ["occupancy_samples", "occupancy_bce", "pick_start", "fit_shape", "fit_detail_color"]
+__all__ = ["occupancy_samples", "occupancy_bce", "batch_bce", "pick_start", "fit_shape",
+           "fit_detail_color"]
 
 
 def occupancy_samples(verts: np.ndarray, faces: np.ndarray, surface_pts: np.ndarray,
@@ -94,6 +95,23 @@ def occupancy_bce(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Ten
     return F.binary_cross_entropy_with_logits(logits[valid], occ[valid])
 
 
+def batch_bce(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
+              z_shape: torch.Tensor, batch: int, gen: torch.Generator, caller: str
+              ) -> torch.Tensor:
+    """BCE of the occupancy of z_shape [1, Z] on a random batch (min(batch, N) points drawn
+    with gen) of pts [N, 3] / occ [N] (params [1, P]), over the points with a canonical
+    correspondence: a scalar tensor with gradients. Raises (naming caller) when none has
+    one."""
+    idx = torch.randint(0, pts.shape[0], (min(batch, pts.shape[0]),), generator=gen)
+    idx = idx.to(pts.device)
+    logits = model.occupancy(pts[idx][None], params, {"z_shape": z_shape})[0]
+    valid = logits > SKIPPED_LOGIT  # a valid correspondence was found
+    if not bool(valid.any()):
+        raise RuntimeError(f"{caller}: no point found a canonical correspondence; is the "
+                           "scan in FLAME space (check the FLAME fit)?")
+    return F.binary_cross_entropy_with_logits(logits[valid], occ[idx][valid])
+
+
 def pick_start(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
                candidates: list[dict], n_points: int = 3000, seed: int = 0
                ) -> tuple[int, list[float]]:
@@ -136,14 +154,7 @@ def fit_shape(model, params: torch.Tensor, pts: torch.Tensor, occ: torch.Tensor,
     history = []
     for _ in tqdm(range(steps), desc="fit z_shape", unit="step"):
         z = code()
-        idx = torch.randint(0, pts.shape[0], (min(batch, pts.shape[0]),), generator=gen)
-        idx = idx.to(pts.device)
-        logits = model.occupancy(pts[idx][None], params, {"z_shape": z})[0]
-        valid = logits > SKIPPED_LOGIT  # a valid correspondence was found
-        if not bool(valid.any()):
-            raise RuntimeError("fit_shape: no point found a canonical correspondence; is the "
-                               "scan in FLAME space (check the FLAME fit)?")
-        bce = F.binary_cross_entropy_with_logits(logits[valid], occ[idx][valid])
+        bce = batch_bce(model, params, pts, occ, z, batch, gen, "fit_shape")
         loss = bce + lambda_reg * (z ** 2).mean()
         if std is not None and lambda_code > 0:
             loss = loss + lambda_code * (((z - centre) / std) ** 2).mean()
