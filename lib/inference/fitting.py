@@ -68,9 +68,10 @@ class FlameFitOptions(ConfigOptions):
     arguments): the `test.fit.flame` block of configs/config.yaml."""
 
     BLOCK = "test.fit.flame"
-    # candidate orientations of the scan: `any` (the 24 axis-to-axis rotations) or names of
+    # candidate orientations of the scan: `any` (the 24 axis-to-axis rotations), `pca` (those
+    # 24 after aligning the scan's principal axes: any angle) or names of
     # lib/inference/scan.ORIENTATIONS (identity, flip_yz: the FaceVerse layout, y down, ...)
-    orientations: tuple[str, ...] = ("any",)
+    orientations: tuple[str, ...] = ("any", "pca")
     # top fractions of the scan (along the candidate's up axis) tried as the head (busts)
     head_fractions: tuple[float, ...] = (1.0, 0.6, 0.4)
     n_points: int = 2000      # scan samples the fit matches

@@ -229,7 +229,7 @@ def _orientation_set(orientations, scan_pts: np.ndarray | None = None
     return out
 
 
-def fit_flame(server, scan_pts: np.ndarray, orientations=("any",),
+def fit_flame(server, scan_pts: np.ndarray, orientations=("any", "pca"),
               head_fractions=(1.0, 0.6, 0.4), n_points: int = 2000, screen_points: int = 500,
               screen_steps: int = 15, keep_candidates: int = 6, rigid_steps: int = 100,
               full_steps: int = 200, lr: float = 0.01, sigma_rigid: float = 0.15,
