@@ -7,7 +7,8 @@ finishes in a fraction of the time; a killed training run resumes from its last 
 Phases: synthetic data (head model, FaceVerse-format scans of a population of persons, a
 held-out person, out-of-distribution persons, a motion sequence, a picture of every person),
 pictures of the head model and the scans, preprocessing, stage 1 (`cpu` experiment),
-precompute and stage 2 (`fine_cpu`), then test.py: sampled avatars and their diversity against
+precompute (`--precompute mesh`: the extracted mesh's points, no search) and stage 2
+(`fine_cpu`), then test.py: sampled avatars and their diversity against
 the training persons (tools/diversity.py), a reenactment with the motion sequence and fits of
 the held-out scan and of an out-of-distribution scan (the shape networks tuned to each,
 `--tune-steps`); finally the training scans beside the
@@ -371,6 +372,8 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=8, help="sampled avatars")
     ap.add_argument("--epochs", type=int, default=12, help="stage-1 epochs (cpu experiment)")
     ap.add_argument("--epochs2", type=int, default=6, help="stage-2 epochs (fine_cpu)")
+    ap.add_argument("--precompute", choices=("search", "mesh"), default="mesh",
+                    help="precompute.method (search: the original's)")
     ap.add_argument("--tune-steps", type=int, default=100,
                     help="steps tuning the shape networks to each fitted scan (0: frozen)")
     ap.add_argument("--seed", type=int, default=0)
@@ -397,8 +400,10 @@ def main(argv=None) -> None:
     with phase("stage 1 training (cpu experiment)"):
         coarse = train("coarse", data, out, args.epochs, [])
     with phase("precompute (stage-2 cache)"):
+        # each pixel's point from the extracted mesh instead of the deformer's search: the
+        # same cache to within 1e-4 (README: Benchmarks) in less than half the time
         run(["precompute.py", "expname=coarse", *data_overrides(data, out),
-             "+experiments=fine_cpu", f"ckpt={coarse}"])
+             "+experiments=fine_cpu", f"ckpt={coarse}", f"precompute.method={args.precompute}"])
     with phase("stage 2 training (fine_cpu experiment)"):
         fine = train("fine", data, out, args.epochs2, [f"starting_path={coarse}"])
     small = ["test.res=192", "test.mesh_res=128"]
