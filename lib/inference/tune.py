@@ -49,7 +49,6 @@ def tune_shape_networks(model, params: torch.Tensor, pts: torch.Tensor, occ: tor
     weights = _tuned_params(model)
     anchors = [w.detach().clone() for w in weights]
     n_weights = sum(w.numel() for w in weights)
-    was_training = {name: getattr(model, name).training for name in TUNED_MODULES}
     flags = [w.requires_grad for w in weights]
     for w in weights:
         w.requires_grad_(True)
@@ -73,8 +72,6 @@ def tune_shape_networks(model, params: torch.Tensor, pts: torch.Tensor, occ: tor
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
             w.grad = None
-        for name, mode in was_training.items():
-            getattr(model, name).train(mode)
     with torch.no_grad():
         history["drift"] = float(drift())
     return history
